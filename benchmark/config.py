@@ -58,7 +58,8 @@ def _check_value(key: str, tp: Any, value: Any) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-            return tuple(_check_value(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+            pairs = enumerate(zip(args, value))
+            return tuple(_check_value(f"{key}[{i}]", a, v) for i, (a, v) in pairs)
         item = args[0] if args else Any
         items = [_check_value(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items

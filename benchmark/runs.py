@@ -145,7 +145,8 @@ class Run:
         """One JSON line per call in scalars.jsonl, mirrored to TensorBoard."""
         if not self.is_main:
             return
-        row = {"step": step, "time": time.time(), **{prefix + k: float(v) for k, v in values.items()}}
+        scalars = {prefix + k: float(v) for k, v in values.items()}
+        row = {"step": step, "time": time.time(), **scalars}
         with open(self.file(SCALARS_FILE), "a") as f:
             f.write(json.dumps(row) + "\n")
         tb = self.tensorboard()
@@ -212,7 +213,8 @@ def open_run(
         existing = False
     elif existing and not resume:
         raise BenchError(
-            f"{path}: run folder already exists; pass --resume to continue it or --force to replace it"
+            f"{path}: run folder already exists; "
+            "pass --resume to continue it or --force to replace it"
         )
     if existing and resume and (path / CONFIG_FILE).is_file():
         old = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}

@@ -1,0 +1,30 @@
+# Set-up and entry points. `make demo` and `make test` work on a fresh machine with only
+# Python 3.11 and make, and again when re-run (the venv is reused, finished runs are skipped).
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.bench-installed
+# The versions CI and the README run; pyproject.toml keeps loose ranges for users.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: env demo test lint mmseg clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/bench run configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) results/runs results/reports results/data

@@ -1,0 +1,301 @@
+"""`bench`: one command line for pretraining, transfer, reports and whole suites.
+
+Every subcommand builds a typed config (defaults <- --config YAML <- flags <- --set) and
+calls a stage's `main`. User mistakes (`BenchError`) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmark.errors import BenchError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that writes a run folder."""
+    p.add_argument("--config", type=Path, help="YAML file with config keys (differences only)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+    p.add_argument("--data", help="dataset path (default: the embedded synthetic dataset)")
+    p.add_argument("--name", help="run folder name (default: derived from the config)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+    p.add_argument("--iterations", type=int, help="shortcut for --set train.iterations=N")
+    p.add_argument(
+        "--out", type=Path, help="results root; runs go to OUT/runs/NAME (default: ./results)"
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--force", action="store_true", help="replace an existing run folder")
+    mode.add_argument("--resume", action="store_true", help="continue an existing run folder")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench",
+        description="Self-supervised representation benchmark (Context Encoders, PASCAL VOC).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="pretrain an encoder (context encoder and baselines)")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="context-encoder (default), autoencoder, random, imagenet, inpainting",
+    )
+    p.add_argument("--mask", help="central, random-block, random-region, noise-region")
+    p.add_argument("--weights", help="for --method imagenet: a torchvision AlexNet state dict")
+    _add_run_options(p)
+
+    p = sub.add_parser("transfer", help="fine-tune pretrained weights on a PASCAL VOC task")
+    p.add_argument(
+        "--task", required=True, choices=["classification", "detection", "segmentation"]
+    )
+    p.add_argument("--weights", help="pretrain run folder or exported weights (default: random)")
+    p.add_argument("--backend", help="native (default), detectron2 or mmseg")
+    p.add_argument("--train-from", help="classification: all, pool5 or fc7")
+    _add_run_options(p)
+
+    p = sub.add_parser("export", help="export a pretrained encoder for other frameworks")
+    p.add_argument("run", type=Path, help="pretrain run folder")
+    p.add_argument(
+        "--format", default="native", choices=["native", "torchvision", "detectron2", "mmseg"]
+    )
+    p.add_argument("--out", type=Path, help="output file (default: inside the run folder)")
+
+    p = sub.add_parser("report", help="write Table 1/2 (CSV, LaTeX, Markdown) from run folders")
+    p.add_argument("runs", nargs="*", type=Path, help="run folders or folders of runs")
+    p.add_argument("--out", type=Path, help="report folder (default: results/report)")
+    p.add_argument("--force", action="store_true", help="overwrite existing report files")
+
+    p = sub.add_parser("data", help="make or check datasets")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = dsub.add_parser("synth", help="write the synthetic VOCdevkit")
+    q.add_argument("out", type=Path)
+    q.add_argument("--images", type=int, default=1000)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--min-size", type=int, default=128)
+    q.add_argument("--max-size", type=int, default=256)
+    q.add_argument("--force", action="store_true", help="replace an existing folder")
+    q = dsub.add_parser("check", help="parse a dataset and list every problem found")
+    q.add_argument("path", type=Path)
+
+    p = sub.add_parser("run", help="run a whole suite from one YAML file, then the report")
+    p.add_argument("suite", type=Path)
+    p.add_argument("--out", type=Path, help="results root (default: the suite's `out` or ./results)")
+    p.add_argument("--force", action="store_true", help="redo steps that already have results")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a suite key, e.g. --set seeds=[0,1]",
+    )
+
+    p = sub.add_parser("inpaint", help="semantic inpainting: Table 1 evaluation and figures")
+    isub = p.add_subparsers(dest="inpaint_command", required=True, metavar="ACTION")
+    q = isub.add_parser("evaluate", help="Table 1 metrics of a model (or NN baseline) on images")
+    q.add_argument("--weights", help="inpainting run folder (omit with --baseline)")
+    q.add_argument("--baseline", choices=["nn-hog", "nn-ce"], help="nearest-neighbour baseline")
+    q.add_argument("--train-data", help="training images the NN baselines search")
+    _add_run_options(q)
+    q = isub.add_parser("figures", help="Figure 6 and Figure 8 PNGs")
+    q.add_argument("--runs", nargs="+", type=Path, required=True, help="inpainting run folders")
+    q.add_argument("--data", help="query images (held out)")
+    q.add_argument("--train-data", help="training images for the nearest-neighbour columns")
+    q.add_argument("--alexnet", help="optional supervised AlexNet state dict for Figure 8")
+    q.add_argument("--images", type=int, default=6)
+    q.add_argument("--out", type=Path, required=True, help="output folder")
+    return parser
+
+
+def _stage_overrides(args: argparse.Namespace, flags: dict[str, str]) -> list[str]:
+    """Translate convenience flags into `key=value` overrides; --set comes last and wins."""
+    out = []
+    for attr, key in flags.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out + list(args.overrides)
+
+
+COMMON_FLAGS = {
+    "data": "data",
+    "name": "name",
+    "seed": "seed",
+    "device": "device",
+    "iterations": "train.iterations",
+}
+
+
+def _peek(key: str, args: argparse.Namespace, overrides: list[str], default: str) -> str:
+    """Value of a top-level key from the overrides or the YAML, before the config exists."""
+    from benchmark.config import load_yaml, parse_override
+
+    value: Any = None
+    if args.config is not None:
+        value = load_yaml(args.config).get(key)
+    for text in overrides:
+        path, v = parse_override(text)
+        if path == [key]:
+            value = v
+    return str(value) if value is not None else default
+
+
+def _run_stage_command(args: argparse.Namespace, stage: Any, overrides: list[str]) -> int:
+    from benchmark.config import dump_yaml, load_config
+    from benchmark.runs import default_results_root
+    from benchmark.stages import run_stage
+
+    cfg = load_config(stage.config_cls, args.config, overrides)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    root = (args.out or default_results_root()) / "runs"
+    command = "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    path, metrics = run_stage(
+        stage, cfg, root, force=args.force, resume=args.resume, command=command
+    )
+    print(f"run folder: {path}")
+    _print_metrics(metrics)
+    return 0
+
+
+def _print_metrics(metrics: dict[str, Any]) -> None:
+    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != "command"}
+    for k, v in shown.items():
+        print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from benchmark.stages import pretrain_stage
+
+    flags = {**COMMON_FLAGS, "method": "method", "mask": "mask", "weights": "weights"}
+    overrides = _stage_overrides(args, flags)
+    method = _peek("method", args, overrides, "context-encoder")
+    return _run_stage_command(args, pretrain_stage(method), overrides)
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from benchmark.stages import transfer_stage
+
+    flags = {**COMMON_FLAGS, "weights": "weights", "backend": "backend"}
+    if args.train_from is not None:
+        if args.task != "classification":
+            raise BenchError("--train-from applies to --task classification only")
+        flags["train_from"] = "train_from"
+    return _run_stage_command(args, transfer_stage(args.task), _stage_overrides(args, flags))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pretrain.export import export
+
+    path = export(args.run, args.format, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from benchmark.report import main as report_main
+    from benchmark.runs import default_results_root
+
+    inputs = args.runs or [default_results_root() / "runs"]
+    out = args.out or default_results_root() / "report"
+    print(report_main(inputs, out, force=args.force))
+    print(f"report files in {out}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "synth":
+        from benchmark.datasets.synth import make_synthetic
+
+        if args.out.exists() and any(args.out.iterdir()):
+            if not args.force:
+                raise BenchError(f"{args.out}: folder exists and is not empty (use --force)")
+            import shutil
+
+            shutil.rmtree(args.out)
+        path = make_synthetic(
+            args.out,
+            images=args.images,
+            seed=args.seed,
+            min_size=args.min_size,
+            max_size=args.max_size,
+        )
+        print(f"wrote synthetic VOCdevkit to {path}")
+        return 0
+    from benchmark.datasets.check import main_check
+
+    return main_check(args.path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from benchmark.suite import run_suite
+
+    print(run_suite(args.suite, out=args.out, force=args.force, overrides=args.overrides))
+    return 0
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    if args.inpaint_command == "figures":
+        from pretrain.figures import make_figures
+
+        for path in make_figures(
+            runs=args.runs,
+            data=args.data,
+            train_data=args.train_data,
+            alexnet=args.alexnet,
+            images=args.images,
+            out=args.out,
+        ):
+            print(f"wrote {path}")
+        return 0
+    import pretrain.inpaint_eval as ev
+    from benchmark.stages import Stage
+
+    flags = {**COMMON_FLAGS, "weights": "weights", "baseline": "baseline",
+             "train_data": "train_data"}
+    stage = Stage(ev.InpaintEvalConfig, ev.main, ev.default_name)
+    return _run_stage_command(args, stage, _stage_overrides(args, flags))
+
+
+COMMANDS = {
+    "pretrain": cmd_pretrain,
+    "transfer": cmd_transfer,
+    "export": cmd_export,
+    "report": cmd_report,
+    "data": cmd_data,
+    "run": cmd_run,
+    "inpaint": cmd_inpaint,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("bench: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
