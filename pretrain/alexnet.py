@@ -25,6 +25,10 @@ CONV_INDICES = (0, 3, 6, 8, 10)
 POOL_INDICES = (2, 5, 12)
 INPUT_SIZE = 227
 POOL5_SIZE = 6
+# Every stage feeds the encoder (x / 255 - PIXEL_MEAN) / PIXEL_STD (torchvision's ImageNet
+# statistics), so weights move between pretraining, transfer and torchvision unchanged.
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
 
 
 def _pool(channels: int, pool_free: bool) -> nn.Module:
