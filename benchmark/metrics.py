@@ -107,8 +107,12 @@ def box_iou_voc(boxes: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     gt = np.asarray(gt, dtype=np.float64).reshape(-1, 4)
-    iw = np.minimum(boxes[:, None, 2], gt[None, :, 2]) - np.maximum(boxes[:, None, 0], gt[None, :, 0])
-    ih = np.minimum(boxes[:, None, 3], gt[None, :, 3]) - np.maximum(boxes[:, None, 1], gt[None, :, 1])
+    iw = np.minimum(boxes[:, None, 2], gt[None, :, 2]) - np.maximum(
+        boxes[:, None, 0], gt[None, :, 0]
+    )
+    ih = np.minimum(boxes[:, None, 3], gt[None, :, 3]) - np.maximum(
+        boxes[:, None, 1], gt[None, :, 1]
+    )
     iw, ih = iw + 1.0, ih + 1.0
     inter = np.where((iw > 0) & (ih > 0), iw * ih, 0.0)
     area_d = (boxes[:, 2] - boxes[:, 0] + 1.0) * (boxes[:, 3] - boxes[:, 1] + 1.0)

@@ -1,0 +1,676 @@
+"""`bench report`: the paper's Table 2 (VOC transfer) and Table 1 (inpainting) from run folders.
+
+Tables are built only from the runs' `metrics.json` and `config.yaml` files plus the paper's
+published numbers in `results/reference/*.csv`, never from numbers in this code. Runs of one
+configuration that differ only in seed are averaged (mean ± sample std, with n); runs of one
+method under different transfer settings become separate rows labelled by the settings.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from benchmark.errors import BenchError
+from benchmark.runs import CONFIG_FILE, METRICS_FILE, atomic_write_bytes, atomic_write_text
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "results" / "reference"
+
+TASKS = ("classification", "detection", "segmentation")
+TASK_METRIC = {"classification": "map", "detection": "map", "segmentation": "mean_iu"}
+TASK_TITLE = {t: t.capitalize() for t in TASKS}
+INPAINT_COLUMNS = {"mean_l1": "Mean L1 (%)", "mean_l2": "Mean L2 (%)", "psnr": "PSNR (dB)"}
+
+# Config keys that do not make two runs different experiments: seeds are averaged over, and
+# the weights path differs between seeds of one pretraining method.
+IGNORED_CONFIG_KEYS = frozenset(
+    {"name", "seed", "weights", "device", "workers", "num_workers", "resume", "force"}
+)
+MISSING = "-"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs
+# ---------------------------------------------------------------------------------------------
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BenchError(f"{path}: cannot read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise BenchError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise BenchError(f"{path}: expected a JSON object of metrics")
+    return data
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise BenchError(f"{path}: unreadable config ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise BenchError(f"{path}: expected a mapping of config keys")
+    return _flatten(data)
+
+
+REQUIRED_KEYS = {
+    "pretrain": ("method",),
+    "transfer": ("task", "method"),
+    "inpaint-eval": ("method",),
+}
+
+
+def _weights_info(run_dir: Path, weights: Any) -> dict[str, Any]:
+    """What a transfer run's weights say about their pretraining (mask, seconds), if findable.
+
+    Accepts a pretrain run folder or a native export with its `*.card.json` beside it; a path
+    that no longer resolves just gives nothing (the transfer metrics stay authoritative).
+    """
+    if not weights:
+        return {}
+    for p in (Path(str(weights)), run_dir / str(weights)):
+        try:
+            if p.is_dir() and (p / METRICS_FILE).is_file():
+                m = json.loads((p / METRICS_FILE).read_text())
+                return {"mask": m.get("mask"), "pretrain_seconds": m.get("train_seconds")}
+            if p.is_file():
+                cards = [p.parent / f"{p.stem}.card.json", *sorted(p.parent.glob("*.card.json"))]
+                for card in cards:
+                    if card.is_file():
+                        return dict(json.loads(card.read_text()))
+        except (OSError, ValueError):
+            return {}
+    return {}
+
+
+def collect_runs(paths: Sequence[Path]) -> pd.DataFrame:
+    """One row per finished run found (recursively) under `paths`.
+
+    A run folder holds both `metrics.json` (written last, so it means "done") and
+    `config.yaml`. Columns: run, stage, task, method, mask, seed, config_key (the config
+    without seed/name/weights, to group seeds of one configuration), config (flat dict),
+    metrics (dict). Raises BenchError for a missing input path or an unreadable metrics.json.
+    """
+    rows = []
+    for root in paths:
+        root = Path(root)
+        if not root.exists():
+            raise BenchError(f"{root}: no such folder")
+        found = [root / METRICS_FILE] if (root / METRICS_FILE).is_file() else []
+        found += sorted(p for p in root.rglob(METRICS_FILE) if p.parent != root)
+        for metrics_path in found:
+            run_dir = metrics_path.parent
+            if not (run_dir / CONFIG_FILE).is_file():
+                continue
+            metrics = _read_metrics(metrics_path)
+            stage = metrics.get("stage")
+            if not isinstance(stage, str):
+                raise BenchError(f"{metrics_path}: missing key 'stage'")
+            for key in REQUIRED_KEYS.get(stage, ()):
+                if metrics.get(key) in (None, ""):
+                    raise BenchError(f"{metrics_path}: missing key '{key}' for stage {stage}")
+            config = _read_config(run_dir / CONFIG_FILE)
+            linked = _weights_info(run_dir, metrics.get("weights")) if stage == "transfer" else {}
+            kept = {k: v for k, v in config.items() if k.split(".")[-1] not in IGNORED_CONFIG_KEYS}
+            rows.append(
+                {
+                    "run": str(run_dir),
+                    "stage": stage,
+                    "task": metrics.get("task"),
+                    "method": metrics.get("method"),
+                    "mask": metrics.get("mask") or linked.get("mask"),
+                    "seed": metrics.get("seed", config.get("seed")),
+                    "pretrain_seconds": _seconds(metrics, linked),
+                    "config_key": json.dumps(kept, sort_keys=True, default=str),
+                    "config": config,
+                    "metrics": metrics,
+                }
+            )
+    columns = ["run", "stage", "task", "method", "mask", "seed", "pretrain_seconds"]
+    df = pd.DataFrame(rows, columns=[*columns, "config_key", "config", "metrics"])
+    return df.drop_duplicates(subset="run").reset_index(drop=True)
+
+
+def _seconds(metrics: dict[str, Any], linked: dict[str, Any]) -> float:
+    for value in (
+        metrics.get("train_seconds") if metrics.get("stage") == "pretrain" else None,
+        metrics.get("pretrain_seconds"),
+        linked.get("pretrain_seconds"),
+    ):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference numbers
+# ---------------------------------------------------------------------------------------------
+
+
+def load_reference(path: Path, numeric: Sequence[str]) -> pd.DataFrame:
+    """A reference CSV with text columns as str ('' when empty) and `numeric` as floats."""
+    try:
+        ref = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise BenchError(f"{path}: unreadable reference table ({exc})") from None
+    for col in ("method", "label", *numeric):
+        if col not in ref.columns:
+            raise BenchError(f"{path}: missing column '{col}'")
+    for col in numeric:
+        values = []
+        for i, cell in enumerate(ref[col]):
+            try:
+                values.append(float(cell) if cell.strip() else float("nan"))
+            except ValueError:
+                raise BenchError(f"{path}: row {i + 2}, column '{col}': not a number") from None
+        ref[col] = values
+    return ref
+
+
+# ---------------------------------------------------------------------------------------------
+# Aggregation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stat:
+    """Values of one metric over the runs (seeds) of one configuration."""
+
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values)) if self.values else float("nan")
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.values, ddof=1)) if self.n > 1 else 0.0
+
+
+def _number(x: Any) -> float:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    return float("nan")
+
+
+@dataclass
+class OurRow:
+    """One row of ours: a method (and mask / setting variant) with its runs' metrics."""
+
+    method: str
+    variant: str
+    results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # key -> metrics
+    pretrain_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} [{self.variant}]" if self.variant else self.method
+
+    def stat(self, key: str, metric: str) -> Stat:
+        vals = [_number(m.get(metric)) for m in self.results.get(key, [])]
+        return Stat([v for v in vals if not math.isnan(v)])
+
+
+def _variant_labels(groups: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    """Short labels naming the config keys in which several groups of runs differ."""
+    configs = {key: json.loads(key) for key in groups}
+    keys = sorted({k for c in configs.values() for k in c})
+    differing = [k for k in keys if len({json.dumps(c.get(k)) for c in configs.values()}) > 1]
+    return {
+        key: ", ".join(f"{k.split('.')[-1]}={c.get(k)}" for k in differing)
+        for key, c in configs.items()
+    }
+
+
+ALL = "all"  # result key of stages without tasks (inpaint-eval)
+
+
+def _masks(runs: pd.DataFrame) -> pd.Series:
+    return runs["mask"].map(lambda m: m if isinstance(m, str) else "")
+
+
+def _our_rows(df: pd.DataFrame, stage: str) -> list[OurRow]:
+    """Rows of ours for one stage: one per method, split by pretraining mask when a method was
+    pretrained with several, and by differing settings when one task was run several ways.
+
+    Results are keyed by task (transfer) or ALL (inpaint-eval). A task run in one way only is
+    shown in every row of its method.
+    """
+    by_task = stage == "transfer"
+    runs = df[df["stage"] == stage]
+    pretrains = df[df["stage"] == "pretrain"] if by_task else df.iloc[0:0]
+    out: list[OurRow] = []
+    for method in sorted(set(runs["method"]) | set(pretrains["method"])):
+        mine = runs[runs["method"] == method]
+        pre_all = pretrains[pretrains["method"] == method]
+        run_masks, pre_masks = _masks(mine), _masks(pre_all)
+        masks = sorted(set(run_masks) | set(pre_masks))
+        split = len([m for m in masks if m]) > 1  # label rows by mask only when it varies
+        for mask in masks if split else [None]:
+            if mask is None:
+                sel, pre = mine, pre_all
+            else:
+                sel, pre = mine[run_masks == mask], pre_all[pre_masks == mask]
+            if sel.empty and pre.empty:
+                continue
+            shared: dict[str, list[dict[str, Any]]] = {}
+            variants: dict[str, dict[str, list[dict[str, Any]]]] = {}
+            keys = sorted(set(sel["task"].dropna())) if by_task else [ALL]
+            for key in keys:
+                part = sel[sel["task"] == key] if by_task else sel
+                groups: dict[str, list[dict[str, Any]]] = {}
+                for ck, m in zip(part["config_key"], part["metrics"]):
+                    groups.setdefault(ck, []).append(m)
+                if len(groups) == 1:
+                    shared[key] = next(iter(groups.values()))
+                    continue
+                for ck, label in _variant_labels(groups).items():
+                    variants.setdefault(label, {})[key] = groups[ck]
+            seconds = [s for s in pre["pretrain_seconds"] if not math.isnan(s)]
+            if not seconds:
+                seconds = [s for s in sel["pretrain_seconds"] if not math.isnan(s)]
+            prefix = f"mask={mask}" if mask else ""
+            for vlabel, res in (variants or {"": {}}).items():
+                variant = ", ".join(p for p in (prefix, vlabel) if p)
+                out.append(OurRow(method, variant, {**shared, **res}, seconds))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """Human-readable time like the paper's column: '45 s', '12.5 min', '3.2 h', '2.1 days'."""
+    if seconds is None or math.isnan(seconds):
+        return MISSING
+    if seconds < 1:
+        return "< 1 s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _cell(stat: Stat, scale: float, digits: int) -> str:
+    if stat.n == 0:
+        return MISSING
+    if stat.n == 1:
+        return f"{stat.mean * scale:.{digits}f}"
+    return f"{stat.mean * scale:.{digits}f} ± {stat.std * scale:.{digits}f} (n={stat.n})"
+
+
+def _paper_cell(value: float, digits: int) -> str:
+    return MISSING if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _diff_cell(stat: Stat, scale: float, paper: float, digits: int) -> str:
+    if stat.n == 0 or math.isnan(paper):
+        return MISSING
+    return f"{stat.mean * scale - paper:+.{digits}f}"
+
+
+def _text(value: Any) -> str:
+    s = "" if value is None else str(value).strip()
+    return s or MISSING
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 2
+# ---------------------------------------------------------------------------------------------
+
+TABLE2_COLUMNS = ["Pretraining", "Source", "Supervision", "Pretraining time", *TASK_TITLE.values()]
+
+
+def table2(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """Table 2 as display strings: paper rows in the paper's order, ours and the difference
+    (ours - paper, percentage points) under each, then our methods the paper does not have.
+
+    Task columns are percent with one decimal ("mean ± std (n=k)" over seeds); '-' = missing.
+    """
+    ours = _our_rows(df, "transfer")
+    by_method: dict[str, list[OurRow]] = {}
+    for row in ours:
+        by_method.setdefault(row.method, []).append(row)
+    records: list[list[str]] = []
+    used: set[str] = set()
+    for _, ref in reference.iterrows():
+        label = ref["label"]
+        records.append(
+            [label, "paper", _text(ref.get("supervision")), _text(ref.get("pretraining_time"))]
+            + [_paper_cell(ref[t], 1) for t in TASKS]
+        )
+        method = ref["method"].strip()
+        for row in by_method.get(method, []) if method else []:
+            used.add(method)
+            name = f"{label} [{row.variant}]" if row.variant else label
+            seconds = Stat(row.pretrain_seconds).mean
+            records.append(
+                [
+                    name,
+                    f"ours ({row.method})",
+                    _text(ref.get("supervision")),
+                    format_duration(seconds),
+                ]
+                + [_cell(row.stat(t, TASK_METRIC[t]), 100.0, 1) for t in TASKS]
+            )
+            if any(row.stat(t, TASK_METRIC[t]).n and not math.isnan(ref[t]) for t in TASKS):
+                records.append(
+                    [name, "ours - paper", MISSING, MISSING]
+                    + [_diff_cell(row.stat(t, TASK_METRIC[t]), 100.0, ref[t], 1) for t in TASKS]
+                )
+    for method in sorted(set(by_method) - used):
+        for row in by_method[method]:
+            if not any(row.results.get(t) for t in TASKS):
+                continue  # a pretraining method without any transfer run (e.g. inpainting)
+            records.append(
+                [
+                    row.label,
+                    f"ours ({row.method})",
+                    MISSING,
+                    format_duration(Stat(row.pretrain_seconds).mean),
+                ]
+                + [_cell(row.stat(t, TASK_METRIC[t]), 100.0, 1) for t in TASKS]
+            )
+    return pd.DataFrame(records, columns=TABLE2_COLUMNS)
+
+
+def per_class_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Per-class AP (IU for segmentation) in percent: one row per class, one column per method
+    (mean over seeds), plus a last row with the runs' overall metric. Empty if no per_class."""
+    rows = [r for r in _our_rows(df, "transfer") if r.results.get(task)]
+    columns: dict[str, dict[str, float]] = {}
+    classes: list[str] = []
+    for row in rows:
+        sums: dict[str, list[float]] = {}
+        for m in row.results[task]:
+            for cls, v in (m.get("per_class") or {}).items():
+                if cls not in classes:
+                    classes.append(cls)
+                sums.setdefault(cls, []).append(_number(v))
+        if not sums:
+            continue
+        col = {
+            c: float(np.nanmean(v)) * 100 if not np.isnan(v).all() else float("nan")
+            for c, v in sums.items()
+        }
+        col["mean"] = row.stat(task, TASK_METRIC[task]).mean * 100
+        columns[row.label] = col
+    if not columns:
+        return pd.DataFrame()
+    table = pd.DataFrame(columns, index=[*classes, "mean"])
+    table.index.name = "class"
+    return table
+
+
+def _per_class_display(table: pd.DataFrame) -> pd.DataFrame:
+    shown = table.map(lambda v: MISSING if math.isnan(v) else f"{v:.1f}")
+    return shown.reset_index()
+
+
+def per_class_chart(table: pd.DataFrame, title: str) -> bytes:
+    """PNG bytes of a grouped bar chart: classes on x, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = table.drop(index="mean", errors="ignore")
+    n_cls, n_meth = len(data.index), len(data.columns)
+    width = 0.8 / max(n_meth, 1)
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.2 * n_cls * n_meth + 2)), 4.5))
+    x = np.arange(n_cls)
+    for i, col in enumerate(data.columns):
+        ax.bar(x + (i - (n_meth - 1) / 2) * width, data[col].fillna(0).to_numpy(), width, label=col)
+    ax.set_xticks(x)
+    ax.set_xticklabels(data.index, rotation=60, ha="right")
+    ax.set_ylabel("percent")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Table 1
+# ---------------------------------------------------------------------------------------------
+
+TABLE1_COLUMNS = ["Method", "Source", *INPAINT_COLUMNS.values(), "Images"]
+
+
+def table1(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 as display strings: paper rows, ours and the difference under each, then our
+    methods without a paper row. L1/L2 in percent with two decimals, PSNR in dB."""
+    ours = _our_rows(df, "inpaint-eval")
+    by_method: dict[str, list[OurRow]] = {}
+    for row in ours:
+        by_method.setdefault(row.method, []).append(row)
+    scale = {"mean_l1": 100.0, "mean_l2": 100.0, "psnr": 1.0}
+
+    def our_record(name: str, row: OurRow) -> list[str]:
+        cells = [_cell(row.stat(ALL, k), scale[k], 2) for k in INPAINT_COLUMNS]
+        images = Stat([_number(m.get("images")) for m in row.results.get(ALL, [])]).mean
+        return [
+            name,
+            f"ours ({row.method})",
+            *cells,
+            MISSING if math.isnan(images) else f"{images:.0f}",
+        ]
+
+    records: list[list[str]] = []
+    used: set[str] = set()
+    for _, ref in reference.iterrows():
+        records.append(
+            [ref["label"], "paper", *(_paper_cell(ref[k], 2) for k in INPAINT_COLUMNS), MISSING]
+        )
+        method = ref["method"].strip()
+        for row in by_method.get(method, []) if method else []:
+            used.add(method)
+            name = f"{ref['label']} [{row.variant}]" if row.variant else ref["label"]
+            records.append(our_record(name, row))
+            records.append(
+                [
+                    name,
+                    "ours - paper",
+                    *(_diff_cell(row.stat(ALL, k), scale[k], ref[k], 2) for k in INPAINT_COLUMNS),
+                    MISSING,
+                ]
+            )
+    for method in sorted(set(by_method) - used):
+        for row in by_method[method]:
+            records.append(our_record(row.label, row))
+    return pd.DataFrame(records, columns=TABLE1_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writers
+# ---------------------------------------------------------------------------------------------
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+    "±": r"$\pm$",
+    "Δ": r"$\Delta$",
+    "−": "-",
+    "–": "--",
+    "×": r"$\times$",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Text safe in a LaTeX table cell; a signed number gets a real minus sign."""
+    text = str(text)
+    if len(text) > 1 and text[0] in "+-" and text[1].isdigit():
+        return f"${text[0]}${text[1:]}"
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def _is_numeric_column(values: Iterable[str]) -> bool:
+    cells = [v for v in values if v != MISSING]
+    return bool(cells) and all(v[:1] in "+-0123456789" for v in cells)
+
+
+def to_latex(table: pd.DataFrame, group_column: str | None = None) -> str:
+    """A booktabs `tabular` (needs only \\usepackage{booktabs}), to \\input into a paper.
+
+    Rows that share `group_column` with the row above are drawn as one group: the repeated
+    name is left blank and a \\midrule separates groups.
+    """
+    cols = list(table.columns)
+    spec = "".join("r" if _is_numeric_column(table[c].astype(str)) else "l" for c in cols)
+    lines = [
+        "% Generated by `bench report`; needs \\usepackage{booktabs}.",
+        f"\\begin{{tabular}}{{{spec}}}",
+        "\\toprule",
+        " & ".join(latex_escape(c) for c in cols) + " \\\\",
+        "\\midrule",
+    ]
+    previous = None
+    for i, (_, row) in enumerate(table.iterrows()):
+        cells = [str(v) for v in row]
+        if group_column is not None:
+            g = cells[cols.index(group_column)]
+            if i and g != previous:
+                lines.append("\\midrule")
+            elif i:
+                cells[cols.index(group_column)] = ""
+            previous = g
+        lines.append(" & ".join(latex_escape(c) for c in cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table; numeric columns right-aligned."""
+    cols = list(table.columns)
+
+    def esc(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    align = ["---:" if _is_numeric_column(table[c].astype(str)) else "---" for c in cols]
+    lines = ["| " + " | ".join(esc(c) for c in cols) + " |", "| " + " | ".join(align) + " |"]
+    lines += [
+        "| " + " | ".join(esc(v) for v in row) + " |" for row in table.itertuples(index=False)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: pd.DataFrame) -> str:
+    return table.to_csv(index=False)
+
+
+TABLE2_NOTE = (
+    "Percent. Classification: VOC2007 test mAP; Detection: VOC2007 test mAP (11-point); "
+    "Segmentation: mean IU. Several seeds: mean ± sample std (n runs). "
+    "'ours - paper' in percentage points; '-' = no run / not reported."
+)
+TABLE1_NOTE = (
+    "Mean L1 / L2 over the centre patch with pixels in [-1, 1], in percent; PSNR per image on "
+    "0..255, averaged. 'ours - paper' is the difference; '-' = not available."
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def main(
+    inputs: Sequence[Path], out_dir: Path, force: bool = False, reference_dir: Path | None = None
+) -> str:
+    """Write Table 2, per-class tables/charts and (with inpainting runs) Table 1 to out_dir.
+
+    Refuses to overwrite existing report files unless `force`. Returns the Markdown of
+    Table 2 (and Table 1) for printing.
+    """
+    inputs = [Path(p) for p in inputs]
+    out_dir = Path(out_dir)
+    reference_dir = Path(reference_dir) if reference_dir else REFERENCE_DIR
+    df = collect_runs(inputs)
+    if df.empty:
+        names = ", ".join(str(p) for p in inputs)
+        raise BenchError(
+            f"{names}: no finished run folders found (a run folder holds metrics.json and "
+            "config.yaml)"
+        )
+    ref2 = load_reference(reference_dir / "table2.csv", TASKS)
+    files: dict[str, str | bytes] = {}
+    t2 = table2(df, ref2)
+    md2 = f"## Table 2: PASCAL VOC transfer\n\n{to_markdown(t2)}\n{TABLE2_NOTE}\n"
+    files.update(
+        {"table2.csv": to_csv(t2), "table2.tex": to_latex(t2, "Pretraining"), "table2.md": md2}
+    )
+    for task in TASKS:
+        pc = per_class_table(df, task)
+        if pc.empty:
+            continue
+        shown = _per_class_display(pc)
+        score = "IU" if task == "segmentation" else "AP"
+        files[f"per_class_{task}.csv"] = pc.reset_index().to_csv(index=False, float_format="%.4f")
+        files[f"per_class_{task}.md"] = (
+            f"## Per-class {task} {score} (percent)\n\n{to_markdown(shown)}"
+        )
+        files[f"per_class_{task}.png"] = per_class_chart(pc, f"VOC {task}: per-class {score} (%)")
+    printed = md2
+    if (df["stage"] == "inpaint-eval").any():
+        ref1 = load_reference(reference_dir / "table1.csv", tuple(INPAINT_COLUMNS))
+        t1 = table1(df, ref1)
+        md1 = f"## Table 1: inpainting\n\n{to_markdown(t1)}\n{TABLE1_NOTE}\n"
+        files.update(
+            {"table1.csv": to_csv(t1), "table1.tex": to_latex(t1, "Method"), "table1.md": md1}
+        )
+        printed += "\n" + md1
+    if not force:
+        for name in files:
+            if (out_dir / name).exists():
+                raise BenchError(f"{out_dir / name}: report file exists; pass --force to overwrite")
+    for name, content in files.items():
+        if isinstance(content, bytes):
+            atomic_write_bytes(out_dir / name, content)
+        else:
+            atomic_write_text(out_dir / name, content)
+    return printed
