@@ -48,7 +48,7 @@ from benchmark.errors import DatasetError
 GENERATOR_VERSION = 1
 JPEG_QUALITY = 90
 MARKER = "synth.json"
-_STREAM_SCENE, _STREAM_UNLABELLED, _STREAM_SPLITS = 1, 2, 3
+_STREAM_SCENE, _STREAM_UNLABELLED, _STREAM_SPLITS, _STREAM_NOISE = 1, 2, 3, 4
 
 # ------------------------------------------------------------------------------ shapes
 # Each takes normalised coordinates (u, v) in about [-1.1, 1.1] (v grows downwards) and
@@ -197,36 +197,73 @@ class Scene:
     objects: list[SceneObject]
 
 
-def _upsampled_noise(rng: np.random.Generator, h: int, w: int, cell: int) -> np.ndarray:
-    """Smooth noise in [0, 1] of shape (h, w): random values on a coarse grid, bicubic up."""
-    small = rng.random((h // cell + 2, w // cell + 2), dtype=np.float32)
-    im = Image.fromarray(small, mode="F").resize((w, h), Image.BICUBIC)
-    return np.clip(np.asarray(im), 0.0, 1.0)
+def _background(rng: np.random.Generator, h: int, w: int, grain: np.ndarray) -> np.ndarray:
+    """Muted two-colour blotches plus one of three texture families (grain, stripes, ramp).
 
-
-def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Muted two-colour blotches plus one of three texture families (grain, stripes, ramp)."""
+    The blotches are blended on a coarse grid and upsampled (smooth by construction, and
+    much cheaper than blending at full size); `grain` is a (h, w, 1) unit-noise crop.
+    """
     grey = rng.uniform(60, 190, size=2)
     c1 = grey[0] + rng.uniform(-22, 22, size=3)
     c2 = grey[1] + rng.uniform(-22, 22, size=3)
-    t = _upsampled_noise(rng, h, w, int(rng.integers(12, 40)))[..., None]
-    bg = c1 * (1 - t) + c2 * t
+    cell = int(rng.integers(12, 40))
+    t = rng.random((h // cell + 2, w // cell + 2, 1))
+    small = np.clip(c1 * (1 - t) + c2 * t, 0, 255).astype(np.uint8)
+    bg = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.float32)
     kind = rng.integers(3)
     if kind == 0:
-        bg += rng.normal(0, 9, size=(h, w, 1)).astype(np.float32)
+        bg += 9 * grain
     elif kind == 1:
         a, p = rng.uniform(0, np.pi), rng.uniform(5, 18)
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-        bg += (10 * np.sin(2 * np.pi * (xx * np.cos(a) + yy * np.sin(a)) / p))[..., None]
+        xx = np.arange(w, dtype=np.float32)[None, :] * np.float32(np.cos(a) * 2 * np.pi / p)
+        yy = np.arange(h, dtype=np.float32)[:, None] * np.float32(np.sin(a) * 2 * np.pi / p)
+        bg += (10 * np.sin(xx + yy))[..., None]
     else:
         yy = np.linspace(-1, 1, h, dtype=np.float32)[:, None, None]
-        bg += 25 * yy * rng.choice([-1, 1])
-    return bg.astype(np.float32)
+        bg += np.float32(25 * rng.choice([-1, 1])) * yy
+    return bg
 
 
-def render_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
-    """Draw one scene: background, then objects from large to small (so most stay visible)."""
-    img = _background(rng, height, width)
+def noise_tile(seed: int, size: int) -> np.ndarray:
+    """(2*size, 2*size, 3) float32 unit Gaussian noise; scenes take random crops of it.
+
+    Drawing fresh noise for every pixel of every image is the slowest step of generation;
+    crops of one seeded tile look the same and keep the output a function of the seed.
+    """
+    rng = np.random.default_rng([seed, _STREAM_NOISE])
+    return rng.standard_normal(size=(2 * size, 2 * size, 3), dtype=np.float32)
+
+
+def _crop(rng: np.random.Generator, tile: np.ndarray, h: int, w: int) -> np.ndarray:
+    if tile.shape[0] < h or tile.shape[1] < w:
+        raise ValueError(f"noise tile {tile.shape[:2]} smaller than image {(h, w)}")
+    y = int(rng.integers(tile.shape[0] - h + 1))
+    x = int(rng.integers(tile.shape[1] - w + 1))
+    return tile[y : y + h, x : x + w]
+
+
+def render_scene(
+    rng: np.random.Generator, width: int, height: int, noise: np.ndarray | None = None
+) -> Scene:
+    """Draw one scene: background, then objects from large to small (so most stay visible).
+
+    `noise` is a `noise_tile` at least as large as the image (drawn here when None). Like
+    every VOC image, a scene has at least one annotated object (redrawn otherwise).
+    """
+    for _ in range(100):  # almost always the first try; bounded for tiny image sizes
+        scene = _draw_scene(rng, width, height, noise)
+        if scene.objects:
+            break
+    return scene
+
+
+def _draw_scene(
+    rng: np.random.Generator, width: int, height: int, noise: np.ndarray | None
+) -> Scene:
+    if noise is None:
+        noise = rng.standard_normal(size=(height, width, 3), dtype=np.float32)
+    sensor = _crop(rng, noise, height, width)
+    img = _background(rng, height, width, _crop(rng, noise, height, width)[..., :1])
     inst = np.zeros((height, width), dtype=np.int16)
     n_obj = int(rng.choice([1, 2, 3, 4, 5], p=[0.3, 0.3, 0.2, 0.12, 0.08]))
     names: list[str] = []
@@ -283,7 +320,7 @@ def render_scene(rng: np.random.Generator, width: int, height: int) -> Scene:
         inst[iy0:iy1, ix0:ix1][sub] = rank
         painted = int(sub.sum())
         drawn.append((name, rank, painted < full, painted, (ix0, iy0, ix1, iy1)))
-    img += rng.normal(0, 3.0, size=img.shape).astype(np.float32)  # sensor noise
+    img += 3 * sensor
     image = np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
     # Annotate from what is visible after occlusion, as annotators do.
@@ -362,10 +399,13 @@ def _sbd_mat(sbd: np.ndarray) -> bytes:
 
     boundaries = np.empty((len(VOC_CLASSES), 1), dtype=object)
     present = [int(c) for c in np.unique(sbd) if c != 0]
+    empty = scipy.sparse.csc_matrix(sbd.shape, dtype=bool)
     for k in range(len(VOC_CLASSES)):
-        region = sbd == k + 1
-        edge = region & _edges(region) if (k + 1) in present else region
-        boundaries[k, 0] = scipy.sparse.csc_matrix(edge)
+        if k + 1 in present:
+            region = sbd == k + 1
+            boundaries[k, 0] = scipy.sparse.csc_matrix(region & _edges(region))
+        else:
+            boundaries[k, 0] = empty
     buf = io.BytesIO()
     gt = {
         "Boundaries": boundaries,
@@ -517,11 +557,20 @@ def make_synthetic(
         shutil.rmtree(tmp)
     try:
         _build(tmp, params)
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(tmp, out)
+        if out.exists():
+            if is_complete(out, params) and not force:  # another process finished first
+                shutil.rmtree(tmp)
+                return out
+            if out.is_dir():
+                shutil.rmtree(out)
+            else:
+                out.unlink()
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not is_complete(out, params):
+                raise
+            shutil.rmtree(tmp)  # lost a race with an identical build: keep the winner's
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -538,8 +587,10 @@ def _build(root: Path, params: dict) -> None:
         v07 / "JPEGImages", v07 / "Annotations", v07 / "ImageSets" / "Main",
         v12 / "JPEGImages", v12 / "Annotations", v12 / "SegmentationClass",
         v12 / "SegmentationObject", v12 / "ImageSets" / "Segmentation",
-        sbd / "cls", sbd / "img", root / "unlabelled",
+        sbd / "cls", sbd / "img",
     ]  # fmt: skip
+    if params["unlabelled"]:
+        dirs.append(root / "unlabelled")
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
     splits = _split_indices(n, seed)
@@ -548,10 +599,11 @@ def _build(root: Path, params: dict) -> None:
     id07 = [f"{i + 1:06d}" for i in range(n)]
     id12 = [f"2012_{i + 1:06d}" for i in range(n)]
     objects07: dict[str, list[SceneObject]] = {}
+    noise = noise_tile(seed, hi)
 
     for i in tqdm(range(n), desc="synthetic VOC", unit="img", disable=None, leave=False):
         rng = np.random.default_rng([seed, _STREAM_SCENE, i])
-        scene = render_scene(rng, *_image_size(rng, lo, hi))
+        scene = render_scene(rng, *_image_size(rng, lo, hi), noise=noise)
         jpg = _jpeg(scene.image)
         objects07[id07[i]] = scene.objects
         _write(v07 / "JPEGImages" / f"{id07[i]}.jpg", jpg)
@@ -587,7 +639,7 @@ def _build(root: Path, params: dict) -> None:
     for i in tqdm(range(params["unlabelled"]), desc="unlabelled pool", unit="img",
                   disable=None, leave=False):  # fmt: skip
         rng = np.random.default_rng([seed, _STREAM_UNLABELLED, i])
-        scene = render_scene(rng, *_image_size(rng, lo, hi))
+        scene = render_scene(rng, *_image_size(rng, lo, hi), noise=noise)
         _write(root / "unlabelled" / f"{i + 1:06d}.jpg", _jpeg(scene.image))
 
     counts = {k: int(len(v)) for k, v in splits.items()}

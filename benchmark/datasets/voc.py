@@ -89,8 +89,11 @@ def _flag(node: ET.Element, tag: str, path: Path) -> bool:
     return value == "1"
 
 
-def parse_voc_xml(path: Path, classes: Sequence[str] = VOC_CLASSES) -> VOCAnnotation:
-    """Read one Annotations/*.xml file; any malformed or unknown content names the file."""
+def parse_voc_xml(path: Path, classes: Sequence[str] | None = VOC_CLASSES) -> VOCAnnotation:
+    """Read one Annotations/*.xml file; any malformed or unknown content names the file.
+
+    `classes=None` accepts any object name (the checker reports unknown names itself).
+    """
     path = Path(path)
     try:
         root = ET.parse(path).getroot()
@@ -108,7 +111,7 @@ def parse_voc_xml(path: Path, classes: Sequence[str] = VOC_CLASSES) -> VOCAnnota
     objects = []
     for obj in root.findall("object"):
         name = _text(obj, "name", path)
-        if name not in classes:
+        if classes is not None and name not in classes:
             raise DatasetError(f"{path}: unknown class name {name!r}")
         bb = obj.find("bndbox")
         if bb is None:
