@@ -1,0 +1,70 @@
+"""Shared helpers for `benchmarks/`: timing, the machine's matmul peak, FLOP counts, tables.
+
+Benchmarks print numbers; they never assert wall times.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so that wall times mean something."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_per_call(
+    fn: Callable[[], Any], device: torch.device, warmup: int = 2, repeats: int = 5
+) -> float:
+    """Median seconds per call of `fn` after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - tic)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_gflops(
+    device: torch.device, size: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 5
+) -> float:
+    """The machine's practical peak: GFLOP/s of a big square matmul (2 n^3 FLOPs)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    seconds = time_per_call(lambda: a @ b, device, warmup=2, repeats=repeats)
+    return 2.0 * size**3 / seconds / 1e9
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of `fn` (e.g. forward + backward) as torch's counter sees them:
+    convolutions and matmuls, counting a multiply-add as 2."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """Rows of dicts -> a Markdown table (floats with 4 significant digits)."""
+    if not rows:
+        return ""
+    columns = list(columns or rows[0].keys())
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

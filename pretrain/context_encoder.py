@@ -1,0 +1,168 @@
+"""The feature-learning context encoder of Section 3.1 (Figure 2), its autoencoder baseline,
+and a DCGAN-style discriminator for the adversarial loss.
+
+    image (B, 3, S, S) -> AlexNet conv1-pool5 (B, 256, n, n)
+      -> channel-wise FC (256 * n^4 weights) -> ReLU -> dropout 0.5
+      -> stride-1 1x1 convolution across channels -> ReLU
+      -> five up-convolutions (ReLU after all but the last) -> (B, 3, S, S)
+
+The pool5 size n is 6 for the paper's 227 px input; smaller inputs (demos, tests) give
+smaller n and the channel-wise layer adapts. Five stride-2 up-convolutions reach 32 n px
+("roughly the original size", 192 for 227); a final bilinear resize, without parameters,
+makes the prediction exactly S x S so that it can be compared with the input pixel by pixel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.alexnet import AlexNetEncoder, Arch
+
+DECODER_WIDTHS = (128, 64, 64, 32)  # the fifth up-convolution outputs the 3 colour channels
+DROPOUT = 0.5
+
+
+def pool5_size(input_size: int, arch: Arch = "caffenet") -> int:
+    """Spatial side of pool5 for an S x S input (6 for 227 with CaffeNet widths)."""
+    size = (input_size + 2 * (0 if arch == "caffenet" else 2) - 11) // 4 + 1  # conv1
+    for _ in range(3):  # pool1, pool2 (conv2-5 keep the size), pool5
+        size = (size - 3) // 2 + 1
+    if size < 1:
+        raise ValueError(f"input size {input_size} is too small for AlexNet (needs >= 67)")
+    return size
+
+
+class ChannelWiseFC(nn.Module):
+    """A fully-connected layer within each feature map, none across maps.
+
+    (B, m, n, n) -> (B, m, n, n) with m * n^4 weights (256 * 6^4 = 331,776) and m * n^2
+    biases, against m^2 * n^4 for a full layer. Equivalent to the released Caffe model's
+    grouped convolution (kernel n, m * n^2 outputs, m groups), done here as one batched
+    matrix product.
+    """
+
+    def __init__(self, channels: int, size: int) -> None:
+        super().__init__()
+        self.channels, self.size = channels, size
+        area = size * size
+        self.weight = nn.Parameter(torch.empty(channels, area, area))
+        self.bias = nn.Parameter(torch.zeros(channels, area))
+        nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / area))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, m, h, w = x.shape
+        flat = x.reshape(b, m, h * w).transpose(0, 1)  # (m, B, n^2)
+        out = torch.baddbmm(self.bias.unsqueeze(1), flat, self.weight)  # (m, B, n^2)
+        return out.transpose(0, 1).reshape(b, m, h, w)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, size={self.size}"
+
+
+class Decoder(nn.Module):
+    """Five 4x4 stride-2 up-convolutions from (B, C, n, n) to (B, 3, S, S).
+
+    ReLU after each but the last: outputs are normalised pixels, which are negative too.
+    """
+
+    def __init__(self, in_channels: int, output_size: int, widths=DECODER_WIDTHS) -> None:
+        super().__init__()
+        self.output_size = output_size
+        chans = [in_channels, *widths, 3]
+        layers: list[nn.Module] = []
+        for i, (cin, cout) in enumerate(zip(chans[:-1], chans[1:])):
+            layers.append(nn.ConvTranspose2d(cin, cout, kernel_size=4, stride=2, padding=1))
+            if i < len(chans) - 2:
+                layers.append(nn.ReLU(inplace=True))
+        self.upconvs = nn.Sequential(*layers)
+        for m in self.upconvs:
+            if isinstance(m, nn.ConvTranspose2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.upconvs(x)
+        if y.shape[-1] != self.output_size or y.shape[-2] != self.output_size:
+            y = F.interpolate(
+                y, size=(self.output_size, self.output_size), mode="bilinear",
+                align_corners=False,
+            )
+        return y
+
+
+class ContextEncoder(nn.Module):
+    """Encoder, channel-wise FC bottleneck and decoder: (B, 3, S, S) -> (B, 3, S, S)."""
+
+    def __init__(
+        self, arch: Arch = "caffenet", pool_free: bool = False, input_size: int = 227
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.encoder = AlexNetEncoder(arch, pool_free)
+        c, n = self.encoder.out_channels, pool5_size(input_size, arch)
+        self.channel_fc = ChannelWiseFC(c, n)
+        self.dropout = nn.Dropout(DROPOUT)
+        self.mix = nn.Conv2d(c, c, kernel_size=1, stride=1)  # across channels, stride 1
+        nn.init.kaiming_normal_(self.mix.weight, nonlinearity="relu")
+        nn.init.zeros_(self.mix.bias)
+        self.decoder = Decoder(c, input_size)
+
+    def bottleneck(self, features: torch.Tensor) -> torch.Tensor:
+        """pool5 (B, 256, n, n) -> decoder input (B, 256, n, n)."""
+        x = self.dropout(F.relu(self.channel_fc(features)))
+        return F.relu(self.mix(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.bottleneck(self.encoder(x)))
+
+
+class Autoencoder(ContextEncoder):
+    """The Table 2 autoencoder baseline: the same network, trained to reconstruct its
+    whole, unmasked input (the method decides the input and the loss, not the layers)."""
+
+
+class DCGANDiscriminator(nn.Module):
+    """Real / predicted content -> one logit per image; it never sees the context.
+
+    4x4 stride-2 convolutions with 64, 128, 256, 512 channels (BatchNorm on all but the
+    first, LeakyReLU 0.2) down to 4 x 4 for a 64 px input, then a 4x4 convolution to one
+    logit (the sigmoid is folded into the loss). Larger inputs get more stride-2 layers
+    (512 channels) until the side is at most 4.
+    """
+
+    def __init__(self, input_size: int = 64, widths=(64, 128, 256, 512)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin, size, i = 3, input_size, 0
+        while size > 4 or i < len(widths):
+            cout = widths[min(i, len(widths) - 1)]
+            layers.append(nn.Conv2d(cin, cout, 4, 2, 1, bias=i == 0))
+            if i > 0:
+                layers.append(nn.BatchNorm2d(cout))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            cin, size, i = cout, size // 2, i + 1
+            if size < 1:
+                raise ValueError(f"discriminator input {input_size} is too small")
+        layers.append(nn.Conv2d(cin, 1, kernel_size=size, bias=False))
+        self.net = nn.Sequential(*layers)
+        dcgan_init_(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> logits (B,)."""
+        return self.net(x).flatten(1).mean(1)
+
+
+def dcgan_init_(module: nn.Module) -> None:
+    """DCGAN init: conv weights N(0, 0.02), BatchNorm scale N(1, 0.02) and zero shift."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,139 @@
+"""Fast R-CNN pieces: RoI geometry and sampling, the network, the loss, test-time NMS."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.alexnet import AlexNetEncoder
+from transfer.detection.config import DetectionConfig
+from transfer.detection.data import TrainStream, flip_boxes, image_scale
+from transfer.detection.engine import lr_at, nms, postprocess
+from transfer.detection.model import FastRCNN, fast_rcnn_loss, param_groups
+from transfer.detection.sampling import (
+    box_iou,
+    decode_boxes,
+    encode_boxes,
+    label_rois,
+    sample_rois,
+    target_stats,
+)
+
+
+def test_box_iou_uses_inclusive_pixels():
+    a = np.array([[0, 0, 9, 9]])  # 10 x 10 pixels
+    b = np.array([[5, 0, 14, 9], [10, 10, 19, 19]])
+    assert box_iou(a, b)[0] == pytest.approx([50 / 150, 0.0])
+
+
+def test_encode_decode_round_trip():
+    rng = np.random.default_rng(0)
+    rois = np.sort(rng.uniform(0, 200, (50, 4)).reshape(50, 2, 2), axis=1).transpose(0, 2, 1)
+    rois = rois.reshape(50, 4)[:, [0, 2, 1, 3]]
+    gt = rois + rng.normal(0, 5, rois.shape)
+    gt[:, 2:] = np.maximum(gt[:, 2:], gt[:, :2] + 1)
+    back = decode_boxes(rois, encode_boxes(rois, gt).astype(np.float64))
+    assert back == pytest.approx(gt, abs=1e-3)
+
+
+def test_sampling_follows_fast_rcnn_bands():
+    rng = np.random.default_rng(0)
+    gt = np.array([[20, 20, 80, 80], [100, 30, 160, 120]], np.float32)
+    props = rng.uniform(0, 150, (2000, 2))
+    props = np.hstack([props, props + rng.uniform(5, 90, (2000, 2))]).astype(np.float32)
+    rois = label_rois(props, gt, np.array([3, 7]))
+    assert len(rois.boxes) == 2002 and (rois.max_overlap[:2] == 1).all()  # gt boxes added
+    idx = sample_rois(rois, 64, 0.25, 0.5, 0.5, 0.1, rng)
+    ov = rois.max_overlap[idx]
+    fg = ov >= 0.5
+    assert len(idx) == 64 and fg.sum() == 16 and len(set(idx.tolist())) == 64
+    assert ((ov[~fg] >= 0.1) & (ov[~fg] < 0.5)).all()
+    assert set(rois.labels[idx][fg].tolist()) <= {3, 7}
+    few = label_rois(props[:0], gt, np.array([3, 7]))
+    assert len(sample_rois(few, 64, 0.25, 0.5, 0.5, 0.1, rng)) == 2  # only the gt boxes
+
+
+def test_target_stats_per_class():
+    gt = np.array([[0, 0, 99, 99]], np.float32)
+    props = np.array([[10, 0, 109, 99], [0, 0, 89, 99]], np.float32)
+    stats_means, stats_stds = target_stats([label_rois(props, gt, np.array([5]))], 20)
+    t = encode_boxes(np.vstack([gt, props]), np.repeat(gt, 3, 0))
+    assert stats_means[5] == pytest.approx(t.mean(0), abs=1e-6)
+    assert stats_stds[5] == pytest.approx(np.where(t.std(0) > 1e-6, t.std(0), 1.0), abs=1e-6)
+    assert (stats_stds[1] == 1).all() and (stats_means[0] == 0).all()
+
+
+def test_flip_and_scale():
+    boxes = np.array([[0, 5, 9, 20]], np.float32)
+    assert flip_boxes(boxes, 100).tolist() == [[90, 5, 99, 20]]
+    assert np.array_equal(flip_boxes(flip_boxes(boxes, 100), 100), boxes)
+    assert image_scale(375, 500, 600, 1000) == pytest.approx(1.6)
+    assert image_scale(300, 1000, 600, 1000) == pytest.approx(1.0)  # longer side capped
+
+
+def test_train_stream_is_resumable():
+    full = [x for _, x in zip(range(25), TrainStream(10, seed=3))]
+    tail = [x for _, x in zip(range(12), TrainStream(10, seed=3, start=13))]
+    assert full[13:] == tail
+    assert sorted(e for _, e in full[:10]) == list(range(10))  # each epoch visits every entry
+
+
+def test_network_shapes_gradients_and_frozen_conv1():
+    torch.manual_seed(0)
+    model = FastRCNN(AlexNetEncoder(), fc_dim=64, freeze_at=1)
+    images = torch.randn(2, 3, 96, 128)
+    rois = torch.tensor(
+        [[0, 0, 0, 50, 40], [1, 10, 10, 120, 90], [1, 5, 5, 20, 20]], dtype=torch.float
+    )
+    scores, deltas = model(images, rois)
+    assert scores.shape == (3, 21) and deltas.shape == (3, 84)
+    labels = torch.tensor([4, 0, 20])
+    loss_cls, loss_box = fast_rcnn_loss(scores, deltas, labels, torch.randn(3, 4))
+    (loss_cls + loss_box).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("features.0."):
+            assert not p.requires_grad and p.grad is None
+        else:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert loss_cls.item() == pytest.approx(np.log(21), rel=0.05)  # N(0, 0.01) classifier
+
+
+def test_box_loss_uses_only_the_gt_class_deltas():
+    deltas = torch.zeros(2, 84)
+    deltas[0, 4 * 3 : 4 * 3 + 4] = torch.tensor([1.0, 0.0, 0.0, 3.0])  # class 3 of RoI 0
+    deltas[0, 4 * 5 : 4 * 5 + 4] = 100.0  # another class: must not count
+    _, loss_box = fast_rcnn_loss(
+        torch.zeros(2, 21), deltas, torch.tensor([3, 0]), torch.zeros(2, 4)
+    )
+    assert loss_box.item() == pytest.approx((0.5 + 2.5) / 2)  # smooth L1 summed, / RoIs
+
+
+def test_bias_groups_follow_caffe():
+    model = FastRCNN(AlexNetEncoder(), fc_dim=32, freeze_at=2)
+    weights, biases = param_groups(model, 1e-3, 5e-4, 2.0)
+    assert biases["lr"] == 2e-3 and biases["weight_decay"] == 0.0
+    assert weights["weight_decay"] == 5e-4
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in (weights, biases) for p in g["params"]) == n_trainable
+
+
+def test_lr_schedule():
+    cfg = DetectionConfig()
+    assert lr_at(cfg, 0) == 1e-3 and lr_at(cfg, 29999) == 1e-3
+    assert lr_at(cfg, 30000) == pytest.approx(1e-4)
+
+
+def test_nms_and_per_image_cap():
+    dets = np.array([[0, 0, 9, 9, 0.9], [1, 1, 10, 10, 0.8], [50, 50, 60, 60, 0.7]], np.float32)
+    assert nms(dets, 0.3).tolist() == [0, 2]
+    assert nms(dets, 0.9).tolist() == [0, 1, 2]
+    scores = np.zeros((3, 21), np.float32)
+    scores[:, 1] = [0.9, 0.04, 0.5]
+    scores[:, 2] = [0.3, 0.2, 0.1]
+    boxes = np.tile(dets[:, :4], (1, 21))
+    out = postprocess(scores, boxes, score_thresh=0.05, nms_thresh=0.3, max_per_image=100)
+    assert out[0][:, 4].tolist() == pytest.approx([0.9, 0.5])  # 0.04 is under the threshold
+    assert out[1][:, 4].tolist() == pytest.approx([0.3, 0.1])  # 0.2 suppressed by 0.3
+    capped = postprocess(scores, boxes, 0.05, 0.3, max_per_image=2)
+    assert sorted(np.concatenate([d[:, 4] for d in capped]).tolist()) == pytest.approx([0.5, 0.9])

@@ -1,0 +1,193 @@
+"""`pretrain.train.main` end to end on tiny images, the loop's resume, and the methods."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import pretrain.train as train
+from benchmark.errors import BenchError, ConfigError
+from benchmark.runs import open_run
+from pretrain.config import LossConfig, ModelConfig, PretrainConfig, TrainConfig
+from pretrain.data import InfiniteSampler, PretrainImages
+from pretrain.engine import fit
+from pretrain.export import load_native
+
+SIZE = 67  # the smallest input AlexNet takes (pool5 is 1 x 1): seconds per test on CPU
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Intra-op threads fight over a loaded CI machine (10x slower); tests need one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Bright flat-coloured images with a soft gradient, far from the normalisation mean,
+    so that a few dozen steps visibly lower the loss."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(-20, 20, 80)[None, :, None]
+    for i in range(10):
+        colour = rng.integers(180, 230, size=3)[None, None, :]
+        pixels = np.clip(colour + ramp + np.zeros((72, 80, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / f"{i:02d}.png")
+    return root
+
+
+def tiny(images, **kw) -> PretrainConfig:
+    train_kw = dict(iterations=30, batch_size=4, workers=0, lr=1e-3, log_every=5,
+                    sample_every=15, checkpoint_every=15)
+    train_kw.update(kw.pop("train", {}))
+    return PretrainConfig(data=str(images), model=ModelConfig(input_size=SIZE),
+                          train=TrainConfig(**train_kw), **kw)
+
+
+def history(run_dir):
+    return [json.loads(line)["train/loss"] for line in open(run_dir / "scalars.jsonl")]
+
+
+def test_context_encoder_lowers_the_masked_loss_and_writes_the_run(images, tmp_path):
+    cfg = tiny(images, mask="central")
+    metrics = train.main(cfg, open_run(tmp_path / "run", cfg))
+    assert metrics["method"] == "context-encoder" and metrics["mask"] == "central"
+    assert metrics["iterations"] == 30 and metrics["export"] == "encoder.safetensors"
+    assert metrics["final_loss"] < 0.5 * metrics["initial_loss"]
+    losses = history(tmp_path / "run")
+    assert losses[-1] < losses[0]
+    for name in ("encoder.safetensors", "encoder.card.json", "metrics.json",
+                 "samples/iter_0000015.png", "samples/iter_0000030.png",
+                 "checkpoints/last.pt"):
+        assert (tmp_path / "run" / name).is_file(), name
+    grid = Image.open(tmp_path / "run/samples/iter_0000030.png")
+    assert grid.size[1] > 4 * SIZE  # input / masked / prediction / pasted rows
+    state, card = load_native(tmp_path / "run")
+    assert card["method"] == "context-encoder" and card["iterations"] == 30
+    assert set(state) == {f"features.{i}.{p}" for i in (0, 3, 6, 8, 10)
+                          for p in ("weight", "bias")}
+
+
+def test_autoencoder_lowers_its_reconstruction_loss(images, tmp_path):
+    cfg = tiny(images, method="autoencoder")
+    metrics = train.main(cfg, open_run(tmp_path / "run", cfg))
+    assert metrics["mask"] is None
+    assert metrics["final_loss"] < 0.5 * metrics["initial_loss"]
+
+
+def test_random_region_from_voc_shapes_and_noise_fallback(images, tmp_path):
+    voc = tmp_path / "VOC2012"
+    (voc / "SegmentationObject").mkdir(parents=True)
+    labels = np.zeros((50, 60), np.uint8)
+    labels[10:30, 5:40] = 1
+    labels[35:45, 20:50] = 2
+    Image.fromarray(labels, mode="P").save(voc / "SegmentationObject" / "a.png")
+    cfg = tiny(images, shapes=str(voc), train={"iterations": 2, "sample_every": 0})
+    assert train.main(cfg, open_run(tmp_path / "a", cfg))["mask"] == "random-region"
+    cfg = tiny(images, train={"iterations": 2, "sample_every": 0})
+    assert train.main(cfg, open_run(tmp_path / "b", cfg))["mask"] == "noise-region"
+
+
+def test_resume_after_a_stop_gives_bit_identical_weights(images, tmp_path, monkeypatch):
+    cfg = tiny(images, mask="noise-region",
+               train={"iterations": 8, "sample_every": 5, "checkpoint_every": 3})
+    whole = train.main(cfg, open_run(tmp_path / "whole", cfg))
+
+    real_save_grid, calls = train.save_grid, []
+
+    def stop_once(*args, **kw):  # the process "dies" at iteration 5, after the checkpoint at 3
+        if not calls:
+            calls.append(1)
+            raise KeyboardInterrupt
+        return real_save_grid(*args, **kw)
+
+    monkeypatch.setattr(train, "save_grid", stop_once)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(cfg, open_run(tmp_path / "cut", cfg))
+    resumed = train.main(cfg, open_run(tmp_path / "cut", cfg, resume=True))
+
+    a = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=False)["state"]
+    b = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=False)["state"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert resumed["final_loss"] == whole["final_loss"]
+    assert resumed["initial_loss"] == whole["initial_loss"]
+
+
+def test_sampler_started_mid_way_continues_the_same_stream(images):
+    ds = PretrainImages(sorted(images.glob("*.png")), SIZE)
+    full = list(itertools.islice(iter(InfiniteSampler(ds, seed=3)), 27))
+    assert list(itertools.islice(iter(InfiniteSampler(ds, seed=3, start=13)), 14)) == full[13:]
+    assert sorted(i for i, _ in full[:10]) == list(range(10))  # a permutation per epoch
+    assert len({d for _, d in full}) == 27  # every draw has its own seed
+
+
+def test_non_finite_loss_stops_the_loop(tmp_path):
+    cfg = PretrainConfig()
+    run = open_run(tmp_path / "run", cfg)
+
+    def step(batch, iteration):
+        return {"loss": float("nan") if iteration == 2 else 1.0}
+
+    with pytest.raises(BenchError, match="iteration 3: loss is nan"):
+        fit(step, lambda start: itertools.repeat(None), run, {}, iterations=10)
+
+
+def test_random_method_writes_gaussian_weights(tmp_path):
+    cfg = PretrainConfig(method="random")
+    metrics = train.main(cfg, open_run(tmp_path / "run", cfg))
+    assert metrics["iterations"] == 0 and metrics["train_seconds"] < 30
+    state, card = load_native(tmp_path / "run")
+    w = state["features.3.weight"]
+    assert abs(w.std().item() - 0.01) < 0.001 and state["features.3.bias"].abs().max() == 0
+    assert card["method"] == "random" and card["arch"] == "caffenet"
+
+
+def test_imagenet_imports_a_torchvision_alexnet_file(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    net = torchvision.models.alexnet(weights=None)
+    path = tmp_path / "alexnet.pth"
+    torch.save(net.state_dict(), path)
+    cfg = PretrainConfig(method="imagenet", weights=str(path),
+                         model=ModelConfig(arch="torchvision"))
+    train.main(cfg, open_run(tmp_path / "run", cfg))
+    state, card = load_native(tmp_path / "run")
+    assert card["arch"] == "torchvision" and card["method"] == "imagenet"
+    for key, value in state.items():
+        assert torch.equal(value, net.state_dict()[key])
+
+
+def test_imagenet_errors_name_the_problem(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    sd = torchvision.models.alexnet(weights=None).state_dict()
+    sd["features.99.weight"] = sd.pop("features.10.weight")
+    bad = tmp_path / "bad.pth"
+    torch.save(sd, bad)
+    cfg = PretrainConfig(method="imagenet", weights=str(bad),
+                         model=ModelConfig(arch="torchvision"))
+    with pytest.raises(BenchError) as err:
+        train.main(cfg, open_run(tmp_path / "a", cfg))
+    msg = str(err.value)
+    assert "\n" not in msg and "features.10.weight" in msg and "features.99.weight" in msg
+    cfg = PretrainConfig(method="imagenet", weights=str(tmp_path / "none.pth"),
+                         model=ModelConfig(arch="torchvision"))
+    with pytest.raises(BenchError, match="none.pth: ImageNet weights file not found"):
+        train.main(cfg, open_run(tmp_path / "b", cfg))
+    cfg = PretrainConfig(method="imagenet", weights=str(bad))
+    with pytest.raises(ConfigError, match="model.arch"):
+        train.main(cfg, open_run(tmp_path / "c", cfg))
+
+
+def test_paper_learning_rates_and_names():
+    assert train.learning_rate(PretrainConfig(mask="central")) == 1e-3
+    assert train.learning_rate(PretrainConfig(mask="random-region")) == 1e-4
+    assert train.learning_rate(PretrainConfig(train=TrainConfig(lr=5e-4))) == 5e-4
+    assert train.default_name(PretrainConfig()) == "pretrain-context-encoder-random-region-s0"
+    assert train.default_name(PretrainConfig(method="random", seed=2)) == "pretrain-random-s2"
+    assert LossConfig().adversarial_weight == 0.0 and TrainConfig().iterations == 100_000

@@ -1,0 +1,254 @@
+"""The one weight loader of every transfer task, and the guards around fine-tuning.
+
+`load_encoder` turns whatever the user passes as `--weights` into an `AlexNetEncoder` plus
+its model card:
+
+- nothing (None): the 'random Gaussian' baseline, N(0, 0.01) weights, zero biases;
+- a pretraining run folder: its `encoder.safetensors`;
+- a native export (`.safetensors`, card in the metadata key `card` or beside it as
+  `<name>.card.json`);
+- a torchvision AlexNet state dict (`.pth`/`.pt`, e.g. `alexnet-owt-7be5be79.pth`): the
+  ImageNet-supervised row of Table 2; its `classifier.*` tensors are ignored.
+
+The architecture (arch, pool_free) comes from the card, else from the tensors' shapes. Any
+tensor that the encoder does not expect, or that it needs and the file lacks, is an error
+that lists both sets (STYLE.md "guard transfer"): a silently half-loaded encoder would
+report random-init numbers under a pretrained method's name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmark.errors import BenchError
+from pretrain.alexnet import WIDTHS, AlexNetEncoder
+
+ENCODER_FILE = "encoder.safetensors"
+TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin")
+# Keys of a torchvision AlexNet that are not part of the encoder and are dropped on import.
+IGNORED_TORCH_PREFIXES = ("classifier.",)
+log = logging.getLogger("bench")
+
+
+def random_card(arch: str = "caffenet", pool_free: bool = False) -> dict[str, Any]:
+    """Model card of the 'random Gaussian initialization' row (pretraining time < 1 minute)."""
+    return {
+        "method": "random", "mask": None, "iterations": 0, "data": None, "config_hash": None,
+        "arch": arch, "pool_free": pool_free, "pretrain_seconds": 0.0,
+    }  # fmt: skip
+
+
+def load_encoder(
+    weights: str | Path | None, arch: str = "caffenet", pool_free: bool = False
+) -> tuple[AlexNetEncoder, dict[str, Any]]:
+    """Build the encoder described by `weights` and load it; returns (encoder, card).
+
+    `arch` and `pool_free` only choose the architecture of the random baseline and of files
+    whose card does not say. Raises BenchError naming the file when it is missing,
+    unreadable, or its tensors do not match the encoder (missing / unexpected / shape).
+    """
+    if weights is None or str(weights) == "":
+        if arch not in WIDTHS:
+            choices = ", ".join(sorted(WIDTHS))
+            raise BenchError(f"arch: unknown encoder arch {arch!r} (choose from {choices})")
+        return AlexNetEncoder(arch, pool_free), random_card(arch, pool_free)  # type: ignore[arg-type]
+    path = resolve_weights_path(weights)
+    state, card = read_weights(path)
+    card = dict(card)
+    card.setdefault("arch", infer_arch(state, path) or arch)
+    card.setdefault("pool_free", "features.2.weight" in state)
+    card["source"] = str(path)
+    if card["arch"] not in WIDTHS:
+        raise BenchError(f"{path}: model card names unknown arch {card['arch']!r}")
+    encoder = AlexNetEncoder(card["arch"], bool(card["pool_free"]))
+    load_state_checked(encoder, state, path)
+    return encoder, card
+
+
+def peek_card(weights: str | Path | None) -> dict[str, Any]:
+    """The card of `weights` without building the encoder (for run names); never raises.
+
+    Falls back to {"method": <file stem>} when the file cannot be read: the error is
+    reported properly by `load_encoder` once the run starts.
+    """
+    if weights is None or str(weights) == "":
+        return random_card()
+    try:
+        return read_weights(resolve_weights_path(weights))[1]
+    except (BenchError, OSError, ValueError):
+        return {"method": Path(weights).stem}
+
+
+def resolve_weights_path(weights: str | Path) -> Path:
+    """A run folder means its native export; anything else must be an existing file."""
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        inner = path / ENCODER_FILE
+        if not inner.is_file():
+            raise BenchError(
+                f"{path}: folder has no {ENCODER_FILE} (is it a finished pretraining run?)"
+            )
+        return inner
+    if not path.is_file():
+        raise BenchError(f"{path}: weights file not found")
+    return path
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, card) of a native export or of a torchvision-layout torch file."""
+    if path.suffix == ".safetensors":
+        return read_native(path)
+    if path.suffix in TORCH_SUFFIXES:
+        return read_torchvision(path)
+    raise BenchError(
+        f"{path}: unknown weights format '{path.suffix}' "
+        f"(expected .safetensors, {', '.join(TORCH_SUFFIXES)} or a pretraining run folder)"
+    )
+
+
+def read_native(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A `bench export --format native` file; the card from its metadata or its sidecar."""
+    from pretrain.export import card_path, load_native
+
+    state, card = load_native(path)
+    sidecar = card_path(path)
+    if not card and sidecar.is_file():
+        try:
+            card = json.loads(sidecar.read_text())
+        except json.JSONDecodeError as exc:
+            raise BenchError(f"{sidecar}: model card is not valid JSON ({exc.msg})") from None
+        if not isinstance(card, dict):
+            raise BenchError(f"{sidecar}: model card must be a JSON object")
+    card = dict(card)
+    card.setdefault("method", "unknown")
+    return state, card
+
+
+def read_torchvision(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A torchvision AlexNet state dict (ImageNet-supervised); `classifier.*` is dropped."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise BenchError(f"{path}: unreadable torch file ({type(exc).__name__}: {exc})") from None
+    for wrapper in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BenchError(f"{path}: not a state dict (a mapping of names to tensors)")
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(IGNORED_TORCH_PREFIXES)}
+    card = {"method": "imagenet", "mask": None, "iterations": None, "data": "imagenet",
+            "config_hash": None, "pretrain_seconds": None}  # fmt: skip
+    return state, card
+
+
+def infer_arch(state: Mapping[str, torch.Tensor], path: Path) -> str | None:
+    """Arch whose conv1 width matches `features.0.weight`, None when there is no such key."""
+    conv1 = state.get("features.0.weight")
+    if conv1 is None:
+        return None
+    for arch, widths in WIDTHS.items():
+        if conv1.shape[0] == widths[0]:
+            return arch
+    raise BenchError(
+        f"{path}: features.0.weight has {conv1.shape[0]} filters, which matches no known "
+        f"encoder ({', '.join(f'{a}: {w[0]}' for a, w in WIDTHS.items())})"
+    )
+
+
+def _key_list(keys: Iterable[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "") if keys else "none"
+
+
+def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Load `state` into `module` only if the key sets and every shape match exactly."""
+    expected = module.state_dict()
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
+        raise BenchError(
+            f"{path}: tensors do not match the {_describe(module)}: "
+            f"missing [{_key_list(missing)}]; unexpected [{_key_list(unexpected)}]"
+        )
+    for key, value in expected.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise BenchError(
+                f"{path}: {key} has shape {tuple(state[key].shape)}, the {_describe(module)} "
+                f"expects {tuple(value.shape)}"
+            )
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+
+
+def _describe(module: nn.Module) -> str:
+    if isinstance(module, AlexNetEncoder):
+        return f"{module.arch} encoder (pool_free={module.pool_free})"
+    return type(module).__name__
+
+
+# --------------------------------------------------------------------------- transfer guards
+
+
+def _frozen(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name.startswith(p) for p in prefixes)
+
+
+def freeze(model: nn.Module, frozen_prefixes: Iterable[str]) -> None:
+    """Turn off gradients of every parameter whose name starts with one of the prefixes."""
+    prefixes = tuple(frozen_prefixes)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not _frozen(name, prefixes))
+
+
+def describe_transfer(
+    model: nn.Module, frozen_prefixes: Iterable[str] = (), logger: logging.Logger | None = None
+) -> tuple[int, int]:
+    """Log (and return) the trainable and total parameter counts; check the freeze took.
+
+    A parameter under a frozen prefix that still requires grad would be trained silently.
+    """
+    prefixes = tuple(frozen_prefixes)
+    trainable = total = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if p.requires_grad:
+            if _frozen(name, prefixes):
+                raise RuntimeError(f"parameter {name} is under a frozen prefix but requires grad")
+            trainable += p.numel()
+    frozen = ", ".join(p.rstrip(".") for p in prefixes) or "nothing"
+    (logger or log).info(
+        "trainable parameters: %s of %s (frozen: %s)", f"{trainable:,}", f"{total:,}", frozen
+    )
+    return trainable, total
+
+
+def snapshot_frozen(model: nn.Module, frozen_prefixes: Iterable[str]) -> dict[str, torch.Tensor]:
+    """CPU copies of the frozen parameters, to prove after training that they did not move."""
+    prefixes = tuple(frozen_prefixes)
+    return {
+        name: p.detach().to("cpu", copy=True)
+        for name, p in model.named_parameters()
+        if _frozen(name, prefixes)
+    }
+
+
+def check_frozen_unchanged(model: nn.Module, snapshot: Mapping[str, torch.Tensor]) -> None:
+    """Raise RuntimeError naming the first frozen parameter that changed since the snapshot.
+
+    Frozen layers can still move through weight decay or momentum if they leak into the
+    optimiser; this check makes such a bug loud instead of a quietly wrong table entry.
+    """
+    params = dict(model.named_parameters())
+    for name, before in snapshot.items():
+        if name not in params:
+            raise RuntimeError(f"frozen parameter {name} is no longer in the model")
+        if not torch.equal(params[name].detach().cpu(), before):
+            raise RuntimeError(f"frozen parameter {name} changed during training")

@@ -1,0 +1,74 @@
+"""Fast R-CNN transfer settings: defaults are the protocol's (PROTOCOL.md, "Detection").
+
+Values taken from the released Fast R-CNN code rather than the paper are named options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class DetectionConfig:
+    name: str | None = None
+    seed: int = 0
+    data: str | None = None  # VOCdevkit root or VOC2007 folder; None = embedded synthetic
+    device: str = "auto"
+    weights: str | None = None  # run folder / native export / torchvision state dict; None = random
+    arch: str = "caffenet"  # architecture of the random baseline (weights carry their own)
+    backend: Literal["native", "detectron2"] = "native"
+    train_split: str = "trainval"
+    test_split: str = "test"
+
+    # Proposals: None = selective search (cached under <results>/cache/proposals); otherwise a
+    # Fast R-CNN selective-search .mat file or a detectron2 proposal pickle for that split.
+    proposals_train: str | None = None
+    proposals_test: str | None = None
+    ss_mode: Literal["fast", "quality"] = "fast"
+    ss_max_boxes: int = 2000
+    ss_image_width: int = 500  # R-CNN runs selective search on images resized to this width
+    ss_min_box: int = 20  # R-CNN's minimum box side (pixels of that resized image)
+    ss_workers: int = 1
+
+    # Network
+    freeze_at: int = 1  # conv layers kept fixed: Fast R-CNN fine-tunes conv2 and up for CaffeNet
+    fc_dim: int = 4096
+    dropout: float = 0.5
+    roi_size: int = 6
+    # Krähenbühl et al. 2015 within-layer data-dependent init of the encoder, fc6 and fc7
+    # (the rescaling the paper discusses); off in the paper's Fast R-CNN protocol.
+    rescale: bool = False
+    rescale_images: int = 4
+
+    # Training (Fast R-CNN lib/fast_rcnn/config.py)
+    scales: tuple[int, ...] = (600,)
+    max_size: int = 1000
+    flip: bool = True
+    ims_per_batch: int = 2
+    rois_per_batch: int = 128
+    fg_fraction: float = 0.25
+    fg_thresh: float = 0.5
+    bg_thresh_hi: float = 0.5
+    bg_thresh_lo: float = 0.1
+    train_difficult: bool = False  # difficult objects are left out of training, as in Fast R-CNN
+    bbox_normalize: Literal["fixed", "data"] = "fixed"  # "data": Fast R-CNN's per-class stats
+    bbox_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
+    lr: float = 1e-3
+    lr_steps: tuple[int, ...] = (30000,)
+    gamma: float = 0.1
+    iterations: int = 40000
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    bias_lr_mult: float = 2.0  # Caffe's lr_mult 2, decay_mult 0 on biases
+    workers: int = 2
+
+    # Test (Fast R-CNN lib/fast_rcnn/test.py)
+    test_scale: int = 600
+    test_max_size: int = 1000
+    nms: float = 0.3
+    score_thresh: float = 0.05
+    max_per_image: int = 100
+
+    checkpoint_every: int = 5000
+    log_every: int = 20

@@ -1,0 +1,237 @@
+"""VOC detection data for Fast R-CNN: per-image records, the protocol's image scaling and
+flips, and the RoI minibatches of training.
+
+A training item is one image at one of `scales` (shorter side, longer side capped at
+`max_size`), maybe mirrored, with `rois_per_image` sampled RoIs; two items make a batch.
+The order of items is a pure function of (seed, position in the stream), so a resumed run
+sees the same minibatches it would have seen without the interruption.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from benchmark.datasets.voc import VOC_CLASSES, VOCAnnotation, load_detection
+from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD
+from transfer.detection.sampling import RoiLabels, label_rois, sample_rois
+
+
+@dataclass
+class DetRecord:
+    """One image: gt in 0-based inclusive pixels, class indices 1..20, and its proposals."""
+
+    image_id: str
+    path: Path
+    width: int
+    height: int
+    gt_boxes: np.ndarray  # (G, 4) float32
+    gt_classes: np.ndarray  # (G,) int64 in 1..20
+    gt_difficult: np.ndarray  # (G,) bool
+    proposals: np.ndarray | None = None  # (P, 4) float32
+
+
+def records_from_annotations(
+    voc_root: Path, annotations: Sequence[VOCAnnotation]
+) -> list[DetRecord]:
+    index = {c: k + 1 for k, c in enumerate(VOC_CLASSES)}
+    out = []
+    for ann in annotations:
+        boxes = np.array([o.box for o in ann.objects], np.float32).reshape(-1, 4) - 1.0
+        out.append(
+            DetRecord(
+                image_id=ann.image_id,
+                path=Path(voc_root) / "JPEGImages" / ann.filename,
+                width=ann.width,
+                height=ann.height,
+                gt_boxes=boxes,
+                gt_classes=np.array([index[o.name] for o in ann.objects], np.int64),
+                gt_difficult=np.array([o.difficult for o in ann.objects], bool),
+            )
+        )
+    return out
+
+
+def load_records(voc_root: Path, split: str) -> list[DetRecord]:
+    return records_from_annotations(voc_root, load_detection(voc_root, split))
+
+
+def image_scale(height: int, width: int, target: int, max_size: int) -> float:
+    """Fast R-CNN's factor: shorter side to `target` unless the longer would pass `max_size`."""
+    scale = target / min(height, width)
+    if round(scale * max(height, width)) > max_size:
+        scale = max_size / max(height, width)
+    return scale
+
+
+def prepare_image(path: Path, scale: float, flip: bool) -> torch.Tensor:
+    """(3, H', W') float tensor fed as (x / 255 - mean) / std, like every stage of bench."""
+    import cv2
+
+    from benchmark.datasets.folder import load_rgb
+
+    img = np.asarray(load_rgb(path), dtype=np.float32)
+    if flip:
+        img = img[:, ::-1]
+    h, w = img.shape[:2]
+    if scale != 1.0:
+        img = cv2.resize(
+            img,
+            (max(1, round(w * scale)), max(1, round(h * scale))),
+            interpolation=cv2.INTER_LINEAR,
+        )
+    img = (img / 255.0 - np.array(PIXEL_MEAN, np.float32)) / np.array(PIXEL_STD, np.float32)
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+
+
+def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    out = boxes.copy()
+    out[:, 0] = width - boxes[:, 2] - 1
+    out[:, 2] = width - boxes[:, 0] - 1
+    return out
+
+
+def training_gt(rec: DetRecord, use_difficult: bool) -> tuple[np.ndarray, np.ndarray]:
+    keep = np.ones(len(rec.gt_boxes), bool) if use_difficult else ~rec.gt_difficult
+    return rec.gt_boxes[keep], rec.gt_classes[keep]
+
+
+def roi_labels(rec: DetRecord, flip: bool, use_difficult: bool, bbox_thresh: float) -> RoiLabels:
+    boxes, classes = training_gt(rec, use_difficult)
+    props = rec.proposals if rec.proposals is not None else np.zeros((0, 4), np.float32)
+    if flip:
+        boxes, props = flip_boxes(boxes, rec.width), flip_boxes(props, rec.width)
+    return label_rois(props, boxes, classes, bbox_thresh)
+
+
+class TrainStream(Sampler[tuple[int, int]]):
+    """Endless (item position, epoch-shuffled entry) pairs from position `start`.
+
+    Entries are the images, and their mirror images when flipping (Fast R-CNN's roidb
+    holds both); each epoch visits every entry once in an order drawn from (seed, epoch).
+    """
+
+    def __init__(self, num_entries: int, seed: int, start: int = 0) -> None:
+        self.n, self.seed, self.start = num_entries, seed, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        k = self.start
+        epoch, perm = -1, np.zeros(0, np.int64)
+        while True:
+            e, pos = divmod(k, self.n)
+            if e != epoch:
+                epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.n)
+            yield k, int(perm[pos])
+            k += 1
+
+
+class TrainSet(Dataset):
+    """Item (k, entry) -> dict(image, rois, labels, targets) for one image of a minibatch."""
+
+    def __init__(
+        self,
+        records: Sequence[DetRecord],
+        *,
+        flip: bool,
+        scales: Sequence[int],
+        max_size: int,
+        rois_per_image: int,
+        fg_fraction: float,
+        fg_thresh: float,
+        bg_thresh_hi: float,
+        bg_thresh_lo: float,
+        use_difficult: bool,
+        bbox_means: np.ndarray,
+        bbox_stds: np.ndarray,
+        seed: int,
+    ) -> None:
+        self.records = list(records)
+        self.flips = (False, True) if flip else (False,)
+        self.scales, self.max_size = tuple(scales), max_size
+        self.rois_per_image, self.fg_fraction = rois_per_image, fg_fraction
+        self.fg_thresh, self.bg_hi, self.bg_lo = fg_thresh, bg_thresh_hi, bg_thresh_lo
+        self.use_difficult = use_difficult
+        self.means, self.stds = bbox_means, bbox_stds
+        self.seed = seed
+
+    @property
+    def num_entries(self) -> int:
+        return len(self.records) * len(self.flips)
+
+    def __len__(self) -> int:
+        return self.num_entries
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
+        k, entry = item
+        rec = self.records[entry % len(self.records)]
+        flip = self.flips[entry // len(self.records)]
+        rng = np.random.default_rng([self.seed, 1, k])
+        target = self.scales[int(rng.integers(len(self.scales)))]
+        scale = image_scale(rec.height, rec.width, target, self.max_size)
+        rl = roi_labels(rec, flip, self.use_difficult, self.fg_thresh)
+        idx = sample_rois(
+            rl, self.rois_per_image, self.fg_fraction, self.fg_thresh, self.bg_hi, self.bg_lo, rng
+        )
+        labels = rl.labels[idx].copy()
+        labels[rl.max_overlap[idx] < self.fg_thresh] = 0
+        targets = (rl.targets[idx] - self.means[labels]) / self.stds[labels]
+        targets[labels == 0] = 0.0
+        return {
+            "image": prepare_image(rec.path, scale, flip),
+            "rois": torch.from_numpy(rl.boxes[idx] * scale).float(),
+            "labels": torch.from_numpy(labels),
+            "targets": torch.from_numpy(targets.astype(np.float32)),
+        }
+
+
+def pad_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Zero-pad (after normalisation, as Fast R-CNN's im_list_to_blob) to one (B, 3, H, W)."""
+    h = max(im.shape[1] for im in images)
+    w = max(im.shape[2] for im in images)
+    out = images[0].new_zeros((len(images), 3, h, w))
+    for i, im in enumerate(images):
+        out[i, :, : im.shape[1], : im.shape[2]] = im
+    return out
+
+
+def collate_train(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    rois = [
+        torch.cat([torch.full((len(it["rois"]), 1), float(i)), it["rois"]], dim=1)
+        for i, it in enumerate(items)
+    ]
+    return {
+        "images": pad_images([it["image"] for it in items]),
+        "rois": torch.cat(rois),
+        "labels": torch.cat([it["labels"] for it in items]),
+        "targets": torch.cat([it["targets"] for it in items]),
+    }
+
+
+class TestSet(Dataset):
+    """One unflipped image at the test scale with all of its proposals."""
+
+    def __init__(self, records: Sequence[DetRecord], scale: int, max_size: int) -> None:
+        self.records, self.scale, self.max_size = list(records), scale, max_size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.records[i]
+        scale = image_scale(rec.height, rec.width, self.scale, self.max_size)
+        props = rec.proposals if rec.proposals is not None else np.zeros((0, 4), np.float32)
+        return {
+            "index": i,
+            "image": prepare_image(rec.path, scale, False),
+            "scale": scale,
+            "proposals": props,
+        }
+
+
+def collate_one(items: Sequence[dict]) -> dict:
+    return items[0]

@@ -1,0 +1,163 @@
+"""Fast R-CNN on the AlexNet encoder: conv1-conv5 (stride 16) -> RoI max pool 6x6 -> fc6, fc7
+(re-initialised, dropout) -> 21-way classifier and class-specific box regressor (84)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import RoIPool
+
+from pretrain.alexnet import CONV_INDICES, AlexNetEncoder
+
+NUM_CLASSES = 21  # 20 VOC classes + background
+STRIDE = 16
+
+
+class FastRCNN(nn.Module):
+    """(B, 3, H, W) images and (R, 5) RoIs [batch index, x1, y1, x2, y2] in input pixels ->
+    class scores (R, 21) and normalised box deltas (R, 84)."""
+
+    def __init__(
+        self,
+        encoder: AlexNetEncoder,
+        num_classes: int = NUM_CLASSES,
+        fc_dim: int = 4096,
+        dropout: float = 0.5,
+        roi_size: int = 6,
+        freeze_at: int = 0,
+        bbox_means: np.ndarray | None = None,
+        bbox_stds: np.ndarray | None = None,
+    ) -> None:
+        super().__init__()
+        self.features = encoder.features[:12]  # up to relu5: conv5 features before pool5
+        self.roi_pool = RoIPool((roi_size, roi_size), 1.0 / STRIDE)
+        c5 = encoder.out_channels
+        self.fc6 = nn.Linear(c5 * roi_size * roi_size, fc_dim)
+        self.fc7 = nn.Linear(fc_dim, fc_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.cls_score = nn.Linear(fc_dim, num_classes)
+        self.bbox_pred = nn.Linear(fc_dim, 4 * num_classes)
+        self.num_classes = num_classes
+        # Caffe's fillers of the re-initialised layers (CaffeNet fc6/fc7, Fast R-CNN heads).
+        for fc in (self.fc6, self.fc7):
+            nn.init.normal_(fc.weight, 0.0, 0.005)
+            nn.init.constant_(fc.bias, 0.1)
+        nn.init.normal_(self.cls_score.weight, 0.0, 0.01)
+        nn.init.normal_(self.bbox_pred.weight, 0.0, 0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+        means = np.zeros((num_classes, 4), np.float32) if bbox_means is None else bbox_means
+        stds = np.ones((num_classes, 4), np.float32) if bbox_stds is None else bbox_stds
+        self.register_buffer("bbox_means", torch.as_tensor(means, dtype=torch.float32))
+        self.register_buffer("bbox_stds", torch.as_tensor(stds, dtype=torch.float32))
+        self.freeze_at = freeze_at
+        for idx in CONV_INDICES[:freeze_at]:
+            for p in self.features[idx].parameters():
+                p.requires_grad_(False)
+
+    def forward(
+        self, images: torch.Tensor, rois: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        conv5 = self.features(images)
+        x = self.roi_pool(conv5, rois).flatten(1)
+        x = self.dropout(F.relu(self.fc6(x)))
+        x = self.dropout(F.relu(self.fc7(x)))
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+def fast_rcnn_loss(
+    scores: torch.Tensor, deltas: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax log loss plus smooth-L1 (sigma 1) on the gt class's 4 deltas of fg RoIs.
+
+    As Fast R-CNN's SmoothL1Loss layer, the box loss is summed over coordinates and divided
+    by the number of RoIs in the batch (not of foreground RoIs).
+    """
+    loss_cls = F.cross_entropy(scores, labels)
+    fg = torch.nonzero(labels > 0).squeeze(1)
+    if fg.numel() == 0:
+        return loss_cls, deltas.sum() * 0.0
+    d = deltas.view(len(deltas), -1, 4)[fg, labels[fg]]
+    loss_box = F.smooth_l1_loss(d, targets[fg], beta=1.0, reduction="sum") / len(labels)
+    return loss_cls, loss_box
+
+
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, bias_lr_mult: float
+) -> list[dict]:
+    """Caffe's per-blob settings: weights (lr, wd), biases (lr x bias_lr_mult, no wd)."""
+    weights = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("bias")]
+    biases = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")]
+    return [
+        {"params": weights, "lr": lr, "weight_decay": weight_decay, "lr_mult": 1.0},
+        {"params": biases, "lr": lr * bias_lr_mult, "weight_decay": 0.0, "lr_mult": bias_lr_mult},
+    ]
+
+
+@torch.no_grad()
+def data_dependent_init_(
+    model: FastRCNN,
+    images: torch.Tensor,
+    rois: torch.Tensor,
+    pretrained_encoder: bool,
+    eps: float = 1e-8,
+) -> list[tuple[str, float]]:
+    """Krähenbühl et al. 2015's within-layer initialisation (option `rescale`), layer by layer
+    on one batch of training images and RoIs, fc6 and fc7 included, heads left as Fast R-CNN's.
+
+    A random layer gets zero-mean, unit-variance pre-activations per output channel; a
+    pretrained conv layer keeps its structure and gets one scale making its mean channel
+    variance 1, its bias multiplied by the scales before it so the encoder's function is
+    unchanged up to scale (ReLU and max pooling are positively homogeneous). Without it a
+    N(0, 0.01) AlexNet's conv5 is ~1e-3 of its input and fc6 sees mostly its bias.
+    Returns (layer, mean applied scale) pairs.
+    """
+    was_training = model.training
+    model.eval()
+    convs = [(f"features.{i}", m) for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
+    layers = convs + [("fc6", model.fc6), ("fc7", model.fc7)]
+    cumulative, applied = 1.0, []
+    for name, layer in layers:
+        stats: dict[str, torch.Tensor] = {}
+
+        def hook(_m: nn.Module, _i: object, out: torch.Tensor, stats: dict = stats) -> None:
+            dims = [0, 2, 3] if out.dim() == 4 else [0]
+            z = out.double()  # read before the in-place ReLU overwrites it
+            stats["mean"], stats["var"] = z.mean(dims), z.var(dims, unbiased=False)
+            raise _Stop
+
+        keep_structure = pretrained_encoder and name.startswith("features.")
+        if keep_structure:
+            layer.bias.mul_(cumulative)  # input is `cumulative` x the original: keep the function
+        handle = layer.register_forward_hook(hook)
+        try:
+            model(images, rois)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if keep_structure:
+            sigma = math.sqrt(float(stats["var"].mean()))
+            alpha = 1.0 / sigma if sigma > eps else 1.0
+            layer.weight.mul_(alpha)
+            layer.bias.mul_(alpha)
+            cumulative *= alpha
+            applied.append((name, alpha))
+        else:
+            sigma = stats["var"].sqrt()
+            sigma = torch.where(sigma > eps, sigma, torch.ones_like(sigma))
+            shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+            layer.weight.div_(sigma.view(shape).to(layer.weight.dtype))
+            layer.bias.sub_(stats["mean"].to(layer.bias.dtype)).div_(sigma.to(layer.bias.dtype))
+            cumulative = 1.0
+            applied.append((name, float((1.0 / sigma).mean())))
+    model.train(was_training)
+    return applied
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the measured layer has run."""

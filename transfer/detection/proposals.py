@@ -1,0 +1,259 @@
+"""Object proposals: selective search (computed once and cached) or precomputed files.
+
+Boxes everywhere in this package are float32 (P, 4) arrays of 0-based inclusive pixel
+coordinates (x1, y1, x2, y2), Fast R-CNN's convention (width = x2 - x1 + 1).
+
+Precomputed files:
+- Fast R-CNN's selective-search `.mat` (`boxes`: cell array of (P, 4) 1-based
+  (y1, x1, y2, x2) arrays, one per image; `images`: the image ids, in the split's order);
+- detectron2 proposal pickles (`ids`, `boxes` in XYXY_ABS, `objectness_logits`,
+  `bbox_mode`), where a VOC box (xmin, ymin, xmax, ymax) appears as
+  (xmin - 1, ymin - 1, xmax, ymax) (detectron2's VOC loader).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from benchmark.errors import BenchError
+from benchmark.runs import atomic_write_bytes
+
+CACHE_VERSION = 1
+XYXY_ABS = 0  # detectron2.structures.BoxMode.XYXY_ABS
+
+
+def unique_boxes(boxes: np.ndarray) -> np.ndarray:
+    """Indices of the first occurrence of each distinct box, in original order."""
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, index = np.unique(np.round(boxes).astype(np.int64), axis=0, return_index=True)
+    return np.sort(index)
+
+
+def selective_search(
+    image_rgb: np.ndarray,
+    mode: str = "fast",
+    max_boxes: int = 2000,
+    image_width: int = 500,
+    min_box: int = 20,
+) -> np.ndarray:
+    """Selective search boxes (P, 4) for one (H, W, 3) uint8 image, best-ranked first.
+
+    As in R-CNN's selective_search_boxes.m, the image is resized to `image_width` columns
+    (only when wider: a small image is searched as it is), boxes with a side below
+    `min_box` pixels of that image are dropped, duplicates removed, and the result is
+    mapped back to the original pixels.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)
+    h, w = image_rgb.shape[:2]
+    scale = min(1.0, image_width / w) if image_width > 0 else 1.0
+    img = np.ascontiguousarray(image_rgb[:, :, ::-1])
+    if scale < 1.0:
+        img = cv2.resize(img, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(img)
+    if mode == "fast":
+        ss.switchToSelectiveSearchFast()
+    else:
+        ss.switchToSelectiveSearchQuality()
+    rects = np.asarray(ss.process(), dtype=np.float64).reshape(-1, 4)  # x, y, w, h
+    keep = (rects[:, 2] >= min_box) & (rects[:, 3] >= min_box)
+    if not keep.any():  # a tiny image: keep what there is rather than nothing
+        keep = np.ones(len(rects), dtype=bool)
+    rects = rects[keep]
+    boxes = np.stack(
+        [rects[:, 0], rects[:, 1], rects[:, 0] + rects[:, 2] - 1, rects[:, 1] + rects[:, 3] - 1],
+        axis=1,
+    )
+    boxes = boxes / scale
+    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, w - 1)
+    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h - 1)
+    boxes = boxes[unique_boxes(boxes)][:max_boxes]
+    return boxes.astype(np.float32)
+
+
+def _search_file(args: tuple[str, str, int, int, int]) -> np.ndarray:
+    from benchmark.datasets.folder import load_rgb
+
+    path, mode, max_boxes, width, min_box = args
+    return selective_search(np.asarray(load_rgb(Path(path))), mode, max_boxes, width, min_box)
+
+
+def cache_key(image_paths: Sequence[Path], params: dict[str, Any]) -> str:
+    """Hash of the image files (path, size, mtime) and the search settings."""
+    h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **params}, sort_keys=True).encode())
+    for p in image_paths:
+        st = Path(p).stat()
+        h.update(f"{Path(p).resolve()}|{st.st_size}|{int(st.st_mtime)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def save_npz(path: Path, ids: Sequence[str], boxes: Sequence[np.ndarray]) -> None:
+    """Proposals of a split as one .npz (ids, concatenated boxes, per-image offsets), atomically."""
+    counts = np.array([len(b) for b in boxes], dtype=np.int64)
+    flat = np.concatenate(
+        [np.asarray(b, np.float32).reshape(-1, 4) for b in boxes] or [np.zeros((0, 4), np.float32)]
+    )
+    buf = io.BytesIO()
+    np.savez(
+        buf, ids=np.array(list(ids)), boxes=flat, offsets=np.concatenate([[0], np.cumsum(counts)])
+    )
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_npz(path: Path) -> tuple[list[str], list[np.ndarray]]:
+    with np.load(path) as z:
+        ids = [str(i) for i in z["ids"]]
+        flat, off = z["boxes"], z["offsets"]
+    return ids, [flat[off[i] : off[i + 1]] for i in range(len(ids))]
+
+
+def selective_search_cached(
+    ids: Sequence[str],
+    image_paths: Sequence[Path],
+    cache_dir: Path,
+    *,
+    mode: str = "fast",
+    max_boxes: int = 2000,
+    image_width: int = 500,
+    min_box: int = 20,
+    workers: int = 1,
+    desc: str = "selective search",
+) -> list[np.ndarray]:
+    """Selective search for every image, computed once per dataset split and then reused."""
+    params = {"mode": mode, "max_boxes": max_boxes, "width": image_width, "min_box": min_box}
+    path = Path(cache_dir) / f"{cache_key(image_paths, params)}.npz"
+    if path.is_file():
+        cached_ids, boxes = load_npz(path)
+        if cached_ids == list(ids):
+            return boxes
+    jobs = [(str(p), mode, max_boxes, image_width, min_box) for p in image_paths]
+    bar = dict(total=len(jobs), desc=desc, unit="img", disable=None)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            boxes = list(tqdm(pool.map(_search_file, jobs, chunksize=4), **bar))
+    else:
+        boxes = [_search_file(j) for j in tqdm(jobs, **bar)]
+    save_npz(path, ids, boxes)
+    return boxes
+
+
+# ------------------------------------------------------------------ precomputed proposal files
+
+
+def _mismatch(path: Path, expected: Sequence[str], found: Sequence[str]) -> BenchError:
+    for i, want in enumerate(expected):
+        got = found[i] if i < len(found) else None
+        if got != want:
+            what = f"has {got!r}" if got is not None else "has no entry"
+            return BenchError(
+                f"{path}: proposals do not match the image list (position {i}: expected image "
+                f"{want!r}, file {what}; {len(found)} entries for {len(expected)} images)"
+            )
+    return BenchError(
+        f"{path}: proposals do not match the image list ({len(found)} entries for "
+        f"{len(expected)} images; first extra id {found[len(expected)]!r})"
+    )
+
+
+def load_mat(path: Path, ids: Sequence[str]) -> list[np.ndarray]:
+    """Fast R-CNN selective-search .mat: 1-based (y1, x1, y2, x2) -> 0-based (x1, y1, x2, y2)."""
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(path)
+    except Exception as exc:  # noqa: BLE001 - scipy raises many types for a bad file
+        raise BenchError(f"{path}: unreadable .mat proposal file ({exc})") from None
+    if "boxes" not in mat:
+        raise BenchError(f"{path}: no 'boxes' variable (not a selective-search .mat file)")
+    raw = mat["boxes"].ravel()
+    if "images" in mat:
+        found = [str(np.asarray(x).ravel()[0]) for x in mat["images"].ravel()]
+    else:  # without names only the count can be checked
+        found = list(ids[: len(raw)]) + [f"<entry {i}>" for i in range(len(ids), len(raw))]
+    if found != list(ids) or len(raw) != len(ids):
+        raise _mismatch(path, ids, found)
+    out = []
+    for b in raw:
+        b = np.asarray(b, dtype=np.float32).reshape(-1, 4)
+        out.append(b[:, [1, 0, 3, 2]] - 1)
+    return out
+
+
+def load_pickle(path: Path, ids: Sequence[str]) -> list[np.ndarray]:
+    """detectron2 proposal pickle (any order of ids; every image must be present)."""
+    try:
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
+        raise BenchError(f"{path}: unreadable proposal pickle ({exc})") from None
+    if not isinstance(data, dict) or "ids" not in data or "boxes" not in data:
+        raise BenchError(f"{path}: expected a dict with 'ids' and 'boxes' (detectron2 proposals)")
+    mode = int(data.get("bbox_mode", XYXY_ABS))
+    if mode != XYXY_ABS:
+        raise BenchError(f"{path}: bbox_mode {mode} is not supported (expected XYXY_ABS = 0)")
+    by_id = {
+        str(i): np.asarray(b, np.float32).reshape(-1, 4) for i, b in zip(data["ids"], data["boxes"])
+    }
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise BenchError(
+            f"{path}: proposals do not match the image list (first missing image id "
+            f"{missing[0]!r}; {len(missing)} of {len(ids)} images missing)"
+        )
+    out = []
+    for i in ids:
+        b = by_id[i].copy()
+        b[:, 2:] -= 1  # continuous (x2, y2) -> inclusive pixel index
+        out.append(b)
+    return out
+
+
+def write_detectron2_pickle(
+    path: Path,
+    ids: Sequence[str],
+    boxes: Sequence[np.ndarray],
+    scores: Sequence[np.ndarray] | None = None,
+) -> None:
+    """Proposals in detectron2's format. Selective search has no objectness, so the logits
+    decrease with rank (detectron2 keeps the top-k by logit)."""
+    logits = scores or [-np.arange(len(b), dtype=np.float32) for b in boxes]
+    conv = []
+    for b in boxes:
+        b = np.asarray(b, np.float32).copy()
+        b[:, 2:] += 1
+        conv.append(b)
+    blob = pickle.dumps(
+        {"ids": list(ids), "boxes": conv, "objectness_logits": list(logits), "bbox_mode": XYXY_ABS}
+    )
+    atomic_write_bytes(Path(path), blob)
+
+
+def load_proposal_file(path: str | Path, ids: Sequence[str]) -> list[np.ndarray]:
+    """Proposals for `ids` from a .mat, .pkl or our own .npz file."""
+    path = Path(path)
+    if not path.is_file():
+        raise BenchError(f"{path}: proposal file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".mat":
+        return load_mat(path, ids)
+    if suffix in (".pkl", ".pickle"):
+        return load_pickle(path, ids)
+    if suffix == ".npz":
+        found, boxes = load_npz(path)
+        if found != list(ids):
+            raise _mismatch(path, ids, found)
+        return boxes
+    raise BenchError(f"{path}: unknown proposal file type (expected .mat, .pkl or .npz)")

@@ -1,0 +1,169 @@
+"""Which images FCN trains and is judged on, and how one image becomes network input.
+
+Training set: VOC2012 `train` plus SBD's additional annotations (`cls/*.mat`, SBD train and
+val), minus every evaluation image. Evaluation: `seg11valid` = VOC2011 seg val minus SBD
+train (FCN's 736-image split) derived from the files the user has:
+
+- `ImageSets/Segmentation/seg11valid.txt` when present (FCN's own list);
+- else `VOC2011/ImageSets/Segmentation/val.txt` beside VOC2012, minus SBD train;
+- else VOC2012 val minus SBD train, *named* `voc2012-val-minus-sbd-train` in the results,
+  since it is a different (larger) set; without SBD it is plain `voc2012-val`.
+
+Any other split name is `ImageSets/Segmentation/<name>.txt` of VOC2012.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmark.datasets.folder import load_rgb
+from benchmark.datasets.voc import SegSample, load_sbd, read_label, read_split
+from benchmark.errors import DatasetError
+from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD
+
+log = logging.getLogger("bench")
+SEG11VALID = "seg11valid"
+
+
+@dataclass
+class SegmentationData:
+    train: list[SegSample]
+    eval: list[SegSample]
+    split: str  # honest name of the evaluation set, recorded in metrics.json
+    voc_root: Path
+    sbd_root: Path | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def train_sources(self) -> dict[str, int]:
+        mats = sum(s.mask_path.suffix.lower() == ".mat" for s in self.train)
+        return {"voc": len(self.train) - mats, "sbd": mats}
+
+
+def find_sbd(data: str | None, sbd: str | None, voc_root: Path, use_sbd: bool) -> Path | None:
+    """SBD's `dataset/` folder: the given one (must exist), else one beside the VOCdevkit."""
+    from benchmark.datasets.resolve import resolve_data
+
+    if not use_sbd:
+        return None
+    if sbd is not None:
+        return Path(resolve_data(sbd, "sbd"))
+    if data is None:
+        return Path(resolve_data(None, "sbd"))
+    # VOCdevkit/VOC2012 -> look in VOCdevkit's parent and in VOCdevkit for SBD folders.
+    for base in (voc_root.parent.parent, voc_root.parent, Path(data)):
+        for cand in (base / "benchmark_RELEASE" / "dataset", base / "SBD" / "dataset",
+                     base / "SBD", base / "sbd"):  # fmt: skip
+            if (cand / "cls").is_dir() and (cand / "train.txt").is_file():
+                return cand
+    return None
+
+
+def _sbd_ids(sbd_root: Path, split: str) -> list[str]:
+    path = sbd_root / f"{split}.txt"
+    if not path.is_file():
+        return []
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _voc_samples(root: Path, ids: list[str]) -> list[SegSample]:
+    out = []
+    for i in ids:
+        image = root / "JPEGImages" / f"{i}.jpg"
+        mask = root / "SegmentationClass" / f"{i}.png"
+        for path, what in ((image, "image"), (mask, "segmentation mask")):
+            if not path.is_file():
+                raise DatasetError(f"{path}: {what} not found")
+        out.append(SegSample(i, image, mask))
+    return out
+
+
+def eval_split(voc_root: Path, sbd_root: Path | None, split: str) -> tuple[list[SegSample], str]:
+    """(samples, honest split name) of the evaluation set."""
+    if split != SEG11VALID:
+        return _voc_samples(voc_root, read_split(voc_root, split, "Segmentation")), (
+            f"voc2012-{split}"
+        )
+    seg_sets = voc_root / "ImageSets" / "Segmentation"
+    if (seg_sets / f"{SEG11VALID}.txt").is_file():
+        return _voc_samples(voc_root, read_split(voc_root, SEG11VALID, "Segmentation")), SEG11VALID
+    sbd_train = set(_sbd_ids(sbd_root, "train")) if sbd_root else set()
+    voc2011 = voc_root.parent / "VOC2011"
+    if (voc2011 / "ImageSets" / "Segmentation" / "val.txt").is_file():
+        ids = [i for i in read_split(voc2011, "val", "Segmentation") if i not in sbd_train]
+        return _voc_samples(voc2011, ids), SEG11VALID if sbd_root else "voc2011-val"
+    ids = [i for i in read_split(voc_root, "val", "Segmentation") if i not in sbd_train]
+    if not ids:
+        raise DatasetError(f"{seg_sets / 'val.txt'}: every val image is in SBD train")
+    name = "voc2012-val-minus-sbd-train" if sbd_root else "voc2012-val"
+    return _voc_samples(voc_root, ids), name
+
+
+def build_data(
+    voc_root: Path, sbd_root: Path | None, train_split: str, split: str
+) -> SegmentationData:
+    """Training and evaluation samples; evaluation images never enter training."""
+    evaluation, name = eval_split(voc_root, sbd_root, split)
+    held_out = {s.image_id for s in evaluation}
+    notes = []
+    train = [
+        s
+        for s in _voc_samples(voc_root, read_split(voc_root, train_split, "Segmentation"))
+        if s.image_id not in held_out
+    ]
+    if sbd_root is None:
+        notes.append("no SBD annotations found: training on VOC2012 only")
+    else:
+        have = {s.image_id for s in train}
+        for sbd_split in ("train", "val"):
+            if not (sbd_root / f"{sbd_split}.txt").is_file():
+                continue
+            for s in load_sbd(sbd_root, sbd_split):
+                # VOC's own masks win where both exist (they carry the 255 border band).
+                if s.image_id not in held_out and s.image_id not in have:
+                    train.append(s)
+                    have.add(s.image_id)
+    if not train:
+        raise DatasetError(f"{voc_root}: no training images left after removing the {name} set")
+    return SegmentationData(train, evaluation, name, voc_root, sbd_root, notes)
+
+
+def shrink(im: Image.Image, max_size: int | None) -> np.ndarray:
+    """(H, W, 3) uint8, the longer side shrunk to `max_size` when it is larger."""
+    if max_size is not None and max(im.size) > max_size:
+        s = max_size / max(im.size)
+        im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def to_input(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float, (x / 255 - mean) / std like every stage."""
+    x = torch.from_numpy(np.array(image, copy=True)).to(device).permute(2, 0, 1)[None].float()
+    mean = torch.tensor(PIXEL_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=device).view(1, 3, 1, 1)
+    return (x / 255.0 - mean) / std
+
+
+def load_pair(sample: SegSample, max_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(network image, full-size label map); the label keeps its own resolution."""
+    im = load_rgb(sample.image_path)
+    label = read_label(sample.mask_path)
+    if label.shape != (im.height, im.width):
+        raise DatasetError(
+            f"{sample.mask_path}: label is {label.shape[1]}x{label.shape[0]}, "
+            f"its image {sample.image_path.name} is {im.width}x{im.height}"
+        )
+    return shrink(im, max_size), label
+
+
+def train_order(n: int, seed: int, iteration: int) -> int:
+    """Index of the sample of `iteration`: a fresh seeded shuffle per epoch, as FCN's data
+    layer, and a pure function of the iteration so that a resumed run sees the same images."""
+    epoch, k = divmod(iteration, n)
+    return int(np.random.default_rng([seed, epoch]).permutation(n)[k])

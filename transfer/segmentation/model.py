@@ -1,0 +1,196 @@
+"""FCN-32s/16s/8s on the AlexNet encoder, with outputs aligned to the input pixels.
+
+FCN pads conv1 by 100 pixels, upsamples the stride-32 scores with a fixed bilinear
+deconvolution and crops the result at the offset that lines each score up with the centre of
+its receptive field. We keep the 100-pixel pad (more for inputs under ~27 px, which would
+leave pool5 smaller than fc6's 6x6 window) and do the same alignment explicitly: the
+image coordinate of every feature cell (`offset + stride * index`) is derived from the
+layers' kernels, strides and pads, and scores are linearly interpolated at each output
+pixel's coordinate. Inside the map that is exactly what a bilinear deconvolution plus crop
+computes; at the borders the edge score is held instead of fading to zero. Because the
+coordinates come from the layer geometry, outputs align at any (odd) input size and for
+either encoder architecture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.alexnet import AlexNetEncoder
+
+Variant = Literal["fcn32s", "fcn16s", "fcn8s"]
+VARIANTS: tuple[str, ...] = ("fcn32s", "fcn16s", "fcn8s")
+FCN_PAD = 100
+# Skip sources inside `features` (torchvision layout): conv2's ReLU output (stride 8) and
+# conv5's ReLU output (stride 16), AlexNet's counterparts of VGG's pool3 and pool4.
+SKIP_STRIDE8 = 4
+SKIP_STRIDE16 = 11
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Image coordinate of feature cell i along one axis: offset + stride * i."""
+
+    offset: float
+    stride: float
+
+    def after(self, kernel: int, stride: int, padding: int) -> Grid:
+        """The grid of a conv/pool output whose input lies on this grid."""
+        return Grid(self.offset + self.stride * ((kernel - 1) / 2 - padding), self.stride * stride)
+
+    def shifted(self, delta: float) -> Grid:
+        return Grid(self.offset + delta, self.stride)
+
+
+def _geometry(layer: nn.Module) -> tuple[int, int, int] | None:
+    """(kernel, stride, padding) of a square conv/pool layer; None for point-wise layers."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.dilation != (1, 1):
+            raise ValueError("dilated convolutions are not supported by the FCN alignment")
+        k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding
+        return k, s, p[0] if isinstance(p, tuple) else int(p)  # type: ignore[arg-type]
+    if isinstance(layer, nn.MaxPool2d):
+
+        def first(v: int | tuple[int, ...]) -> int:
+            return v[0] if isinstance(v, tuple) else int(v)
+
+        return first(layer.kernel_size), first(layer.stride), first(layer.padding)
+    return None
+
+
+def feature_grids(features: nn.Sequential, pad: int) -> list[Grid]:
+    """Grid of the output of every layer in `features`, for an input padded by `pad`."""
+    grid = Grid(-float(pad), 1.0)
+    grids = []
+    for layer in features:
+        geom = _geometry(layer)
+        if geom is not None:
+            grid = grid.after(*geom)
+        grids.append(grid)
+    return grids
+
+
+def _axis_weights(
+    coords: torch.Tensor, grid: Grid, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Neighbouring cell indices and the weight of the upper one for each coordinate."""
+    t = ((coords - grid.offset) / grid.stride).clamp(0, size - 1)
+    i0 = t.floor().long().clamp(max=size - 1)
+    i1 = (i0 + 1).clamp(max=size - 1)
+    return i0, i1, (t - i0.to(t.dtype))
+
+
+def resample(x: torch.Tensor, grid: Grid, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """Bilinear interpolation of map `x` (B, C, h, w) on `grid` at image coords ys x xs."""
+    h, w = x.shape[-2:]
+    y0, y1, wy = _axis_weights(ys.to(x.dtype), grid, h)
+    x0, x1, wx = _axis_weights(xs.to(x.dtype), grid, w)
+    rows = x.index_select(-2, y0) * (1 - wy)[:, None] + x.index_select(-2, y1) * wy[:, None]
+    return rows.index_select(-1, x0) * (1 - wx) + rows.index_select(-1, x1) * wx
+
+
+def pixel_coords(n_out: int, n_in: int, device: torch.device) -> torch.Tensor:
+    """Input-image coordinates of the centres of n_out output pixels spanning n_in pixels."""
+    idx = torch.arange(n_out, device=device, dtype=torch.float32)
+    if n_out == n_in:
+        return idx
+    return (idx + 0.5) * (n_in / n_out) - 0.5
+
+
+class FCN(nn.Module):
+    """Encoder + fc6/fc7 as convolutions + score layer (+ skips), scores at input pixels."""
+
+    def __init__(
+        self,
+        encoder: AlexNetEncoder,
+        num_classes: int = 21,
+        variant: Variant = "fcn32s",
+        fc_dim: int = 4096,
+        dropout: float = 0.5,
+        pad: int = FCN_PAD,
+    ) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown FCN variant {variant!r}; choose from {VARIANTS}")
+        self.encoder = encoder
+        self.variant = variant
+        self.pad = pad
+        self.num_classes = num_classes
+        feats = encoder.features
+        self.fc6 = nn.Conv2d(encoder.out_channels, fc_dim, kernel_size=6)
+        self.fc7 = nn.Conv2d(fc_dim, fc_dim, kernel_size=1)
+        self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.score_fr = nn.Conv2d(fc_dim, num_classes, kernel_size=1)
+        self.score_16: nn.Conv2d | None = None
+        self.score_8: nn.Conv2d | None = None
+        if variant in ("fcn16s", "fcn8s"):
+            self.score_16 = nn.Conv2d(feats[SKIP_STRIDE16 - 1].out_channels, num_classes, 1)
+        if variant == "fcn8s":
+            self.score_8 = nn.Conv2d(feats[SKIP_STRIDE8 - 1].out_channels, num_classes, 1)
+        self._init_head()
+        # Grids for an unpadded input; forward() shifts them by the pad it applies.
+        grids = feature_grids(feats, 0)
+        self.grid_32 = grids[-1].after(6, 1, 0)  # fc6 (6x6, no pad); fc7/score are 1x1
+        self.grid_16 = grids[SKIP_STRIDE16]
+        self.grid_8 = grids[SKIP_STRIDE8]
+        self._geometry = [g for g in map(_geometry, feats) if g is not None]
+
+    def _init_head(self) -> None:
+        # fc6/fc7 are not part of the exported encoder: He init keeps their activations at
+        # the scale of pool5. Score layers start at zero as in FCN, so skips begin as no-ops.
+        for m in (self.fc6, self.fc7):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        for m in (self.score_fr, self.score_16, self.score_8):
+            if m is not None:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def pad_for(self, size: int) -> int:
+        """FCN's pad, or more for inputs so small that pool5 would be under fc6's 6x6."""
+        pad = self.pad
+        while True:
+            n = size + 2 * pad
+            for k, s, p in self._geometry:
+                n = (n + 2 * p - k) // s + 1
+            if n >= 6:
+                return pad
+            pad += 1
+
+    def forward(self, x: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Normalised images (B, 3, h, w) -> class scores (B, C, *out_size) (default h, w).
+
+        With an `out_size` other than (h, w), output pixel centres are mapped onto the input
+        (half-pixel convention), so a resized input still scores the full-size label map.
+        """
+        h, w = x.shape[-2:]
+        out_h, out_w = out_size or (h, w)
+        taps: dict[int, torch.Tensor] = {}
+        pad = self.pad_for(min(h, w))
+        y = F.pad(x, (pad,) * 4)
+        for i, layer in enumerate(self.encoder.features):
+            y = layer(y)
+            if i in (SKIP_STRIDE8, SKIP_STRIDE16):
+                taps[i] = y
+        y = self.drop(F.relu(self.fc6(y), inplace=True))
+        y = self.drop(F.relu(self.fc7(y), inplace=True))
+        score, grid = self.score_fr(y), self.grid_32.shifted(-pad)
+        for conv, tap, tgrid in (
+            (self.score_16, SKIP_STRIDE16, self.grid_16.shifted(-pad)),
+            (self.score_8, SKIP_STRIDE8, self.grid_8.shifted(-pad)),
+        ):
+            if conv is None:
+                continue
+            skip = conv(taps[tap])
+            sh, sw = skip.shape[-2:]
+            ys = tgrid.offset + tgrid.stride * torch.arange(sh, device=x.device)
+            xs = tgrid.offset + tgrid.stride * torch.arange(sw, device=x.device)
+            score, grid = resample(score, grid, ys, xs) + skip, tgrid
+        ys = pixel_coords(out_h, h, x.device)
+        xs = pixel_coords(out_w, w, x.device)
+        return resample(score, grid, ys, xs)
