@@ -61,9 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
 
     p = sub.add_parser("transfer", help="fine-tune pretrained weights on a PASCAL VOC task")
-    p.add_argument(
-        "--task", required=True, choices=["classification", "detection", "segmentation"]
-    )
+    p.add_argument("--task", required=True, choices=["classification", "detection", "segmentation"])
     p.add_argument("--weights", help="pretrain run folder or exported weights (default: random)")
     p.add_argument("--backend", help="native (default), detectron2 or mmseg")
     p.add_argument("--train-from", help="classification: all, pool5 or fc7")
@@ -95,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run a whole suite from one YAML file, then the report")
     p.add_argument("suite", type=Path)
-    p.add_argument("--out", type=Path, help="results root (default: the suite's `out` or ./results)")
+    p.add_argument("--out", type=Path, help="results root (default: suite's `out`, else ./results)")
     p.add_argument("--force", action="store_true", help="redo steps that already have results")
     p.add_argument(
         "--set",
@@ -176,8 +174,9 @@ def _run_stage_command(args: argparse.Namespace, stage: Any, overrides: list[str
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
-    shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != "command"}
-    for k, v in shown.items():
+    for k, v in metrics.items():
+        if k == "command" or not isinstance(v, (int, float, str)):
+            continue
         print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
 
 
@@ -268,8 +267,12 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     import pretrain.inpaint_eval as ev
     from benchmark.stages import Stage
 
-    flags = {**COMMON_FLAGS, "weights": "weights", "baseline": "baseline",
-             "train_data": "train_data"}
+    flags = {
+        **COMMON_FLAGS,
+        "weights": "weights",
+        "baseline": "baseline",
+        "train_data": "train_data",
+    }
     stage = Stage(ev.InpaintEvalConfig, ev.main, ev.default_name)
     return _run_stage_command(args, stage, _stage_overrides(args, flags))
 

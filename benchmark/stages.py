@@ -78,8 +78,13 @@ def run_stage(
     env = distributed.setup(getattr(cfg, "device", "auto"))
     name = getattr(cfg, "name", None) or stage.default_name(cfg)
     path = Path(runs_root) / name
-    run = open_run(path, cfg, force=force, resume=resume, command=command, is_main=env.is_main)
+    # Rank 0 creates (or clears) the folder first; the other ranks then attach to it.
+    run = None
+    if env.is_main:
+        run = open_run(path, cfg, force=force, resume=resume, command=command)
     distributed.barrier()
+    if run is None:
+        run = open_run(path, cfg, resume=True, is_main=False)
     try:
         if run.complete:
             run.logger.info(f"{path}: already complete, skipping (use --force to redo)")

@@ -73,13 +73,21 @@ def run_suite(
     for seed in suite.seeds:
         for method, pre_over in suite.pretrain.items():
             pre_over = to_dict(pre_over or {})
-            base = merge(pre_over, {**common, "method": method, "seed": seed,
-                                    "name": f"pretrain-{method}-s{seed}"})
+            base = merge(
+                pre_over,
+                {**common, "method": method, "seed": seed, "name": f"pretrain-{method}-s{seed}"},
+            )
             pre_path, _ = _step(pretrain_stage(method), base, root, force)
             for task, t_over in suite.transfer.items():
-                base = merge(to_dict(t_over or {}), {**common, "seed": seed,
-                                                     "weights": str(pre_path),
-                                                     "name": f"{task}-{method}-s{seed}"})
+                base = merge(
+                    to_dict(t_over or {}),
+                    {
+                        **common,
+                        "seed": seed,
+                        "weights": str(pre_path),
+                        "name": f"{task}-{method}-s{seed}",
+                    },
+                )
                 _step(transfer_stage(task), base, root, force)
         if suite.inpainting is not None:
             _inpainting_steps(suite.inpainting, common, seed, root, force)
@@ -101,16 +109,32 @@ def _inpainting_steps(
 
     eval_stage = Stage(ev.InpaintEvalConfig, ev.main, ev.default_name)
     for loss in cfg.losses:
-        base = merge(to_dict(cfg.train), {**common, "method": "inpainting", "seed": seed,
-                                          "loss": {"kind": loss},
-                                          "name": f"inpainting-{loss}-s{seed}"})
+        base = merge(
+            to_dict(cfg.train),
+            {
+                **common,
+                "method": "inpainting",
+                "seed": seed,
+                "loss": {"kind": loss},
+                "name": f"inpainting-{loss}-s{seed}",
+            },
+        )
         path, _ = _step(pretrain_stage("inpainting"), base, root, force)
-        base = merge(to_dict(cfg.evaluate), {**common, "seed": seed, "weights": str(path),
-                                             "name": f"inpaint-eval-{loss}-s{seed}"})
+        base = merge(
+            to_dict(cfg.evaluate),
+            {**common, "seed": seed, "weights": str(path), "name": f"inpaint-eval-{loss}-s{seed}"},
+        )
         _step(eval_stage, base, root, force)
     for baseline in cfg.baselines:
-        base = merge(to_dict(cfg.evaluate), {**common, "seed": seed, "baseline": baseline,
-                                             "name": f"inpaint-eval-{baseline}-s{seed}"})
+        base = merge(
+            to_dict(cfg.evaluate),
+            {
+                **common,
+                "seed": seed,
+                "baseline": baseline,
+                "name": f"inpaint-eval-{baseline}-s{seed}",
+            },
+        )
         if baseline == "nn-ce" and "joint" in cfg.losses:
             base["weights"] = str(root / f"inpainting-joint-s{seed}")
         _step(eval_stage, base, root, force)

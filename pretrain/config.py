@@ -32,6 +32,9 @@ class TrainConfig:
     lr: float | None = None  # None: PAPER_LR of the mask (autoencoder: the central rate)
     beta1: float = 0.9  # Adam's default; the inpainting model of Section 5.1 uses 0.5
     workers: int = 4
+    # CPU intra-op threads (0: torch's default). On a small shared machine 1 thread per
+    # process can be several times faster than threads that wait on each other.
+    threads: int = 0
     log_every: int = 20
     sample_every: int = 1000
     checkpoint_every: int = 1000

@@ -192,6 +192,14 @@ def _scalars(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
             for k, v in values.items()}
 
 
+def _mean_over_processes(values: Mapping[str, float], device: torch.device | str):
+    """Average scalars over torchrun processes in one collective (identity otherwise);
+    the tensor lives on `device` because NCCL only reduces CUDA tensors."""
+    names = sorted(values)
+    packed = torch.tensor([values[k] for k in names], dtype=torch.float64, device=device)
+    return dict(zip(names, all_reduce_mean(packed).tolist()))
+
+
 def fit(
     step: StepFn,
     batches: BatchesFn,
@@ -207,6 +215,7 @@ def fit(
     loss_key: str = "loss",
     desc: str = "pretrain",
     progress: bool | None = None,
+    device: torch.device | str = "cpu",
 ) -> FitResult:
     """Run `step` until `iterations` steps are done; resume from run's last checkpoint.
 
@@ -215,6 +224,7 @@ def fit(
     batches: start -> iterator of batches from iteration `start` on (deterministic).
     on_sample: called with the iteration every `sample_every` iterations and at the end.
     resume: continue from checkpoints/last.pt (default: when the run folder was reopened).
+    device: where the logged means are averaged over processes when distributed.
     """
     resume = run.resumed if resume is None else resume
     start, seconds, first = 0, 0.0, {}
@@ -267,18 +277,14 @@ def fit(
             iteration += 1
             _finite_or_stop(values, iteration, loss_key)
             if not first:
-                first = dict(values)
+                first = _mean_over_processes(values, device)
             for k, v in values.items():
                 window[k] = window.get(k, 0.0) + v
             count += 1
             bar.update(1)
             at_end = iteration == iterations
             if iteration % log_every == 0 or at_end:
-                means = {k: v / count for k, v in window.items()}
-                means = {
-                    k: float(all_reduce_mean(torch.tensor(v, dtype=torch.float64)))
-                    for k, v in means.items()
-                }
+                means = _mean_over_processes({k: v / count for k, v in window.items()}, device)
                 history.append({"iteration": iteration, **means})
                 run.log_scalars(iteration, means, prefix="train/")
                 bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()})

@@ -31,7 +31,7 @@ HoleFn = Callable[[np.random.Generator], np.ndarray]
 
 def to_unit_range(pixels: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float()
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(2, 0, 1).float()
     return x.div_(127.5).sub_(1.0)
 
 

@@ -40,7 +40,7 @@ from benchmark.distributed import DistEnv, setup
 from benchmark.errors import BenchError, ConfigError
 from benchmark.runs import Run, atomic_write_bytes, atomic_write_json
 from pretrain.data import make_batches
-from pretrain.engine import fit, prepare_model, seed_everything, to_device, unwrap
+from pretrain.engine import adam, fit, prepare_model, seed_everything, to_device, unwrap
 from pretrain.inpainting import (
     PATCH_SIZE,
     ContextEncoderGenerator,
@@ -58,6 +58,7 @@ from pretrain.losses import (
     REC_WEIGHT,
     discriminator_loss,
     generator_adversarial_loss,
+    loss_weights,
     masked_l2,
 )
 from pretrain.masks import load_voc_shapes, make_mask_fn, random_region_mask
@@ -161,21 +162,17 @@ class Nets:
 def build_nets(cfg: InpaintingConfig, env: DistEnv) -> Nets:
     """Models on the device (channels_last if asked), Adam with beta1 0.5 for both."""
     tc = cfg.train
-    g = _prepare(ContextEncoderGenerator(), env, tc.channels_last)
-    opt_g = torch.optim.Adam(g.parameters(), lr=tc.lr_g, betas=(tc.beta1, 0.999))
+    # Fused Adam: the same update in one pass over the 71M generator parameters (measured
+    # ~9x faster than the per-op loop on CPU). On CPU the weights stay NCHW even with
+    # channels_last inputs (prepare_model): fused Adam is ~5x slower on NHWC weights.
+    betas = (tc.beta1, 0.999)
+    g = prepare_model(ContextEncoderGenerator(), env, tc.channels_last)
+    opt_g = adam(g.parameters(), tc.lr_g, betas, env.device)
     if cfg.loss.kind == "l2":
         return Nets(g, opt_g)
-    d = _prepare(PatchDiscriminator(), env, tc.channels_last)
-    opt_d = torch.optim.Adam(d.parameters(), lr=tc.lr_d, betas=(tc.beta1, 0.999))
+    d = prepare_model(PatchDiscriminator(), env, tc.channels_last)
+    opt_d = adam(d.parameters(), tc.lr_d, betas, env.device)
     return Nets(g, opt_g, d, opt_d)
-
-
-def _prepare(model: nn.Module, env: DistEnv, channels_last: bool) -> nn.Module:
-    # engine.prepare_model keeps CPU models NCHW; here NHWC is measured faster on CPU too
-    # (benchmarks/inpainting_throughput.py), so the memory format is set before wrapping.
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return prepare_model(model, env, channels_last=False)
 
 
 def make_step(
@@ -197,7 +194,21 @@ def make_step(
     adversarial = loss.kind in ("adversarial", "joint")
     if adversarial and d is None:
         raise ValueError(f"loss {loss.kind} needs a discriminator")
-    d_params = list(d.parameters()) if d is not None else []
+    # Under DDP a parameter must not change requires_grad between iterations, so there the
+    # discriminator's weight gradients of the generator step are computed and discarded.
+    skip_d_grads = d is not None and not isinstance(d, nn.parallel.DistributedDataParallel)
+    d_params = list(d.parameters()) if skip_d_grads else []
+    # The central hole's per-pixel loss weights never change: computed once, not dilated
+    # again every step; the weighted mean is masked_l2's (tests check they agree).
+    fixed_weights = loss_weights(centre_patch(fixed_hole), overlap, loss.overlap_weight)
+    fixed_count = int((fixed_weights > 0).sum()) * 3
+
+    def reconstruction(fake: torch.Tensor, real: torch.Tensor, hole: torch.Tensor):
+        if hole is fixed_hole:
+            d2 = (fake - real).square()
+            return (d2 * fixed_weights).sum() / (fixed_count * len(fake))
+        hole_patch = centre_patch(hole.float())
+        return masked_l2(fake, real, hole_patch, overlap, loss.overlap_weight)
 
     def step(batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
         image = to_device(batch["image"], device)
@@ -229,13 +240,12 @@ def make_step(
             for p in d_params:
                 p.requires_grad_(True)
             out["adv_loss"] = adv.detach()
-        hole_patch = centre_patch(hole.float()).expand(len(image), 1, PATCH_SIZE, PATCH_SIZE)
         if loss.kind == "adversarial":
             with torch.no_grad():
-                rec = masked_l2(fake, real, hole_patch, overlap, loss.overlap_weight)
+                rec = reconstruction(fake, real, hole)
             total = adv
         else:
-            rec = masked_l2(fake, real, hole_patch, overlap, loss.overlap_weight)
+            rec = reconstruction(fake, real, hole)
             total = rec if loss.kind == "l2" else loss.rec_weight * rec + loss.adv_weight * adv
         nets.opt_g.zero_grad(set_to_none=True)
         total.backward()

@@ -290,9 +290,11 @@ def train_inpainting(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, A
         sample_every=tc.sample_every,
         on_sample=on_sample,
         desc=f"pretrain {cfg.method}",
+        device=env.device,
     )
     encoder = unwrap(model).encoder
-    card = _card(cfg, mask_name, result.iterations, cfg.data, result.seconds, cfg.model.arch)
+    card = _card(cfg, mask_name, result.iterations, str(images_root), result.seconds,
+                 cfg.model.arch)
     card["input_size"] = cfg.model.input_size
     card["dataset_mean"] = mean
     run.logger.info(
@@ -315,6 +317,8 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, Any]:
     """Run one pretraining method into `run`; returns (and writes) metrics.json."""
     if cfg.method not in METHODS:
         raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
     env = setup(cfg.device)
     seed_everything(cfg.seed, env.rank)
     return METHODS[cfg.method](cfg, run, env)

@@ -19,7 +19,7 @@ from transfer.backbone import check_frozen_unchanged, freeze, load_encoder, snap
 from transfer.classification import ClassificationConfig, default_name, main
 from transfer.classification import engine as engine_mod
 from transfer.classification.config import AugmentConfig, EvalConfig, TrainConfig
-from transfer.classification.data import IterationBatches, EvalCrops, VOCImages
+from transfer.classification.data import EvalCrops, IterationBatches, VOCImages
 from transfer.classification.engine import evaluate, make_optimizer, train_one_step
 from transfer.classification.model import (
     FROZEN_PREFIXES,

@@ -191,3 +191,15 @@ def test_paper_learning_rates_and_names():
     assert train.default_name(PretrainConfig()) == "pretrain-context-encoder-random-region-s0"
     assert train.default_name(PretrainConfig(method="random", seed=2)) == "pretrain-random-s2"
     assert LossConfig().adversarial_weight == 0.0 and TrainConfig().iterations == 100_000
+
+
+def test_joint_adversarial_option_trains_a_discriminator(images, tmp_path):
+    cfg = tiny(images, mask="central", loss=LossConfig(adversarial_weight=0.001),
+               train={"iterations": 3, "log_every": 1, "sample_every": 0})
+    train.main(cfg, open_run(tmp_path / "run", cfg))
+    rows = [json.loads(line) for line in open(tmp_path / "run/scalars.jsonl")]
+    assert all({"train/loss", "train/d_loss", "train/adv_loss"} <= set(r) for r in rows)
+    state = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=False)["state"]
+    assert "discriminator" in state and "optimizer_d" in state
+    lr_d = state["optimizer_d"]["param_groups"][0]["lr"]
+    assert lr_d == pytest.approx(state["optimizer"]["param_groups"][0]["lr"] / 10)

@@ -27,7 +27,7 @@ class TrainConfig:
     clip_grad: float = 10.0  # max global L2 norm of the gradient (Caffe's clip_gradients)
     # Krähenbühl et al.'s released code trains biases at 2x the lr; the paper says nothing.
     bias_lr_mult: float = 1.0
-    workers: int = 2
+    workers: int = 4  # loader processes (1 suits a 2-core CPU; more keep a GPU fed)
     log_every: int = 20
     checkpoint_every: int = 1000
     save_final: bool = True  # write checkpoints/final.pt (the fine-tuned weights) at the end

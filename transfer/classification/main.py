@@ -32,7 +32,7 @@ from transfer.backbone import (
 )
 
 from .config import ClassificationConfig
-from .data import IterationBatches, EvalCrops, TrainCrops, VOCImages, rescale_batch
+from .data import EvalCrops, IterationBatches, TrainCrops, VOCImages, rescale_batch
 from .engine import evaluate, fit, make_optimizer, to_input
 from .model import FROZEN_PREFIXES, ClassificationNet, data_dependent_init_
 
@@ -116,10 +116,13 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
         model.load_state_dict(ckpt["model"])
         state = dict(ckpt["state"])
         run.logger.info(f"resuming classification at iteration {state['iteration']}")
-    elif cfg.rescale:
+    model.to(env.device)
+    if env.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if ckpt is None and cfg.rescale:
         batch = rescale_batch(train_images, cfg.augment, cfg.seed, cfg.rescale_images)
         scales = data_dependent_init_(
-            model, to_input(batch, torch.device("cpu")), card["method"] != "random"
+            model, to_input(batch, env.device), pretrained_encoder=card["method"] != "random"
         )
         run.logger.info("data-dependent init: " + ", ".join(f"{n} x{s:.3g}" for n, s in scales))
 
@@ -127,9 +130,6 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     freeze(model, prefixes)
     describe_transfer(model, prefixes, run.logger)
     frozen = snapshot_frozen(model, prefixes)
-    model.to(env.device)
-    if env.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg.train)
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -164,7 +164,7 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
 
     tick = time.perf_counter()
     test_set = EvalCrops(test_images, cfg.augment, cfg.test, cfg.seed)
-    scores = evaluate(net, test_set, cfg.test, env, workers=t.workers)
+    scores = evaluate(model, test_set, cfg.test, env, workers=t.workers)
     per_class, mean = classification_ap(scores, test_images.labels, test_images.difficult)
     if env.is_main:
         write_scores(run.file(SCORES_FILE), test_images.ids, scores)
@@ -183,6 +183,7 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
         "train_images": len(train_images), "test_images": len(test_images),
         "scores": SCORES_FILE,
     }  # fmt: skip
-    run.log_scalars(state["iteration"], {"map": metrics["map"] or float("nan")}, prefix="test/")
+    mean_ap = float("nan") if metrics["map"] is None else metrics["map"]
+    run.log_scalars(state["iteration"], {"map": mean_ap}, prefix="test/")
     run.write_metrics(metrics)
     return metrics

@@ -168,7 +168,9 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path) -> dict[str, Any]
         fg_thresh=cfg.fg_thresh, bg_thresh_hi=cfg.bg_thresh_hi, bg_thresh_lo=cfg.bg_thresh_lo,
         use_difficult=cfg.train_difficult, bbox_means=means, bbox_stds=stds, seed=cfg.seed,
     )  # fmt: skip
-    if cfg.rescale and not run.resumed:
+    optimizer = make_optimizer(model, cfg)
+    start = resume(run, model, optimizer) if run.resumed else 0
+    if cfg.rescale and start == 0:
         batch = init_batch(dataset, cfg)
         applied = data_dependent_init_(
             model, batch["images"].to(device), batch["rois"].to(device), card["method"] != "random"
@@ -180,23 +182,6 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path) -> dict[str, Any]
     run.logger.info(
         f"fast r-cnn: {trainable_summary(model)}; {len(train_records)} train images, "
         f"{len(test_records)} test images"
-    )
-    optimizer = make_optimizer(model, cfg)
-    start = resume(run, model, optimizer) if run.resumed else 0
-    dataset = TrainSet(
-        train_records,
-        flip=cfg.flip,
-        scales=cfg.scales,
-        max_size=cfg.max_size,
-        rois_per_image=cfg.rois_per_batch // cfg.ims_per_batch,
-        fg_fraction=cfg.fg_fraction,
-        fg_thresh=cfg.fg_thresh,
-        bg_thresh_hi=cfg.bg_thresh_hi,
-        bg_thresh_lo=cfg.bg_thresh_lo,
-        use_difficult=cfg.train_difficult,
-        bbox_means=means,
-        bbox_stds=stds,
-        seed=cfg.seed,
     )
     loader = torch.utils.data.DataLoader(
         dataset,

@@ -133,6 +133,8 @@ def fast_rcnn_config(
 
     if cfg.bbox_normalize != "fixed":
         raise BenchError("bbox_normalize: detectron2 backend supports only 'fixed' target scaling")
+    if cfg.rescale:
+        raise BenchError("rescale: not available with the detectron2 backend (use backend: native)")
     c = get_cfg()
     c.MODEL.ALEXNET = CfgNode({"ARCH": arch, "POOL_FREE": pool_free, "DROPOUT": cfg.dropout})
     c.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"

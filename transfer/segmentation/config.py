@@ -28,6 +28,10 @@ class SegmentationConfig:
     # any other name is ImageSets/Segmentation/<split>.txt. The split actually used is
     # recorded in metrics.json under an honest name.
     split: str = "seg11valid"
+    # Krähenbühl et al. 2015 data-dependent init (as classification's `rescale`): unit-scale
+    # activations in every layer, which lets a random-init encoder learn in demo budgets.
+    rescale: bool = False
+    rescale_images: int = 16  # training images (resized to 227x227) used for the statistics
     fc_dim: int = 4096  # fc6/fc7 width (AlexNet's)
     dropout: float = 0.5
     pad: int = 100  # FCN's conv1 padding, so every input size yields scores

@@ -22,7 +22,7 @@ from benchmark.runs import Run
 from transfer.backbone import describe_transfer, load_encoder, peek_card
 
 from .config import SegmentationConfig
-from .data import SegmentationData, build_data, find_sbd
+from .data import SegmentationData, build_data, find_sbd, to_input
 from .engine import evaluate, make_optimizer, save_overlays, scores_from_hist, train
 from .model import FCN
 
@@ -51,6 +51,7 @@ def check_config(cfg: SegmentationConfig) -> None:
         "lr": cfg.lr > 0, "fc_dim": cfg.fc_dim >= 1, "pad": cfg.pad >= 0,
         "log_every": cfg.log_every >= 1, "checkpoint_every": cfg.checkpoint_every >= 1,
         "eval_every": cfg.eval_every >= 0, "save_overlays": cfg.save_overlays >= 0,
+        "rescale_images": cfg.rescale_images >= 1,
         "max_size": cfg.max_size is None or cfg.max_size >= 1,
         "eval_images": cfg.eval_images is None or cfg.eval_images >= 1,
         "dropout": 0 <= cfg.dropout < 1, "momentum": 0 <= cfg.momentum < 1,
@@ -80,6 +81,23 @@ def prepare_data(cfg: SegmentationConfig, run: Run) -> SegmentationData:
         + f"; evaluation on {data.split} ({len(data.eval)} images)"
     )
     return data
+
+
+def rescale_(model: FCN, samples: list, pretrained_encoder: bool) -> list[tuple[str, float]]:
+    """Krähenbühl et al.'s data-dependent init (shared with classification) measured on
+    training images resized to the encoder's 227x227 input."""
+    import numpy as np
+
+    from benchmark.datasets.folder import load_rgb
+    from pretrain.alexnet import INPUT_SIZE
+    from transfer.classification.model import data_dependent_init_
+
+    size = (INPUT_SIZE, INPUT_SIZE)
+    batch = torch.cat(
+        [to_input(np.asarray(load_rgb(s.image_path).resize(size)), torch.device("cpu"))
+         for s in samples]
+    )  # fmt: skip
+    return data_dependent_init_(model, batch, pretrained_encoder)  # type: ignore[arg-type]
 
 
 def _command(run: Run) -> str | None:
@@ -112,6 +130,9 @@ def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
         model.load_state_dict(final["model"])
         state = dict(final["state"])
         run.logger.info("training already finished: evaluating the final weights")
+    elif cfg.rescale:
+        scales = rescale_(model, data.train[: cfg.rescale_images], card["method"] != "random")
+        run.logger.info("data-dependent init: " + ", ".join(f"{n} x{s:.3g}" for n, s in scales))
     describe_transfer(model, (), run.logger)
     model.to(device)
     optimizer = make_optimizer(model, cfg)
@@ -150,6 +171,7 @@ def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
         "method": card.get("method"), "mask": card.get("mask"),
         "pretrain_seconds": card.get("pretrain_seconds"), "weights": cfg.weights,
         "backend": "native", "arch": card.get("arch"), "variant": cfg.variant,
+        "rescale": cfg.rescale,
         **scores,
         "split": data.split, "eval_images": len(data.eval),
         "train_images": len(data.train), "train_sources": data.train_sources,

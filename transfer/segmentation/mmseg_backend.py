@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,20 +145,22 @@ def register() -> None:
         def __init__(self, keep: int = 0, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.keep = keep
-            self.kept: list[tuple[str, np.ndarray, np.ndarray]] = []
+            self.kept: list[tuple[str, np.ndarray, np.ndarray]] = []  # last evaluation's
+            self._pending: list[tuple[str, np.ndarray, np.ndarray]] = []
             self.last_areas: tuple[np.ndarray, ...] | None = None
 
         def process(self, data_batch: dict, data_samples: Any) -> None:
             super().process(data_batch, data_samples)
             for s in data_samples:
-                if len(self.kept) < self.keep:
+                if len(self._pending) < self.keep:
                     pred = s["pred_sem_seg"]["data"].squeeze().cpu().numpy().astype(np.uint8)
                     gt = s["gt_sem_seg"]["data"].squeeze().cpu().numpy().astype(np.uint8)
-                    self.kept.append((s["img_path"], gt, pred))
+                    self._pending.append((s["img_path"], gt, pred))
 
         def compute_metrics(self, results: list) -> dict[str, float]:
             cols = tuple(zip(*results))
             self.last_areas = tuple(torch.stack(list(c)).sum(0).numpy() for c in cols)
+            self.kept, self._pending = self._pending, []
             return super().compute_metrics(results)
 
     MODELS.register_module(module=BenchAlexNet, force=True)
@@ -231,6 +235,22 @@ def load_encoder_from_state(
     return encoder, card
 
 
+@contextmanager
+def trusted_checkpoints() -> Iterator[None]:
+    """mmengine's resume checkpoints hold its bookkeeping (numpy arrays, message hub), which
+    torch's weights-only loading refuses; they are this run folder's own files."""
+    key = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+    old = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def _sample_file(run: Run, name: str, samples: list) -> str:
     rows = [{"img_path": str(s.image_path), "seg_map_path": str(s.mask_path)} for s in samples]
     path = run.file(f"{WORK_DIR}/{name}.json")
@@ -291,6 +311,7 @@ def build_config(
                 mean=[255 * m for m in PIXEL_MEAN],
                 std=[255 * s for s in PIXEL_STD],
                 bgr_to_rgb=True,
+                size_divisor=1,  # batches pad to their largest image, nothing more
                 pad_val=0,
                 seg_pad_val=255,
             ),
@@ -340,7 +361,7 @@ def build_config(
             optimizer=optimizer,
             paramwise_cfg=dict(bias_lr_mult=2.0, bias_decay_mult=0.0),
         ),
-        param_scheduler=[],
+        # no param_scheduler: FCN's learning rate is fixed
         default_hooks=dict(
             timer=dict(type="IterTimerHook"),
             logger=dict(type="LoggerHook", interval=cfg.log_every, log_metric_by_epoch=False),
@@ -376,25 +397,21 @@ def run_mmseg(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     from mmengine.config import Config
     from mmengine.runner import Runner
 
-    # Our own checkpoints hold mmengine's bookkeeping (numpy, message hub), which torch's
-    # weights-only loading refuses; they are trusted files of this run folder.
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     data = prepare_data(cfg, run)
     checkpoint, card, arch = mmseg_weights(cfg, run)
     pool_free = bool(card.get("pool_free", False))
     train_file = _sample_file(run, "train", data.train)
     eval_file = _sample_file(run, "eval", data.eval)
     mm_cfg = build_config(cfg, run, train_file, eval_file, checkpoint, arch, pool_free)
-    if cfg.device == "cpu" or not torch.cuda.is_available():
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     runner = Runner.from_cfg(Config(mm_cfg))
     tick = time.perf_counter()
-    if cfg.iterations > 0:
-        runner.train()
-    else:
-        runner.val()
+    with trusted_checkpoints():
+        if cfg.iterations > 0:
+            runner.train()  # evaluates at the end (and every eval_every iterations)
+        else:
+            runner.val()
     seconds = time.perf_counter() - tick
-    metric = runner.val_evaluator.metrics[0]
+    metric = runner.val_loop.evaluator.metrics[0]
     if metric.last_areas is None:
         raise BenchError(f"{run.path}: mmseg evaluation produced no results")
     intersect, union, _, label_area = metric.last_areas

@@ -1,0 +1,140 @@
+"""`bench inpaint evaluate`: Table 1's metrics on held-out images.
+
+Each held-out image is reduced to its centre 128x128 crop at its own resolution (Paris
+StreetView's evaluation images are 227x227; the public evaluation crops their centre, and
+so do we), the centre hole is filled with the mean colour, and the 64x64 centre patch is
+predicted by a trained inpainting generator (`--weights RUN`) or by a nearest-neighbour
+baseline (`--baseline nn-hog | nn-ce`, searching `train_data`). Errors are taken over the
+whole predicted 64x64 patch with pixels in [-1, 1] (`benchmark.metrics.inpainting_errors`:
+mean L1, mean L2, PSNR per image on 0-255), averaged over images; per-image values go to
+`per_image.csv`.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from benchmark.datasets.folder import list_images
+from benchmark.datasets.resolve import resolve_data
+from benchmark.distributed import pick_device
+from benchmark.errors import ConfigError
+from benchmark.metrics import inpainting_errors, mean_inpainting_errors
+from benchmark.runs import Run, atomic_write_text
+from pretrain.inpainting import ContextEncoderGenerator, central_hole, centre_patch, mask_context
+from pretrain.inpainting_data import load_eval_images
+from pretrain.inpainting_train import load_generator
+from pretrain.losses import OVERLAP_PAPER
+from pretrain.nn_inpaint import build_index, nn_inpaint, training_crops
+
+PER_IMAGE_FILE = "per_image.csv"
+EVAL_CROP = "centre 128x128 crop at native resolution"
+
+
+@dataclass
+class InpaintEvalConfig:
+    name: str | None = None
+    seed: int = 0
+    # Held-out images. None: the synthetic VOC2007 images, which the default training pool
+    # (the synthetic unlabelled folder) does not contain.
+    data: str | None = None
+    device: str = "auto"
+    weights: str | None = None  # inpainting run folder or generator.safetensors
+    baseline: Literal["nn-hog", "nn-ce"] | None = None  # nn-ce also needs weights
+    train_data: str | None = None  # images the NN baselines search (None: synthetic pool)
+    max_images: int = 100  # Table 1 uses 100 held-out Paris StreetView images
+    overlap: int | None = None  # hole = 64 - 2 overlap; None: the weights' card (else 7)
+    train_load_size: int = 0  # NN database: shorter side before the centre crop (0: native)
+    train_crops: int = 1  # NN database crops per training image (1: the centre crop only)
+    batch_size: int = 32
+
+
+def default_name(cfg: InpaintEvalConfig) -> str:
+    if cfg.baseline is not None:
+        return f"inpaint-eval-{cfg.baseline}-s{cfg.seed}"
+    return f"inpaint-eval-{Path(cfg.weights or 'none').name}-s{cfg.seed}"
+
+
+def held_out_paths(data: str | None, max_images: int) -> list[Path]:
+    """The first `max_images` images (sorted) of the folder, or of the synthetic default."""
+    root = Path(resolve_data(data, "voc2007")) / "JPEGImages" if data is None else Path(data)
+    return list_images(root)[:max_images]
+
+
+@torch.no_grad()
+def predict(
+    generator: ContextEncoderGenerator, images: torch.Tensor, overlap: int,
+    batch_size: int = 32, device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """(N, 3, 128, 128) in [-1, 1] -> predicted centre patches (N, 3, 64, 64), eval mode."""
+    generator = generator.to(device).eval()
+    hole = central_hole(overlap).to(device)
+    out = [generator(mask_context(b.to(device), hole)).cpu() for b in images.split(batch_size)]
+    return torch.cat(out)
+
+
+def _check(cfg: InpaintEvalConfig) -> None:
+    if cfg.baseline is None and cfg.weights is None:
+        raise ConfigError("weights: give an inpainting run folder, or a baseline (nn-hog, nn-ce)")
+    if cfg.baseline == "nn-ce" and cfg.weights is None:
+        raise ConfigError("weights: baseline nn-ce needs the context encoder's run folder")
+    if cfg.max_images < 1 or cfg.batch_size < 1 or cfg.train_crops < 1:
+        raise ConfigError("max_images, batch_size and train_crops must be >= 1")
+    if cfg.overlap is not None and not 0 <= cfg.overlap < 32:
+        raise ConfigError(f"overlap: must be in [0, 31], got {cfg.overlap}")
+
+
+def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
+    """Evaluate one method on the held-out images; writes per_image.csv then metrics.json."""
+    _check(cfg)
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    paths = held_out_paths(cfg.data, cfg.max_images)
+    images = load_eval_images(paths)
+    generator, card = (load_generator(cfg.weights) if cfg.weights else (None, {}))
+    overlap = cfg.overlap if cfg.overlap is not None else int(card.get("overlap", OVERLAP_PAPER))
+    if cfg.baseline is None:
+        method = f"context-encoder-{card.get('loss', 'joint')}"
+        pred = predict(generator, images, overlap, cfg.batch_size, device)
+    else:
+        method = cfg.baseline
+        train_root = Path(resolve_data(cfg.train_data, "images"))
+        pool = training_crops(list_images(train_root), cfg.train_load_size, cfg.train_crops,
+                              cfg.seed)
+        kind = "hog" if cfg.baseline == "nn-hog" else "ce"
+        index = build_index(pool, kind, overlap, generator)
+        pred = nn_inpaint(index, images, kind, overlap, generator)
+        run.logger.info(f"{cfg.baseline}: searched {len(pool)} contexts from {train_root}")
+    errors = inpainting_errors(pred.numpy(), centre_patch(images).numpy())
+    table = pd.DataFrame({"image": [p.name for p in paths],
+                          **{k: np.asarray(v) for k, v in errors.items()}})
+    buf = io.StringIO()
+    table.to_csv(buf, index=False, float_format="%.6f")
+    if run.is_main:
+        atomic_write_text(run.file(PER_IMAGE_FILE), buf.getvalue())
+    means = mean_inpainting_errors(errors)
+    run.logger.info(
+        f"{method} on {means['images']} images ({EVAL_CROP}): L1 {100 * means['mean_l1']:.2f}% "
+        f"L2 {100 * means['mean_l2']:.2f}% PSNR {means['psnr']:.2f} dB"
+    )
+    command = run.file("command.txt")
+    metrics = {
+        "stage": "inpaint-eval",
+        "seed": cfg.seed,
+        "command": command.read_text().strip() if command.is_file() else None,
+        "method": method,
+        **means,
+        "crop": EVAL_CROP,
+        "overlap": overlap,
+        "weights": cfg.weights,
+        "data": str(paths[0].parent) if paths else cfg.data,
+        "per_image": PER_IMAGE_FILE,
+    }
+    run.write_metrics(metrics)
+    return metrics

@@ -1,0 +1,65 @@
+"""`main` end to end on the synthetic default: run folder, resume, overlays, learning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from benchmark.runs import open_run
+from transfer.segmentation import SegmentationConfig, default_name, main
+from transfer.segmentation import engine as seg_engine
+
+TINY = dict(fc_dim=8, max_size=48, eval_images=2, log_every=1, device="cpu")
+
+
+def test_run_folder_metrics_checkpoint_and_overlays(synth_root: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = SegmentationConfig(data=str(synth_root), iterations=2, save_overlays=2, **TINY)
+    assert default_name(cfg) == "seg-random-s0"
+    m = main(cfg, open_run(tmp_path / "run", cfg))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(m))
+    for key in ("stage", "task", "method", "pretrain_seconds", "weights", "backend"):
+        assert key in saved
+    assert (saved["stage"], saved["task"], saved["backend"]) == (
+        "transfer",
+        "segmentation",
+        "native",
+    )
+    assert saved["split"] == "voc2012-val-minus-sbd-train" and saved["seed"] == 0
+    assert set(saved["per_class"]) >= {"background", "aeroplane", "tvmonitor"}
+    for key in ("mean_iu", "pixel_acc", "mean_acc"):
+        assert 0.0 <= saved[key] <= 1.0
+    assert (tmp_path / "run" / "checkpoints" / "final.pt").is_file()
+    assert len(saved["overlays"]) == 2
+    with Image.open(tmp_path / "run" / saved["overlays"][0]) as im:
+        assert im.mode == "RGB" and im.width > 3 * im.height * 0.5
+    assert (tmp_path / "run" / "scalars.jsonl").is_file()
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(
+    synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.set_num_threads(1)
+    cfg = SegmentationConfig(data=str(synth_root), iterations=3, checkpoint_every=1, **TINY)
+    real, calls = seg_engine.load_pair, []
+
+    def crash_on_third(sample, max_size):
+        calls.append(sample.image_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(sample, max_size)
+
+    monkeypatch.setattr(seg_engine, "load_pair", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        main(cfg, open_run(tmp_path / "run", cfg))
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    monkeypatch.setattr(seg_engine, "load_pair", real)
+    run = open_run(tmp_path / "run", cfg, resume=True)
+    m = main(cfg, run)
+    assert m["iterations"] == 3
+    assert "resuming segmentation at iteration 2" in (tmp_path / "run" / "log.txt").read_text()
