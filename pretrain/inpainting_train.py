@@ -42,6 +42,7 @@ from benchmark.runs import Run, atomic_write_bytes, atomic_write_json
 from pretrain.data import make_batches
 from pretrain.engine import adam, fit, prepare_model, seed_everything, to_device, unwrap
 from pretrain.inpainting import (
+    BOTTLENECK,
     PATCH_SIZE,
     ContextEncoderGenerator,
     PatchDiscriminator,
@@ -67,6 +68,7 @@ from pretrain.samples import save_grid
 LossKind = Literal["l2", "adversarial", "joint"]
 HoleName = Literal["central", "random-region", "noise-region"]
 GENERATOR_FILE = "generator.safetensors"
+BOTTLENECK_KEY = "encoder.net.14.weight"  # (bottleneck, 512, 4, 4)
 SAMPLE_IMAGES = 8
 
 
@@ -106,6 +108,7 @@ class InpaintingConfig:
     method: Literal["inpainting"] = "inpainting"
     mask: HoleName = "central"  # random-region / noise-region: random holes in the patch
     shapes: str | None = None  # VOC2012 folder for random-region (None: synthetic VOC2012)
+    bottleneck: int = BOTTLENECK  # the paper's 4000-d code; smaller only for quick tests
     loss: InpaintLossConfig = field(default_factory=InpaintLossConfig)
     train: InpaintTrainConfig = field(default_factory=InpaintTrainConfig)
 
@@ -166,7 +169,7 @@ def build_nets(cfg: InpaintingConfig, env: DistEnv) -> Nets:
     # ~9x faster than the per-op loop on CPU). On CPU the weights stay NCHW even with
     # channels_last inputs (prepare_model): fused Adam is ~5x slower on NHWC weights.
     betas = (tc.beta1, 0.999)
-    g = prepare_model(ContextEncoderGenerator(), env, tc.channels_last)
+    g = prepare_model(ContextEncoderGenerator(cfg.bottleneck), env, tc.channels_last)
     opt_g = adam(g.parameters(), tc.lr_g, betas, env.device)
     if cfg.loss.kind == "l2":
         return Nets(g, opt_g)
@@ -291,7 +294,10 @@ def load_generator(weights: str | Path) -> tuple[ContextEncoderGenerator, dict[s
             card = json.loads((f.metadata() or {}).get("card", "{}"))
     except (SafetensorError, OSError, json.JSONDecodeError) as exc:
         raise BenchError(f"{path}: unreadable generator weights ({exc})") from None
-    net = ContextEncoderGenerator()
+    code = state.get(BOTTLENECK_KEY)
+    if code is None:
+        raise BenchError(f"{path}: not an inpainting generator (no {BOTTLENECK_KEY})")
+    net = ContextEncoderGenerator(code.shape[0])
     result = net.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         bad = (result.missing_keys or result.unexpected_keys)[0]
@@ -359,6 +365,7 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
         "loss": lc.kind,
         "mask": cfg.mask,
         "overlap": lc.overlap,
+        "bottleneck": cfg.bottleneck,
         "iterations": result.iterations,
         "data": cfg.data,
         "load_size": tc.load_size,
@@ -403,5 +410,7 @@ def _check(cfg: InpaintingConfig) -> None:
         raise ConfigError("loss: overlap_weight, rec_weight and adv_weight must be >= 0")
     if tc.iterations < 1 or tc.batch_size < 2:
         raise ConfigError("train: iterations must be >= 1 and batch_size >= 2 (BatchNorm)")
+    if cfg.bottleneck < 1:
+        raise ConfigError(f"bottleneck: must be >= 1, got {cfg.bottleneck}")
     if tc.lr_g <= 0 or tc.lr_d <= 0:
         raise ConfigError("train: lr_g and lr_d must be > 0")

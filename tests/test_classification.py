@@ -18,6 +18,7 @@ from benchmark.runs import open_run
 from transfer.backbone import check_frozen_unchanged, freeze, load_encoder, snapshot_frozen
 from transfer.classification import ClassificationConfig, default_name, main
 from transfer.classification import engine as engine_mod
+from transfer.classification import train as train_mod
 from transfer.classification.config import AugmentConfig, EvalConfig, TrainConfig
 from transfer.classification.data import EvalCrops, IterationBatches, VOCImages
 from transfer.classification.engine import evaluate, make_optimizer, train_one_step
@@ -290,6 +291,15 @@ def test_resume_after_a_crash_gives_identical_weights(voc07, tmp_path, monkeypat
         main(cfg, open_run(tmp_path / "crashed", cfg))
     monkeypatch.setattr(engine_mod, "train_one_step", real_step)
     assert not (tmp_path / "crashed" / "metrics.json").exists()
+
+    def crash_in_test(*args, **kwargs):
+        raise KeyboardInterrupt  # killed while testing: training must not be redone
+
+    monkeypatch.setattr(train_mod, "evaluate", crash_in_test)
+    with pytest.raises(KeyboardInterrupt):
+        main(cfg, open_run(tmp_path / "crashed", cfg, resume=True))
+    monkeypatch.undo()
+    monkeypatch.setattr(engine_mod, "train_one_step", lambda *a, **k: pytest.fail("retrained"))
     resumed = main(cfg, open_run(tmp_path / "crashed", cfg, resume=True))
 
     a = torch.load(tmp_path / "straight/checkpoints/final.pt", weights_only=False)["model"]

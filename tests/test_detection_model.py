@@ -163,3 +163,23 @@ def test_data_dependent_init_normalises_random_and_keeps_pretrained_function():
         after = model.features(images)
     scale = float(np.prod([applied[f"features.{i}"] for i in (0, 3, 6, 8, 10)]))
     assert torch.allclose(after, before * scale, rtol=1e-3, atol=1e-5 * scale)
+
+
+def test_bbox_normalisation_fixed_and_data():
+    from pathlib import Path
+
+    from transfer.detection import bbox_normalisation
+    from transfer.detection.data import DetRecord
+
+    rec = DetRecord(
+        "1", Path("1.jpg"), 200, 100,
+        np.array([[10, 10, 59, 59]], np.float32), np.array([2]), np.array([False]),
+        np.array([[12, 10, 61, 59], [10, 10, 69, 59], [100, 50, 150, 90]], np.float32),
+    )  # fmt: skip
+    means, stds = bbox_normalisation([rec], DetectionConfig())
+    assert means.shape == stds.shape == (21, 4) and (means == 0).all()
+    assert stds[5].tolist() == pytest.approx([0.1, 0.1, 0.2, 0.2])
+    means, stds = bbox_normalisation([rec], DetectionConfig(bbox_normalize="data", flip=True))
+    assert means[2, 0] == pytest.approx(0.0, abs=1e-6)  # mirrored copies cancel dx
+    assert means[2, 2] < 0 and stds[2, 2] > 0  # proposals wider than the gt: log(w) < 0
+    assert (stds[1] == 1).all()

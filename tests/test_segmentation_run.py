@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -63,3 +64,29 @@ def test_interrupted_run_resumes_from_its_checkpoint(
     m = main(cfg, run)
     assert m["iterations"] == 3
     assert "resuming segmentation at iteration 2" in (tmp_path / "run" / "log.txt").read_text()
+
+
+def constant_background_mean_iu(hist: np.ndarray) -> float:
+    """Mean IU of predicting background everywhere, on the same confusion matrix's pixels:
+    IU(background) = its pixel share, 0 for every other class present in the ground truth."""
+    rows = hist.sum(axis=1)
+    return float(rows[0] / rows.sum()) / int((rows > 0).sum())
+
+
+# Demo-sized settings: FCN-8s (the conv2 skip gives stride-8 detail on small images), the
+# Krähenbühl rescaling of the random encoder, SGD at 3e-3, narrow fc6/fc7, no dropout and the
+# minimum padding; about a minute on two idle cores.
+DEMO = dict(
+    variant="fcn8s", rescale=True, lr=3e-3, fc_dim=64, dropout=0.0, pad=0,
+    iterations=150, log_every=50, device="cpu",
+)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_short_cpu_run_beats_constant_predictor(synth_root: Path, tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    cfg = SegmentationConfig(data=str(synth_root), **DEMO)
+    m = main(cfg, open_run(tmp_path / "run", cfg))
+    constant = constant_background_mean_iu(np.array(m["confusion_matrix"]))
+    assert m["final_loss"] < m["initial_loss"]
+    assert m["mean_iu"] > 1.5 * constant and m["mean_iu"] > constant + 0.03, (m, constant)

@@ -4,7 +4,7 @@ Entry points for the CLI: `ClassificationConfig`, `default_name`, `main`.
 """
 
 from .config import AugmentConfig, ClassificationConfig, EvalConfig, TrainConfig
-from .main import default_name, main
+from .train import default_name, main
 
 __all__ = [
     "AugmentConfig", "ClassificationConfig", "EvalConfig", "TrainConfig", "default_name", "main",

@@ -1,8 +1,8 @@
 """`bench transfer --task classification`: fine-tune on VOC2007 trainval, test on test.
 
-Writes into the run folder: `checkpoints/last.pt` while training (resumable),
-`checkpoints/final.pt` (fine-tuned weights), `scores.csv` (per test image, the crop-averaged
-logit of each class), and `metrics.json` last.
+Writes into the run folder: `checkpoints/last.pt` while training (resumable; removed once
+`checkpoints/final.pt`, the fine-tuned weights, is written), `scores.csv` (per test image,
+the crop-averaged logit of each class), and `metrics.json` last.
 """
 
 from __future__ import annotations
@@ -109,7 +109,9 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     model = ClassificationNet(
         encoder, crop=cfg.augment.crop, dropout=cfg.dropout, hidden=cfg.hidden
     )
-    ckpt = run.load_checkpoint(CHECKPOINT) if run.resumed else None
+    ckpt = None
+    if run.resumed:  # a crash during the test resumes from the finished weights
+        ckpt = run.load_checkpoint(FINAL) or run.load_checkpoint(CHECKPOINT)
     state: dict[str, Any] = {"iteration": 0, "initial_loss": None, "final_loss": None,
                              "train_seconds": 0.0}  # fmt: skip
     if ckpt is not None:
@@ -131,7 +133,7 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     describe_transfer(model, prefixes, run.logger)
     frozen = snapshot_frozen(model, prefixes)
     optimizer = make_optimizer(model, cfg.train)
-    if ckpt is not None:
+    if ckpt is not None and "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
     net: torch.nn.Module = model
     if env.distributed:

@@ -1,0 +1,118 @@
+"""Table 1 evaluation (`bench inpaint evaluate`) and the Figure 6 / Figure 8 PNGs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmark.runs import open_run
+from pretrain.figures import make_figures
+from pretrain.inpaint_eval import InpaintEvalConfig, main
+from pretrain.inpainting import FILL, ContextEncoderGenerator
+from pretrain.inpainting_train import write_generator
+
+
+def _weights(folder: Path, loss: str, bottleneck: int = 32, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    g = ContextEncoderGenerator(bottleneck)
+    g(torch.rand(4, 3, 128, 128) * 2 - 1)  # move the BatchNorm running statistics
+    folder.mkdir(parents=True)
+    write_generator(folder / "generator.safetensors", g,
+                    {"method": "inpainting", "loss": loss, "overlap": 4, "iterations": 1})
+    return folder
+
+
+def _held_out(folder: Path, n: int, size: int = 160) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = rng.integers(0, 256, (size, size + 20, 3), np.uint8)
+        Image.fromarray(arr).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _independent(weights: Path, image: Path) -> tuple[float, float, float]:
+    """Table 1 errors of one image recomputed from scratch (numpy, float64)."""
+    from pretrain.inpainting_train import load_generator
+
+    arr = np.asarray(Image.open(image).convert("RGB"), dtype=np.float64)
+    h, w = arr.shape[:2]
+    top, left = (h - 128) // 2, (w - 128) // 2
+    crop = arr[top : top + 128, left : left + 128] / 127.5 - 1.0
+    ctx = crop.copy()
+    ctx[36:92, 36:92] = np.array(FILL)  # overlap 4: 56x56 hole
+    g, _ = load_generator(weights)
+    with torch.no_grad():
+        x = torch.from_numpy(ctx).permute(2, 0, 1)[None].float()
+        pred = g(x)[0].permute(1, 2, 0).double().numpy()
+    d = pred - crop[32:96, 32:96]
+    mse255 = np.mean((d * 127.5) ** 2)
+    return np.abs(d).mean(), (d**2).mean(), 20 * np.log10(255 / np.sqrt(mse255))
+
+
+def test_evaluate_matches_independent_computation(tmp_path):
+    weights = _weights(tmp_path / "w", "joint")
+    data = _held_out(tmp_path / "held", 3)
+    cfg = InpaintEvalConfig(data=str(data), weights=str(weights), device="cpu")
+    metrics = main(cfg, open_run(tmp_path / "eval", cfg))
+    assert metrics["stage"] == "inpaint-eval" and metrics["method"] == "context-encoder-joint"
+    assert metrics["images"] == 3 and "centre 128" in metrics["crop"]
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "per_image.csv")))
+    assert [r["image"] for r in rows] == ["000.png", "001.png", "002.png"]
+    ref = np.array([_independent(weights, data / r["image"]) for r in rows])
+    got = np.array([[float(r["l1"]), float(r["l2"]), float(r["psnr"])] for r in rows])
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    np.testing.assert_allclose([metrics["mean_l1"], metrics["mean_l2"], metrics["psnr"]],
+                               ref.mean(axis=0), rtol=1e-4)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 3
+
+
+def test_nn_hog_on_its_own_training_images_is_perfect(tmp_path):
+    data = _held_out(tmp_path / "held", 3, size=128)
+    cfg = InpaintEvalConfig(data=str(data), baseline="nn-hog", train_data=str(data),
+                            device="cpu", overlap=7)
+    metrics = main(cfg, open_run(tmp_path / "eval", cfg))
+    assert metrics["method"] == "nn-hog"
+    assert metrics["mean_l1"] == 0.0 and metrics["mean_l2"] == 0.0 and metrics["psnr"] == 100.0
+
+
+def test_bad_config_is_one_line_error(tmp_path):
+    from benchmark.errors import ConfigError
+
+    cfg = InpaintEvalConfig(baseline="nn-ce")
+    with pytest.raises(ConfigError, match="weights"):
+        main(cfg, open_run(tmp_path / "e", cfg))
+
+
+def test_paris_streetview_evaluation(tmp_path, shared_data):
+    paris = shared_data / "ParisStreetView"
+    if not paris.is_dir():
+        pytest.skip("ParisStreetView sample not available")
+    weights = _weights(tmp_path / "w", "l2")
+    cfg = InpaintEvalConfig(data=str(paris), weights=str(weights), device="cpu")
+    metrics = main(cfg, open_run(tmp_path / "eval", cfg))
+    assert metrics["images"] == 20
+    assert 0 < metrics["mean_l2"] < 4 and 0 < metrics["psnr"] < 100
+
+
+def test_figures_open_with_expected_grid(tmp_path):
+    runs = [_weights(tmp_path / k, k, seed=i) for i, k in enumerate(("joint", "l2"))]
+    held = _held_out(tmp_path / "held", 3)
+    train = _held_out(tmp_path / "train", 7, size=130)
+    paths = make_figures(runs, str(held), str(train), None, images=2, out=tmp_path / "fig", k=3)
+    names = [p.name for p in paths]
+    assert names == ["figure6.png", "figure8_ce.png", "figure8_hog.png"]
+    with Image.open(paths[0]) as im:  # input, l2, joint, nn-hog, nn-ce: 5 columns, 2 rows
+        assert im.size == (5 * 130 + 2, 2 * 130 + 2)
+    legend = json.loads((tmp_path / "fig" / "figure6.json").read_text())
+    assert legend["columns"][0] == "input" and legend["columns"][1].startswith("l2")
+    assert legend["columns"][-2:] == ["nn-hog", "nn-ce"]
+    for p in paths[1:]:
+        with Image.open(p) as im:  # truth + 3 neighbours, 64 px cells
+            assert im.size == (4 * 66 + 2, 2 * 66 + 2)

@@ -1,0 +1,94 @@
+"""Nearest-neighbour inpainting baselines and context features."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from skimage.feature import hog
+
+from pretrain.inpainting import ContextEncoderGenerator, central_hole, centre_patch, mask_context
+from pretrain.nn_inpaint import (
+    ContextIndex,
+    build_index,
+    context_features,
+    hog_features,
+    nn_inpaint,
+    training_crops,
+)
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # smooth random images so HOG has structure
+    low = torch.rand(n, 3, 16, 16, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(low, size=(128, 128), mode="bilinear")
+
+
+def test_hog_ignores_the_hole_content():
+    x = _images(2, 0)
+    y = x.clone()
+    y[:, :, 36:92, 36:92] = torch.rand(2, 3, 56, 56)  # change only the dropped pixels
+    torch.testing.assert_close(hog_features(x, overlap=4), hog_features(y, overlap=4))
+    z = x.clone()
+    z[:, :, :8, :8] = 1.0  # change the context
+    assert not torch.allclose(hog_features(x, overlap=4), hog_features(z, overlap=4))
+
+
+def test_hog_keeps_exactly_the_blocks_off_the_hole():
+    x = _images(1, 1)
+    grey = ((x[0] + 1) / 2).clamp(0, 1)
+    grey = (0.299 * grey[0] + 0.587 * grey[1] + 0.114 * grey[2]).numpy()
+    full = hog(grey, orientations=9, pixels_per_cell=(8, 8), cells_per_block=(2, 2),
+               block_norm="L2-Hys", feature_vector=False)  # (15, 15, 2, 2, 9)
+    # overlap 0: hole [32, 96); blocks start at 8 i and span 16 px: blocks 3..11 touch it
+    keep = np.ones((15, 15), bool)
+    keep[3:12, 3:12] = False
+    expected = full[keep].reshape(-1)
+    np.testing.assert_allclose(hog_features(x, overlap=0)[0].numpy(), expected, rtol=1e-6)
+
+
+def test_nn_hog_returns_the_training_centre_for_a_training_query():
+    train = _images(12, 2)
+    index = build_index(train, "hog", overlap=7)
+    for i in (0, 5, 11):
+        fill = nn_inpaint(index, train[i : i + 1], "hog", overlap=7)
+        assert torch.equal(fill[0], centre_patch(train)[i])
+
+
+def test_nn_ce_returns_the_training_centre_for_a_training_query():
+    torch.manual_seed(0)
+    g = ContextEncoderGenerator(64).eval()
+    train = _images(6, 3)
+    index = build_index(train, "ce", overlap=4, generator=g)
+    fill = nn_inpaint(index, train[2:3], "ce", overlap=4, generator=g)
+    assert torch.equal(fill[0], centre_patch(train)[2])
+
+
+def test_index_ranks_by_distance():
+    feats = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0, 1.0], [1.0, 1.0]]), dim=1)
+    index = ContextIndex(feats, torch.arange(3).float().view(3, 1, 1, 1).expand(3, 3, 64, 64))
+    q = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2]]), dim=1)
+    assert index.nearest(q, 3).tolist() == [[0, 2, 1]]
+
+
+def test_features_are_normalised_and_ce_sees_only_context():
+    torch.manual_seed(0)
+    g = ContextEncoderGenerator(32).eval()
+    x = _images(3, 4)
+    f = context_features("ce", x, overlap=4, generator=g)
+    torch.testing.assert_close(f.norm(dim=1), torch.ones(3))
+    y = x.clone()
+    y[:, :, 36:92, 36:92] = 0.3
+    torch.testing.assert_close(f, context_features("ce", y, overlap=4, generator=g))
+    assert torch.equal(mask_context(x, central_hole(4)), mask_context(y, central_hole(4)))
+
+
+def test_training_crops_centre_and_random(tmp_path):
+    from PIL import Image
+
+    arr = np.random.default_rng(0).integers(0, 255, (150, 200, 3), np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    crops = training_crops([tmp_path / "a.png"], load_size=0, crops_per_image=3, seed=0)
+    assert crops.shape == (3, 3, 128, 128)
+    expected = torch.from_numpy(arr[11:139, 36:164].astype(np.float32)).permute(2, 0, 1)
+    torch.testing.assert_close(crops[0], expected / 127.5 - 1)
