@@ -89,7 +89,7 @@ def run_stage(
         if run.complete:
             run.logger.info(f"{path}: already complete, skipping (use --force to redo)")
             return path, run.metrics()
-        if run.resumed:
+        if run.resumed and env.is_main:
             run.logger.info(f"{path}: resuming")
         metrics = stage.main(cfg, run)
         return path, metrics

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from benchmark.distributed import DistEnv
@@ -82,6 +83,7 @@ def test_random_region_holes_stay_in_the_patch(tmp_path, synth_root):
     assert torch.isfinite(out["loss"])
 
 
+@pytest.mark.slow
 def test_resume_continues_bit_exact(tmp_path, synth_root):
     def cfg(iterations: int) -> InpaintingConfig:
         return InpaintingConfig(

@@ -138,3 +138,25 @@ def test_short_mmseg_run_writes_metrics(synth_root: Path, tmp_path: Path) -> Non
     assert saved["backend"] == "mmseg" and saved["task"] == "segmentation"
     assert 0.0 <= m["mean_iu"] <= 1.0 and saved["split"] == m["split"]
     assert len(m["overlays"]) == 2 and (tmp_path / "run" / m["overlays"][0]).is_file()
+
+
+def test_mmseg_export_is_checked_and_used_as_is(tmp_path: Path) -> None:
+    """`bench export --format mmseg` files feed init_cfg directly, after a key/shape check."""
+    from pretrain.alexnet import AlexNetEncoder
+    from transfer.segmentation.mmseg_backend import mmseg_weights
+
+    enc = AlexNetEncoder("torchvision")
+    state = {f"backbone.{k}": v for k, v in enc.state_dict().items()}
+    good = tmp_path / "encoder_mmseg.pth"
+    torch.save({"state_dict": state, "meta": {"method": "context-encoder"}}, good)
+    cfg = SegmentationConfig(weights=str(good), backend="mmseg")
+    run = open_run(tmp_path / "run", cfg)
+    path, card, arch = mmseg_weights(cfg, run)
+    assert path == good and arch == "torchvision" and card["method"] == "context-encoder"
+
+    bad = tmp_path / "bad_mmseg.pth"
+    state["backbone.features.3.weight"] = torch.zeros(1, 2, 3, 3)
+    torch.save({"state_dict": state, "meta": {}}, bad)
+    cfg = SegmentationConfig(weights=str(bad), backend="mmseg")
+    with pytest.raises(BenchError, match=r"bad_mmseg\.pth: features\.3\.weight has shape"):
+        mmseg_weights(cfg, open_run(tmp_path / "run2", cfg))

@@ -38,9 +38,7 @@ def test_resized_input_scores_full_size_label() -> None:
         assert model(torch.randn(1, 3, 45, 61), out_size=(91, 121)).shape == (1, 21, 91, 121)
 
 
-@pytest.mark.parametrize(
-    ("arch", "variant"), [("caffenet", "fcn32s"), ("caffenet", "fcn8s"), ("torchvision", "fcn16s")]
-)
+@pytest.mark.parametrize(("arch", "variant"), [("caffenet", "fcn32s"), ("torchvision", "fcn8s")])
 def test_each_output_pixel_is_centred_on_its_input_pixel(arch: str, variant: str) -> None:
     """The gradient of output pixel (y, x) w.r.t. the (padded) input is centred at (y, x),
     at odd sizes and off-grid positions: scores are aligned with the image, no shift.

@@ -42,6 +42,17 @@ def test_run_folder_metrics_checkpoint_and_overlays(synth_root: Path, tmp_path: 
     assert (tmp_path / "run" / "scalars.jsonl").is_file()
 
 
+def test_pretrained_weights_are_recorded(synth_root: Path, tmp_path: Path) -> None:
+    from pretrain.alexnet import AlexNetEncoder
+
+    weights = tmp_path / "alexnet_tv.pth"
+    torch.save(AlexNetEncoder("torchvision").state_dict(), weights)
+    cfg = SegmentationConfig(data=str(synth_root), weights=str(weights), iterations=1, **TINY)
+    assert default_name(cfg) == "seg-imagenet-s0"
+    m = main(cfg, open_run(tmp_path / "run", cfg))
+    assert (m["method"], m["arch"], m["weights"]) == ("imagenet", "torchvision", str(weights))
+
+
 def test_interrupted_run_resumes_from_its_checkpoint(
     synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
