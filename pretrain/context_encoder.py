@@ -103,6 +103,13 @@ class ContextEncoder(nn.Module):
         super().__init__()
         self.input_size = input_size
         self.encoder = AlexNetEncoder(arch, pool_free)
+        # The encoder trains from scratch here. Its N(0, 0.01) baseline init shrinks the signal
+        # ~10x per layer, and Adam's normalised steps then kill most conv2-conv5 units within
+        # a few hundred iterations; He init keeps activations alive through depth.
+        for m in self.encoder.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
         c, n = self.encoder.out_channels, pool5_size(input_size, arch)
         self.channel_fc = ChannelWiseFC(c, n)
         self.dropout = nn.Dropout(DROPOUT)

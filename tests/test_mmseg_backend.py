@@ -90,7 +90,7 @@ def test_same_mean_iu_as_mmseg_iou_metric_on_same_predictions() -> None:
     assert theirs["aAcc"] == pytest.approx(round(100 * ours["pixel_acc"], 2), abs=1e-9)
     assert theirs["mAcc"] == pytest.approx(round(100 * ours["mean_acc"], 2), abs=1e-9)
     # unrounded: the areas mmseg sums give our numbers exactly
-    cols = [torch.stack(list(c)).sum(0).numpy() for c in zip(*metric.results)]
+    cols = [torch.stack(list(c)).double().sum(0).numpy() for c in zip(*metric.results)]
     exact = scores_from_areas(cols[0], cols[1], cols[3], CLASSES)
     assert exact["mean_iu"] == pytest.approx(ours["mean_iu"], abs=1e-12)
     for name, iu in ours["per_class"].items():

@@ -98,6 +98,11 @@ def eval_split(voc_root: Path, sbd_root: Path | None, split: str) -> tuple[list[
     if (voc2011 / "ImageSets" / "Segmentation" / "val.txt").is_file():
         ids = [i for i in read_split(voc2011, "val", "Segmentation") if i not in sbd_train]
         return _voc_samples(voc2011, ids), SEG11VALID if sbd_root else "voc2011-val"
+    if not (seg_sets / "val.txt").is_file():
+        raise DatasetError(
+            f"{seg_sets / 'val.txt'}: split file not found (seg11valid is derived from VOC2012 "
+            "or VOC2011 val; set `split` to a split this dataset has)"
+        )
     ids = [i for i in read_split(voc_root, "val", "Segmentation") if i not in sbd_train]
     if not ids:
         raise DatasetError(f"{seg_sets / 'val.txt'}: every val image is in SBD train")

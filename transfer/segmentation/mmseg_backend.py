@@ -22,7 +22,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +159,8 @@ def register() -> None:
 
         def compute_metrics(self, results: list) -> dict[str, float]:
             cols = tuple(zip(*results))
-            self.last_areas = tuple(torch.stack(list(c)).sum(0).numpy() for c in cols)
+            # float64: float32 sums of pixel counts lose exactness past 2**24 pixels
+            self.last_areas = tuple(torch.stack(list(c)).double().sum(0).numpy() for c in cols)
             self.kept, self._pending = self._pending, []
             return super().compute_metrics(results)
 
@@ -405,13 +406,15 @@ def run_mmseg(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     mm_cfg = build_config(cfg, run, train_file, eval_file, checkpoint, arch, pool_free)
     runner = Runner.from_cfg(Config(mm_cfg))
     tick = time.perf_counter()
-    with trusted_checkpoints():
+    with trusted_checkpoints() if run.resumed else nullcontext():
         if cfg.iterations > 0:
             runner.train()  # evaluates at the end (and every eval_every iterations)
-        else:
+        metric = runner.val_loop.evaluator.metrics[0]
+        if metric.last_areas is None:  # no training, or a resumed run that had finished it
+            if cfg.iterations == 0:
+                runner.model.init_weights()  # Runner.val() alone would skip init_cfg
             runner.val()
     seconds = time.perf_counter() - tick
-    metric = runner.val_loop.evaluator.metrics[0]
     if metric.last_areas is None:
         raise BenchError(f"{run.path}: mmseg evaluation produced no results")
     intersect, union, _, label_area = metric.last_areas

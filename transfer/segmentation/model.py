@@ -124,7 +124,7 @@ class FCN(nn.Module):
         feats = encoder.features
         self.fc6 = nn.Conv2d(encoder.out_channels, fc_dim, kernel_size=6)
         self.fc7 = nn.Conv2d(fc_dim, fc_dim, kernel_size=1)
-        self.drop = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # Caffe-style
         self.score_fr = nn.Conv2d(fc_dim, num_classes, kernel_size=1)
         self.score_16: nn.Conv2d | None = None
         self.score_8: nn.Conv2d | None = None
