@@ -130,3 +130,17 @@ def test_bad_proposal_files(tmp_path):
     savemat(tmp_path / "nobox.mat", {"other": np.zeros(2)})
     with pytest.raises(BenchError, match="no 'boxes'"):
         P.load_proposal_file(tmp_path / "nobox.mat", ["1"])
+
+
+def test_selective_search_does_not_depend_on_earlier_calls(voc):
+    """OpenCV ranks regions with C's rand(): the same image must give the same boxes
+    whether or not other images were searched before it in the process."""
+    records = load_records(voc, "test")
+    from benchmark.datasets.folder import load_rgb
+
+    first = np.asarray(load_rgb(records[0].path))
+    other = np.asarray(load_rgb(records[1].path))
+    a = P.selective_search(first)
+    P.selective_search(other)
+    b = P.selective_search(first)
+    np.testing.assert_array_equal(a, b)

@@ -157,7 +157,7 @@ def test_sequential_update_matches_reference(channels_last):
     torch.manual_seed(0)
     cfg = InpaintingConfig(loss=InpaintLossConfig(kind="joint", overlap=4), bottleneck=256)
     cfg.train.channels_last = channels_last
-    tol = 5e-2 if channels_last else 1e-4
+    tol = 5e-2 if channels_last else 5e-3
     nets = build_nets(cfg, CPU)
     g_ref = ContextEncoderGenerator(256)
     d_ref = PatchDiscriminator()

@@ -13,6 +13,7 @@ Precomputed files:
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
@@ -38,6 +39,16 @@ def unique_boxes(boxes: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     _, index = np.unique(np.round(boxes).astype(np.int64), axis=0, return_index=True)
     return np.sort(index)
+
+
+def _seed_c_rand(seed: int) -> None:
+    """OpenCV's selective search ranks regions with C's rand(), whose state carries over from
+    call to call: without a reseed the same image gets other proposals depending on what the
+    process searched before, and cached proposals would differ from fresh ones."""
+    try:
+        ctypes.CDLL(None).srand(seed)
+    except (OSError, AttributeError):  # no C runtime to reach (e.g. some Windows builds)
+        pass
 
 
 def selective_search(
@@ -68,6 +79,7 @@ def selective_search(
         ss.switchToSelectiveSearchFast()
     else:
         ss.switchToSelectiveSearchQuality()
+    _seed_c_rand(0)
     rects = np.asarray(ss.process(), dtype=np.float64).reshape(-1, 4)  # x, y, w, h
     keep = (rects[:, 2] >= min_box) & (rects[:, 3] >= min_box)
     if not keep.any():  # a tiny image: keep what there is rather than nothing
