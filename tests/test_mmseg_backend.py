@@ -125,7 +125,6 @@ def test_backbone_loads_mmseg_export_and_keeps_alignment(tmp_path: Path) -> None
 
 
 @pytest.mark.mmseg
-@pytest.mark.slow
 @needs_mmseg
 def test_short_mmseg_run_writes_metrics(synth_root: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
