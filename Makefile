@@ -4,6 +4,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bench-installed
+MMSEG_STAMP := $(VENV)/.mmseg-installed
 # The versions CI and the README run; pyproject.toml keeps loose ranges for users.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
@@ -20,8 +21,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/bench run configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(MMSEG_STAMP)
 	$(BIN)/python -m pytest -q
+
+# mmsegmentation 1.2.2 + mmcv 2.1.0 with compiled ops (built once, wheel cached; see README).
+$(MMSEG_STAMP): $(STAMP) tools/mmseg-setup.sh
+	bash tools/mmseg-setup.sh $(VENV)
+	touch $(MMSEG_STAMP)
+
+mmseg: $(MMSEG_STAMP)
+	$(BIN)/python -m pytest -q -m mmseg tests/test_mmseg_backend.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

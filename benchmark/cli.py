@@ -136,8 +136,15 @@ COMMON_FLAGS = {
     "name": "name",
     "seed": "seed",
     "device": "device",
-    "iterations": "train.iterations",
 }
+
+
+def _iterations_key(config_cls: type) -> str:
+    """Stages keep their iteration budget at `train.iterations` or at top level."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return "iterations" if "iterations" in names else "train.iterations"
 
 
 def _peek(key: str, args: argparse.Namespace, overrides: list[str], default: str) -> str:
@@ -159,6 +166,8 @@ def _run_stage_command(args: argparse.Namespace, stage: Any, overrides: list[str
     from benchmark.runs import default_results_root
     from benchmark.stages import run_stage
 
+    if getattr(args, "iterations", None) is not None:
+        overrides = [f"{_iterations_key(stage.config_cls)}={args.iterations}", *overrides]
     cfg = load_config(stage.config_cls, args.config, overrides)
     if args.print_config:
         print(dump_yaml(cfg), end="")
