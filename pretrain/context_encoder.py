@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.alexnet import AlexNetEncoder, Arch
+from pretrain.inpainting import init_weights
 
 DECODER_WIDTHS = (128, 64, 64, 32)  # the fifth up-convolution outputs the 3 colour channels
 DROPOUT = 0.5
@@ -88,7 +89,9 @@ class Decoder(nn.Module):
         y = self.upconvs(x)
         if y.shape[-1] != self.output_size or y.shape[-2] != self.output_size:
             y = F.interpolate(
-                y, size=(self.output_size, self.output_size), mode="bilinear",
+                y,
+                size=(self.output_size, self.output_size),
+                mode="bilinear",
                 align_corners=False,
             )
         return y
@@ -156,20 +159,8 @@ class DCGANDiscriminator(nn.Module):
                 raise ValueError(f"discriminator input {input_size} is too small")
         layers.append(nn.Conv2d(cin, 1, kernel_size=size, bias=False))
         self.net = nn.Sequential(*layers)
-        dcgan_init_(self)
+        init_weights(self)  # the DCGAN init of the inpainting model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> logits (B,)."""
         return self.net(x).flatten(1).mean(1)
-
-
-def dcgan_init_(module: nn.Module) -> None:
-    """DCGAN init: conv weights N(0, 0.02), BatchNorm scale N(1, 0.02) and zero shift."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)

@@ -81,12 +81,32 @@ def random_crop(
     return arr
 
 
-class PretrainImages(Dataset):
+class SeededImages(Dataset):
+    """An image folder indexed by (index, draw_seed) pairs from `InfiniteSampler`.
+
+    Every random choice for a sample (crop, flip, mask) is drawn from `draw_seed` alone, so
+    a resumed run sees the same samples whatever the number of DataLoader workers.
+    """
+
+    def __init__(self, paths: Sequence[Path], flip: bool = True) -> None:
+        self.paths = list(paths)
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, key: tuple[int, int] | int) -> tuple[Image.Image, np.random.Generator]:
+        """The image at the key's index and the generator seeded by its draw (index alone:
+        draw = index)."""
+        index, draw = key if isinstance(key, tuple) else (key, key)
+        rng = np.random.default_rng(draw)
+        return load_rgb(self.paths[index]), rng
+
+
+class PretrainImages(SeededImages):
     """Image folder -> {"image": (3, S, S) normalised, "mask": (1, S, S) float 0/1}.
 
-    Indexed by (index, draw_seed) pairs from `InfiniteSampler`; the crop, the flip and the
-    mask all come from `draw_seed`. Without `mask_fn` the mask is all ones (the autoencoder
-    reconstructs everything).
+    Without `mask_fn` the mask is all ones (the autoencoder reconstructs everything).
     """
 
     def __init__(
@@ -96,18 +116,13 @@ class PretrainImages(Dataset):
         mask_fn: MaskFn | None = None,
         flip: bool = True,
     ) -> None:
-        self.paths = list(paths)
+        super().__init__(paths, flip)
         self.size = size
         self.mask_fn = mask_fn
-        self.flip = flip
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
-        index, draw = key if isinstance(key, tuple) else (key, key)
-        rng = np.random.default_rng(draw)
-        pixels = random_crop(load_rgb(self.paths[index]), self.size, rng, self.flip)
+        image, rng = self.load(key)
+        pixels = random_crop(image, self.size, rng, self.flip)
         if self.mask_fn is None:
             mask = np.ones((self.size, self.size), dtype=bool)
         else:
@@ -131,7 +146,11 @@ class InfiniteSampler(Sampler):
         rank = env.rank if env else 0
         n = len(dataset)  # type: ignore[arg-type]
         self.inner = DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+            dataset,
+            num_replicas=world,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
             drop_last=n >= world,
         )
         self.seed, self.start, self.rank = seed, start, rank

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from benchmark.distributed import DistEnv, all_reduce_mean
 from benchmark.errors import BenchError
 from benchmark.runs import Run
+from pretrain.data import make_batches
 
 CHECKPOINT = "last.pt"
 
@@ -42,6 +43,26 @@ class Stateful(Protocol):
 
 StepFn = Callable[[Any, int], Mapping[str, torch.Tensor | float]]
 BatchesFn = Callable[[int], Iterator[Any]]
+
+
+class Schedule(Protocol):
+    """The loop fields every pretraining `train:` section has (`fit_schedule` reads them)."""
+
+    iterations: int
+    batch_size: int
+    workers: int
+    log_every: int
+    sample_every: int
+    checkpoint_every: int
+
+
+class Staged(Protocol):
+    """A pretraining config: its seed and its `train:` section."""
+
+    seed: int
+
+    @property
+    def train(self) -> Schedule: ...
 
 
 @dataclass
@@ -101,9 +122,7 @@ class Precision:
         self.device = device
         self.enabled = bool(enabled) and device.type == "cuda"
         self.dtype = (
-            torch.bfloat16
-            if self.enabled and torch.cuda.is_bf16_supported()
-            else torch.float16
+            torch.bfloat16 if self.enabled and torch.cuda.is_bf16_supported() else torch.float16
         )
         # bf16 has fp32's range, so it needs no loss scaling.
         self.scaler = torch.amp.GradScaler(
@@ -188,8 +207,9 @@ def _finite_or_stop(values: Mapping[str, float], iteration: int, key: str) -> No
 
 
 def _scalars(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
-    return {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
-            for k, v in values.items()}
+    return {
+        k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for k, v in values.items()
+    }
 
 
 def _mean_over_processes(values: Mapping[str, float], device: torch.device | str):
@@ -261,7 +281,10 @@ def fit(
     if progress is None:
         progress = run.is_main
     bar = tqdm(
-        total=iterations, initial=start, desc=desc, dynamic_ncols=True,
+        total=iterations,
+        initial=start,
+        desc=desc,
+        dynamic_ncols=True,
         disable=None if progress else True,  # None: shown on a terminal only
         leave=False,
     )
@@ -291,9 +314,7 @@ def fit(
                 window, count = {}, 0
             pause = time.perf_counter()
             seconds += pause - tic
-            if on_sample is not None and sample_every and (
-                iteration % sample_every == 0 or at_end
-            ):
+            if on_sample is not None and sample_every and (iteration % sample_every == 0 or at_end):
                 on_sample(iteration)
             if iteration % checkpoint_every == 0 or at_end:
                 save(iteration)
@@ -302,3 +323,32 @@ def fit(
         bar.close()
     last = {k: v for k, v in history[-1].items() if k != "iteration"} if history else {}
     return FitResult(iterations, seconds, first, last, start, history)
+
+
+def fit_schedule(
+    step: StepFn,
+    dataset: Any,
+    cfg: Staged,
+    env: DistEnv,
+    run: Run,
+    state: Mapping[str, Stateful],
+    *,
+    on_sample: Callable[[int], None] | None = None,
+    desc: str = "pretrain",
+) -> FitResult:
+    """`fit` over `pretrain.data.make_batches(dataset)` with the seed and the `train:`
+    schedule of `cfg`: the one loop setup the pretraining stages share."""
+    tc = cfg.train
+    return fit(
+        step,
+        make_batches(dataset, tc.batch_size, cfg.seed, tc.workers, env),
+        run,
+        state,
+        iterations=tc.iterations,
+        log_every=tc.log_every,
+        checkpoint_every=tc.checkpoint_every,
+        sample_every=tc.sample_every,
+        on_sample=on_sample,
+        desc=desc,
+        device=env.device,
+    )

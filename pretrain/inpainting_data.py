@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from benchmark.datasets.folder import load_rgb
+from pretrain.data import SeededImages
 from pretrain.inpainting import IMAGE_SIZE
 
 LOAD_SIZE = 350  # released code: shorter side resized to 350 before the random 128 crop
@@ -84,7 +84,7 @@ def load_eval_images(paths: Sequence[Path], size: int = IMAGE_SIZE) -> torch.Ten
     return torch.stack([to_unit_range(centre_crop(load_rgb(p), size)) for p in paths])
 
 
-class InpaintingImages(Dataset):
+class InpaintingImages(SeededImages):
     """Image folder -> {"image": (3, 128, 128) in [-1, 1]} (+ "hole": (1, 128, 128) float 0/1
     when `hole_fn` draws a random hole per sample; the central hole is fixed and not stored).
     """
@@ -96,18 +96,13 @@ class InpaintingImages(Dataset):
         hole_fn: Callable[[np.random.Generator], torch.Tensor] | None = None,
         flip: bool = True,
     ) -> None:
-        self.paths = list(paths)
+        super().__init__(paths, flip)
         self.load_size = load_size
         self.hole_fn = hole_fn
-        self.flip = flip
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
-        index, draw = key if isinstance(key, tuple) else (key, key)
-        rng = np.random.default_rng(draw)
-        pixels = train_crop(load_rgb(self.paths[index]), rng, self.load_size, flip=self.flip)
+        image, rng = self.load(key)
+        pixels = train_crop(image, rng, self.load_size, flip=self.flip)
         sample = {"image": to_unit_range(pixels)}
         if self.hole_fn is not None:
             sample["hole"] = self.hole_fn(rng)

@@ -44,8 +44,7 @@ from benchmark.datasets.resolve import resolve_data
 from benchmark.distributed import DistEnv, setup
 from benchmark.errors import BenchError, ConfigError
 from benchmark.runs import Run, atomic_write_bytes, atomic_write_json
-from pretrain.data import make_batches
-from pretrain.engine import adam, fit, prepare_model, seed_everything, to_device, unwrap
+from pretrain.engine import adam, fit_schedule, prepare_model, seed_everything, to_device, unwrap
 from pretrain.inpainting import (
     BOTTLENECK,
     PATCH_SIZE,
@@ -146,8 +145,7 @@ def make_hole_fn(
         if run is not None:
             run.logger.info(f"random-region holes from {len(shapes)} segmentation shapes")
         coverage = min(1.0, 0.25 * 128 * 128 / (w * w))
-        region = functools.partial(random_region_mask, (w, w), shapes=shapes,
-                                   max_coverage=coverage)
+        region = functools.partial(random_region_mask, (w, w), shapes=shapes, max_coverage=coverage)
     else:
         region = make_mask_fn("noise-region", (w, w), seed=cfg.seed)
     return functools.partial(_hole, region, cfg.loss.overlap)
@@ -236,7 +234,7 @@ def make_step(
             nets.opt_d.zero_grad(set_to_none=True)
             if fused_discriminator:
                 logits = d(torch.cat([real, fake.detach()]))
-                real_logits, fake_logits = logits[: len(real)], logits[len(real):]
+                real_logits, fake_logits = logits[: len(real)], logits[len(real) :]
             else:
                 real_logits, fake_logits = d(real), d(fake.detach())
             d_loss = discriminator_loss(real_logits, fake_logits)
@@ -327,15 +325,21 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
     paths = list_images(root)
     hole_fn = make_hole_fn(cfg, run)
     dataset = InpaintingImages(paths, tc.load_size, hole_fn)
-    run.logger.info(f"{len(paths)} images from {root}; loss {lc.kind}; mask {cfg.mask}; "
-                    f"overlap {lc.overlap}px")
+    run.logger.info(
+        f"{len(paths)} images from {root}; loss {lc.kind}; mask {cfg.mask}; overlap {lc.overlap}px"
+    )
     nets = build_nets(cfg, env)
     state: dict[str, Any] = {"generator": nets.generator, "opt_g": nets.opt_g}
     if nets.discriminator is not None:
         state.update(discriminator=nets.discriminator, opt_d=nets.opt_d)
-    step = make_step(nets, env.device, lc, overlap=lc.overlap,
-                     channels_last=tc.channels_last,
-                     fused_discriminator=tc.fused_discriminator)
+    step = make_step(
+        nets,
+        env.device,
+        lc,
+        overlap=lc.overlap,
+        channels_last=tc.channels_last,
+        fused_discriminator=tc.fused_discriminator,
+    )
     generator = unwrap(nets.generator)
 
     samples = [dataset[(i % len(dataset), cfg.seed * 7919 + i)] for i in range(SAMPLE_IMAGES)]
@@ -356,17 +360,8 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
         rows = [to_pixels(context), to_pixels(pasted), to_pixels(image)]
         save_grid(run.file(f"samples/iter_{iteration:07d}.png"), rows)
 
-    result = fit(
-        step,
-        make_batches(dataset, tc.batch_size, cfg.seed, tc.workers, env),
-        run,
-        state,
-        iterations=tc.iterations,
-        log_every=tc.log_every,
-        checkpoint_every=tc.checkpoint_every,
-        sample_every=tc.sample_every,
-        on_sample=on_sample,
-        desc=f"inpainting {lc.kind}",
+    result = fit_schedule(
+        step, dataset, cfg, env, run, state, on_sample=on_sample, desc=f"inpainting {lc.kind}"
     )
     card = {
         "method": "inpainting",

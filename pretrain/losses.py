@@ -44,11 +44,21 @@ def loss_weights(
 
 
 def _masked_mean(
-    err: torch.Tensor, mask: torch.Tensor, overlap: int, overlap_weight: float
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    overlap: int,
+    overlap_weight: float,
+    squared: bool,
 ) -> torch.Tensor:
     """sum(w * err) / (C * #pixels with w > 0): the mean over the predicted region, with
     the band's errors counted `overlap_weight` times (normalised like the released code's
-    weighted MSE over the predicted patch)."""
+    weighted MSE over the predicted patch). err is |pred - target|, squared for L2.
+
+    Computed in float32 even under autocast: squared errors of half-precision outputs lose
+    the small differences late in training."""
+    d = pred.float() - target.float()
+    err = d * d if squared else d.abs()
     w = loss_weights(mask, overlap, overlap_weight).to(err.dtype)
     count = (w > 0).sum() * err.shape[1]
     return (err * w).sum() / count.clamp(min=1)
@@ -61,13 +71,9 @@ def masked_l2(
     overlap: int = 0,
     overlap_weight: float = OVERLAP_WEIGHT,
 ) -> torch.Tensor:
-    """Normalised masked L2 (Eq. 1): pred, target (B, C, H, W); mask (B, 1, H, W) -> scalar.
-
-    The loss is computed in float32 even under autocast: squared errors of half-precision
-    outputs lose the small differences late in training.
-    """
-    d = pred.float() - target.float()
-    return _masked_mean(d * d, mask, overlap, overlap_weight)
+    """Normalised masked L2 (Eq. 1): pred, target (B, C, H, W); mask (B, 1, H, W) -> scalar
+    (float32 even under autocast)."""
+    return _masked_mean(pred, target, mask, overlap, overlap_weight, squared=True)
 
 
 def masked_l1(
@@ -78,8 +84,7 @@ def masked_l1(
     overlap_weight: float = OVERLAP_WEIGHT,
 ) -> torch.Tensor:
     """Masked L1, the paper's equally good alternative to L2 (same shapes as `masked_l2`)."""
-    d = pred.float() - target.float()
-    return _masked_mean(d.abs(), mask, overlap, overlap_weight)
+    return _masked_mean(pred, target, mask, overlap, overlap_weight, squared=False)
 
 
 RECONSTRUCTION_LOSSES = {"l2": masked_l2, "l1": masked_l1}

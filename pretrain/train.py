@@ -31,9 +31,16 @@ from pretrain.data import (
     dataset_mean,
     denormalise,
     fill_value,
-    make_batches,
 )
-from pretrain.engine import Precision, adam, fit, prepare_model, seed_everything, to_device, unwrap
+from pretrain.engine import (
+    Precision,
+    adam,
+    fit_schedule,
+    prepare_model,
+    seed_everything,
+    to_device,
+    unwrap,
+)
 from pretrain.export import NATIVE_FILE, check_keys, write_native
 from pretrain.losses import (
     RECONSTRUCTION_LOSSES,
@@ -86,8 +93,14 @@ def _mask_fn(cfg: PretrainConfig, run: Run) -> tuple[Callable | None, str | None
     return make_mask_fn(name, size, shapes=shapes, seed=cfg.seed), name
 
 
-def _card(cfg: PretrainConfig, mask: str | None, iterations: int, data: str | None,
-          seconds: float | None, arch: str) -> dict[str, Any]:
+def _card(
+    cfg: PretrainConfig,
+    mask: str | None,
+    iterations: int,
+    data: str | None,
+    seconds: float | None,
+    arch: str,
+) -> dict[str, Any]:
     return {
         "method": cfg.method,
         "mask": mask,
@@ -100,8 +113,13 @@ def _card(cfg: PretrainConfig, mask: str | None, iterations: int, data: str | No
     }
 
 
-def _finish(cfg: PretrainConfig, run: Run, encoder: AlexNetEncoder, card: dict[str, Any],
-            losses: tuple[float | None, float | None]) -> dict[str, Any]:
+def _finish(
+    cfg: PretrainConfig,
+    run: Run,
+    encoder: AlexNetEncoder,
+    card: dict[str, Any],
+    losses: tuple[float | None, float | None],
+) -> dict[str, Any]:
     if run.is_main:
         write_native(run.file(NATIVE_FILE), encoder.state_dict(), card)
     command = run.file("command.txt")
@@ -135,8 +153,10 @@ def load_torchvision_alexnet(path: Path) -> dict[str, torch.Tensor]:
     are expected and dropped, anything else is reported."""
     path = Path(path)
     if not path.is_file():
-        raise BenchError(f"{path}: ImageNet weights file not found (weights: a torchvision "
-                         "AlexNet state dict, e.g. alexnet-owt-7be5be79.pth)")
+        raise BenchError(
+            f"{path}: ImageNet weights file not found (weights: a torchvision "
+            "AlexNet state dict, e.g. alexnet-owt-7be5be79.pth)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
@@ -164,8 +184,9 @@ def imagenet_import(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, An
     check_keys(encoder, state, cfg.weights)
     encoder.load_state_dict(state, strict=True)
     card = _card(cfg, None, 0, str(cfg.weights), None, "torchvision")
-    run.logger.info(f"imported ImageNet AlexNet from {cfg.weights} "
-                    f"({time.perf_counter() - tic:.1f}s)")
+    run.logger.info(
+        f"imported ImageNet AlexNet from {cfg.weights} ({time.perf_counter() - tic:.1f}s)"
+    )
     return _finish(cfg, run, encoder, card, (None, None))
 
 
@@ -255,9 +276,17 @@ def train_inpainting(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, A
     masked = cfg.method == "context-encoder"
     cl = tc.channels_last
     step = make_step(
-        model, opt, prec, env.device, fill=fill if masked else None, loss=lc.kind,
-        overlap=lc.overlap, overlap_weight=lc.overlap_weight, channels_last=cl,
-        discriminator=state.get("discriminator"), optimizer_d=state.get("optimizer_d"),
+        model,
+        opt,
+        prec,
+        env.device,
+        fill=fill if masked else None,
+        loss=lc.kind,
+        overlap=lc.overlap,
+        overlap_weight=lc.overlap_weight,
+        channels_last=cl,
+        discriminator=state.get("discriminator"),
+        optimizer_d=state.get("optimizer_d"),
         adversarial_weight=lc.adversarial_weight,
     )
 
@@ -279,30 +308,22 @@ def train_inpainting(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, A
             rows.append(denormalise(torch.where(mask.bool(), pred, image)))
         save_grid(run.file(f"samples/iter_{iteration:07d}.png"), rows)
 
-    result = fit(
-        step,
-        make_batches(dataset, tc.batch_size, cfg.seed, tc.workers, env),
-        run,
-        state,
-        iterations=tc.iterations,
-        log_every=tc.log_every,
-        checkpoint_every=tc.checkpoint_every,
-        sample_every=tc.sample_every,
-        on_sample=on_sample,
-        desc=f"pretrain {cfg.method}",
-        device=env.device,
+    result = fit_schedule(
+        step, dataset, cfg, env, run, state, on_sample=on_sample, desc=f"pretrain {cfg.method}"
     )
     encoder = unwrap(model).encoder
-    card = _card(cfg, mask_name, result.iterations, str(images_root), result.seconds,
-                 cfg.model.arch)
+    card = _card(
+        cfg, mask_name, result.iterations, str(images_root), result.seconds, cfg.model.arch
+    )
     card["input_size"] = cfg.model.input_size
     card["dataset_mean"] = mean
     run.logger.info(
         f"loss {result.first.get('loss', float('nan')):.4f} -> "
         f"{result.last.get('loss', float('nan')):.4f} in {result.seconds:.0f}s"
     )
-    return _finish(cfg, run, encoder.cpu(), card,
-                   (result.first.get("loss"), result.last.get("loss")))
+    return _finish(
+        cfg, run, encoder.cpu(), card, (result.first.get("loss"), result.last.get("loss"))
+    )
 
 
 METHODS: dict[str, Callable[[PretrainConfig, Run, DistEnv], dict[str, Any]]] = {

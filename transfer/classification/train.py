@@ -16,18 +16,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from benchmark.config import to_dict
 from benchmark.datasets.voc import VOC_CLASSES
 from benchmark.distributed import DistEnv, setup
 from benchmark.errors import ConfigError
 from benchmark.metrics import classification_ap
 from benchmark.runs import Run, atomic_write_text
+from transfer import common
 from transfer.backbone import (
     check_frozen_unchanged,
     describe_transfer,
     freeze,
     load_encoder,
-    peek_card,
     snapshot_frozen,
 )
 
@@ -36,17 +35,12 @@ from .data import EvalCrops, IterationBatches, TrainCrops, VOCImages, rescale_ba
 from .engine import evaluate, fit, make_optimizer, to_input
 from .model import FROZEN_PREFIXES, ClassificationNet, data_dependent_init_
 
-CHECKPOINT = "last.pt"
-FINAL = "final.pt"
 SCORES_FILE = "scores.csv"
 
 
 def default_name(cfg: ClassificationConfig) -> str:
     """cls-<method>[-<mask>][-<train_from>][-rescaled]-s<seed>, e.g. cls-random-s0."""
-    card = peek_card(cfg.weights)
-    parts = ["cls", str(card.get("method", "unknown"))]
-    if card.get("mask"):
-        parts.append(str(card["mask"]))
+    parts = common.name_parts("cls", cfg.weights)
     if cfg.train_from != "all":
         parts.append(cfg.train_from)
     if cfg.rescale:
@@ -80,11 +74,6 @@ def _voc2007(data: str | None) -> Path:
     return Path(resolve_data(data, "voc2007"))
 
 
-def _command(run: Run) -> str | None:
-    path = run.file("command.txt")
-    return path.read_text().strip() if path.is_file() else None
-
-
 def write_scores(path: Path, ids: list[str], scores: np.ndarray) -> None:
     """scores.csv: image_id then one column per class (crop-averaged logits)."""
     lines = [",".join(("image_id", *VOC_CLASSES))]
@@ -111,12 +100,9 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     )
     ckpt = None
     if run.resumed:  # a crash during the test resumes from the finished weights
-        ckpt = run.load_checkpoint(FINAL) or run.load_checkpoint(CHECKPOINT)
-    state: dict[str, Any] = {"iteration": 0, "initial_loss": None, "final_loss": None,
-                             "train_seconds": 0.0}  # fmt: skip
+        ckpt = run.load_checkpoint(common.FINAL) or run.load_checkpoint(common.CHECKPOINT)
+    state = common.start_state(model, ckpt)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        state = dict(ckpt["state"])
         run.logger.info(f"resuming classification at iteration {state['iteration']}")
     model.to(env.device)
     if env.device.type == "cuda":
@@ -141,11 +127,7 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
         net = DistributedDataParallel(model, device_ids=ids)
 
     def save(s: dict[str, Any]) -> None:
-        run.save_checkpoint(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(s),
-             "config": to_dict(cfg), "card": card},
-            CHECKPOINT,
-        )  # fmt: skip
+        common.save_state(run, common.CHECKPOINT, model, s, cfg, card, optimizer)
 
     t = cfg.train
     sampler = IterationBatches(len(train_images), t.batch_size, cfg.seed, state["iteration"],
@@ -157,12 +139,8 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     state = fit(net, loader, optimizer, t, state, seed=cfg.seed, env=env, run=run, save=save)
     check_frozen_unchanged(model, frozen)
     if t.save_final:
-        run.save_checkpoint(
-            {"model": model.state_dict(), "state": state, "config": to_dict(cfg), "card": card},
-            FINAL,
-        )
-    if env.is_main and (run.checkpoint_dir / CHECKPOINT).is_file():
-        (run.checkpoint_dir / CHECKPOINT).unlink()  # training is over: no optimiser state kept
+        common.save_state(run, common.FINAL, model, state, cfg, card)
+    common.drop_resume_checkpoint(run, env.is_main)
 
     tick = time.perf_counter()
     test_set = EvalCrops(test_images, cfg.augment, cfg.test, cfg.seed)
@@ -171,10 +149,7 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     if env.is_main:
         write_scores(run.file(SCORES_FILE), test_images.ids, scores)
     metrics = {
-        "stage": "transfer", "task": "classification", "seed": cfg.seed, "command": _command(run),
-        "method": card.get("method"), "mask": card.get("mask"),
-        "pretrain_seconds": card.get("pretrain_seconds"), "weights": cfg.weights,
-        "backend": "native", "arch": card.get("arch"),
+        **common.metrics_head("classification", "native", cfg, run, card, card.get("arch")),
         "map": _ap_or_none(mean),
         "per_class": {c: _ap_or_none(v) for c, v in zip(VOC_CLASSES, per_class)},
         "test_crops": cfg.test_crops, "test_mode": cfg.test.mode,

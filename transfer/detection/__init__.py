@@ -132,6 +132,7 @@ def main(cfg: DetectionConfig, run: Run) -> dict[str, Any]:
 def run_native(cfg: DetectionConfig, run: Run, voc_root: Path) -> dict[str, Any]:
     from benchmark.distributed import pick_device
     from transfer.backbone import load_encoder
+    from transfer.common import run_command
     from transfer.detection.engine import (
         detect,
         make_optimizer,
@@ -207,12 +208,7 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path) -> dict[str, Any]
         "stage": "transfer",
         "task": "detection",
         "backend": "native",
-        "method": card.get("method", "unknown"),
-        "pretrain_seconds": card.get("pretrain_seconds"),
-        "weights": cfg.weights,
-        "map": _finite(mean),
-        "coco_ap": _finite(coco),
-        "per_class": {c: _finite(v) for c, v in per_class.items()},
+        **score_fields(card, cfg.weights, mean, coco, per_class),
         "seed": cfg.seed,
         "command": run_command(run),
         "iterations": cfg.iterations,
@@ -226,10 +222,25 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path) -> dict[str, Any]
     return metrics
 
 
-def run_command(run: Run) -> str | None:
-    path = run.file("command.txt")
-    return path.read_text().strip() if path.is_file() else None
-
-
-def _finite(x: float) -> float | None:
+def finite_or_none(x: float | None) -> float | None:
+    """JSON has no NaN: a score that could not be computed becomes null."""
     return None if x is None or x != x else float(x)
+
+
+def score_fields(
+    card: dict[str, Any],
+    weights: str | None,
+    mean: float,
+    coco: float,
+    per_class: dict[str, float],
+) -> dict[str, Any]:
+    """The metrics both backends report the same way: method, pretrain_seconds, weights, map,
+    coco_ap, per_class (NaN as null)."""
+    return {
+        "method": card.get("method", "unknown"),
+        "pretrain_seconds": card.get("pretrain_seconds"),
+        "weights": weights,
+        "map": finite_or_none(mean),
+        "coco_ap": finite_or_none(coco),
+        "per_class": {c: finite_or_none(v) for c, v in per_class.items()},
+    }

@@ -18,7 +18,6 @@ continuous (x1 - 1, y1 - 1, x2, y2) rather than inclusive pixel indices.
 
 from __future__ import annotations
 
-import math
 import pickle
 import time
 from pathlib import Path
@@ -291,7 +290,8 @@ def run_detectron2(cfg: DetectionConfig, run: Run, voc_root: Path) -> dict[str, 
     from detectron2.utils.events import EventStorage
 
     from benchmark.distributed import pick_device
-    from transfer.detection import attach_proposals, run_command
+    from transfer.common import run_command
+    from transfer.detection import attach_proposals, finite_or_none, score_fields
     from transfer.detection.data import load_records
     from transfer.detection.evaluate import coco_ap, voc07_scores, write_results_files
     from transfer.detection.proposals import write_detectron2_pickle
@@ -365,15 +365,10 @@ def run_detectron2(cfg: DetectionConfig, run: Run, voc_root: Path) -> dict[str, 
         "task": "detection",
         "backend": "detectron2",
         "detectron2_version": detectron2.__version__,
-        "method": card.get("method", "unknown"),
-        "pretrain_seconds": card.get("pretrain_seconds"),
-        "weights": cfg.weights,
-        "map": _finite(mean),
-        "coco_ap": _finite(coco),
-        "per_class": {c: _finite(v) for c, v in per_class.items()},
+        **score_fields(card, cfg.weights, mean, coco, per_class),
         # detectron2's own PascalVOCDetectionEvaluator (percent in detectron2 -> fraction)
-        "detectron2_ap50": _finite(float(bbox.get("AP50", float("nan"))) / 100),
-        "detectron2_ap": _finite(float(bbox.get("AP", float("nan"))) / 100),
+        "detectron2_ap50": finite_or_none(float(bbox.get("AP50", float("nan"))) / 100),
+        "detectron2_ap": finite_or_none(float(bbox.get("AP", float("nan"))) / 100),
         "seed": cfg.seed,
         "command": run_command(run),
         "iterations": cfg.iterations,
@@ -439,7 +434,3 @@ def _train_loop(
                         "config": to_dict(cfg),
                     }
                 )
-
-
-def _finite(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from benchmark.config import to_dict
 from benchmark.datasets.voc import VOC_CLASSES
 from benchmark.distributed import setup
 from benchmark.errors import ConfigError
 from benchmark.runs import Run
-from transfer.backbone import describe_transfer, load_encoder, peek_card
+from transfer import common
+from transfer.backbone import describe_transfer, load_encoder
 
 from .config import SegmentationConfig
 from .data import SegmentationData, build_data, find_sbd, to_input
@@ -27,17 +27,12 @@ from .engine import evaluate, make_optimizer, save_overlays, scores_from_hist, t
 from .model import FCN
 
 CLASSES: tuple[str, ...] = ("background", *VOC_CLASSES)
-CHECKPOINT = "last.pt"
-FINAL = "final.pt"
 OVERLAY_DIR = "overlays"
 
 
 def default_name(cfg: SegmentationConfig) -> str:
     """seg-<method>[-<mask>][-<variant>][-mmseg]-s<seed>, e.g. seg-random-s0."""
-    card = peek_card(cfg.weights)
-    parts = ["seg", str(card.get("method", "unknown"))]
-    if card.get("mask"):
-        parts.append(str(card["mask"]))
+    parts = common.name_parts("seg", cfg.weights)
     if cfg.variant != "fcn32s":
         parts.append(cfg.variant)
     if cfg.backend != "native":
@@ -100,11 +95,6 @@ def rescale_(model: FCN, samples: list, pretrained_encoder: bool) -> list[tuple[
     return data_dependent_init_(model, batch, pretrained_encoder)  # type: ignore[arg-type]
 
 
-def _command(run: Run) -> str | None:
-    path = run.file("command.txt")
-    return path.read_text().strip() if path.is_file() else None
-
-
 def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     """Train FCN, evaluate mean IU, write metrics.json; returns the metrics."""
     check_config(cfg)
@@ -119,16 +109,12 @@ def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
 
     encoder, card = load_encoder(cfg.weights, cfg.arch)
     model = FCN(encoder, len(CLASSES), cfg.variant, cfg.fc_dim, cfg.dropout, cfg.pad)
-    ckpt = run.load_checkpoint(CHECKPOINT) if run.resumed else None
-    state: dict[str, Any] = {"iteration": 0, "initial_loss": None, "final_loss": None,
-                             "train_seconds": 0.0}  # fmt: skip
+    ckpt = run.load_checkpoint(common.CHECKPOINT) if run.resumed else None
+    state = common.start_state(model, ckpt)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        state = dict(ckpt["state"])
         run.logger.info(f"resuming segmentation at iteration {state['iteration']}")
-    elif run.resumed and (final := run.load_checkpoint(FINAL)) is not None:
-        model.load_state_dict(final["model"])
-        state = dict(final["state"])
+    elif run.resumed and (final := run.load_checkpoint(common.FINAL)) is not None:
+        state = common.start_state(model, final)
         run.logger.info("training already finished: evaluating the final weights")
     elif cfg.rescale:
         scales = rescale_(model, data.train[: cfg.rescale_images], card["method"] != "random")
@@ -140,11 +126,7 @@ def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
         optimizer.load_state_dict(ckpt["optimizer"])
 
     def save(s: dict[str, Any]) -> None:
-        run.save_checkpoint(
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dict(s),
-             "config": to_dict(cfg), "card": card},
-            CHECKPOINT,
-        )  # fmt: skip
+        common.save_state(run, common.CHECKPOINT, model, s, cfg, card, optimizer)
 
     def interim(iteration: int) -> None:
         hist, _ = evaluate(model, data.eval, cfg.max_size, device)
@@ -155,22 +137,16 @@ def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
 
     if state["iteration"] < cfg.iterations:
         state = train(model, optimizer, data.train, cfg, state, device, run, save, interim)
-        run.save_checkpoint(
-            {"model": model.state_dict(), "state": state, "config": to_dict(cfg), "card": card},
-            FINAL,
-        )
-        if run.is_main and (run.checkpoint_dir / CHECKPOINT).is_file():
-            (run.checkpoint_dir / CHECKPOINT).unlink()  # training over: no optimiser state kept
+        common.save_state(run, common.FINAL, model, state, cfg, card)
+        common.drop_resume_checkpoint(run, run.is_main)
 
     tick = time.perf_counter()
     hist, kept = evaluate(model, data.eval, cfg.max_size, device, keep=cfg.save_overlays)
     scores = scores_from_hist(hist, CLASSES)
     overlays = save_overlays(run.file(OVERLAY_DIR), kept) if run.is_main and kept else []
     metrics = {
-        "stage": "transfer", "task": "segmentation", "seed": cfg.seed, "command": _command(run),
-        "method": card.get("method"), "mask": card.get("mask"),
-        "pretrain_seconds": card.get("pretrain_seconds"), "weights": cfg.weights,
-        "backend": "native", "arch": card.get("arch"), "variant": cfg.variant,
+        **common.metrics_head("segmentation", "native", cfg, run, card, card.get("arch")),
+        "variant": cfg.variant,
         "rescale": cfg.rescale,
         **scores,
         "split": data.split, "eval_images": len(data.eval),

@@ -389,8 +389,10 @@ def run_mmseg(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     """Train and evaluate through mmengine's Runner; writes metrics.json like the native one."""
     import time
 
+    from transfer.common import metrics_head
+
     from .engine import overlay_png
-    from .main import CLASSES, OVERLAY_DIR, _command, prepare_data
+    from .main import CLASSES, OVERLAY_DIR, prepare_data
 
     register()
     if cfg.variant != "fcn32s":
@@ -430,16 +432,7 @@ def run_mmseg(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
             atomic_write_bytes(run.file(f"{OVERLAY_DIR}/{name}"), overlay_png(image, gt, pred))
             overlays.append(f"{OVERLAY_DIR}/{name}")
     metrics = {
-        "stage": "transfer",
-        "task": "segmentation",
-        "seed": cfg.seed,
-        "command": _command(run),
-        "method": card.get("method"),
-        "mask": card.get("mask"),
-        "pretrain_seconds": card.get("pretrain_seconds"),
-        "weights": cfg.weights,
-        "backend": "mmseg",
-        "arch": arch,
+        **metrics_head("segmentation", "mmseg", cfg, run, card, arch),
         "variant": "fcn32s-mmseg-fcnhead",
         **scores,
         "split": data.split,
