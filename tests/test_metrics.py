@@ -25,8 +25,6 @@ from benchmark.metrics import (
     voc_detection_eval,
 )
 
-VOC2007 = Path(__file__).resolve().parents[2] / "shared" / "data" / "VOCdevkit" / "VOC2007"
-
 # ---------------------------------------------------------------------------------------------
 # Classification
 # ---------------------------------------------------------------------------------------------
@@ -305,9 +303,9 @@ def _read_voc_xml(path: Path) -> list[tuple[str, tuple[float, ...], bool]]:
     return objs
 
 
-@pytest.mark.skipif(not (VOC2007 / "Annotations").is_dir(), reason="shared VOC2007 sample absent")
-def test_detection_matches_devkit_loop_on_real_voc_annotations() -> None:
-    files = sorted((VOC2007 / "Annotations").glob("*.xml"))[:150]
+def test_detection_matches_devkit_loop_on_real_voc_annotations(shared_data: Path) -> None:
+    voc2007 = shared_data / "VOCdevkit" / "VOC2007"
+    files = sorted((voc2007 / "Annotations").glob("*.xml"))[:150]
     gt = {f.stem: _read_voc_xml(f) for f in files}
     classes = sorted({o[0] for objs in gt.values() for o in objs})
     assert any(o[2] for objs in gt.values() for o in objs), "sample should hold difficult objects"
