@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--min-size", type=int, default=128)
     q.add_argument("--max-size", type=int, default=256)
-    q.add_argument("--force", action="store_true", help="replace an existing folder")
+    q.add_argument(
+        "--force", action="store_true", help="replace an existing, different dataset folder"
+    )
     q = dsub.add_parser("check", help="parse a dataset and list every problem found")
     q.add_argument("path", type=Path)
 
@@ -232,18 +234,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from benchmark.datasets.synth import make_synthetic
 
-        if args.out.exists() and any(args.out.iterdir()):
-            if not args.force:
-                raise BenchError(f"{args.out}: folder exists and is not empty (use --force)")
-            import shutil
-
-            shutil.rmtree(args.out)
         path = make_synthetic(
             args.out,
             images=args.images,
             seed=args.seed,
             min_size=args.min_size,
             max_size=args.max_size,
+            force=args.force,
         )
         print(f"wrote synthetic VOCdevkit to {path}")
         return 0
@@ -273,8 +270,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
         ):
             print(f"wrote {path}")
         return 0
-    import pretrain.inpaint_eval as ev
-    from benchmark.stages import Stage
+    from benchmark.stages import inpaint_eval_stage
 
     flags = {
         **COMMON_FLAGS,
@@ -282,8 +278,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
         "baseline": "baseline",
         "train_data": "train_data",
     }
-    stage = Stage(ev.InpaintEvalConfig, ev.main, ev.default_name)
-    return _run_stage_command(args, stage, _stage_overrides(args, flags))
+    return _run_stage_command(args, inpaint_eval_stage(), _stage_overrides(args, flags))
 
 
 COMMANDS = {

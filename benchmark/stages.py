@@ -58,6 +58,11 @@ def transfer_stage(task: str) -> Stage:
     return TRANSFER_TASKS[task]()
 
 
+def inpaint_eval_stage() -> Stage:
+    """`bench inpaint evaluate`: Table 1 metrics of a model or a nearest-neighbour baseline."""
+    return _load("pretrain.inpaint_eval", "InpaintEvalConfig")
+
+
 def run_stage(
     stage: Stage,
     cfg: Any,

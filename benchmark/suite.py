@@ -104,10 +104,9 @@ def run_suite(
 def _inpainting_steps(
     cfg: InpaintingSuite, common: dict[str, Any], seed: int, root: Path, force: bool
 ) -> None:
-    import pretrain.inpaint_eval as ev
-    from benchmark.stages import Stage
+    from benchmark.stages import inpaint_eval_stage
 
-    eval_stage = Stage(ev.InpaintEvalConfig, ev.main, ev.default_name)
+    eval_stage = inpaint_eval_stage()
     for loss in cfg.losses:
         base = merge(
             to_dict(cfg.train),

@@ -54,3 +54,32 @@ def test_data_check_missing_path(tmp_path, capsys):
     assert code != 0
     captured = capsys.readouterr()
     assert "nowhere" in captured.err + captured.out
+
+
+def _tree(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_data_synth_twice_is_identical_and_check_names_broken_files(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        assert main(["data", "synth", str(out), "--images", "10", "--seed", "5",
+                     "--min-size", "64", "--max-size", "96"]) == 0  # fmt: skip
+    assert _tree(a) == _tree(b)
+    assert main(["data", "check", str(a)]) == 0
+
+    voc = a / "VOCdevkit" / "VOC2007"
+    anns = sorted((voc / "Annotations").glob("*.xml"))
+    (voc / "JPEGImages" / f"{anns[0].stem}.jpg").unlink()
+    anns[1].write_text("<annotation><object>")
+    text = anns[2].read_text()
+    first = text.index("<name>", text.index("<object>"))
+    end = text.index("</name>", first)
+    anns[2].write_text(text[:first] + "<name>unicorn" + text[end:])
+    capsys.readouterr()
+    assert main(["data", "check", str(a)]) == 1
+    captured = capsys.readouterr()
+    report = captured.out + captured.err
+    for path in anns[:3]:
+        assert path.name in report
+    assert "unicorn" in report

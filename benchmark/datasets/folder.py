@@ -10,7 +10,14 @@ from PIL import Image, UnidentifiedImageError
 from benchmark.errors import DatasetError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".tif", ".tiff", ".webp"
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".ppm",
+    ".tif",
+    ".tiff",
+    ".webp",
 )
 
 

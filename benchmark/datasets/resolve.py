@@ -67,9 +67,7 @@ def _has_image(folder: Path) -> bool:
     return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.rglob("*"))
 
 
-def resolve_data(
-    data: str | Path | None, kind: DataKind, results_root: Path | None = None
-) -> Path:
+def resolve_data(data: str | Path | None, kind: DataKind, results_root: Path | None = None) -> Path:
     """The folder holding `kind` data: VOC2007/VOC2012 year folder, SBD `dataset/`, or an
     image folder. None gives the synthetic default's; a VOCdevkit root (or a synthetic
     tree) gives its matching child; anything else must already have the layout.

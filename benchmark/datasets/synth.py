@@ -95,26 +95,35 @@ SHAPES: dict[str, Shape] = {
     "diamond": lambda u, v: np.abs(u) + np.abs(v) < 0.98,
     "star5": _star(5, 0.45),
     "hexagon": _polygon(6),
-    "plus": lambda u, v: ((np.abs(u) < 0.3) & (np.abs(v) < 0.95))
-    | ((np.abs(v) < 0.3) & (np.abs(u) < 0.95)),
+    "plus": lambda u, v: (
+        ((np.abs(u) < 0.3) & (np.abs(v) < 0.95)) | ((np.abs(v) < 0.3) & (np.abs(u) < 0.95))
+    ),
     "ring": lambda u, v: (u * u + v * v < 0.95**2) & (u * u + v * v > 0.5**2),
-    "xcross": lambda u, v: (np.abs(u - v) < 0.4) & (np.abs(u + v) < 1.3)
-    | (np.abs(u + v) < 0.4) & (np.abs(u - v) < 1.3),
+    "xcross": lambda u, v: (
+        (np.abs(u - v) < 0.4) & (np.abs(u + v) < 1.3)
+        | (np.abs(u + v) < 0.4) & (np.abs(u - v) < 1.3)
+    ),
     "crescent": lambda u, v: (u * u + v * v < 0.95**2) & ((u - 0.45) ** 2 + v * v > 0.7**2),
     "heart": _heart,
     "arrow": _arrow,
-    "ell": lambda u, v: ((np.abs(u + 0.55) < 0.35) & (np.abs(v) < 0.95))
-    | ((np.abs(v - 0.6) < 0.35) & (np.abs(u) < 0.9)),
-    "tee": lambda u, v: ((np.abs(v + 0.6) < 0.32) & (np.abs(u) < 0.95))
-    | ((np.abs(u) < 0.3) & (np.abs(v) < 0.95)),
+    "ell": lambda u, v: (
+        ((np.abs(u + 0.55) < 0.35) & (np.abs(v) < 0.95))
+        | ((np.abs(v - 0.6) < 0.35) & (np.abs(u) < 0.9))
+    ),
+    "tee": lambda u, v: (
+        ((np.abs(v + 0.6) < 0.32) & (np.abs(u) < 0.95)) | ((np.abs(u) < 0.3) & (np.abs(v) < 0.95))
+    ),
     "pentagon": _polygon(5, phase=np.pi / 2),
     "trapezoid": lambda u, v: (np.abs(v) < 0.6) & (np.abs(u) < 0.45 + 0.5 * (v + 0.6)),
     "halfdisk": lambda u, v: (u * u + (v - 0.45) ** 2 < 0.95**2) & (v < 0.45),
     "star4": _star(4, 0.3),
-    "frame": lambda u, v: (np.maximum(np.abs(u), np.abs(v)) < 0.9)
-    & (np.maximum(np.abs(u), np.abs(v)) > 0.5),
-    "aitch": lambda u, v: ((np.abs(np.abs(u) - 0.65) < 0.28) & (np.abs(v) < 0.95))
-    | ((np.abs(v) < 0.22) & (np.abs(u) < 0.9)),
+    "frame": lambda u, v: (
+        (np.maximum(np.abs(u), np.abs(v)) < 0.9) & (np.maximum(np.abs(u), np.abs(v)) > 0.5)
+    ),
+    "aitch": lambda u, v: (
+        ((np.abs(np.abs(u) - 0.65) < 0.28) & (np.abs(v) < 0.95))
+        | ((np.abs(v) < 0.22) & (np.abs(u) < 0.9))
+    ),
 }
 
 # ---------------------------------------------------------------------------- textures
@@ -133,9 +142,7 @@ TEXTURES: dict[str, Texture] = {
     ).astype(np.float32),
     "waves": lambda x, y, p, a: 0.5 + 0.5 * np.sin(2 * np.pi * x / p + 2.0 * np.sin(y / p)),
     "rings": lambda x, y, p, a: 0.5 + 0.5 * np.cos(2 * np.pi * np.hypot(x, y) / p),
-    "gradient": lambda x, y, p, a: np.clip(
-        (x * np.cos(a) + y * np.sin(a)) / (8 * p) % 1.0, 0, 1
-    ),
+    "gradient": lambda x, y, p, a: np.clip((x * np.cos(a) + y * np.sin(a)) / (8 * p) % 1.0, 0, 1),
 }
 
 
