@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="*", type=Path, help="run folders or folders of runs")
     p.add_argument("--out", type=Path, help="report folder (default: results/report)")
     p.add_argument("--force", action="store_true", help="overwrite existing report files")
+    p.add_argument(
+        "--overlays",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also copy K prediction overlays of each segmentation run into OUT/overlays",
+    )
 
     p = sub.add_parser("data", help="make or check datasets")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -225,7 +232,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     inputs = args.runs or [default_results_root() / "runs"]
     out = args.out or default_results_root() / "report"
-    print(report_main(inputs, out, force=args.force))
+    print(report_main(inputs, out, force=args.force, overlays=args.overlays))
     print(f"report files in {out}")
     return 0
 

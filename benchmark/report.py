@@ -619,8 +619,24 @@ TABLE1_NOTE = (
 # ---------------------------------------------------------------------------------------------
 
 
+def overlay_files(df: pd.DataFrame, limit: int) -> dict[str, bytes]:
+    """Up to `limit` prediction overlays (image | ground truth | prediction) of every
+    segmentation run, as `overlays/<run>/<image>.png` report files. The PNGs are the ones the
+    run wrote (`save_overlays: K`); a run that wrote none contributes nothing."""
+    out: dict[str, bytes] = {}
+    for _, row in df[df["task"] == "segmentation"].iterrows():
+        run = Path(row["run"])
+        for png in sorted((run / "overlays").glob("*.png"))[:limit]:
+            out[f"overlays/{run.name}/{png.name}"] = png.read_bytes()
+    return out
+
+
 def main(
-    inputs: Sequence[Path], out_dir: Path, force: bool = False, reference_dir: Path | None = None
+    inputs: Sequence[Path],
+    out_dir: Path,
+    force: bool = False,
+    reference_dir: Path | None = None,
+    overlays: int = 0,
 ) -> str:
     """Write Table 2, per-class tables/charts and (with inpainting runs) Table 1 to out_dir.
 
@@ -664,6 +680,8 @@ def main(
             {"table1.csv": to_csv(t1), "table1.tex": to_latex(t1, "Method"), "table1.md": md1}
         )
         printed += "\n" + md1
+    if overlays:
+        files.update(overlay_files(df, overlays))
     if not force:
         for name in files:
             if (out_dir / name).exists():

@@ -97,7 +97,7 @@ def run_suite(
     from benchmark.report import main as report_main
 
     report_dir = results / "reports" / suite.name
-    text = report_main([root], report_dir, force=True)
+    text = report_main([root], report_dir, force=True, overlays=4)
     return f"{text}\nreport files in {report_dir}\nruns in {root}"
 
 

@@ -285,3 +285,20 @@ def test_latex_tables_compile(runs: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:]
     assert (tmp_path / "doc.pdf").stat().st_size > 1000
+
+
+def test_report_saves_segmentation_overlays(runs: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    overlays = runs / "ce-seg" / "overlays"
+    overlays.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (12, 4), (200, 0, 0)).save(overlays / name)
+    out = tmp_path / "report"
+    main([runs], out, overlays=2)
+    saved = sorted(p.name for p in (out / "overlays" / "ce-seg").iterdir())
+    assert saved == ["a.png", "b.png"]
+    assert Image.open(out / "overlays" / "ce-seg" / "a.png").size == (12, 4)
+    assert not (tmp_path / "plain").exists()
+    main([runs], tmp_path / "plain")
+    assert not (tmp_path / "plain" / "overlays").exists()
