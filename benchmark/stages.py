@@ -97,6 +97,10 @@ def run_stage(
         if run.resumed and env.is_main:
             run.logger.info(f"{path}: resuming")
         metrics = stage.main(cfg, run)
+        if env.is_main:
+            from benchmark.curves import write_curves
+
+            write_curves(path)
         return path, metrics
     finally:
         run.close()

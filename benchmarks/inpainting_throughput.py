@@ -52,9 +52,14 @@ def ours(variant: str, device: torch.device, loss: str) -> Callable[[dict], Any]
         setattr(cfg.train, k, v)
     env = DistEnv(0, 1, 0, device)
     nets = build_nets(cfg, env)
-    step = make_step(nets, device, cfg.loss, overlap=cfg.loss.overlap,
-                     channels_last=cfg.train.channels_last,
-                     fused_discriminator=cfg.train.fused_discriminator)
+    step = make_step(
+        nets,
+        device,
+        cfg.loss,
+        overlap=cfg.loss.overlap,
+        channels_last=cfg.train.channels_last,
+        fused_discriminator=cfg.train.fused_discriminator,
+    )
     return lambda batch: step(batch, 0)
 
 
@@ -73,7 +78,7 @@ def port(device: torch.device, overlap: int = 4) -> Callable[[dict], Any]:
     bce = nn.BCELoss()
     hole = central_hole(overlap).to(device)
     w = torch.full((1, 3, 64, 64), 0.999 * 10.0, device=device)
-    w[..., overlap:64 - overlap, overlap:64 - overlap] = 0.999
+    w[..., overlap : 64 - overlap, overlap : 64 - overlap] = 0.999
 
     def step(batch: dict) -> None:
         image = batch["image"]
@@ -93,8 +98,15 @@ def port(device: torch.device, overlap: int = 4) -> Callable[[dict], Any]:
     return step
 
 
-def measure(name: str, step: Callable[[dict], Any], batch: dict, device: torch.device,
-            peak: float, repeats: int, warmup: int) -> dict[str, Any]:
+def measure(
+    name: str,
+    step: Callable[[dict], Any],
+    batch: dict,
+    device: torch.device,
+    peak: float,
+    repeats: int,
+    warmup: int,
+) -> dict[str, Any]:
     flops = count_flops(lambda: step(batch))
     for _ in range(warmup):
         step(batch)
@@ -111,8 +123,13 @@ def measure(name: str, step: Callable[[dict], Any], batch: dict, device: torch.d
     n = len(batch["image"])
     gflops = flops / wall / 1e9
     return {
-        "step": name, "ms/step": wall * 1e3, "img/s": n / wall, "cpu s/step": cpu,
-        "GFLOP/step": flops / 1e9, "GFLOP/s": gflops, "% matmul": 100.0 * gflops / peak,
+        "step": name,
+        "ms/step": wall * 1e3,
+        "img/s": n / wall,
+        "cpu s/step": cpu,
+        "GFLOP/step": flops / 1e9,
+        "GFLOP/s": gflops,
+        "% matmul": 100.0 * gflops / peak,
     }
 
 
@@ -137,13 +154,17 @@ def main(argv: list[str] | None = None) -> str:
     for v in args.variants.split(","):
         if v not in VARIANTS:
             raise SystemExit(f"--variants: unknown {v!r} (choose from {', '.join(VARIANTS)})")
-        rows.append(measure(v, ours(v, device, args.loss), batch, device, peak,
-                            args.repeats, args.warmup))
+        rows.append(
+            measure(v, ours(v, device, args.loss), batch, device, peak, args.repeats, args.warmup)
+        )
     if args.port:
-        rows.append(measure("public port", port(device), batch, device, peak,
-                            args.repeats, args.warmup))
-    head = (f"device {device}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
-            f"128 px, loss {args.loss}; fp32 matmul {peak:.1f} GFLOP/s")
+        rows.append(
+            measure("public port", port(device), batch, device, peak, args.repeats, args.warmup)
+        )
+    head = (
+        f"device {device}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+        f"128 px, loss {args.loss}; fp32 matmul {peak:.1f} GFLOP/s"
+    )
     return head + "\n\n" + markdown_table(rows)
 
 

@@ -34,13 +34,20 @@ def _fake_batch(batch_size: int, size: int, mask: str, device: torch.device) -> 
     fn = make_mask_fn(mask, (size, size))
     rng = np.random.default_rng(0)
     masks = torch.stack([torch.from_numpy(fn(rng)).float()[None] for _ in range(batch_size)])
-    return {"image": torch.randn(batch_size, 3, size, size, device=device),
-            "mask": masks.to(device)}
+    return {
+        "image": torch.randn(batch_size, 3, size, size, device=device),
+        "mask": masks.to(device),
+    }
 
 
 def measure_step(
-    batch_size: int, size: int, device: torch.device, amp: bool, repeats: int,
-    channels_last: bool, peak: float,
+    batch_size: int,
+    size: int,
+    device: torch.device,
+    amp: bool,
+    repeats: int,
+    channels_last: bool,
+    peak: float,
 ) -> dict[str, Any]:
     """A full optimisation step (forward, masked loss, backward, fused Adam) as one row."""
     torch.manual_seed(0)
@@ -52,21 +59,34 @@ def measure_step(
     batch = _fake_batch(batch_size, size, "central", device)
     if channels_last:  # to_device only converts on CUDA; force it here to measure CPU too
         batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-    step = make_step(model, opt, prec, device, fill=torch.zeros(3, device=device),
-                     channels_last=channels_last)
+    step = make_step(
+        model, opt, prec, device, fill=torch.zeros(3, device=device), channels_last=channels_last
+    )
     flops = count_flops(lambda: step(batch, 0))
     seconds = time_per_call(lambda: step(batch, 0), device, warmup=2, repeats=repeats)
     gflops = flops / seconds / 1e9
     return {
-        "what": "train step", "device": str(device), "batch": batch_size, "size": size,
-        "channels_last": channels_last, "amp": prec.enabled,
-        "ms/step": seconds * 1e3, "img/s": batch_size / seconds,
-        "GFLOP/step": flops / 1e9, "GFLOP/s": gflops, "% matmul peak": 100.0 * gflops / peak,
+        "what": "train step",
+        "device": str(device),
+        "batch": batch_size,
+        "size": size,
+        "channels_last": channels_last,
+        "amp": prec.enabled,
+        "ms/step": seconds * 1e3,
+        "img/s": batch_size / seconds,
+        "GFLOP/step": flops / 1e9,
+        "GFLOP/s": gflops,
+        "% matmul peak": 100.0 * gflops / peak,
     }
 
 
 def data_rows(
-    root: Path, batch_size: int, size: int, mask: str, workers: Sequence[int], batches: int,
+    root: Path,
+    batch_size: int,
+    size: int,
+    mask: str,
+    workers: Sequence[int],
+    batches: int,
     device: torch.device,
 ) -> list[dict[str, Any]]:
     """img/s of decoding + resizing + cropping + masking, per DataLoader worker count."""
@@ -85,8 +105,16 @@ def data_rows(
             b["image"].to(device, non_blocking=True)
         sync(device)
         seconds = time.perf_counter() - tic
-        rows.append({"what": "data", "workers": w, "batch": batch_size, "size": size,
-                     "mask": mask, "img/s": batches * batch_size / seconds})
+        rows.append(
+            {
+                "what": "data",
+                "workers": w,
+                "batch": batch_size,
+                "size": size,
+                "mask": mask,
+                "img/s": batches * batch_size / seconds,
+            }
+        )
         del it
     return rows
 
@@ -139,5 +167,15 @@ def _args() -> argparse.Namespace:
 
 if __name__ == "__main__":
     a = _args()
-    main(a.batch_size, a.image_size, a.device, a.data, a.mask, a.workers, a.repeats,
-         a.data_batches, a.threads, not a.no_amp)
+    main(
+        a.batch_size,
+        a.image_size,
+        a.device,
+        a.data,
+        a.mask,
+        a.workers,
+        a.repeats,
+        a.data_batches,
+        a.threads,
+        not a.no_amp,
+    )

@@ -29,7 +29,13 @@ from pretrain.alexnet import AlexNetEncoder
 Format = Literal["native", "torchvision", "detectron2", "mmseg"]
 NATIVE_FILE = "encoder.safetensors"
 CARD_KEYS = (
-    "method", "mask", "iterations", "data", "config_hash", "arch", "pool_free",
+    "method",
+    "mask",
+    "iterations",
+    "data",
+    "config_hash",
+    "arch",
+    "pool_free",
     "pretrain_seconds",
 )
 DEFAULT_NAMES: dict[str, str] = {
@@ -63,8 +69,11 @@ def native_file(source: Path) -> Path:
     source = Path(source)
     path = source / NATIVE_FILE if source.is_dir() else source
     if not path.is_file():
-        where = f"{source}: run folder has no {NATIVE_FILE}" if source.is_dir() else (
-            f"{source}: weights file not found")
+        where = (
+            f"{source}: run folder has no {NATIVE_FILE}"
+            if source.is_dir()
+            else (f"{source}: weights file not found")
+        )
         raise BenchError(where + " (did the pretrain run finish?)")
     return path
 

@@ -82,7 +82,9 @@ def make_figures(
     for kind, extra in features.items():
         index = build_index(pool, kind, overlap, **extra)
         nearest = index.nearest(context_features(kind, queries, overlap, **extra), k)
-        rows = [to_pixels(torch.cat([truth[i : i + 1], index.centres[nearest[i]]]))
-                for i in range(len(queries))]
+        rows = [
+            to_pixels(torch.cat([truth[i : i + 1], index.centres[nearest[i]]]))
+            for i in range(len(queries))
+        ]
         written.append(save_grid(out / f"figure8_{kind}.png", rows))
     return written

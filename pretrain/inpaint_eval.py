@@ -69,8 +69,11 @@ def held_out_paths(data: str | None, max_images: int) -> list[Path]:
 
 @torch.no_grad()
 def predict(
-    generator: ContextEncoderGenerator, images: torch.Tensor, overlap: int,
-    batch_size: int = 32, device: torch.device | str = "cpu",
+    generator: ContextEncoderGenerator,
+    images: torch.Tensor,
+    overlap: int,
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """(N, 3, 128, 128) in [-1, 1] -> predicted centre patches (N, 3, 64, 64), eval mode."""
     generator = generator.to(device).eval()
@@ -97,7 +100,7 @@ def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
     device = pick_device(cfg.device)
     paths = held_out_paths(cfg.data, cfg.max_images)
     images = load_eval_images(paths)
-    generator, card = (load_generator(cfg.weights) if cfg.weights else (None, {}))
+    generator, card = load_generator(cfg.weights) if cfg.weights else (None, {})
     overlap = cfg.overlap if cfg.overlap is not None else int(card.get("overlap", OVERLAP_PAPER))
     if cfg.baseline is None:
         method = f"context-encoder-{card.get('loss', 'joint')}"
@@ -105,15 +108,17 @@ def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
     else:
         method = cfg.baseline
         train_root = Path(resolve_data(cfg.train_data, "images"))
-        pool = training_crops(list_images(train_root), cfg.train_load_size, cfg.train_crops,
-                              cfg.seed)
+        pool = training_crops(
+            list_images(train_root), cfg.train_load_size, cfg.train_crops, cfg.seed
+        )
         kind = "hog" if cfg.baseline == "nn-hog" else "ce"
         index = build_index(pool, kind, overlap, generator)
         pred = nn_inpaint(index, images, kind, overlap, generator)
         run.logger.info(f"{cfg.baseline}: searched {len(pool)} contexts from {train_root}")
     errors = inpainting_errors(pred.numpy(), centre_patch(images).numpy())
-    table = pd.DataFrame({"image": [p.name for p in paths],
-                          **{k: np.asarray(v) for k, v in errors.items()}})
+    table = pd.DataFrame(
+        {"image": [p.name for p in paths], **{k: np.asarray(v) for k, v in errors.items()}}
+    )
     buf = io.StringIO()
     table.to_csv(buf, index=False, float_format="%.6f")
     if run.is_main:

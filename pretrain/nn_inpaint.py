@@ -56,16 +56,23 @@ def hog_features(images: torch.Tensor, overlap: int = 0) -> torch.Tensor:
     keep = ~(touches[:, None] & touches[None, :])  # (blocks, blocks)
     out = []
     for g in grey:
-        h = hog(g, orientations=9, pixels_per_cell=(HOG_CELL, HOG_CELL),
-                cells_per_block=(HOG_BLOCK, HOG_BLOCK), block_norm="L2-Hys",
-                feature_vector=False)  # (blocks, blocks, 2, 2, 9)
+        h = hog(
+            g,
+            orientations=9,
+            pixels_per_cell=(HOG_CELL, HOG_CELL),
+            cells_per_block=(HOG_BLOCK, HOG_BLOCK),
+            block_norm="L2-Hys",
+            feature_vector=False,
+        )  # (blocks, blocks, 2, 2, 9)
         out.append(h[keep].reshape(-1))
     return torch.from_numpy(np.stack(out)).float()
 
 
 @torch.no_grad()
 def ce_features(
-    generator: ContextEncoderGenerator, images: torch.Tensor, overlap: int = 0,
+    generator: ContextEncoderGenerator,
+    images: torch.Tensor,
+    overlap: int = 0,
     batch_size: int = 32,
 ) -> torch.Tensor:
     """(N, 4000) bottleneck of the hole-filled contexts (generator in eval mode)."""
@@ -73,8 +80,10 @@ def ce_features(
     was_training = generator.training
     generator.eval()
     device = next(generator.parameters()).device
-    feats = [generator.features(mask_context(b.to(device), hole.to(device))).cpu()
-             for b in images.split(batch_size)]
+    feats = [
+        generator.features(mask_context(b.to(device), hole.to(device))).cpu()
+        for b in images.split(batch_size)
+    ]
     generator.train(was_training)
     return torch.cat(feats)
 

@@ -41,10 +41,26 @@ def test_generator_shapes_and_parameter_count():
     assert z.shape == (2, 4000, 1, 1)
     assert g(x).shape == (2, 3, 64, 64)
     assert g(x).abs().max() <= 1.0  # tanh
-    enc = (_conv_params(3, 64, False) + _conv_params(64, 64, True) + _conv_params(64, 128, True)
-           + _conv_params(128, 256, True) + _conv_params(256, 512, True) + 512 * 4000 * 16)
-    dec = (2 * 4000 + 4000 * 512 * 16 + 2 * 512 + 512 * 256 * 16 + 2 * 256
-           + 256 * 128 * 16 + 2 * 128 + 128 * 64 * 16 + 2 * 64 + 64 * 3 * 16)
+    enc = (
+        _conv_params(3, 64, False)
+        + _conv_params(64, 64, True)
+        + _conv_params(64, 128, True)
+        + _conv_params(128, 256, True)
+        + _conv_params(256, 512, True)
+        + 512 * 4000 * 16
+    )
+    dec = (
+        2 * 4000
+        + 4000 * 512 * 16
+        + 2 * 512
+        + 512 * 256 * 16
+        + 2 * 256
+        + 256 * 128 * 16
+        + 2 * 128
+        + 128 * 64 * 16
+        + 2 * 64
+        + 64 * 3 * 16
+    )
     # the first conv has a bias (no BatchNorm after it); BN convs have none
     assert sum(p.numel() for p in g.encoder.parameters()) == enc
     assert sum(p.numel() for p in g.decoder.parameters()) == dec
@@ -95,8 +111,9 @@ def test_central_hole_and_context():
     assert hole.sum() == 56 * 56 and hole[0, 0, 36, 36] and not hole[0, 0, 35, 36]
     x = torch.rand(2, 3, 128, 128) * 2 - 1
     ctx = mask_context(x, hole)
-    torch.testing.assert_close(ctx[:, :, 36:92, 36:92],
-                               torch.tensor(FILL).view(1, 3, 1, 1).expand(2, 3, 56, 56))
+    torch.testing.assert_close(
+        ctx[:, :, 36:92, 36:92], torch.tensor(FILL).view(1, 3, 1, 1).expand(2, 3, 56, 56)
+    )
     assert torch.equal(ctx[:, :, :36], x[:, :, :36])
     assert centre_patch(x).shape == (2, 3, 64, 64)
 
@@ -106,8 +123,7 @@ def test_data_pipeline_crops():
     im = Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 300, 3), np.uint8))
     crop = train_crop(im, rng)  # shorter side 350, random 128 crop, flip
     assert crop.shape == (128, 128, 3)
-    c = centre_crop(Image.fromarray(np.arange(227 * 227 * 3, dtype=np.uint8)
-                                    .reshape(227, 227, 3)))
+    c = centre_crop(Image.fromarray(np.arange(227 * 227 * 3, dtype=np.uint8).reshape(227, 227, 3)))
     assert c.shape == (128, 128, 3)
     full = np.arange(227 * 227 * 3, dtype=np.uint8).reshape(227, 227, 3)
     assert np.array_equal(c, full[49:177, 49:177])  # (227 - 128) // 2 = 49
@@ -170,8 +186,10 @@ def test_sequential_update_matches_reference(channels_last):
     fake = g_ref(mask_context(image, central_hole(4)))
     bce = torch.nn.BCELoss()
     opt_d.zero_grad()
-    (bce(d_ref.probability(real), torch.ones(16))
-     + bce(d_ref.probability(fake.detach()), torch.zeros(16))).backward()
+    (
+        bce(d_ref.probability(real), torch.ones(16))
+        + bce(d_ref.probability(fake.detach()), torch.zeros(16))
+    ).backward()
     d_grads = [p.grad.clone() for p in d_ref.parameters()]
     opt_d.step()
     opt_g.zero_grad()

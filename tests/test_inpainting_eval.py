@@ -23,8 +23,11 @@ def _weights(folder: Path, loss: str, bottleneck: int = 32, seed: int = 0) -> Pa
     g = ContextEncoderGenerator(bottleneck)
     g(torch.rand(4, 3, 128, 128) * 2 - 1)  # move the BatchNorm running statistics
     folder.mkdir(parents=True)
-    write_generator(folder / "generator.safetensors", g,
-                    {"method": "inpainting", "loss": loss, "overlap": 4, "iterations": 1})
+    write_generator(
+        folder / "generator.safetensors",
+        g,
+        {"method": "inpainting", "loss": loss, "overlap": 4, "iterations": 1},
+    )
     return folder
 
 
@@ -68,15 +71,17 @@ def test_evaluate_matches_independent_computation(tmp_path):
     ref = np.array([_independent(weights, data / r["image"]) for r in rows])
     got = np.array([[float(r["l1"]), float(r["l2"]), float(r["psnr"])] for r in rows])
     np.testing.assert_allclose(got, ref, rtol=1e-4)
-    np.testing.assert_allclose([metrics["mean_l1"], metrics["mean_l2"], metrics["psnr"]],
-                               ref.mean(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(
+        [metrics["mean_l1"], metrics["mean_l2"], metrics["psnr"]], ref.mean(axis=0), rtol=1e-4
+    )
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 3
 
 
 def test_nn_hog_on_its_own_training_images_is_perfect(tmp_path):
     data = _held_out(tmp_path / "held", 3, size=128)
-    cfg = InpaintEvalConfig(data=str(data), baseline="nn-hog", train_data=str(data),
-                            device="cpu", overlap=7)
+    cfg = InpaintEvalConfig(
+        data=str(data), baseline="nn-hog", train_data=str(data), device="cpu", overlap=7
+    )
     metrics = main(cfg, open_run(tmp_path / "eval", cfg))
     assert metrics["method"] == "nn-hog"
     assert metrics["mean_l1"] == 0.0 and metrics["mean_l2"] == 0.0 and metrics["psnr"] == 100.0

@@ -35,10 +35,19 @@ def _small_folder(src: Path, dst: Path, n: int) -> Path:
 def test_training_run_lowers_masked_l2_and_writes_generator(tmp_path, synth_root):
     torch.manual_seed(0)
     cfg = InpaintingConfig(
-        data=str(synth_root / "unlabelled"), device="cpu", bottleneck=64,
+        data=str(synth_root / "unlabelled"),
+        device="cpu",
+        bottleneck=64,
         loss=InpaintLossConfig(kind="l2", overlap=4),
-        train=InpaintTrainConfig(iterations=12, batch_size=8, workers=0, log_every=4,
-                                 sample_every=12, checkpoint_every=100, load_size=0),
+        train=InpaintTrainConfig(
+            iterations=12,
+            batch_size=8,
+            workers=0,
+            log_every=4,
+            sample_every=12,
+            checkpoint_every=100,
+            load_size=0,
+        ),
     )
     metrics = main(cfg, open_run(tmp_path / "run", cfg))
     assert metrics["stage"] == "pretrain" and metrics["method"] == "inpainting"
@@ -56,10 +65,19 @@ def test_joint_run_on_real_images_lowers_masked_l2(tmp_path, shared_data):
     folder = _small_folder(shared_data / "ImageNet-sample", tmp_path / "imgs", 16)
     torch.manual_seed(0)
     cfg = InpaintingConfig(
-        data=str(folder), device="cpu", bottleneck=256,
+        data=str(folder),
+        device="cpu",
+        bottleneck=256,
         loss=InpaintLossConfig(kind="joint", overlap=4),
-        train=InpaintTrainConfig(iterations=10, batch_size=8, workers=0, log_every=5,
-                                 sample_every=0, checkpoint_every=100, load_size=160),
+        train=InpaintTrainConfig(
+            iterations=10,
+            batch_size=8,
+            workers=0,
+            log_every=5,
+            sample_every=0,
+            checkpoint_every=100,
+            load_size=160,
+        ),
     )
     metrics = main(cfg, open_run(tmp_path / "run", cfg))
     assert metrics["final_loss"] < metrics["initial_loss"]
@@ -68,8 +86,12 @@ def test_joint_run_on_real_images_lowers_masked_l2(tmp_path, shared_data):
 def test_random_region_holes_stay_in_the_patch(tmp_path, synth_root):
     from pretrain.inpainting_train import make_hole_fn
 
-    cfg = InpaintingConfig(mask="random-region", shapes=str(synth_root / "VOCdevkit/VOC2012"),
-                           loss=InpaintLossConfig(kind="l2", overlap=4), bottleneck=32)
+    cfg = InpaintingConfig(
+        mask="random-region",
+        shapes=str(synth_root / "VOCdevkit/VOC2012"),
+        loss=InpaintLossConfig(kind="l2", overlap=4),
+        bottleneck=32,
+    )
     fn = make_hole_fn(cfg)
     hole = fn(np.random.default_rng(0))
     assert hole.shape == (1, 128, 128) and hole.sum() > 0
@@ -87,11 +109,19 @@ def test_random_region_holes_stay_in_the_patch(tmp_path, synth_root):
 def test_resume_continues_bit_exact(tmp_path, synth_root):
     def cfg(iterations: int) -> InpaintingConfig:
         return InpaintingConfig(
-            data=str(synth_root / "unlabelled"), device="cpu", bottleneck=32,
+            data=str(synth_root / "unlabelled"),
+            device="cpu",
+            bottleneck=32,
             loss=InpaintLossConfig(kind="joint", overlap=4),
-            train=InpaintTrainConfig(iterations=iterations, batch_size=4, workers=0,
-                                     log_every=1, sample_every=0, checkpoint_every=2,
-                                     load_size=0),
+            train=InpaintTrainConfig(
+                iterations=iterations,
+                batch_size=4,
+                workers=0,
+                log_every=1,
+                sample_every=0,
+                checkpoint_every=2,
+                load_size=0,
+            ),
         )
 
     main(cfg(4), open_run(tmp_path / "a", cfg(4)))

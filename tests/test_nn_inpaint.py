@@ -38,8 +38,14 @@ def test_hog_keeps_exactly_the_blocks_off_the_hole():
     x = _images(1, 1)
     grey = ((x[0] + 1) / 2).clamp(0, 1)
     grey = (0.299 * grey[0] + 0.587 * grey[1] + 0.114 * grey[2]).numpy()
-    full = hog(grey, orientations=9, pixels_per_cell=(8, 8), cells_per_block=(2, 2),
-               block_norm="L2-Hys", feature_vector=False)  # (15, 15, 2, 2, 9)
+    full = hog(
+        grey,
+        orientations=9,
+        pixels_per_cell=(8, 8),
+        cells_per_block=(2, 2),
+        block_norm="L2-Hys",
+        feature_vector=False,
+    )  # (15, 15, 2, 2, 9)
     # overlap 0: hole [32, 96); blocks start at 8 i and span 16 px: blocks 3..11 touch it
     keep = np.ones((15, 15), bool)
     keep[3:12, 3:12] = False

@@ -57,12 +57,18 @@ def test_context_encoder_shapes_and_exact_parameter_count():
     with torch.no_grad():
         assert model.encoder(x).shape == (1, 256, 6, 6)
         assert model(x).shape == (1, 3, 227, 227)
-    encoder = (3 * 96 * 121 + 96) + (96 * 256 * 25 + 256) + (256 * 384 * 9 + 384) + (
-        384 * 384 * 9 + 384) + (384 * 256 * 9 + 256)
+    encoder = (
+        (3 * 96 * 121 + 96)
+        + (96 * 256 * 25 + 256)
+        + (256 * 384 * 9 + 384)
+        + (384 * 384 * 9 + 384)
+        + (384 * 256 * 9 + 256)
+    )
     channel_fc = 256 * 6**4 + 256 * 36
     mix = 256 * 256 + 256  # the stride-1 convolution across channels
-    decoder = sum(cin * cout * 16 + cout for cin, cout in
-                  [(256, 128), (128, 64), (64, 64), (64, 32), (32, 3)])
+    decoder = sum(
+        cin * cout * 16 + cout for cin, cout in [(256, 128), (128, 64), (64, 64), (64, 32), (32, 3)]
+    )
     assert n_params(model.encoder) == encoder == 3_747_200
     assert n_params(model.channel_fc) == channel_fc
     assert n_params(model.mix) == mix and model.mix.stride == (1, 1)
@@ -93,13 +99,18 @@ def test_small_inputs_and_pool_free_and_autoencoder():
     for size, n in [(67, 1), (99, 2), (131, 3)]:
         assert pool5_size(size) == n
         assert ContextEncoder(input_size=size)(torch.randn(1, 3, size, size)).shape == (
-            1, 3, size, size)
+            1,
+            3,
+            size,
+            size,
+        )
     pf = ContextEncoder(pool_free=True, input_size=99)
     assert pf(torch.randn(1, 3, 99, 99)).shape == (1, 3, 99, 99)
     assert "features.2.weight" in pf.encoder.state_dict()
     ae = Autoencoder(input_size=99)
     assert isinstance(ae.encoder, AlexNetEncoder) and n_params(ae) == n_params(
-        ContextEncoder(input_size=99))
+        ContextEncoder(input_size=99)
+    )
 
 
 def test_every_parameter_gets_a_gradient_and_no_nan():

@@ -43,11 +43,19 @@ def images(tmp_path_factory):
 
 
 def tiny(images, **kw) -> PretrainConfig:
-    train_kw = dict(iterations=30, batch_size=4, workers=0, lr=1e-3, log_every=5,
-                    sample_every=15, checkpoint_every=15)
+    train_kw = dict(
+        iterations=30,
+        batch_size=4,
+        workers=0,
+        lr=1e-3,
+        log_every=5,
+        sample_every=15,
+        checkpoint_every=15,
+    )
     train_kw.update(kw.pop("train", {}))
-    return PretrainConfig(data=str(images), model=ModelConfig(input_size=SIZE),
-                          train=TrainConfig(**train_kw), **kw)
+    return PretrainConfig(
+        data=str(images), model=ModelConfig(input_size=SIZE), train=TrainConfig(**train_kw), **kw
+    )
 
 
 def history(run_dir):
@@ -62,16 +70,20 @@ def test_context_encoder_lowers_the_masked_loss_and_writes_the_run(images, tmp_p
     assert metrics["final_loss"] < 0.5 * metrics["initial_loss"]
     losses = history(tmp_path / "run")
     assert losses[-1] < losses[0]
-    for name in ("encoder.safetensors", "encoder.card.json", "metrics.json",
-                 "samples/iter_0000015.png", "samples/iter_0000030.png",
-                 "checkpoints/last.pt"):
+    for name in (
+        "encoder.safetensors",
+        "encoder.card.json",
+        "metrics.json",
+        "samples/iter_0000015.png",
+        "samples/iter_0000030.png",
+        "checkpoints/last.pt",
+    ):
         assert (tmp_path / "run" / name).is_file(), name
     grid = Image.open(tmp_path / "run/samples/iter_0000030.png")
     assert grid.size[1] > 4 * SIZE  # input / masked / prediction / pasted rows
     state, card = load_native(tmp_path / "run")
     assert card["method"] == "context-encoder" and card["iterations"] == 30
-    assert set(state) == {f"features.{i}.{p}" for i in (0, 3, 6, 8, 10)
-                          for p in ("weight", "bias")}
+    assert set(state) == {f"features.{i}.{p}" for i in (0, 3, 6, 8, 10) for p in ("weight", "bias")}
 
 
 def test_autoencoder_lowers_its_reconstruction_loss(images, tmp_path):
@@ -95,8 +107,11 @@ def test_random_region_from_voc_shapes_and_noise_fallback(images, tmp_path):
 
 
 def test_resume_after_a_stop_gives_bit_identical_weights(images, tmp_path, monkeypatch):
-    cfg = tiny(images, mask="noise-region",
-               train={"iterations": 8, "sample_every": 5, "checkpoint_every": 3})
+    cfg = tiny(
+        images,
+        mask="noise-region",
+        train={"iterations": 8, "sample_every": 5, "checkpoint_every": 3},
+    )
     whole = train.main(cfg, open_run(tmp_path / "whole", cfg))
 
     real_save_grid, calls = train.save_grid, []
@@ -154,8 +169,9 @@ def test_imagenet_imports_a_torchvision_alexnet_file(tmp_path):
     net = torchvision.models.alexnet(weights=None)
     path = tmp_path / "alexnet.pth"
     torch.save(net.state_dict(), path)
-    cfg = PretrainConfig(method="imagenet", weights=str(path),
-                         model=ModelConfig(arch="torchvision"))
+    cfg = PretrainConfig(
+        method="imagenet", weights=str(path), model=ModelConfig(arch="torchvision")
+    )
     train.main(cfg, open_run(tmp_path / "run", cfg))
     state, card = load_native(tmp_path / "run")
     assert card["arch"] == "torchvision" and card["method"] == "imagenet"
@@ -169,14 +185,14 @@ def test_imagenet_errors_name_the_problem(tmp_path):
     sd["features.99.weight"] = sd.pop("features.10.weight")
     bad = tmp_path / "bad.pth"
     torch.save(sd, bad)
-    cfg = PretrainConfig(method="imagenet", weights=str(bad),
-                         model=ModelConfig(arch="torchvision"))
+    cfg = PretrainConfig(method="imagenet", weights=str(bad), model=ModelConfig(arch="torchvision"))
     with pytest.raises(BenchError) as err:
         train.main(cfg, open_run(tmp_path / "a", cfg))
     msg = str(err.value)
     assert "\n" not in msg and "features.10.weight" in msg and "features.99.weight" in msg
-    cfg = PretrainConfig(method="imagenet", weights=str(tmp_path / "none.pth"),
-                         model=ModelConfig(arch="torchvision"))
+    cfg = PretrainConfig(
+        method="imagenet", weights=str(tmp_path / "none.pth"), model=ModelConfig(arch="torchvision")
+    )
     with pytest.raises(BenchError, match="none.pth: ImageNet weights file not found"):
         train.main(cfg, open_run(tmp_path / "b", cfg))
     cfg = PretrainConfig(method="imagenet", weights=str(bad))
@@ -194,8 +210,12 @@ def test_paper_learning_rates_and_names():
 
 
 def test_joint_adversarial_option_trains_a_discriminator(images, tmp_path):
-    cfg = tiny(images, mask="central", loss=LossConfig(adversarial_weight=0.001),
-               train={"iterations": 3, "log_every": 1, "sample_every": 0})
+    cfg = tiny(
+        images,
+        mask="central",
+        loss=LossConfig(adversarial_weight=0.001),
+        train={"iterations": 3, "log_every": 1, "sample_every": 0},
+    )
     train.main(cfg, open_run(tmp_path / "run", cfg))
     rows = [json.loads(line) for line in open(tmp_path / "run/scalars.jsonl")]
     assert all({"train/loss", "train/d_loss", "train/adv_loss"} <= set(r) for r in rows)

@@ -83,8 +83,11 @@ def test_parse_hand_written_xml(tmp_path: Path) -> None:
         ("<xmin>12</xmin>", "<xmin>twelve</xmin>", "<xmin> is not a number"),
         ("<difficult>0</difficult>", "<difficult>2</difficult>", "<difficult> must be 0 or 1"),
         ("<filename>000042.jpg</filename>", "", "missing <filename>"),
-        ("<bndbox><xmin>12</xmin><ymin>34</ymin><xmax>300</xmax><ymax>480</ymax></bndbox>", "",
-         "has no <bndbox>"),
+        (
+            "<bndbox><xmin>12</xmin><ymin>34</ymin><xmax>300</xmax><ymax>480</ymax></bndbox>",
+            "",
+            "has no <bndbox>",
+        ),
     ],
 )
 def test_parse_errors_name_the_file(tmp_path: Path, old: str, new: str, message: str) -> None:
