@@ -35,7 +35,7 @@ from benchmark.runs import Run, atomic_torch_save, atomic_write_text
 from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
 
 from .config import SegmentationConfig
-from .model import FCN_PAD, Grid, _geometry, feature_grids, resample
+from .model import FCN_PAD, Grid, _geometry, feature_grids, resample, smallest_pad
 
 INSTALL_HINT = (
     "backend mmseg needs mmsegmentation 1.2.2 with mmcv 2.1.0 compiled ops "
@@ -92,14 +92,7 @@ def register() -> None:
             self.geometry = [g for g in map(_geometry, self.features) if g is not None]
 
         def _pad_for(self, size: int) -> int:
-            pad = self.pad
-            while True:
-                n = size + 2 * pad
-                for k, s, p in self.geometry:
-                    n = (n + 2 * p - k) // s + 1
-                if n >= 1:
-                    return pad
-                pad += 1
+            return smallest_pad(size, self.pad, self.geometry, 1)
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
             h, w = x.shape[-2:]

@@ -63,6 +63,19 @@ def _geometry(layer: nn.Module) -> tuple[int, int, int] | None:
     return None
 
 
+def smallest_pad(size: int, pad: int, geometry: list[tuple[int, int, int]], cells: int) -> int:
+    """The least padding >= `pad` for which an input of `size` px still leaves `cells` output
+    cells after the layers' (kernel, stride, padding) `geometry`: FCN's pad 100 covers normal
+    images, tiny ones need more."""
+    while True:
+        n = size + 2 * pad
+        for k, s, p in geometry:
+            n = (n + 2 * p - k) // s + 1
+        if n >= cells:
+            return pad
+        pad += 1
+
+
 def feature_grids(features: nn.Sequential, pad: int) -> list[Grid]:
     """Grid of the output of every layer in `features`, for an input padded by `pad`."""
     grid = Grid(-float(pad), 1.0)
@@ -153,14 +166,7 @@ class FCN(nn.Module):
 
     def pad_for(self, size: int) -> int:
         """FCN's pad, or more for inputs so small that pool5 would be under fc6's 6x6."""
-        pad = self.pad
-        while True:
-            n = size + 2 * pad
-            for k, s, p in self._geometry:
-                n = (n + 2 * p - k) // s + 1
-            if n >= 6:
-                return pad
-            pad += 1
+        return smallest_pad(size, self.pad, self._geometry, 6)
 
     def forward(self, x: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Normalised images (B, 3, h, w) -> class scores (B, C, *out_size) (default h, w).
