@@ -86,10 +86,10 @@ def test_every_other_problem_is_named(broken: Path) -> None:
     sbd_mat.write_bytes(b"not a mat file")
 
     problems = "\n".join(check_path(broken).problems)
-    assert "000002.xml: box" in problems and "outside" in problems
+    assert "000002.xml: object 1 (" in problems and "lies outside the" in problems
     assert "000004.jpg: unreadable image" in problems
     assert f"test.txt: image {missing_ann} listed without annotation" in problems
-    assert f"{masks[0].name}: mask is not a palette PNG" in problems
+    assert f"{masks[0].name}: mask is not an 8-bit palette or greyscale PNG (mode RGB" in problems
     assert f"{masks[1].name}: mask size" in problems
     assert f"{sbd_mat.name}: unreadable .mat" in problems
 

@@ -7,6 +7,7 @@ detection code decides how to convert them.
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from benchmark.errors import DatasetError
+from benchmark.datasets.folder import IMAGE_FORMATS, image_error
+from benchmark.errors import DatasetError, file_message
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle",
@@ -64,29 +66,40 @@ class VOCAnnotation:
     objects: list[VOCObject] = field(default_factory=list)
 
 
-def _text(node: ET.Element, tag: str, path: Path, default: str | None = None) -> str:
+def _text(
+    node: ET.Element, tag: str, path: Path, default: str | None = None, where: str = ""
+) -> str:
     child = node.find(tag)
     if child is None or child.text is None or not child.text.strip():
         if default is not None:
             return default
-        raise DatasetError(f"{path}: missing <{tag}> in <{node.tag}>")
+        raise DatasetError(file_message(path, f"{where}missing <{tag}> in <{node.tag}>"))
     return child.text.strip()
 
 
-def _number(node: ET.Element, tag: str, path: Path) -> float:
-    value = _text(node, tag, path)
+def _number(node: ET.Element, tag: str, path: Path, where: str = "") -> float:
+    """A finite number: float() also accepts "nan" and "inf", which no box or size can be."""
+    value = _text(node, tag, path, where=where)
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
-        raise DatasetError(f"{path}: <{tag}> is not a number ({value!r})") from None
+        number = math.nan
+    if not math.isfinite(number):
+        raise DatasetError(file_message(path, f"{where}<{tag}> is not a number ({value!r})"))
+    return number
 
 
-def _flag(node: ET.Element, tag: str, path: Path) -> bool:
+def _flag(node: ET.Element, tag: str, path: Path, where: str = "") -> bool:
     # VOC2012 omits <difficult>/<truncated> on some objects; the devkit reads absent as 0.
     value = _text(node, tag, path, default="0")
     if value not in ("0", "1"):
-        raise DatasetError(f"{path}: <{tag}> must be 0 or 1, got {value!r}")
+        raise DatasetError(file_message(path, f"{where}<{tag}> must be 0 or 1, got {value!r}"))
     return value == "1"
+
+
+def object_label(k: int, name: str) -> str:
+    """How messages name the k-th (0-based) <object> of an annotation: 'object 2 (dog)'."""
+    return f"object {k + 1} ({name})"
 
 
 def parse_voc_xml(path: Path, classes: Sequence[str] | None = VOC_CLASSES) -> VOCAnnotation:
@@ -98,34 +111,70 @@ def parse_voc_xml(path: Path, classes: Sequence[str] | None = VOC_CLASSES) -> VO
     try:
         root = ET.parse(path).getroot()
     except FileNotFoundError:
-        raise DatasetError(f"{path}: annotation file not found") from None
-    except ET.ParseError as exc:
-        raise DatasetError(f"{path}: malformed XML ({exc})") from None
+        raise DatasetError(file_message(path, "annotation file not found")) from None
+    except OSError as exc:
+        raise DatasetError(file_message(path, f"unreadable annotation ({exc})")) from None
+    except Exception as exc:  # noqa: BLE001 - ParseError, or ValueError for odd encodings
+        raise DatasetError(file_message(path, f"malformed XML ({exc})")) from None
     if root.tag != "annotation":
-        raise DatasetError(f"{path}: root element is <{root.tag}>, expected <annotation>")
+        raise DatasetError(
+            file_message(path, f"root element is <{root.tag}>, expected <annotation>")
+        )
     filename = _text(root, "filename", path)
     size = root.find("size")
     if size is None:
-        raise DatasetError(f"{path}: missing <size>")
+        raise DatasetError(file_message(path, "missing <size>"))
     width, height = int(_number(size, "width", path)), int(_number(size, "height", path))
     objects = []
-    for obj in root.findall("object"):
-        name = _text(obj, "name", path)
+    for k, obj in enumerate(root.findall("object")):
+        name = _text(obj, "name", path, where=f"object {k + 1}: ")
+        where = f"{object_label(k, name)}: "
         if classes is not None and name not in classes:
-            raise DatasetError(f"{path}: unknown class name {name!r}")
+            raise DatasetError(file_message(path, f"unknown class name {name!r} (object {k + 1})"))
         bb = obj.find("bndbox")
         if bb is None:
-            raise DatasetError(f"{path}: object {name!r} has no <bndbox>")
-        box = tuple(_number(bb, k, path) for k in ("xmin", "ymin", "xmax", "ymax"))
+            raise DatasetError(file_message(path, f"{where}has no <bndbox>"))
+        box = tuple(_number(bb, c, path, where) for c in ("xmin", "ymin", "xmax", "ymax"))
         objects.append(
             VOCObject(
                 name=name,
                 box=box,  # type: ignore[arg-type]
-                difficult=_flag(obj, "difficult", path),
-                truncated=_flag(obj, "truncated", path),
+                difficult=_flag(obj, "difficult", path, where),
+                truncated=_flag(obj, "truncated", path, where),
             )
         )
     return VOCAnnotation(path.stem, filename, width, height, objects)
+
+
+def read_rows(path: Path, what: str = "split file") -> list[list[str]]:
+    """The whitespace-separated fields of each non-blank line of a VOC/SBD list file.
+
+    Decoded as `utf-8-sig`: a file saved by an editor that writes a byte-order mark must not
+    give a first id of "\ufeff000005", which matches no file.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DatasetError(file_message(path, f"{what} not found")) from None
+    except OSError as exc:
+        raise DatasetError(file_message(path, f"unreadable {what} ({exc.strerror})")) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DatasetError(
+            file_message(path, f"{what} is not valid UTF-8 text (line {line})")
+        ) from None
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise DatasetError(file_message(path, f"{what} holds a NUL byte (line {line})"))
+    return [line.split() for line in text.splitlines() if line.strip()]
+
+
+def read_id_list(path: Path, what: str = "split file") -> list[str]:
+    """The ids (first field of each line) of a split file: ImageSets/*/*.txt, SBD train.txt."""
+    return [row[0] for row in read_rows(path, what)]
 
 
 def read_split(
@@ -133,13 +182,9 @@ def read_split(
 ) -> list[str]:
     """Image ids of ImageSets/<kind>/<split>.txt, in file order."""
     path = Path(voc_root) / "ImageSets" / kind / f"{split}.txt"
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: split file not found") from None
-    ids = [line.split()[0] for line in lines if line.strip()]
+    ids = read_id_list(path)
     if not ids:
-        raise DatasetError(f"{path}: split file is empty")
+        raise DatasetError(file_message(path, "split file is empty"))
     return ids
 
 
@@ -175,6 +220,9 @@ def classification_targets(
     return labels, any_difficult & (labels == 0)
 
 
+CLASS_LINE_FORMAT = "each line must be '<image id> <1|-1|0>'"
+
+
 def read_class_files(
     voc_root: Path, split: str, classes: Sequence[str] = VOC_CLASSES
 ) -> tuple[list[str], np.ndarray]:
@@ -184,20 +232,19 @@ def read_class_files(
     columns = []
     for cls in classes:
         path = main / f"{cls}_{split}.txt"
-        try:
-            rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
-        except FileNotFoundError:
-            raise DatasetError(f"{path}: per-class split file not found") from None
+        rows = read_rows(path, "per-class split file")
         try:
             file_ids, values = [r[0] for r in rows], [int(r[1]) for r in rows]
         except (IndexError, ValueError):
-            raise DatasetError(f"{path}: each line must be '<image id> <1|-1|0>'") from None
+            raise DatasetError(file_message(path, CLASS_LINE_FORMAT)) from None
         if any(v not in (1, -1, 0) for v in values):
-            raise DatasetError(f"{path}: labels must be 1, -1 or 0")
+            raise DatasetError(file_message(path, "labels must be 1, -1 or 0"))
         if ids is None:
             ids = file_ids
         elif file_ids != ids:
-            raise DatasetError(f"{path}: image ids differ from {classes[0]}_{split}.txt")
+            raise DatasetError(
+                file_message(path, f"image ids differ from {classes[0]}_{split}.txt")
+            )
         columns.append(values)
     labels = np.array(columns, dtype=np.int8).T.reshape(len(ids or []), len(classes))
     return ids or [], labels
@@ -213,9 +260,15 @@ class SegSample:
     mask_path: Path  # SegmentationClass/*.png (VOC) or cls/*.mat (SBD)
 
 
-def _existing(path: Path, what: str) -> Path:
+# What a missing file of each kind is called, by the loaders here and by every check.
+IMAGE_MISSING = "image file not found"
+MASK_MISSING = "segmentation mask not found"
+MAT_MISSING = "SBD class file not found"
+
+
+def _existing(path: Path, missing: str) -> Path:
     if not path.is_file():
-        raise DatasetError(f"{path}: {what} not found")
+        raise DatasetError(file_message(path, missing))
     return path
 
 
@@ -225,8 +278,8 @@ def load_segmentation(voc2012_root: Path, split: str) -> list[SegSample]:
     return [
         SegSample(
             i,
-            _existing(root / "JPEGImages" / f"{i}.jpg", "image"),
-            _existing(root / "SegmentationClass" / f"{i}.png", "segmentation mask"),
+            _existing(root / "JPEGImages" / f"{i}.jpg", IMAGE_MISSING),
+            _existing(root / "SegmentationClass" / f"{i}.png", MASK_MISSING),
         )
         for i in read_split(root, split, "Segmentation")
     ]
@@ -238,39 +291,72 @@ def load_sbd(sbd_root: Path, split: str) -> list[SegSample]:
     `sbd_root` is the folder holding `cls/`, `img/` and the split lists (SBD's `dataset/`).
     """
     root = Path(sbd_root)
-    path = root / f"{split}.txt"
-    try:
-        ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: SBD split file not found") from None
+    ids = read_id_list(root / f"{split}.txt", "SBD split file")
     return [
         SegSample(
             i,
-            _existing(root / "img" / f"{i}.jpg", "image"),
-            _existing(root / "cls" / f"{i}.mat", "SBD class file"),
+            _existing(root / "img" / f"{i}.jpg", IMAGE_MISSING),
+            _existing(root / "cls" / f"{i}.mat", MAT_MISSING),
         )
         for i in ids
     ]
 
 
+_MODE_NOTES = {
+    "I;16": "16-bit", "I;16B": "16-bit", "I;16L": "16-bit", "I": "32-bit", "F": "float",
+    "1": "1-bit", "RGB": "colour", "RGBA": "colour", "LA": "with alpha", "PA": "with alpha",
+}  # fmt: skip
+
+
+def check_label_values(path: Path, labels: np.ndarray) -> np.ndarray:
+    """`labels` as uint8 class indices if every value is 0-20 or 255, else DatasetError.
+
+    Any other value would train on a class that does not exist (or index past the loss).
+    """
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+        raise DatasetError(file_message(path, f"label map holds {labels.dtype} values"))
+    if labels.size and (not np.isfinite(labels).all() or (labels != np.round(labels)).any()):
+        raise DatasetError(file_message(path, "label map holds non-integer values"))
+    if labels.size and (labels.min() < 0 or labels.max() > IGNORE_INDEX):
+        lo, hi = int(labels.min()), int(labels.max())
+        raise DatasetError(file_message(path, f"label values {lo}..{hi} are not 0-20 or 255"))
+    labels = labels.astype(np.uint8, copy=False)
+    counts = np.bincount(labels.ravel(), minlength=256)
+    bad = np.flatnonzero(counts[len(VOC_CLASSES) + 1 : IGNORE_INDEX]) + len(VOC_CLASSES) + 1
+    if bad.size:
+        raise DatasetError(
+            file_message(path, f"label values {bad[:5].tolist()} are neither 0-20 nor 255")
+        )
+    return labels
+
+
 def read_mask(path: Path) -> np.ndarray:
     """Class indices (H, W) uint8 from a palette (or L) PNG; 255 marks ignored pixels.
 
-    An RGB mask would silently give colour values instead of class indices, so it is refused.
+    An RGB mask would silently give colour values, and a 16-bit one values above 255, instead
+    of class indices, so both are refused, as are values 21-254.
     """
     path = Path(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=IMAGE_FORMATS) as im:
             if im.mode not in ("P", "L"):
+                note = _MODE_NOTES.get(im.mode)
                 raise DatasetError(
-                    f"{path}: segmentation mask must be a palette or greyscale PNG, "
-                    f"got mode {im.mode}"
+                    file_message(
+                        path,
+                        f"mask is not an 8-bit palette or greyscale PNG (mode {im.mode}"
+                        + (f", {note}" if note else "")
+                        + "); masks hold class indices 0-20 and 255",
+                    )
                 )
-            return np.array(im, dtype=np.uint8)
+            labels = np.array(im, dtype=np.uint8)
+    except DatasetError:
+        raise
     except FileNotFoundError:
-        raise DatasetError(f"{path}: mask file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DatasetError(f"{path}: unreadable mask ({exc})") from None
+        raise DatasetError(file_message(path, MASK_MISSING)) from None
+    except Exception as exc:  # noqa: BLE001 - see folder.image_error
+        raise image_error(path, exc, "mask") from None
+    return check_label_values(path, labels)
 
 
 def read_sbd_mat(path: Path) -> np.ndarray:
@@ -280,18 +366,19 @@ def read_sbd_mat(path: Path) -> np.ndarray:
     path = Path(path)
     try:
         mat = loadmat(path, squeeze_me=True, struct_as_record=False)
+        seg = getattr(mat.get("GTcls"), "Segmentation", None)
+        seg = None if seg is None else np.asarray(seg)
     except FileNotFoundError:
-        raise DatasetError(f"{path}: SBD file not found") from None
+        raise DatasetError(file_message(path, MAT_MISSING)) from None
     except Exception as exc:  # noqa: BLE001 - scipy raises many types for a bad file
-        raise DatasetError(f"{path}: unreadable .mat file ({exc})") from None
-    gt = mat.get("GTcls")
-    seg = getattr(gt, "Segmentation", None)
+        raise DatasetError(
+            file_message(path, f"unreadable .mat file ({type(exc).__name__}: {exc})")
+        ) from None
     if seg is None:
-        raise DatasetError(f"{path}: no GTcls.Segmentation field (not an SBD cls file)")
-    seg = np.asarray(seg)
-    if seg.ndim != 2 or seg.min(initial=0) < 0 or seg.max(initial=0) > 255:
-        raise DatasetError(f"{path}: GTcls.Segmentation is not a 2-D label map")
-    return seg.astype(np.uint8)
+        raise DatasetError(file_message(path, "no GTcls.Segmentation field (not an SBD cls file)"))
+    if seg.ndim != 2 or seg.size == 0:
+        raise DatasetError(file_message(path, "GTcls.Segmentation is not a 2-D label map"))
+    return check_label_values(path, seg)
 
 
 def read_label(path: Path) -> np.ndarray:
