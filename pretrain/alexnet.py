@@ -1,28 +1,72 @@
 """The AlexNet/CaffeNet encoder up to pool5: the representation every transfer task judges.
 
 Layer indices follow torchvision's `AlexNet.features` (0 conv1, 3 conv2, 6 conv3, 8 conv4,
-10 conv5, pools at 2, 5, 12) so that state dicts use torchvision's key names in every
-architecture. `arch="caffenet"` has the widths of the paper's CaffeNet (96-256-384-384-256);
-`arch="torchvision"` has torchvision's (64-192-384-256-256), needed to import a
-torchvision ImageNet state dict. With `pool_free=True` each max-pool is replaced by a
-learned convolution of the same kernel and stride (the paper's finer-inpainting variant).
+10 conv5, pools at 2, 5, 12) in every architecture, so state dicts always use the keys
+`features.{0,3,6,8,10}.{weight,bias}`. Architectures (`ARCHS`):
+
+- `caffenet`: the paper's encoder as Caffe ran it (BVLC reference CaffeNet): conv1 96@11 s4,
+  ReLU, max-pool 3/2, LRN; conv2 256@5 pad 2 in 2 groups, ReLU, pool, LRN; conv3 384@3;
+  conv4 384@3 in 2 groups; conv5 256@3 in 2 groups; ReLU; pool5. Pooling rounds up (Caffe).
+- `bvlc-alexnet`: the same with LRN before pooling (BVLC's reference AlexNet).
+- `alexnet-plain`: CaffeNet's widths without groups or LRN, floor pooling: the network this
+  project trained before the encoder followed Caffe (old cards call it "caffenet").
+- `torchvision`: torchvision's widths (64-192-384-256-256), needed to import its ImageNet file.
+
+Where an arch has LRN, indices 2 and 5 hold a parameter-free `PoolNorm` applying pool and
+LRN in the arch's order, so the indices above stay put. Code that walks `features` should
+use `conv_layers()`, `pool_layers()`, `layer_geometry()` and `layer_output_size()` rather
+than `isinstance(m, nn.MaxPool2d)`. With `pool_free=True` each max-pool is replaced by a
+learned convolution of the same kernel and stride (the paper's finer-inpainting variant);
+inside a `PoolNorm` its keys are `features.{2,5}.pool.*`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-Arch = Literal["caffenet", "torchvision"]
+Arch = Literal["caffenet", "bvlc-alexnet", "alexnet-plain", "torchvision"]
 
-WIDTHS: dict[str, tuple[int, int, int, int, int]] = {
-    "caffenet": (96, 256, 384, 384, 256),
-    "torchvision": (64, 192, 384, 256, 256),
+
+@dataclass(frozen=True)
+class LRNSpec:
+    """Caffe's ACROSS_CHANNELS LRN: x / (k + alpha / n * sum_window x^2) ** beta."""
+
+    local_size: int = 5
+    alpha: float = 1e-4
+    beta: float = 0.75
+    k: float = 1.0
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything that distinguishes one encoder architecture from another."""
+
+    widths: tuple[int, int, int, int, int]
+    conv1_pad: int
+    groups: tuple[int, int, int, int, int]
+    lrn: LRNSpec | None  # after conv1 and conv2 (none after conv5, as in Caffe's nets)
+    lrn_first: bool  # LRN before pooling (BVLC AlexNet) rather than after (CaffeNet)
+    ceil_mode: bool  # Caffe rounds pooled sizes up; torchvision and the old network down
+
+
+CAFFE_LRN = LRNSpec()
+_CAFFE_WIDTHS = (96, 256, 384, 384, 256)
+_CAFFE_GROUPS = (1, 2, 1, 2, 2)
+ARCHS: dict[str, ArchSpec] = {
+    "caffenet": ArchSpec(_CAFFE_WIDTHS, 0, _CAFFE_GROUPS, CAFFE_LRN, False, True),
+    "bvlc-alexnet": ArchSpec(_CAFFE_WIDTHS, 0, _CAFFE_GROUPS, CAFFE_LRN, True, True),
+    "alexnet-plain": ArchSpec(_CAFFE_WIDTHS, 0, (1, 1, 1, 1, 1), None, False, False),
+    "torchvision": ArchSpec((64, 192, 384, 256, 256), 2, (1, 1, 1, 1, 1), None, False, False),
 }
+WIDTHS: dict[str, tuple[int, int, int, int, int]] = {a: s.widths for a, s in ARCHS.items()}
 CONV_INDICES = (0, 3, 6, 8, 10)
 POOL_INDICES = (2, 5, 12)
+CONV5_END = 12  # features[:12] ends with conv5's ReLU (stride 16, before pool5)
 INPUT_SIZE = 227
 POOL5_SIZE = 6
 # Every stage feeds the encoder (x / 255 - PIXEL_MEAN) / PIXEL_STD (torchvision's ImageNet
@@ -31,10 +75,61 @@ PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
 
 
-def _pool(channels: int, pool_free: bool) -> nn.Module:
+class CaffeLRN(nn.LocalResponseNorm):
+    """torch's LRN, computed in float32 whatever the input dtype.
+
+    F.local_response_norm pads the channel axis by size // 2 and (size - 1) // 2 zeros and
+    average-pools x^2 over `size` channels (count_include_pad, so it divides by n), then
+    returns x / (k + alpha * mean) ** beta: Caffe's x / (k + alpha / n * sum) ** beta for
+    the odd sizes Caffe accepts (even sizes would centre the window differently). Float32
+    because squared activations of imported Caffe nets (0-255 input scale) overflow fp16.
+    """
+
+    def __init__(self, spec: LRNSpec) -> None:
+        if spec.local_size % 2 != 1:
+            raise ValueError(f"LRN local_size must be odd as in Caffe, got {spec.local_size}")
+        super().__init__(spec.local_size, spec.alpha, spec.beta, spec.k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.local_response_norm(x.float(), self.size, self.alpha, self.beta, self.k)
+        return y.to(x.dtype)
+
+
+class PoolNorm(nn.Module):
+    """Pooling and LRN as one parameter-free (unless pool-free) layer, in the arch's order."""
+
+    def __init__(self, pool: nn.Module, norm: nn.Module, lrn_first: bool) -> None:
+        super().__init__()
+        self.pool = pool
+        self.norm = norm
+        self.lrn_first = lrn_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lrn_first:
+            return self.pool(self.norm(x))
+        return self.norm(self.pool(x))
+
+    def extra_repr(self) -> str:
+        return f"lrn_first={self.lrn_first}"
+
+
+def _pool(channels: int, pool_free: bool, ceil_mode: bool) -> nn.Module:
     if pool_free:
         return nn.Conv2d(channels, channels, kernel_size=3, stride=2)
-    return nn.MaxPool2d(kernel_size=3, stride=2)
+    # Caffe: pooled = ceil((H + 2p - k) / s) + 1, minus 1 if p > 0 and the last window
+    # would start in the padding ((pooled - 1) * s >= H + p). torch's ceil_mode computes
+    # (H + 2p - k + s - 1) // s + 1 (the same ceiling) and applies that correction for any
+    # p. With p = 0 and k >= s it never fires ((pooled - 1) * s <= H - k + s - 1 < H), so
+    # for these 3/2 pools without padding both rules agree at every input size; the last
+    # window may hang over the edge, and both take the max of its in-image part.
+    return nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=ceil_mode)
+
+
+def _pool_stage(channels: int, spec: ArchSpec, pool_free: bool) -> nn.Module:
+    pool = _pool(channels, pool_free, spec.ceil_mode)
+    if spec.lrn is None:
+        return pool
+    return PoolNorm(pool, CaffeLRN(spec.lrn), spec.lrn_first)
 
 
 class AlexNetEncoder(nn.Module):
@@ -42,27 +137,29 @@ class AlexNetEncoder(nn.Module):
 
     def __init__(self, arch: Arch = "caffenet", pool_free: bool = False) -> None:
         super().__init__()
-        if arch not in WIDTHS:
-            raise ValueError(f"unknown encoder arch {arch!r}; choose from {sorted(WIDTHS)}")
-        c1, c2, c3, c4, c5 = WIDTHS[arch]
-        pad1 = 0 if arch == "caffenet" else 2
+        if arch not in ARCHS:
+            raise ValueError(f"unknown encoder arch {arch!r}; choose from {sorted(ARCHS)}")
+        spec = ARCHS[arch]
+        c1, c2, c3, c4, c5 = spec.widths
+        g = spec.groups
         self.arch = arch
+        self.spec = spec
         self.pool_free = pool_free
         self.out_channels = c5
         self.features = nn.Sequential(
-            nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=pad1),
+            nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=spec.conv1_pad, groups=g[0]),
             nn.ReLU(inplace=True),
-            _pool(c1, pool_free),
-            nn.Conv2d(c1, c2, kernel_size=5, padding=2),
+            _pool_stage(c1, spec, pool_free),
+            nn.Conv2d(c1, c2, kernel_size=5, padding=2, groups=g[1]),
             nn.ReLU(inplace=True),
-            _pool(c2, pool_free),
-            nn.Conv2d(c2, c3, kernel_size=3, padding=1),
+            _pool_stage(c2, spec, pool_free),
+            nn.Conv2d(c2, c3, kernel_size=3, padding=1, groups=g[2]),
             nn.ReLU(inplace=True),
-            nn.Conv2d(c3, c4, kernel_size=3, padding=1),
+            nn.Conv2d(c3, c4, kernel_size=3, padding=1, groups=g[3]),
             nn.ReLU(inplace=True),
-            nn.Conv2d(c4, c5, kernel_size=3, padding=1),
+            nn.Conv2d(c4, c5, kernel_size=3, padding=1, groups=g[4]),
             nn.ReLU(inplace=True),
-            _pool(c5, pool_free),
+            _pool(c5, pool_free, spec.ceil_mode),
         )
         gaussian_init_(self)
 
@@ -71,7 +168,77 @@ class AlexNetEncoder(nn.Module):
 
     def conv5(self, x: torch.Tensor) -> torch.Tensor:
         """Features before pool5 (stride 16), as Fast R-CNN and FCN use them."""
-        return self.features[:12](x)
+        return self.features[:CONV5_END](x)
+
+    def conv_layers(self) -> list[nn.Conv2d]:
+        """conv1..conv5 in order (not the pool-free convolutions)."""
+        return [self.features[i] for i in CONV_INDICES]  # type: ignore[misc]
+
+    def pool_layers(self) -> list[nn.Module]:
+        """The three pooling layers (MaxPool2d, or Conv2d when pool-free), LRN left out."""
+        layers = [self.features[i] for i in POOL_INDICES]
+        return [m.pool if isinstance(m, PoolNorm) else m for m in layers]
+
+    def output_size(self, size: int) -> int:
+        """Spatial side of pool5 for a size x size input (6 at 227)."""
+        return features_output_size(self.features, size)
+
+
+def _first(v: int | tuple[int, ...] | str) -> int:
+    if isinstance(v, str):
+        raise ValueError(f"string padding {v!r} is not supported")
+    return v[0] if isinstance(v, tuple) else int(v)
+
+
+def layer_geometry(layer: nn.Module) -> tuple[int, int, int] | None:
+    """(kernel, stride, padding) of a square conv/pool layer (a PoolNorm counts as its
+    pool); None for point-wise layers (ReLU, LRN)."""
+    if isinstance(layer, PoolNorm):
+        return layer_geometry(layer.pool)
+    if isinstance(layer, nn.Conv2d):
+        if _first(layer.dilation) != 1:
+            raise ValueError("dilated convolutions are not supported")
+        return _first(layer.kernel_size), _first(layer.stride), _first(layer.padding)
+    if isinstance(layer, nn.MaxPool2d):
+        if _first(layer.dilation) != 1:
+            raise ValueError("dilated pooling is not supported")
+        return _first(layer.kernel_size), _first(layer.stride), _first(layer.padding)
+    return None
+
+
+def _out_size(size: int, k: int, s: int, p: int, ceil_mode: bool) -> int:
+    if ceil_mode:  # Caffe's / torch's rule, see _pool
+        out = -(-(size + 2 * p - k) // s) + 1
+        return out - 1 if (out - 1) * s >= size + p else out
+    return (size + 2 * p - k) // s + 1
+
+
+def layer_output_size(layer: nn.Module, size: int) -> int:
+    """Output side of `layer` for an input side `size`, rounding as the layer does."""
+    geom = layer_geometry(layer)
+    if geom is None:
+        return size
+    pool = layer.pool if isinstance(layer, PoolNorm) else layer
+    return _out_size(size, *geom, isinstance(pool, nn.MaxPool2d) and bool(pool.ceil_mode))
+
+
+def features_output_size(layers: nn.Sequential, size: int) -> int:
+    """Output side of a run of layers (e.g. `features` or `features[:12]`)."""
+    for layer in layers:
+        size = layer_output_size(layer, size)
+    return size
+
+
+def pool5_size(input_size: int, arch: Arch = "caffenet", pool_free: bool = False) -> int:
+    """Spatial side of pool5 for an S x S input (6 at 227 for every arch)."""
+    spec = ARCHS[arch]
+    ceil_mode = spec.ceil_mode and not pool_free
+    size = _out_size(input_size, 11, 4, spec.conv1_pad, False)
+    for _ in range(3):  # pool1, pool2, pool5 (conv2-conv5 keep the size)
+        size = _out_size(size, 3, 2, 0, ceil_mode)
+    if size < 1:
+        raise ValueError(f"input size {input_size} is too small for AlexNet")
+    return size
 
 
 def gaussian_init_(module: nn.Module, std: float = 0.01) -> None:

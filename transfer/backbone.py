@@ -8,12 +8,16 @@ its model card:
 - a native export (`.safetensors`, card in the metadata key `card` or beside it as
   `<name>.card.json`);
 - a torchvision AlexNet state dict (`.pth`/`.pt`, e.g. `alexnet-owt-7be5be79.pth`): the
-  ImageNet-supervised row of Table 2; its `classifier.*` tensors are ignored.
+  ImageNet-supervised row of Table 2; its `classifier.*` tensors are ignored;
+- a Caffe `.caffemodel` with its `.prototxt` beside it (same stem), converted in memory by
+  `benchmark.caffe` (`bench import caffe` writes the same conversion as a native file).
 
-The architecture (arch, pool_free) comes from the card, else from the tensors' shapes. Any
-tensor that the encoder does not expect, or that it needs and the file lacks, is an error
-that lists both sets (STYLE.md "guard transfer"): a silently half-loaded encoder would
-report random-init numbers under a pretrained method's name.
+The architecture (arch, pool_free) comes from the card, else from the tensors' shapes; files
+written before the encoder followed Caffe say "caffenet" for the ungrouped, LRN-free network
+and load as `alexnet-plain` (see `resolve_arch`). Any tensor that the encoder does not
+expect, or that it needs and the file lacks, is an error that lists both sets (STYLE.md
+"guard transfer"): a silently half-loaded encoder would report random-init numbers under a
+pretrained method's name. A NaN or infinite weight is an error naming the tensor.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ import torch
 from torch import nn
 
 from benchmark.errors import BenchError
-from pretrain.alexnet import WIDTHS, AlexNetEncoder
+from pretrain.alexnet import ARCHS, AlexNetEncoder
 
 ENCODER_FILE = "encoder.safetensors"
 TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin")
+CAFFE_SUFFIX = ".caffemodel"
 # Keys of a torchvision AlexNet that are not part of the encoder and are dropped on import.
 IGNORED_TORCH_PREFIXES = ("classifier.",)
 log = logging.getLogger("bench")
@@ -55,18 +60,14 @@ def load_encoder(
     unreadable, or its tensors do not match the encoder (missing / unexpected / shape).
     """
     if weights is None or str(weights) == "":
-        if arch not in WIDTHS:
-            choices = ", ".join(sorted(WIDTHS))
+        if arch not in ARCHS:
+            choices = ", ".join(sorted(ARCHS))
             raise BenchError(f"arch: unknown encoder arch {arch!r} (choose from {choices})")
         return AlexNetEncoder(arch, pool_free), random_card(arch, pool_free)  # type: ignore[arg-type]
     path = resolve_weights_path(weights)
     state, card = read_weights(path)
-    card = dict(card)
-    card.setdefault("arch", infer_arch(state, path) or arch)
-    card.setdefault("pool_free", "features.2.weight" in state)
+    card = resolve_arch(state, card, path, default=arch)
     card["source"] = str(path)
-    if card["arch"] not in WIDTHS:
-        raise BenchError(f"{path}: model card names unknown arch {card['arch']!r}")
     encoder = AlexNetEncoder(card["arch"], bool(card["pool_free"]))
     load_state_checked(encoder, state, path)
     return encoder, card
@@ -81,7 +82,12 @@ def peek_card(weights: str | Path | None) -> dict[str, Any]:
     if weights is None or str(weights) == "":
         return random_card()
     try:
-        return read_weights(resolve_weights_path(weights))[1]
+        path = resolve_weights_path(weights)
+        if path.suffix == CAFFE_SUFFIX:  # converting a caffemodel only for its name is slow
+            from benchmark.caffe import default_method
+
+            return {"method": default_method(path), "imported": True}
+        return read_weights(path)[1]
     except (BenchError, OSError, ValueError):
         return {"method": Path(weights).stem}
 
@@ -107,10 +113,26 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return read_native(path)
     if path.suffix in TORCH_SUFFIXES:
         return read_torchvision(path)
+    if path.suffix == CAFFE_SUFFIX:
+        return read_caffe(path)
     raise BenchError(
-        f"{path}: unknown weights format '{path.suffix}' "
-        f"(expected .safetensors, {', '.join(TORCH_SUFFIXES)} or a pretraining run folder)"
+        f"{path}: unknown weights format '{path.suffix}' (expected .safetensors, "
+        f"{', '.join(TORCH_SUFFIXES)}, {CAFFE_SUFFIX} or a pretraining run folder)"
     )
+
+
+def read_caffe(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A Caffe model, converted in memory; its prototxt must sit beside it (same stem)."""
+    from benchmark.caffe import caffe_weights
+
+    prototxt = path.with_suffix(".prototxt")
+    if not prototxt.is_file():
+        raise BenchError(
+            f"{path}: a caffemodel needs its architecture: put {prototxt.name} beside it, or "
+            f"run `bench import caffe PROTOTXT {path.name}` and pass the .safetensors it writes"
+        )
+    weights = caffe_weights(prototxt, path)
+    return weights.state, weights.card
 
 
 def read_native(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -150,17 +172,61 @@ def read_torchvision(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 
 def infer_arch(state: Mapping[str, torch.Tensor], path: Path) -> str | None:
-    """Arch whose conv1 width matches `features.0.weight`, None when there is no such key."""
+    """The arch the tensors' shapes fit, None when there is no `features.0.weight`.
+
+    conv1's width separates torchvision (64) from the CaffeNet widths (96); conv2's input
+    channels then separate the grouped nets (48 per group) from `alexnet-plain` (96).
+    Weights cannot tell CaffeNet's LRN order from BVLC AlexNet's: grouped means `caffenet`.
+    """
     conv1 = state.get("features.0.weight")
     if conv1 is None:
         return None
-    for arch, widths in WIDTHS.items():
-        if conv1.shape[0] == widths[0]:
+    candidates = [a for a, spec in ARCHS.items() if spec.widths[0] == conv1.shape[0]]
+    if not candidates:
+        widths = ", ".join(f"{a}: {s.widths[0]}" for a, s in ARCHS.items())
+        raise BenchError(
+            f"{path}: features.0.weight has {conv1.shape[0]} filters, which matches no known "
+            f"encoder ({widths})"
+        )
+    conv2 = state.get("features.3.weight")
+    for arch in candidates:
+        spec = ARCHS[arch]
+        if conv2 is None or conv2.dim() < 2 or conv2.shape[1] * spec.groups[1] == spec.widths[0]:
             return arch
-    raise BenchError(
-        f"{path}: features.0.weight has {conv1.shape[0]} filters, which matches no known "
-        f"encoder ({', '.join(f'{a}: {w[0]}' for a, w in WIDTHS.items())})"
-    )
+    return candidates[0]  # shapes fit none: load_state_checked names the tensor
+
+
+def resolve_arch(
+    state: Mapping[str, torch.Tensor], card: Mapping[str, Any], path: Path, default: str
+) -> dict[str, Any]:
+    """The card with `arch` and `pool_free` set and checked against the tensors.
+
+    A card saying "caffenet" over an ungrouped conv2 ((256, 96, 5, 5)) was written before
+    `caffenet` meant Caffe's grouped LRN network: that file is `alexnet-plain`, and the card
+    says so in `arch_note`. Pool-free files have `features.2.weight` (no LRN) or
+    `features.2.pool.weight` (LRN archs).
+    """
+    card = dict(card)
+    if "pool_free" not in card:
+        card["pool_free"] = "features.2.weight" in state or "features.2.pool.weight" in state
+    arch = card.get("arch")
+    if arch is None:
+        card["arch"] = infer_arch(state, path) or default
+    elif arch == "caffenet" and _ungrouped_conv2(state):
+        card["arch"] = "alexnet-plain"
+        card["arch_note"] = (
+            "card says 'caffenet' but conv2 is ungrouped (256, 96, 5, 5): the LRN-free "
+            "network bench trained before issue 11, loaded as 'alexnet-plain'"
+        )
+        log.info("%s: %s", path, card["arch_note"])
+    if card["arch"] not in ARCHS:
+        raise BenchError(f"{path}: model card names unknown arch {card['arch']!r}")
+    return card
+
+
+def _ungrouped_conv2(state: Mapping[str, torch.Tensor]) -> bool:
+    conv2 = state.get("features.3.weight")
+    return conv2 is not None and tuple(conv2.shape) == (256, 96, 5, 5)
 
 
 def _key_list(keys: Iterable[str], limit: int = 12) -> str:
@@ -184,6 +250,14 @@ def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], pat
             raise BenchError(
                 f"{path}: {key} has shape {tuple(state[key].shape)}, the {_describe(module)} "
                 f"expects {tuple(value.shape)}"
+            )
+    for key in sorted(state):
+        tensor = state[key]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BenchError(
+                f"{path}: {key} has {bad} NaN or infinite value(s) of {tensor.numel()} "
+                "(a diverged or corrupt checkpoint)"
             )
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
