@@ -1,0 +1,179 @@
+"""What the three pretext methods share: precision stand-in, device moves, the encoder's
+pool5 shape at a patch size, Caffe-style initialisation and SGD groups, per-patch
+normalisation, and captioned PNG grids for `sample_figure`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmark.runs import atomic_write_bytes
+
+
+class PrecisionLike(Protocol):
+    """What a step needs from the loop's mixed-precision object (benchmark.loop.Precision)."""
+
+    def autocast(self) -> AbstractContextManager[Any]: ...
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self, optimizer: torch.optim.Optimizer) -> Any: ...
+
+
+class FullPrecision:
+    """The trivial precision: fp32, plain backward and optimiser step."""
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    def update(self) -> None:
+        pass
+
+
+def optimise(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, precision: PrecisionLike
+) -> None:
+    """backward + step through `precision` (and its per-iteration `update`, if it has one)."""
+    precision.backward(loss)
+    precision.step(optimizer)
+    update = getattr(precision, "update", None)
+    if callable(update):
+        update()
+
+
+def images_to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A (N, C, H, W) batch on `device`; channels_last only on CUDA (the project's device
+    policy: several CPU kernels are slower in it)."""
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy as a 0-d float tensor (detached)."""
+    return (logits.detach().argmax(dim=1) == labels).float().mean()
+
+
+@torch.no_grad()
+def pool5_shape(encoder: nn.Module, size: int) -> tuple[int, int, int]:
+    """(C, H, W) of the encoder's output for one size x size input, by a dry run in eval
+    mode (so BatchNorm statistics, should the encoder gain any, are left alone)."""
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        param = next(encoder.parameters())
+        out = encoder(torch.zeros(1, 3, size, size, dtype=param.dtype, device=param.device))
+    finally:
+        encoder.train(was_training)
+    if out.dim() != 4 or min(out.shape[2:]) < 1:
+        raise ValueError(f"encoder output {tuple(out.shape)} at input {size}: too small")
+    return int(out.shape[1]), int(out.shape[2]), int(out.shape[3])
+
+
+def caffe_xavier_(module: nn.Module) -> None:
+    """Caffe's "xavier" filler (U(-a, a), a = sqrt(3 / fan_in)) on every conv and linear
+    weight, zero biases. Not torch's xavier_uniform_, which averages fan-in and fan-out."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()  # in_channels / groups * kernel area
+            bound = math.sqrt(3.0 / fan_in)
+            nn.init.uniform_(m.weight, -bound, bound)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def sgd_groups(
+    model: nn.Module, weight_decay: float, bias_lr_mult: float = 1.0, bias_decay: bool = True
+) -> list[dict[str, Any]]:
+    """Parameter groups in Caffe's terms: weights (lr_mult 1, decay_mult 1) and biases
+    (lr_mult `bias_lr_mult`, decay_mult 1 or 0). Each group carries its `lr_mult`, which
+    `set_learning_rate` applies."""
+    weights = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
+    biases = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() <= 1]
+    groups = [{"params": weights, "weight_decay": weight_decay, "lr_mult": 1.0}]
+    if biases:
+        decay = weight_decay if bias_decay else 0.0
+        groups.append({"params": biases, "weight_decay": decay, "lr_mult": bias_lr_mult})
+    return groups
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's rate to lr x its `lr_mult` (1 where a group has none)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+
+
+def standardise(x: np.ndarray, axes: tuple[int, ...] | None = None) -> np.ndarray:
+    """Zero mean, unit standard deviation over `axes` (all by default); a constant input
+    becomes zeros. float32."""
+    x = np.asarray(x, dtype=np.float32)
+    mean = x.mean(axis=axes, keepdims=True)
+    std = x.std(axis=axes, keepdims=True)
+    return ((x - mean) / np.maximum(std, 1e-6)).astype(np.float32) * (std > 1e-6)
+
+
+def chw(x: np.ndarray) -> torch.Tensor:
+    """(..., H, W, C) float array -> (..., C, H, W) float32 tensor."""
+    x = np.ascontiguousarray(np.moveaxis(np.asarray(x, dtype=np.float32), -1, -3))
+    return torch.from_numpy(x)
+
+
+def display(x: torch.Tensor) -> np.ndarray:
+    """(3, H, W) tensor of any scale -> (H, W, 3) in [0, 1], min-max stretched (patches
+    normalised per patch have no fixed pixel scale to undo)."""
+    x = x.detach().float().cpu()
+    lo, hi = float(x.min()), float(x.max())
+    x = (x - lo) / (hi - lo) if hi > lo else torch.full_like(x, 0.5)
+    return x.permute(1, 2, 0).numpy()
+
+
+def save_captioned_grid(
+    path: Path,
+    rows: Sequence[Sequence[np.ndarray]],
+    captions: Sequence[Sequence[str]],
+    row_labels: Sequence[str] | None = None,
+    cell_inches: float = 1.6,
+) -> Path:
+    """One PNG: rows of images ((H, W, 3) in [0, 1]), each with the caption at the same
+    place in `captions` above it (rows of strings; missing ones are left out), optional
+    labels left of each row. Written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not rows or not rows[0]:
+        raise ValueError("save_captioned_grid needs at least one image")
+    nrows, ncols = len(rows), max(len(r) for r in rows)
+    fig = Figure(figsize=(cell_inches * ncols, (cell_inches + 0.3) * nrows))
+    FigureCanvasAgg(fig)
+    for r, row in enumerate(rows):
+        for c in range(ncols):
+            ax = fig.add_subplot(nrows, ncols, r * ncols + c + 1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(row):
+                ax.imshow(np.clip(row[c], 0.0, 1.0), interpolation="nearest")
+            else:
+                ax.axis("off")
+            if r < len(captions) and c < len(captions[r]):
+                ax.set_title(captions[r][c], fontsize=7)
+            if c == 0 and row_labels is not None and r < len(row_labels):
+                ax.set_ylabel(row_labels[r], fontsize=7)
+    fig.tight_layout(pad=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
