@@ -120,7 +120,7 @@ def crop_image(im: Image.Image, rng: np.random.Generator, cfg: JigsawConfig) -> 
     im = im.resize((nw, nh), Image.BILINEAR)
     top = int(rng.integers(0, nh - cfg.crop_size + 1))
     left = int(rng.integers(0, nw - cfg.crop_size + 1))
-    return np.asarray(im)[top : top + cfg.crop_size, left : left + cfg.crop_size]
+    return np.array(im)[top : top + cfg.crop_size, left : left + cfg.crop_size]
 
 
 def to_gray(crop: np.ndarray) -> np.ndarray:

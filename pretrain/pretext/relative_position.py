@@ -179,7 +179,7 @@ def pixelate(patch: np.ndarray, side: int) -> np.ndarray:
     """Down to side x side and back up (bilinear): (P, P, 3) uint8 -> same."""
     p = patch.shape[0]
     im = Image.fromarray(patch).resize((side, side), Image.BILINEAR)
-    return np.asarray(im.resize((p, p), Image.BILINEAR))
+    return np.array(im.resize((p, p), Image.BILINEAR))
 
 
 def drop_colours(x: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
@@ -237,7 +237,7 @@ class RelativePositionImages(SeededImages):
         cfg = self.cfg
         image, rng = self.load(key)
         image = resize_for_pairs(image, rng, cfg)
-        pixels = np.asarray(image)
+        pixels = np.array(image)  # writable: torch.from_numpy warns on read-only
         h, w = pixels.shape[:2]
         pair = sample_pair(rng, h, w, cfg)
         p = cfg.patch_size

@@ -153,7 +153,7 @@ class RotationImages(SeededImages):
             image = random_sized_crop(image, cfg.crop_size, rng)
         else:
             image = scale_and_crop(image, cfg.resize, cfg.crop_size, rng)
-        pixels = np.asarray(image)
+        pixels = np.array(image)  # writable: torch.from_numpy warns on read-only
         if self.flip and rng.random() < 0.5:
             pixels = pixels[:, ::-1]
         return {"image": normalise(pixels)}
