@@ -10,6 +10,8 @@ import pytest
 from PIL import Image
 
 from benchmark.datasets.check import check_path, main_check
+from benchmark.datasets.preflight import box_problem
+from benchmark.datasets.voc import VOCObject
 from benchmark.errors import DatasetError
 
 
@@ -114,3 +116,21 @@ def test_real_samples_pass(shared_data: Path) -> None:
     assert report.problems == []
     assert "VOC2007 Main/train: 579 images" in report.summary
     assert "VOC2012 Segmentation/train: 37 images" in report.summary
+
+
+@pytest.mark.parametrize(
+    ("box", "message"),
+    [
+        ((1, 1, 10, 20), None),  # the whole 10x20 image, VOC's 1-based inclusive pixels
+        ((2.5, 3, 4, 5), None),
+        ((-1, 3, 4, 5), "object 3 (dog): box (-1, 3, 4, 5) has a negative coordinate"),
+        ((5, 3, 4, 5), "object 3 (dog): box (5, 3, 4, 5) has xmin 5 > xmax 4"),
+        ((1, 6, 4, 5), "object 3 (dog): box (1, 6, 4, 5) has ymin 6 > ymax 5"),
+        ((0, 1, 4, 5), "object 3 (dog): box (0, 1, 4, 5) lies outside the 10x20 image"),
+        ((1, 1, 11, 5), "object 3 (dog): box (1, 1, 11, 5) lies outside the 10x20 image"),
+        ((1, 1, 4, 21), "object 3 (dog): box (1, 1, 4, 21) lies outside the 10x20 image"),
+    ],
+)
+def test_box_rules(box: tuple[float, float, float, float], message: str | None) -> None:
+    found = box_problem(2, VOCObject("dog", box), 10, 20)
+    assert found == message or (message is not None and found.startswith(message))

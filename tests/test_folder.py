@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from benchmark.datasets.folder import list_images, load_rgb
+from benchmark.datasets.folder import list_images, load_rgb, verify_image
 from benchmark.errors import DatasetError
 
 
@@ -83,3 +84,39 @@ def test_paris_streetview_sample_loads(shared_data: Path) -> None:
     paths = list_images(folder)
     assert [p.name for p in paths[:2]] == ["001_im.png", "002_im.png"]
     assert all(load_rgb(p).size == (227, 227) for p in paths)
+
+
+@pytest.mark.parametrize("error", [struct.error, IndexError, EOFError, ZeroDivisionError, OSError])
+def test_any_decoder_failure_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[Exception]
+) -> None:
+    path = tmp_path / "fuzzed.png"
+    Image.new("RGB", (4, 4)).save(path)
+
+    def fail(self: ImageFile.ImageFile) -> None:
+        raise error("decoder gave up")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", fail)
+    expected = rf"fuzzed\.png: unreadable image \({error.__name__}: decoder gave up\)$"
+    for reader in (load_rgb, verify_image):
+        with pytest.raises(DatasetError, match=expected):
+            reader(path)
+
+
+def test_only_the_listed_formats_are_decoded(tmp_path: Path) -> None:
+    # An EPS file would make PIL run Ghostscript; as a ".jpg" it is just unreadable.
+    path = tmp_path / "script.jpg"
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    with pytest.raises(DatasetError, match=r"script\.jpg: unreadable image \(not a supported"):
+        load_rgb(path)
+
+
+def test_verify_image_reads_every_byte(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(path, quality=95)
+    assert verify_image(path) == (80, 64)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 4])
+    with pytest.raises(DatasetError, match=r"cut\.jpg: unreadable image \(OSError: image file is"):
+        verify_image(path)

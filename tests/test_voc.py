@@ -17,10 +17,13 @@ from benchmark.datasets.voc import (
     classification_targets,
     load_detection,
     load_segmentation,
+    mat_damage,
     parse_voc_xml,
     read_class_files,
+    read_id_list,
     read_label,
     read_mask,
+    read_rows,
     read_sbd_mat,
     read_split,
 )
@@ -232,3 +235,102 @@ def test_real_voc2012_segmentation(shared_data: Path) -> None:
         assert Image.open(s.mask_path).getpalette()[: 3 * 21] == VOC_PALETTE[:21].flatten().tolist()
     assert 255 in seen and 0 in seen
     assert seen <= set(range(21)) | {255}
+
+
+# ------------------------------------------------------------------ hostile inputs
+
+
+def test_read_id_list_bom_encoding_and_nul(tmp_path: Path) -> None:
+    path = tmp_path / "train.txt"
+    path.write_bytes(b"\xef\xbb\xbf000005 1\r\n000007\n\n")
+    assert read_id_list(path) == ["000005", "000007"]
+    assert read_rows(path) == [["000005", "1"], ["000007"]]
+    path.write_bytes(b"000005\n000007\n00\xe9009\n")  # Latin-1, not UTF-8
+    with pytest.raises(
+        DatasetError, match=r"train\.txt: split file is not valid UTF-8 text \(line 3\)"
+    ):
+        read_id_list(path)
+    path.write_bytes(b"000005\n\x00\x00\n")
+    with pytest.raises(DatasetError, match=r"train\.txt: split file holds a NUL byte \(line 2\)"):
+        read_id_list(path)
+    with pytest.raises(DatasetError, match=r"nope\.txt: SBD split file not found"):
+        read_id_list(tmp_path / "nope.txt", "SBD split file")
+    with pytest.raises(DatasetError, match=r": unreadable split file \(Is a directory\)"):
+        read_id_list(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("<width>353</width>", "<width>nan</width>", "<width> is not a number ('nan')"),
+        ("<xmax>300</xmax>", "<xmax>1e999</xmax>", "object 1 (dog): <xmax> is not a number"),
+        ("<difficult>0</difficult>", "<difficult>x</difficult>", "object 1 (dog): <difficult>"),
+        ("<name>dog</name>", "<name></name>", "object 1: missing <name> in <object>"),
+        ("<annotation>", '<?xml version="1.0" encoding="shift_jis"?><annotation>', "malformed"),
+        ("<annotation>", "<annotation>\x00", "malformed XML"),
+    ],
+)
+def test_parse_hostile_values(tmp_path: Path, old: str, new: str, message: str) -> None:
+    path = _xml(tmp_path, XML.replace(old, new), "odd.xml")
+    with pytest.raises(DatasetError) as exc:
+        parse_voc_xml(path)
+    assert str(exc.value).startswith(f"{path}: ") and message in str(exc.value)
+
+
+def test_read_mask_refuses_16_bit_out_of_range_and_missing(tmp_path: Path) -> None:
+    grey = np.array([[0, 20], [255, 3]], dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "grey.png")  # mode L is fine
+    np.testing.assert_array_equal(read_mask(tmp_path / "grey.png"), grey)
+    Image.fromarray(grey.astype(np.uint16)).save(tmp_path / "deep.png")
+    with pytest.raises(DatasetError, match=r"deep\.png: .*\(mode I;16, 16-bit\)"):
+        read_mask(tmp_path / "deep.png")
+    _palette_png(tmp_path / "odd.png", np.array([[0, 21], [254, 100]]))
+    with pytest.raises(DatasetError, match=r"odd\.png: label values \[21, 100, 254\] are neither"):
+        read_mask(tmp_path / "odd.png")
+    with pytest.raises(DatasetError, match=r"gone\.png: segmentation mask not found"):
+        read_mask(tmp_path / "gone.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "odd.png").read_bytes()[:60])
+    with pytest.raises(DatasetError, match=r"cut\.png: unreadable mask \("):
+        read_mask(tmp_path / "cut.png")
+
+
+def _sbd(path: Path, seg: np.ndarray, compress: bool = False) -> Path:
+    savemat(path, {"GTcls": {"Segmentation": seg}}, do_compression=compress)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("seg", "message"),
+    [
+        (np.array([[0.0, np.nan], [1, 2]]), "non-integer values"),
+        (np.array([[0.5, 1], [1, 2]]), "non-integer values"),
+        (np.array([[-1, 1], [1, 2]]), "label values -1..2 are not 0-20 or 255"),
+        (np.array([[0, 300], [1, 2]]), "label values 0..300 are not 0-20 or 255"),
+        (np.array([[0, 100], [1, 2]]), "label values [100] are neither 0-20 nor 255"),
+        (np.array([[{"a": 1}, {"a": 2}], [{"a": 3}, {"a": 4}]]), "label map holds object"),
+        (np.arange(4), "is not a 2-D label map"),
+    ],
+)
+def test_read_sbd_mat_checks_values(tmp_path: Path, seg: np.ndarray, message: str) -> None:
+    path = _sbd(tmp_path / "bad.mat", seg)
+    with pytest.raises(DatasetError) as exc:
+        read_sbd_mat(path)
+    assert str(exc.value).startswith(f"{path}: ") and message in str(exc.value)
+
+
+def test_read_sbd_mat_damaged_compressed_file(tmp_path: Path) -> None:
+    seg = (np.arange(400).reshape(20, 20) % 21).astype(np.uint8)
+    data = _sbd(tmp_path / "ok.mat", seg, compress=True).read_bytes()
+    np.testing.assert_array_equal(read_sbd_mat(tmp_path / "ok.mat"), seg)
+    assert mat_damage(data) is None
+    cases = {
+        "cut.mat": (data[: len(data) - 9], "truncated (element at byte 128 needs 9 more bytes)"),
+        "flip.mat": (data[:150] + bytes([data[150] ^ 0xFF]) + data[151:], "at byte 128"),
+        "short.mat": (data[:120], "unreadable .mat file ("),
+    }
+    for name, (raw, message) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(DatasetError) as exc:
+            read_sbd_mat(tmp_path / name)
+        assert str(exc.value).startswith(f"{tmp_path / name}: unreadable .mat file (")
+        assert message in str(exc.value), str(exc.value)

@@ -7,8 +7,11 @@ detection code decides how to convert them.
 
 from __future__ import annotations
 
+import io
 import math
+import struct
 import xml.etree.ElementTree as ET
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,15 +362,62 @@ def read_mask(path: Path) -> np.ndarray:
     return check_label_values(path, labels)
 
 
+MAT_INFLATE_LIMIT = 256 << 20  # bytes; an SBD label file inflates to well under 10 MB
+
+
+def mat_damage(raw: bytes) -> str | None:
+    """Why a MATLAB v5 file is damaged, or None: an element running past the end of the file,
+    or a compressed element that fails zlib's checksum or inflates past MAT_INFLATE_LIMIT.
+
+    scipy's reader parses compressed data while inflating it and can crash the process
+    (segmentation fault) on a corrupted stream; inflating it here first, checksum
+    included, turns that into an error. Files that are not v5 are left to scipy.
+    """
+    if len(raw) < 128 or raw[126:128] not in (b"IM", b"MI"):
+        return None
+    order = "<" if raw[126:128] == b"IM" else ">"
+    pos = 128
+    while pos < len(raw):
+        if pos + 8 > len(raw):
+            return f"truncated (element header at byte {pos})"
+        dtype, nbytes = struct.unpack(order + "II", raw[pos : pos + 8])
+        if dtype >> 16:  # small data element: type and size share the first 4 bytes
+            pos += 8
+            continue
+        end = pos + 8 + nbytes
+        if end > len(raw):
+            return f"truncated (element at byte {pos} needs {end - len(raw)} more bytes)"
+        if dtype == 15:  # miCOMPRESSED
+            inflate, data, size = zlib.decompressobj(), raw[pos + 8 : end], 0
+            try:
+                while data and not inflate.eof:
+                    size += len(inflate.decompress(data, 1 << 20))
+                    data = inflate.unconsumed_tail
+                    if size > MAT_INFLATE_LIMIT:
+                        return f"compressed element at byte {pos} inflates past 256 MiB"
+            except zlib.error as exc:
+                return f"corrupt compressed element at byte {pos} ({exc})"
+            if not inflate.eof:
+                return f"compressed element at byte {pos} is cut short"
+        pos = end
+    return None
+
+
 def read_sbd_mat(path: Path) -> np.ndarray:
     """Class indices (H, W) uint8 from an SBD `cls/*.mat` file (GTcls.Segmentation)."""
     from scipy.io import loadmat
 
     path = Path(path)
     try:
-        mat = loadmat(path, squeeze_me=True, struct_as_record=False)
+        raw = path.read_bytes()
+        damage = mat_damage(raw)
+        if damage is not None:
+            raise DatasetError(file_message(path, f"unreadable .mat file ({damage})"))
+        mat = loadmat(io.BytesIO(raw), squeeze_me=True, struct_as_record=False)
         seg = getattr(mat.get("GTcls"), "Segmentation", None)
         seg = None if seg is None else np.asarray(seg)
+    except DatasetError:
+        raise
     except FileNotFoundError:
         raise DatasetError(file_message(path, MAT_MISSING)) from None
     except Exception as exc:  # noqa: BLE001 - scipy raises many types for a bad file
