@@ -377,6 +377,29 @@ def test_fc6_fc7_are_returned_separately(tmp_path):
     assert close(fc6, want)
 
 
+def test_fc_layers_stored_as_convolutions(tmp_path):
+    """FCN-style nets hold fc6 as a 6x6 convolution and fc7 as a 1x1 one."""
+    layers = caffenet_layers()
+    for x in layers:
+        if x["name"] in ("fc6", "fc7"):
+            n = dict(FC)[x["name"]]
+            k = 6 if x["name"] == "fc6" else 1
+            x["type"] = "Convolution"
+            x["params"] = f"convolution_param {{ num_output: {n} kernel_size: {k} }}"
+    weights = random_weights()
+    conv_weights = dict(weights)
+    conv_weights["fc6"] = [weights["fc6"][0].reshape(24, 256, 6, 6), weights["fc6"][1]]
+    conv_weights["fc7"] = [weights["fc7"][0].reshape(16, 24, 1, 1), weights["fc7"][1]]
+    proto = tmp_path / "fcn.prototxt"
+    proto.write_text(prototxt_text(layers))
+    model = write_caffemodel(tmp_path / "fcn.caffemodel", layers, conv_weights)
+    spec = read_prototxt(proto)
+    assert spec.head == ("fc6", "fc7") and spec.head_kinds == ("Convolution", "Convolution")
+    head = caffe_weights(proto, model).head
+    assert np.array_equal(head["fc6.weight"].numpy(), weights["fc6"][0])
+    assert np.array_equal(head["fc7.weight"].numpy(), weights["fc7"][0])
+
+
 def test_card_records_sources_and_convention(tmp_path):
     proto, model, _ = write_net(tmp_path, "ce_features")
     out = import_caffe(proto, model, tmp_path)  # a folder: encoder.safetensors inside

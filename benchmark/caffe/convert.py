@@ -88,14 +88,15 @@ def import_caffe(
 ) -> Path:
     """Write the net's encoder as a native safetensors file (+ card); returns its path.
 
-    `out` may be a folder (the file is then `encoder.safetensors` inside it). fc6/fc7, when
+    `out` may be a folder, existing or not when it has no suffix (the file is then
+    `encoder.safetensors` inside it, so the folder works as `--weights`). fc6/fc7, when
     the net has them, go beside it as `<stem>-fc.safetensors` (keys fc6.*, fc7.*; Caffe's
     layout, which is torch's (out, in) Linear layout on flattened pool5).
     """
     from pretrain.export import NATIVE_FILE, card_path, write_native
 
     out = Path(out)
-    if out.is_dir():
+    if out.is_dir() or not out.suffix:
         out = out / NATIVE_FILE
     if out.suffix != ".safetensors":
         raise BenchError(f"{printable(out)}: output must be a .safetensors file")

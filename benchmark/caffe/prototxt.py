@@ -153,7 +153,7 @@ def _net_spec(path: Path, name: str, layers: list[LayerSpec]) -> NetSpec:
             if slope != 0:
                 raise BenchError(f"{_where(path, layer)}: leaky ReLU (negative_slope {slope})")
     mean, source, scale = _input_transform(path, sources)
-    head, kinds = _head(path, chain[len(encoder_layers) :], encoder_layers[-1].tops[0])
+    head, kinds = _head(chain[len(encoder_layers) :], encoder_layers[-1].tops[0])
     return NetSpec(
         path=path, name=name, arch=arch, encoder=tuple(c.name for c in convs), head=head,
         head_kinds=kinds, mean_bgr=mean, mean_source=source, input_scale=scale,
@@ -196,9 +196,11 @@ def _match_pattern(path: Path, chain: list[LayerSpec]) -> str:
 def _check_connected(path: Path, layers: list[LayerSpec]) -> None:
     for prev, layer in zip(layers[:-1], layers[1:]):
         if len(layer.bottoms) != 1 or len(layer.tops) != 1 or layer.bottoms[0] != prev.tops[0]:
+            want = prev.tops[0] if prev.tops else None
             raise BenchError(
-                f"{_where(path, layer)}: reads {list(layer.bottoms)}, not only the output "
-                f"{prev.tops[0] if prev.tops else None!r} of {prev.name!r}"
+                f"{_where(path, layer)}: reads {list(layer.bottoms)} and writes "
+                f"{list(layer.tops)}; the encoder needs one input, {want!r} (the output of "
+                f"{prev.name!r}), and one output"
             )
 
 
@@ -238,8 +240,10 @@ def _check_conv(path: Path, layer: LayerSpec, width: int, kernel: int, stride: i
             "group": group, "dilation": 1, "axis": 1}  # fmt: skip
     for key, value in want.items():
         if got[key] != value:
+            why = " (Caffe's input offset is folded into conv1, exact only without padding)"
             raise BenchError(
                 f"{_where(path, layer)}: {key} {got[key]}, the encoder's layer has {value}"
+                + (why if key == "pad" and width == 96 and kernel == 11 else "")
             )
 
 
@@ -313,7 +317,7 @@ def _input_transform(
     return (values[0], values[1], values[2]), "prototxt", scale
 
 
-def _head(path: Path, rest: list[LayerSpec], pool5: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _head(rest: list[LayerSpec], pool5: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """fc6 (and fc7): fully-connected layers fed by pool5 through ReLU/Dropout only."""
     names: list[str] = []
     kinds: list[str] = []
