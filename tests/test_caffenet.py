@@ -94,7 +94,6 @@ def test_lrn_order_and_layout():
         assert isinstance(enc.features[12], nn.MaxPool2d)  # no LRN after conv5
         assert all(isinstance(p, nn.MaxPool2d) for p in enc.pool_layers())
     # The orders differ in function on the same weights (LRN and max do not commute).
-    bvlc.load_state_dict(caffenet.state_dict())
     for m in caffenet.conv_layers():
         nn.init.normal_(m.weight, 0.0, 0.5)  # large activations: LRN matters
     bvlc.load_state_dict(caffenet.state_dict())
