@@ -3,6 +3,7 @@ normalisation, colour handling, model shapes and a few training steps."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from pretrain.alexnet import AlexNetEncoder
+from pretrain.data import SeededImages
 from pretrain.pretext import PRETEXT_METHODS
 from pretrain.pretext.jigsaw import (
     JigsawConfig,
@@ -209,3 +211,15 @@ def test_registered():
     parts = PRETEXT_METHODS["jigsaw"]
     assert parts.model is JigsawNet and parts.dataset is JigsawImages
     assert parts.total_iterations(CFG, 10) == 350_000
+
+
+@pytest.mark.skipif(
+    "seed" not in inspect.signature(SeededImages.__init__).parameters,
+    reason="this SeededImages keys samples without a run seed",
+)
+def test_run_seed_changes_the_samples(tmp_path):
+    paths = write_images(tmp_path, [(300, 240)])
+    a = JigsawImages(paths, JigsawConfig(permutations=10), seed=0)[(0, 3)]
+    b = JigsawImages(paths, JigsawConfig(permutations=10), seed=1)[(0, 3)]
+    key = next(iter(a))
+    assert not torch.equal(a[key], b[key])

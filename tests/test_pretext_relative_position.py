@@ -3,6 +3,7 @@ preprocessing, dataset keys, model shapes and a few training steps."""
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from pretrain.alexnet import AlexNetEncoder
-from pretrain.data import normalise
+from pretrain.data import SeededImages, normalise
 from pretrain.pretext import PRETEXT_METHODS
 from pretrain.pretext.relative_position import (
     GREEN_MAGENTA,
@@ -259,7 +260,7 @@ def test_step_goes_through_the_precision_object():
     opt = torch.optim.SGD(model.parameters(), lr=0.001)
     step = make_step(model, opt, torch.device("cpu"), precision=prec, channels_last=True)
     out = step({"patches": torch.randn(2, 2, 3, 48, 48), "label": torch.tensor([1, 2])}, 0)
-    assert prec.calls == ["autocast", "backward", "step", "update"]
+    assert prec.calls == ["autocast", "backward", "step"]  # update() is the loop's
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
 
 
@@ -276,3 +277,15 @@ def test_registered():
     assert parts.learning_rate(CFG, 10**6) == 1e-5
     opt = parts.make_optimizer(small_model()[0], CFG)
     assert all(g["lr"] == 1e-5 and g["weight_decay"] == 0.0 for g in opt.param_groups)
+
+
+@pytest.mark.skipif(
+    "seed" not in inspect.signature(SeededImages.__init__).parameters,
+    reason="this SeededImages keys samples without a run seed",
+)
+def test_run_seed_changes_the_samples(tmp_path):
+    paths = write_images(tmp_path, [(400, 400)])
+    a = RelativePositionImages(paths, None, seed=0)[(0, 3)]
+    b = RelativePositionImages(paths, None, seed=1)[(0, 3)]
+    key = next(iter(a))
+    assert not torch.equal(a[key], b[key])

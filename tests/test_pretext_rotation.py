@@ -3,6 +3,7 @@ each image, crops, schedule, model shapes and a few training steps."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from pretrain.alexnet import AlexNetEncoder
+from pretrain.data import SeededImages
 from pretrain.pretext import PRETEXT_METHODS
 from pretrain.pretext.rotation import (
     RotationConfig,
@@ -180,3 +182,15 @@ def test_registered():
     parts = PRETEXT_METHODS["rotation"]
     assert parts.model is RotationNet and parts.dataset is RotationImages
     assert parts.config().lr_schedule[0] == (15, 0.01)
+
+
+@pytest.mark.skipif(
+    "seed" not in inspect.signature(SeededImages.__init__).parameters,
+    reason="this SeededImages keys samples without a run seed",
+)
+def test_run_seed_changes_the_samples(tmp_path):
+    paths = write_images(tmp_path, [(300, 240)])
+    a = RotationImages(paths, None, seed=0)[(0, 3)]
+    b = RotationImages(paths, None, seed=1)[(0, 3)]
+    key = next(iter(a))
+    assert not torch.equal(a[key], b[key])

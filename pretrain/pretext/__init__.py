@@ -6,12 +6,16 @@ AlexNetEncoder (conv1..pool5) as `model.encoder`:
 - `jigsaw` (Noroozi and Favaro, ECCV 2016): which permutation shuffled 9 tiles.
 
 Every method module has the same parts: a config dataclass whose defaults are the paper's
-(or its released code's) values, a model `Net(arch, pool_free, cfg)`, a dataset
-`Images(paths, cfg)` over (index, draw_seed) keys, `make_step(model, optimizer, device, *,
-precision=None, channels_last=False)`, `make_optimizer(model, cfg)`, `learning_rate(cfg,
-iteration, iterations_per_epoch)`, `total_iterations(cfg, num_images)`, `forward_batch(model,
-batch, device)` (logits and labels, as the step computes them) and `sample_figure(batch,
-logits, path)`. `PRETEXT_METHODS` maps each `--method` name to them.
+(or its released code's) values; a model `Net(arch, pool_free, cfg)`; a dataset
+`Images(paths, cfg, seed)` over the loop's (index, sample) keys, every random choice drawn
+from the key's generator; `make_step(model, optimizer, device, *, precision=None,
+channels_last=False) -> step(batch, iteration) -> {"loss", "accuracy"}` (the loop calls
+`precision.update()` after it); `make_optimizer(model, cfg)` and `learning_rate(cfg,
+iteration, iterations_per_epoch)`, to be applied with `set_learning_rate(optimizer, lr)`
+(it keeps Caffe's per-group lr_mult); `total_iterations(cfg, num_images)`;
+`forward_batch(model, batch, device, channels_last=False) -> (logits, labels)` as the
+step computes them; and `sample_figure(batch, logits, path, *, cfg=None)`.
+`PRETEXT_METHODS` maps each `--method` name to them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pretrain.pretext import jigsaw, relative_position, rotation
+from pretrain.pretext.common import set_learning_rate
 
 
 @dataclass(frozen=True)
@@ -72,4 +77,11 @@ PRETEXT_METHODS: dict[str, Pretext] = {
     "jigsaw": _parts("jigsaw", jigsaw, jigsaw.JigsawConfig, jigsaw.JigsawNet, jigsaw.JigsawImages),
 }
 
-__all__ = ["PRETEXT_METHODS", "Pretext", "jigsaw", "relative_position", "rotation"]
+__all__ = [
+    "PRETEXT_METHODS",
+    "Pretext",
+    "jigsaw",
+    "relative_position",
+    "rotation",
+    "set_learning_rate",
+]

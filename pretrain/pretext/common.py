@@ -28,7 +28,8 @@ class PrecisionLike(Protocol):
 
 
 class FullPrecision:
-    """The trivial precision: fp32, plain backward and optimiser step."""
+    """The trivial precision: fp32, plain backward and optimiser step (and a no-op
+    `update`, like the loop's object has)."""
 
     def autocast(self) -> AbstractContextManager[Any]:
         return nullcontext()
@@ -46,12 +47,10 @@ class FullPrecision:
 def optimise(
     loss: torch.Tensor, optimizer: torch.optim.Optimizer, precision: PrecisionLike
 ) -> None:
-    """backward + step through `precision` (and its per-iteration `update`, if it has one)."""
+    """backward + step through `precision`. Its once-per-iteration `update` (the fp16 loss
+    scale) is the loop's to call, after the step function returns."""
     precision.backward(loss)
     precision.step(optimizer)
-    update = getattr(precision, "update", None)
-    if callable(update):
-        update()
 
 
 def images_to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:

@@ -182,15 +182,18 @@ class JigsawImages(SeededImages):
     """Image folder -> {"tiles": (9, 3, T, T) float32 in input (shuffled) order, "label": ()
     int64 index into `permutations`}. Every random choice comes from the key's generator."""
 
-    def __init__(self, paths: Sequence[Path], cfg: JigsawConfig | None = None) -> None:
+    def __init__(
+        self, paths: Sequence[Path], cfg: JigsawConfig | None = None, seed: int = 0
+    ) -> None:
         super().__init__(paths, flip=False)  # the released data layer has mirror: false
+        self.seed = seed  # the run seed SeededImages.load keys samples with
         self.cfg = cfg or JigsawConfig()
         check_config(self.cfg)
         self.permutations = permutation_set(
             self.cfg.permutations, self.cfg.permutation_seed, self.cfg.permutation_criterion
         )
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         image, rng = self.load(key)
         crop = crop_image(image, rng, cfg)
@@ -343,6 +346,8 @@ def sample_figure(
     batch: dict[str, torch.Tensor],
     logits: torch.Tensor,
     path: Path,
+    *,
+    cfg: JigsawConfig | None = None,
     permutations: np.ndarray | None = None,
     max_items: int = 8,
 ) -> Path:
@@ -350,10 +355,10 @@ def sample_figure(
     true and predicted permutation index; bottom row the tiles put back by the predicted
     permutation (a solved puzzle where the prediction is right).
 
-    `permutations`: the set the labels index (default: the default config's set).
+    The labels index `permutations`, by default the set of `cfg` (default: JigsawConfig()).
     """
     if permutations is None:
-        cfg = JigsawConfig()
+        cfg = cfg or JigsawConfig()
         permutations = permutation_set(
             cfg.permutations, cfg.permutation_seed, cfg.permutation_criterion
         )

@@ -11,7 +11,7 @@ chosen one), which the paper does not use but which raises the set's minimal dis
 The set is regenerated, never stored: a seed fixes the first draw and ties go to the
 lowest index in lexicographic order, so (count, seed, criterion) determine the set on
 every machine. The distance bookkeeping is one vectorised pass over all 9! candidates per
-added permutation (about 1 ms), so 1000 permutations take about a second.
+added permutation (under 1 ms), so 1000 permutations take one to two seconds.
 """
 
 from __future__ import annotations

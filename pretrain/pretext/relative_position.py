@@ -229,11 +229,14 @@ class RelativePositionImages(SeededImages):
     "positions": (2, 2) int64 (y, x) top-left corners, "image_size": (2,) int64 (H, W) of
     the resized image}. Every random choice comes from the key's generator."""
 
-    def __init__(self, paths: Sequence[Path], cfg: RelativePositionConfig | None = None):
+    def __init__(
+        self, paths: Sequence[Path], cfg: RelativePositionConfig | None = None, seed: int = 0
+    ) -> None:
         super().__init__(paths, flip=False)  # the released code does not mirror
+        self.seed = seed  # the run seed SeededImages.load keys samples with
         self.cfg = cfg or RelativePositionConfig()
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         image, rng = self.load(key)
         image = resize_for_pairs(image, rng, cfg)
@@ -383,10 +386,15 @@ def pair_canvas(first: torch.Tensor, second: torch.Tensor, label: int, gap: int 
 
 
 def sample_figure(
-    batch: dict[str, torch.Tensor], logits: torch.Tensor, path: Path, max_items: int = 8
+    batch: dict[str, torch.Tensor],
+    logits: torch.Tensor,
+    path: Path,
+    *,
+    cfg: RelativePositionConfig | None = None,
+    max_items: int = 8,
 ) -> Path:
     """PNG: each pair laid out at its true relative position, captioned with the true and
-    the predicted position."""
+    the predicted position. (`cfg` is accepted for a uniform signature; unused.)"""
     n = min(max_items, batch["patches"].shape[0])
     pred = logits.detach().argmax(dim=1).cpu()
     images, captions = [], []

@@ -141,12 +141,15 @@ class RotationImages(SeededImages):
     four rotations are made on the device by the step (`all_rotations`), which moves a
     quarter of the data RotNet's loader moved."""
 
-    def __init__(self, paths: Sequence[Path], cfg: RotationConfig | None = None) -> None:
+    def __init__(
+        self, paths: Sequence[Path], cfg: RotationConfig | None = None, seed: int = 0
+    ) -> None:
         cfg = cfg or RotationConfig()
         super().__init__(paths, flip=cfg.flip)
+        self.seed = seed  # the run seed SeededImages.load keys samples with
         self.cfg = cfg
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         image, rng = self.load(key)
         if cfg.random_sized_crop:
@@ -268,10 +271,16 @@ def total_iterations(cfg: RotationConfig, num_images: int) -> int:
 
 
 def sample_figure(
-    batch: dict[str, torch.Tensor], logits: torch.Tensor, path: Path, max_items: int = 6
+    batch: dict[str, torch.Tensor],
+    logits: torch.Tensor,
+    path: Path,
+    *,
+    cfg: RotationConfig | None = None,
+    max_items: int = 6,
 ) -> Path:
     """PNG: one row per image, its four rotations as columns, each captioned with the true
-    and the predicted rotation. `logits` are (4B, 4) in `all_rotations` order."""
+    and the predicted rotation. `logits` are (4B, 4) in `all_rotations` order. (`cfg` is
+    accepted for a uniform signature; unused.)"""
     n = min(max_items, batch["image"].shape[0])
     rotated, labels = all_rotations(batch["image"][:n].cpu())
     pred = logits.detach()[: 4 * n].argmax(dim=1).cpu()
