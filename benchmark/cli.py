@@ -7,13 +7,14 @@ calls a stage's `main`. User mistakes (`BenchError`) print one line and exit wit
 from __future__ import annotations
 
 import argparse
+import errno
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmark.errors import BenchError
+from benchmark.errors import BenchError, printable
 
 EXIT_USER_ERROR = 2
 
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", default="native", choices=["native", "torchvision", "detectron2", "mmseg"]
     )
     p.add_argument("--out", type=Path, help="output file (default: inside the run folder)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
     p = sub.add_parser("report", help="write Table 1/2 (CSV, LaTeX, Markdown) from run folders")
     p.add_argument("runs", nargs="*", type=Path, help="run folders or folders of runs")
@@ -148,14 +150,6 @@ COMMON_FLAGS = {
 }
 
 
-def _iterations_key(config_cls: type) -> str:
-    """Stages keep their iteration budget at `train.iterations` or at top level."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    return "iterations" if "iterations" in names else "train.iterations"
-
-
 def _peek(key: str, args: argparse.Namespace, overrides: list[str], default: str) -> str:
     """Value of a top-level key from the overrides or the YAML, before the config exists."""
     from benchmark.config import load_yaml, parse_override
@@ -176,7 +170,11 @@ def _run_stage_command(args: argparse.Namespace, stage: Any, overrides: list[str
     from benchmark.stages import run_stage
 
     if getattr(args, "iterations", None) is not None:
-        overrides = [f"{_iterations_key(stage.config_cls)}={args.iterations}", *overrides]
+        import dataclasses
+
+        if "train" not in {f.name for f in dataclasses.fields(stage.config_cls)}:
+            raise BenchError("--iterations: this command does not train")
+        overrides = [f"train.iterations={args.iterations}", *overrides]
     cfg = load_config(stage.config_cls, args.config, overrides)
     if args.print_config:
         print(dump_yaml(cfg), end="")
@@ -221,7 +219,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pretrain.export import export
 
-    path = export(args.run, args.format, args.out)
+    path = export(args.run, args.format, args.out, force=args.force)
     print(f"wrote {path}")
     return 0
 
@@ -277,7 +275,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
         ):
             print(f"wrote {path}")
         return 0
-    from benchmark.stages import inpaint_eval_stage
+    from benchmark.stages import INPAINT_EVAL
 
     flags = {
         **COMMON_FLAGS,
@@ -285,7 +283,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
         "baseline": "baseline",
         "train_data": "train_data",
     }
-    return _run_stage_command(args, inpaint_eval_stage(), _stage_overrides(args, flags))
+    return _run_stage_command(args, INPAINT_EVAL, _stage_overrides(args, flags))
 
 
 COMMANDS = {
@@ -299,13 +297,27 @@ COMMANDS = {
 }
 
 
+# Errors of the machine rather than of the program: a full or read-only disk, no permission.
+DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
+
+
+def _error(message: str) -> int:
+    line = " ".join(printable(message).split())  # one line, printable on any terminal
+    print(f"bench: error: {line}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _error(str(exc))
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _error(f"{where}cannot write ({exc.strerror}); nothing half-written was left")
     except KeyboardInterrupt:
         print("bench: interrupted; continue with --resume", file=sys.stderr)
         return 130

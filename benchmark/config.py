@@ -201,9 +201,31 @@ def load_config(
     return from_dict(cls, data)
 
 
+# Config keys that change how a run executes but not what it computes: a run may be resumed
+# with other values of these (a crash on `--device cuda` resumed with `--device cpu`), and
+# they never make two runs different experiments.
+RUNTIME_KEYS = frozenset(
+    {"name", "device", "workers", "threads", "log_every", "checkpoint_every", "sample_every",
+     "ss_workers", "n_jobs", "progress", "eval_batch_size"}
+)  # fmt: skip
+
+
 def config_hash(cfg: Any) -> str:
     """Short stable hash of a resolved config, for model cards and run identity."""
-    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    blob = json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _without(d: Any, ignore: frozenset[str]) -> Any:
+    if isinstance(d, dict):
+        return {k: _without(v, ignore) for k, v in d.items() if str(k) not in ignore}
+    return d
+
+
+def identity_hash(cfg: Any, ignore: frozenset[str] = RUNTIME_KEYS | {"seed", "data"}) -> str:
+    """Hash of what a run computes, leaving out its seed (and data path and runtime keys):
+    runs with equal identity are seeds of one experiment, which a report may average."""
+    blob = json.dumps(_without(to_dict(cfg), ignore), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -1,16 +1,34 @@
 """Self-describing run folders: resolved config, metrics, log, scalars, checkpoints.
 
-Every file is written atomically (temporary file in the same folder, then `os.replace`), so a
-killed process leaves either the old file or the new one, never half of one. An existing run
-is only continued with `resume=True` or replaced with `force=True`.
+A run folder is `<runs root>/<name>`, where the name is a single path component. Every
+file is written atomically (temporary file in the same folder, then `os.replace`), with the
+permissions the umask gives, so a killed process leaves either the old file or the new one,
+never half of one. While a process works in a run folder it holds an exclusive lock on
+`<run>/.lock` (released by the kernel if the process dies), so two processes can never
+write one run.
+
+Opening an existing folder:
+
+- finished (`metrics.json` present): `resume` reuses it as it is, `force` redoes it, a plain
+  rerun is an error;
+- unfinished with a checkpoint: `resume` continues it (same stage and config, runtime keys
+  such as `device` or `workers` excepted), `force` starts over, a plain rerun is an error;
+- unfinished without a checkpoint (it failed before saving one): there is nothing to
+  continue, so it starts over under the new config, with or without `resume`.
+
+On resume the checkpoint is loaded once (`torch.load(weights_only=True)`: a file never runs
+code), `log.txt` and `scalars.jsonl` are cut back to what they held when it was written,
+and temporary files left by a killed writer are removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -19,16 +37,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from benchmark.config import RUNTIME_KEYS, dump_yaml, to_dict
+from benchmark.errors import BenchError, ConfigError, printable
 
-from benchmark.config import dump_yaml, to_dict
-from benchmark.errors import BenchError
+try:  # POSIX advisory locks; elsewhere runs are simply not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 LOG_FILE = "log.txt"
 SCALARS_FILE = "scalars.jsonl"
 CKPT_DIR = "checkpoints"
+CHECKPOINT = "last.pt"
+LOCK_FILE = ".lock"
+TMP_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # what `atomic_write_bytes` leaves
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}$")
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def default_results_root() -> Path:
@@ -36,7 +64,21 @@ def default_results_root() -> Path:
     return Path(os.environ.get("BENCH_RESULTS", "results"))
 
 
+def check_run_name(name: str) -> str:
+    """A run name is one folder name: letters, digits and `._+=-`, not starting with a dot."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name in (".", ".."):
+        raise ConfigError(
+            f"name: {printable(str(name))!r} is not a valid run name (one folder name of "
+            "letters, digits, '.', '_', '+', '=', '-', not starting with '.' or '-')"
+        )
+    return name
+
+
+# ------------------------------------------------------------------ atomic writers
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -45,15 +87,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -68,24 +111,54 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def torch_load_safe(path: Path, what: str = "file") -> Any:
+    """`torch.load` that can never run code from the file (weights only, tensors on CPU)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BenchError(f"{printable(path)}: {what} not found") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BenchError(f"{printable(path)}: unreadable {what} ({reason[:200]})") from None
+
+
 def read_json(path: Path) -> Any:
     path = Path(path)
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise BenchError(f"{path}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise BenchError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise BenchError(f"{printable(path)}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BenchError(f"{printable(path)}: invalid JSON ({exc})") from None
 
 
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(k), b.get(k), f"{prefix}{k}.")
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed atomic writer left below `folder`."""
+    removed = []
+    for p in Path(folder).rglob(".*.tmp"):
+        if p.is_file() and TMP_PATTERN.match(p.name):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def first_difference(old: Any, new: Any, prefix: str = "", ignore=RUNTIME_KEYS) -> str | None:
+    """Dotted key of the first difference between two plain config dicts (None: same),
+    leaving out keys whose last part is in `ignore`."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            if str(k) in ignore:
+                continue
+            d = first_difference(old.get(k), new.get(k), f"{prefix}{k}.", ignore)
             if d:
                 return d
         return None
-    return prefix.rstrip(".") if a != b else None
+    return prefix.rstrip(".") if old != new else None
+
+
+# ------------------------------------------------------------------ the run folder
 
 
 @dataclass
@@ -96,7 +169,9 @@ class Run:
     resumed: bool = False
     is_main: bool = True
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("bench"))
+    checkpoint: dict[str, Any] | None = None  # loaded on resume; the loop takes it
     _tb: Any = None
+    _lock: Any = None
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -124,22 +199,44 @@ class Run:
     def metrics(self) -> dict[str, Any]:
         return read_json(self.file(METRICS_FILE))
 
-    def save_checkpoint(self, state: dict[str, Any], name: str = "last.pt") -> Path:
+    def command(self) -> str | None:
+        """The command line the run folder was opened with (command.txt), if recorded."""
+        path = self.file("command.txt")
+        return path.read_text().strip() if path.is_file() else None
+
+    def take_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint loaded at resume, handed over once (its memory is freed here)."""
+        ckpt, self.checkpoint = self.checkpoint, None
+        return ckpt
+
+    def save_checkpoint(self, state: dict[str, Any], name: str = CHECKPOINT) -> Path:
         path = self.checkpoint_dir / name
         if self.is_main:
             atomic_torch_save(path, state)
         return path
 
-    def load_checkpoint(self, name: str = "last.pt") -> dict[str, Any] | None:
-        import torch
-
+    def load_checkpoint(self, name: str = CHECKPOINT) -> dict[str, Any] | None:
         path = self.checkpoint_dir / name
         if not path.is_file():
             return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
-            raise BenchError(f"{path}: unreadable checkpoint ({exc})") from None
+        ckpt = torch_load_safe(path, "checkpoint")
+        if not isinstance(ckpt, dict):
+            raise BenchError(f"{printable(path)}: not a bench checkpoint")
+        return ckpt
+
+    def log_sizes(self) -> dict[str, int]:
+        """Byte sizes of the append-only logs, recorded in every checkpoint."""
+        return {n: self.file(n).stat().st_size if self.file(n).exists() else 0
+                for n in (LOG_FILE, SCALARS_FILE)}  # fmt: skip
+
+    def rewind_logs(self, sizes: dict[str, int]) -> None:
+        """Cut log.txt and scalars.jsonl back to `sizes` (what they held at a checkpoint)."""
+        if not self.is_main:
+            return
+        for name, size in sizes.items():
+            path = self.file(name)
+            if path.exists() and path.stat().st_size > int(size):
+                os.truncate(path, int(size))
 
     def log_scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         """One JSON line per call in scalars.jsonl, mirrored to TensorBoard."""
@@ -151,26 +248,32 @@ class Run:
             f.write(json.dumps(row) + "\n")
         tb = self.tensorboard()
         if tb is not None:
-            for k, v in values.items():
-                tb.add_scalar(prefix + k, float(v), step)
+            for k, v in scalars.items():
+                tb.add_scalar(k, v, step)
 
-    def tensorboard(self) -> Any:
+    def tensorboard(self, purge_step: int | None = None) -> Any:
+        """A TensorBoard writer when tensorboard is installed (it is optional), else None.
+        `purge_step` hides events a resumed run logged after its checkpoint."""
         if self._tb is None and self.is_main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional at run time
+            except ImportError:
                 self._tb = False
             else:
-                self._tb = SummaryWriter(str(self.path / "tensorboard"))
+                self._tb = SummaryWriter(str(self.path / "tensorboard"), purge_step=purge_step)
         return self._tb or None
 
     def close(self) -> None:
         if self._tb:
             self._tb.close()
+            self._tb = None
         for h in list(self.logger.handlers):
             if getattr(h, "_bench_run", None) == str(self.path):
                 self.logger.removeHandler(h)
                 h.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
 
 def _setup_logger(path: Path, is_main: bool) -> logging.Logger:
@@ -184,11 +287,46 @@ def _setup_logger(path: Path, is_main: bool) -> logging.Logger:
         console._bench_console = True  # type: ignore[attr-defined]
         logger.addHandler(console)
     if is_main:
-        fh = logging.FileHandler(path / LOG_FILE)
+        fh = logging.FileHandler(path / LOG_FILE, encoding="utf-8", errors="backslashreplace")
         fh.setFormatter(fmt)
         fh._bench_run = str(path)  # type: ignore[attr-defined]
         logger.addHandler(fh)
     return logger
+
+
+def _lock(path: Path) -> Any:
+    """Hold an exclusive lock on <run>/.lock, or fail at once if another process holds it."""
+    f = open(path / LOCK_FILE, "a+")  # noqa: SIM115 - kept open for the run's lifetime
+    if fcntl is None:
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise BenchError(
+            f"{printable(path)}: run folder is in use by another bench process (wait for it, "
+            "or stop it before resuming)"
+        ) from None
+    return f
+
+
+def _clear(path: Path) -> None:
+    """Remove everything in the run folder but its lock; never follows a link outside."""
+    for child in path.iterdir():
+        if child.name == LOCK_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _check_location(path: Path) -> None:
+    check_run_name(path.name)
+    if path.is_symlink():
+        raise BenchError(f"{printable(path)}: run folder is a symbolic link; refusing to use it")
+    if path.exists() and not path.is_dir():
+        raise BenchError(f"{printable(path)}: exists and is not a run folder")
 
 
 def open_run(
@@ -200,34 +338,80 @@ def open_run(
     command: str | None = None,
     is_main: bool = True,
 ) -> Run:
-    """Create (or, with `resume`, reopen) a run folder and save the resolved config.
+    """Create (or continue) the run folder `path` = <runs root>/<name> and save the config.
 
-    A resumed run must have been made with the same config: continuing a run under other
-    settings would give results that no config file describes.
+    See the module docstring for what happens to an existing folder. Ranks other than 0
+    (`is_main=False`) attach to the folder rank 0 prepared and only read the checkpoint.
     """
     path = Path(path)
-    existing = path.exists() and any(path.iterdir())
-    if existing and force:
-        if is_main:
-            shutil.rmtree(path)
-        existing = False
-    elif existing and not resume:
-        raise BenchError(
-            f"{path}: run folder already exists; "
-            "pass --resume to continue it or --force to replace it"
-        )
-    if existing and resume and (path / CONFIG_FILE).is_file():
-        old = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
-        key = _first_difference(old, to_dict(cfg))
-        if key:
-            raise BenchError(
-                f"{path / CONFIG_FILE}: cannot resume, config differs at '{key}' "
-                "(use --force to start over)"
-            )
-    if is_main:
-        path.mkdir(parents=True, exist_ok=True)
-    run = Run(path=path, resumed=existing, is_main=is_main, logger=_setup_logger(path, is_main))
+    _check_location(path)
+    if not is_main:
+        run = Run(path=path, resumed=True, is_main=False, logger=_setup_logger(path, False))
+        run.checkpoint = run.load_checkpoint() if resume else None
+        return run
+    path.mkdir(parents=True, exist_ok=True)
+    lock = _lock(path)
+    try:
+        run = _prepare(path, cfg, force=force, resume=resume, lock=lock)
+    except BaseException:
+        lock.close()
+        raise
     run.save_config(cfg)
-    if command and is_main:
+    if command:
         atomic_write_text(path / "command.txt", command + "\n")
     return run
+
+
+def _prepare(path: Path, cfg: Any, *, force: bool, resume: bool, lock: Any) -> Run:
+    where = printable(path)
+    has_metrics = (path / METRICS_FILE).is_file()
+    ckpt_path = path / CKPT_DIR / CHECKPOINT
+    if force:
+        _clear(path)
+    elif has_metrics and not resume:
+        raise BenchError(
+            f"{where}: run folder holds a finished run; pass --force to redo it "
+            "(or --resume to reuse its results)"
+        )
+    elif ckpt_path.is_file() and not resume:
+        raise BenchError(
+            f"{where}: run folder holds an unfinished run with a checkpoint; pass --resume "
+            "to continue it or --force to start over"
+        )
+    elif not has_metrics and not ckpt_path.is_file():
+        _clear(path)  # a failed attempt with nothing to continue from: start over
+    remove_stale_temporaries(path)
+    run = Run(path=path, is_main=True, logger=_setup_logger(path, True), _lock=lock)
+    if has_metrics and resume and not force:
+        _check_same_config(path / CONFIG_FILE, cfg, yaml_file=True)
+        run.resumed = True
+        return run
+    if ckpt_path.is_file() and not force:
+        ckpt = run.load_checkpoint()
+        assert ckpt is not None
+        key = first_difference(ckpt.get("config"), to_dict(cfg))
+        if key is not None:
+            run.close()
+            raise BenchError(
+                f"{printable(ckpt_path)}: cannot resume, the config differs at '{key}' "
+                "(use --force to start over)"
+            )
+        run.rewind_logs(ckpt.get("logs", {}))
+        run.checkpoint = ckpt
+        run.resumed = True
+    return run
+
+
+def _check_same_config(config_file: Path, cfg: Any, yaml_file: bool) -> None:
+    import yaml
+
+    try:
+        old = yaml.safe_load(config_file.read_text()) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return  # a finished run whose config is unreadable is judged by its metrics
+    key = first_difference(old, to_dict(cfg))
+    if key is not None:
+        raise BenchError(
+            f"{printable(config_file)}: the finished run was made with another config "
+            f"(differs at '{key}'); use --force to redo it or another --name"
+        )

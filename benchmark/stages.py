@@ -1,66 +1,90 @@
-"""The name -> (config class, main, default_name) table behind `bench pretrain/transfer/run`.
+"""The stage table behind `bench pretrain / transfer / inpaint / run`: plain dicts of name ->
+`Stage` (config class, `main`, `default_name`, `check`), imported directly.
 
-A plain dict of lazy importers (STYLE.md: a dict from name to builder, no registry): the heavy
-modules of one task are only imported when that task runs.
+Every stage follows one layout: `<stage>/config.py` (the dataclass, paper values as
+defaults), `<stage>/train.py` (`main(cfg, run) -> metrics`, `default_name`, `check`).
+`run_stage` opens the run folder (name checked, lock held, resumed or started over), runs
+the stage, and writes the training curves.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pretrain.inpainting.evaluate as inpaint_eval
+import pretrain.inpainting.train as inpainting
+import pretrain.train as pretraining
+import transfer.classification.train as classification
+import transfer.detection.train as detection
+import transfer.segmentation.train as segmentation
+from benchmark import distributed
+from benchmark.curves import write_curves
 from benchmark.errors import BenchError
+from benchmark.runs import check_run_name, open_run
+from pretrain.config import PretrainConfig
+from pretrain.inpainting.config import InpaintingConfig
+from transfer.classification.config import ClassificationConfig
+from transfer.detection.config import DetectionConfig
+from transfer.segmentation.config import SegmentationConfig
 
 
 @dataclass(frozen=True)
 class Stage:
-    """What the CLI needs to run one kind of run folder."""
+    """What the CLI and suites need to run one kind of run folder."""
 
     config_cls: type
-    main: Callable[..., dict[str, Any]]
+    main: Callable[[Any, Any], dict[str, Any]]
     default_name: Callable[[Any], str]
+    check: Callable[[Any], None]
 
 
-def _load(module: str, config: str) -> Stage:
-    mod = importlib.import_module(module)
-    return Stage(getattr(mod, config), mod.main, mod.default_name)
+_PRETRAIN = Stage(PretrainConfig, pretraining.main, pretraining.default_name, pretraining.check)
 
-
-PRETRAIN_METHODS: dict[str, Callable[[], Stage]] = {
-    "context-encoder": lambda: _load("pretrain.train", "PretrainConfig"),
-    "autoencoder": lambda: _load("pretrain.train", "PretrainConfig"),
-    "random": lambda: _load("pretrain.train", "PretrainConfig"),
-    "imagenet": lambda: _load("pretrain.train", "PretrainConfig"),
-    "inpainting": lambda: _load("pretrain.inpainting_train", "InpaintingConfig"),
+PRETRAIN_METHODS: dict[str, Stage] = {
+    "context-encoder": _PRETRAIN,
+    "autoencoder": _PRETRAIN,
+    "random": _PRETRAIN,
+    "imagenet": _PRETRAIN,
+    "inpainting": Stage(
+        InpaintingConfig, inpainting.main, inpainting.default_name, inpainting.check
+    ),
 }
 
-TRANSFER_TASKS: dict[str, Callable[[], Stage]] = {
-    "classification": lambda: _load("transfer.classification", "ClassificationConfig"),
-    "detection": lambda: _load("transfer.detection", "DetectionConfig"),
-    "segmentation": lambda: _load("transfer.segmentation", "SegmentationConfig"),
+TRANSFER_TASKS: dict[str, Stage] = {
+    "classification": Stage(
+        ClassificationConfig, classification.main, classification.default_name, classification.check
+    ),
+    "detection": Stage(DetectionConfig, detection.main, detection.default_name, detection.check),
+    "segmentation": Stage(
+        SegmentationConfig, segmentation.main, segmentation.default_name, segmentation.check
+    ),
 }
+
+INPAINT_EVAL = Stage(
+    inpaint_eval.InpaintEvalConfig, inpaint_eval.main, inpaint_eval.default_name, inpaint_eval.check
+)
 
 
 def pretrain_stage(method: str) -> Stage:
     if method not in PRETRAIN_METHODS:
         choices = ", ".join(PRETRAIN_METHODS)
         raise BenchError(f"unknown pretraining method '{method}' (choose from {choices})")
-    return PRETRAIN_METHODS[method]()
+    return PRETRAIN_METHODS[method]
 
 
 def transfer_stage(task: str) -> Stage:
     if task not in TRANSFER_TASKS:
         choices = ", ".join(TRANSFER_TASKS)
         raise BenchError(f"unknown transfer task '{task}' (choose from {choices})")
-    return TRANSFER_TASKS[task]()
+    return TRANSFER_TASKS[task]
 
 
-def inpaint_eval_stage() -> Stage:
-    """`bench inpaint evaluate`: Table 1 metrics of a model or a nearest-neighbour baseline."""
-    return _load("pretrain.inpaint_eval", "InpaintEvalConfig")
+def run_name(stage: Stage, cfg: Any) -> str:
+    """The run folder's name: the config's `name`, else the stage's default; one component."""
+    return check_run_name(getattr(cfg, "name", None) or stage.default_name(cfg))
 
 
 def run_stage(
@@ -77,16 +101,10 @@ def run_stage(
     A complete run opened with `resume` is not redone: its metrics are returned as they are,
     which is what lets `bench run` skip finished steps.
     """
-    from benchmark import distributed
-    from benchmark.runs import open_run
-
-    env = distributed.setup(getattr(cfg, "device", "auto"))
-    name = getattr(cfg, "name", None) or stage.default_name(cfg)
-    path = Path(runs_root) / name
-    # Rank 0 creates (or clears) the folder first; the other ranks then attach to it.
-    run = None
-    if env.is_main:
-        run = open_run(path, cfg, force=force, resume=resume, command=command)
+    stage.check(cfg)
+    path = Path(runs_root) / run_name(stage, cfg)
+    # Rank 0 prepares the folder (lock, rewind, start over) first; the others then attach.
+    run = open_run(path, cfg, force=force, resume=resume, command=command) if _main() else None
     distributed.barrier()
     if run is None:
         run = open_run(path, cfg, resume=True, is_main=False)
@@ -94,13 +112,16 @@ def run_stage(
         if run.complete:
             run.logger.info(f"{path}: already complete, skipping (use --force to redo)")
             return path, run.metrics()
-        if run.resumed and env.is_main:
-            run.logger.info(f"{path}: resuming")
         metrics = stage.main(cfg, run)
-        if env.is_main:
-            from benchmark.curves import write_curves
-
+        if run.is_main:
             write_curves(path)
         return path, metrics
     finally:
         run.close()
+
+
+def _main() -> bool:
+    """Whether this process is rank 0 (torchrun's RANK; one process is rank 0)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0

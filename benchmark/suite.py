@@ -1,9 +1,11 @@
-"""`bench run SUITE.yaml`: pretraining methods x transfer tasks, then the report.
+"""`bench run SUITE.yaml`: pretraining methods x transfer tasks (+ inpainting), then the report.
 
-Every step is an ordinary run folder under `<out>/runs/<suite>/`, opened with `resume`, so a
-finished step is skipped and an interrupted one continues from its last checkpoint; running
-the same suite twice redoes nothing. A step whose config changed since it ran is an error
-(use --force to redo everything).
+A suite is planned in full before anything runs: every step's config is built, type-checked
+and checked by its stage (`Stage.check`), so a typo in the last step fails in a second, not
+after hours. Every step is an ordinary run folder under `<out>/runs/<suite>/`, opened with
+`resume`, so a finished step is skipped and an interrupted one continues from its last
+checkpoint; running the same suite twice redoes nothing. A step whose config changed since it
+ran is an error (use --force to redo everything).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmark.config import dump_yaml, load_config, merge, to_dict
-from benchmark.runs import atomic_write_text, default_results_root
-from benchmark.stages import pretrain_stage, run_stage, transfer_stage
+from benchmark.errors import ConfigError
+from benchmark.runs import atomic_write_text, check_run_name, default_results_root
+from benchmark.stages import INPAINT_EVAL, Stage, pretrain_stage, run_stage, transfer_stage
 
 
 @dataclass
@@ -43,17 +46,89 @@ class SuiteConfig:
     report: bool = True
 
 
+@dataclass
+class Step:
+    """One run folder of the suite: its stage, resolved config and the steps it needs."""
+
+    name: str
+    stage: Stage
+    cfg: Any
+    needs: tuple[str, ...] = ()
+
+
 def _log(msg: str) -> None:
     print(f"[bench run] {msg}", file=sys.stderr, flush=True)
 
 
-def _step(stage: Any, overrides: dict[str, Any], root: Path, force: bool) -> tuple[Path, dict]:
-    cfg = load_config(stage.config_cls, base=overrides)
-    _log(f"step {cfg.name}")
-    start = time.time()
-    path, metrics = run_stage(stage, cfg, root, force=force, resume=not force, command=None)
-    _log(f"step {cfg.name} done in {time.time() - start:.0f}s")
-    return path, metrics
+def _make(stage: Stage, overrides: dict[str, Any], name: str, needs: tuple[str, ...]) -> Step:
+    """Build, type-check and stage-check one step's config (a ConfigError names the step)."""
+    try:
+        cfg = load_config(stage.config_cls, base=overrides)
+        stage.check(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"suite step {name}: {exc}") from None
+    return Step(check_run_name(name), stage, cfg, needs)
+
+
+def plan(suite: SuiteConfig, root: Path) -> list[Step]:
+    """Every step of the suite in an order that respects `needs`."""
+    common = {"device": suite.device}
+    steps: list[Step] = []
+    for seed in suite.seeds:
+        for method, pre_over in suite.pretrain.items():
+            pre_name = f"pretrain-{method}-s{seed}"
+            base = merge(to_dict(pre_over or {}), {**common, "method": method, "seed": seed,
+                                                   "name": pre_name})  # fmt: skip
+            steps.append(_make(pretrain_stage(method), base, pre_name, ()))
+            for task, t_over in suite.transfer.items():
+                name = f"{task}-{method}-s{seed}"
+                base = merge(to_dict(t_over or {}), {**common, "seed": seed, "name": name,
+                                                     "weights": str(root / pre_name)})  # fmt: skip
+                steps.append(_make(transfer_stage(task), base, name, (pre_name,)))
+        if suite.inpainting is not None:
+            steps += _inpainting_steps(suite.inpainting, common, seed, root)
+    names = [s.name for s in steps]
+    if len(set(names)) != len(names):
+        raise ConfigError("suite: two steps have the same run name")
+    return steps
+
+
+def _inpainting_steps(
+    cfg: InpaintingSuite, common: dict[str, Any], seed: int, root: Path
+) -> list[Step]:
+    steps = []
+    for loss in cfg.losses:
+        name = f"inpainting-{loss}-s{seed}"
+        base = merge(to_dict(cfg.train), {**common, "method": "inpainting", "seed": seed,
+                                          "loss": {"kind": loss}, "name": name})  # fmt: skip
+        steps.append(_make(pretrain_stage("inpainting"), base, name, ()))
+        ename = f"inpaint-eval-{loss}-s{seed}"
+        base = merge(to_dict(cfg.evaluate), {**common, "seed": seed, "weights": str(root / name),
+                                             "name": ename})  # fmt: skip
+        steps.append(_make(INPAINT_EVAL, base, ename, (name,)))
+    for baseline in cfg.baselines:
+        ename = f"inpaint-eval-{baseline}-s{seed}"
+        base = merge(to_dict(cfg.evaluate), {**common, "seed": seed, "baseline": baseline,
+                                             "name": ename})  # fmt: skip
+        needs: tuple[str, ...] = ()
+        if baseline == "nn-ce":
+            if "joint" not in cfg.losses:
+                raise ConfigError("suite inpainting: baseline nn-ce needs the joint loss run")
+            base["weights"] = str(root / f"inpainting-joint-s{seed}")
+            needs = (f"inpainting-joint-s{seed}",)
+        steps.append(_make(INPAINT_EVAL, base, ename, needs))
+    return steps
+
+
+def load_suite(
+    suite_path: Path, out: Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[SuiteConfig, Path, list[Step]]:
+    """(suite config, results root, planned steps) of a suite file."""
+    suite = load_config(SuiteConfig, suite_path, overrides)
+    check_run_name(suite.name)
+    results = Path(out or suite.out or default_results_root())
+    root = results / "runs" / suite.name
+    return suite, results, plan(suite, root)
 
 
 def run_suite(
@@ -63,35 +138,16 @@ def run_suite(
     overrides: list[str] | tuple[str, ...] = (),
 ) -> str:
     """Run every step of the suite; returns the report's Markdown."""
-    suite = load_config(SuiteConfig, suite_path, overrides)
-    results = Path(out or suite.out or default_results_root())
+    suite, results, steps = load_suite(suite_path, out, overrides)
     root = results / "runs" / suite.name
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "suite.yaml", dump_yaml(suite))
-    common = {"device": suite.device}
-
-    for seed in suite.seeds:
-        for method, pre_over in suite.pretrain.items():
-            pre_over = to_dict(pre_over or {})
-            base = merge(
-                pre_over,
-                {**common, "method": method, "seed": seed, "name": f"pretrain-{method}-s{seed}"},
-            )
-            pre_path, _ = _step(pretrain_stage(method), base, root, force)
-            for task, t_over in suite.transfer.items():
-                base = merge(
-                    to_dict(t_over or {}),
-                    {
-                        **common,
-                        "seed": seed,
-                        "weights": str(pre_path),
-                        "name": f"{task}-{method}-s{seed}",
-                    },
-                )
-                _step(transfer_stage(task), base, root, force)
-        if suite.inpainting is not None:
-            _inpainting_steps(suite.inpainting, common, seed, root, force)
-
+    _log(f"suite {suite.name}: {len(steps)} steps, every config checked")
+    for step in steps:
+        _log(f"step {step.name}")
+        start = time.time()
+        run_stage(step.stage, step.cfg, root, force=force, resume=not force, command=None)
+        _log(f"step {step.name} done in {time.time() - start:.0f}s")
     if not suite.report:
         return f"suite {suite.name}: runs in {root}"
     from benchmark.report import main as report_main
@@ -99,41 +155,3 @@ def run_suite(
     report_dir = results / "reports" / suite.name
     text = report_main([root], report_dir, force=True, overlays=4)
     return f"{text}\nreport files in {report_dir}\nruns in {root}"
-
-
-def _inpainting_steps(
-    cfg: InpaintingSuite, common: dict[str, Any], seed: int, root: Path, force: bool
-) -> None:
-    from benchmark.stages import inpaint_eval_stage
-
-    eval_stage = inpaint_eval_stage()
-    for loss in cfg.losses:
-        base = merge(
-            to_dict(cfg.train),
-            {
-                **common,
-                "method": "inpainting",
-                "seed": seed,
-                "loss": {"kind": loss},
-                "name": f"inpainting-{loss}-s{seed}",
-            },
-        )
-        path, _ = _step(pretrain_stage("inpainting"), base, root, force)
-        base = merge(
-            to_dict(cfg.evaluate),
-            {**common, "seed": seed, "weights": str(path), "name": f"inpaint-eval-{loss}-s{seed}"},
-        )
-        _step(eval_stage, base, root, force)
-    for baseline in cfg.baselines:
-        base = merge(
-            to_dict(cfg.evaluate),
-            {
-                **common,
-                "seed": seed,
-                "baseline": baseline,
-                "name": f"inpaint-eval-{baseline}-s{seed}",
-            },
-        )
-        if baseline == "nn-ce" and "joint" in cfg.losses:
-            base["weights"] = str(root / f"inpainting-joint-s{seed}")
-        _step(eval_stage, base, root, force)

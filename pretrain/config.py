@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from benchmark.loop import LoopConfig
+
 Method = Literal["context-encoder", "autoencoder", "random", "imagenet"]
 MaskName = Literal["central", "random-block", "random-region", "noise-region"]
 
@@ -20,26 +22,20 @@ PAPER_LR: dict[str, float] = {
 
 @dataclass
 class ModelConfig:
-    arch: Literal["caffenet", "torchvision"] = "caffenet"
+    # caffenet: Caffe's CaffeNet, as the paper ran it; bvlc-alexnet (LRN before pooling),
+    # alexnet-plain (no LRN, no groups: bench's network before issue 11), torchvision.
+    arch: str = "caffenet"
     pool_free: bool = False  # the paper keeps pooling for every feature result
     input_size: int = 227
 
 
 @dataclass
-class TrainConfig:
-    iterations: int = 100_000  # "converges in about 100K iterations"
+class TrainConfig(LoopConfig):
+    iterations: int = 100_000  # "converges in about 100K iterations" (Section 5.2)
     batch_size: int = 64
     lr: float | None = None  # None: PAPER_LR of the mask (autoencoder: the central rate)
     beta1: float = 0.9  # Adam's default; the inpainting model of Section 5.1 uses 0.5
-    workers: int = 4
-    # CPU intra-op threads (0: torch's default). On a small shared machine 1 thread per
-    # process can be several times faster than threads that wait on each other.
-    threads: int = 0
-    log_every: int = 20
-    sample_every: int = 1000
-    checkpoint_every: int = 1000
-    amp: bool = True  # CUDA only
-    channels_last: bool = True  # CUDA only
+    sample_every: int = 1000  # PNG grids of input / masked input / prediction
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""The feature-learning context encoder of Section 3.1 (Figure 2), its autoencoder baseline,
-and a DCGAN-style discriminator for the adversarial loss.
+"""The feature-learning context encoder of Section 3.1 (Figure 2), and its autoencoder baseline
+(the discriminator of the optional joint loss is `pretrain.adversarial.DCGANDiscriminator`).
 
     image (B, 3, S, S) -> AlexNet conv1-pool5 (B, 256, n, n)
       -> channel-wise FC (256 * n^4 weights) -> ReLU -> dropout 0.5
@@ -20,21 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.alexnet import AlexNetEncoder, Arch
-from pretrain.inpainting import init_weights
+from pretrain.alexnet import AlexNetEncoder, Arch, pool5_size
 
 DECODER_WIDTHS = (128, 64, 64, 32)  # the fifth up-convolution outputs the 3 colour channels
 DROPOUT = 0.5
-
-
-def pool5_size(input_size: int, arch: Arch = "caffenet") -> int:
-    """Spatial side of pool5 for an S x S input (6 for 227 with CaffeNet widths)."""
-    size = (input_size + 2 * (0 if arch == "caffenet" else 2) - 11) // 4 + 1  # conv1
-    for _ in range(3):  # pool1, pool2 (conv2-5 keep the size), pool5
-        size = (size - 3) // 2 + 1
-    if size < 1:
-        raise ValueError(f"input size {input_size} is too small for AlexNet (needs >= 67)")
-    return size
 
 
 class ChannelWiseFC(nn.Module):
@@ -113,7 +102,7 @@ class ContextEncoder(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)
-        c, n = self.encoder.out_channels, pool5_size(input_size, arch)
+        c, n = self.encoder.out_channels, pool5_size(input_size, arch, pool_free)
         self.channel_fc = ChannelWiseFC(c, n)
         self.dropout = nn.Dropout(DROPOUT)
         self.mix = nn.Conv2d(c, c, kernel_size=1, stride=1)  # across channels, stride 1
@@ -133,34 +122,3 @@ class ContextEncoder(nn.Module):
 class Autoencoder(ContextEncoder):
     """The Table 2 autoencoder baseline: the same network, trained to reconstruct its
     whole, unmasked input (the method decides the input and the loss, not the layers)."""
-
-
-class DCGANDiscriminator(nn.Module):
-    """Real / predicted content -> one logit per image; it never sees the context.
-
-    4x4 stride-2 convolutions with 64, 128, 256, 512 channels (BatchNorm on all but the
-    first, LeakyReLU 0.2) down to 4 x 4 for a 64 px input, then a 4x4 convolution to one
-    logit (the sigmoid is folded into the loss). Larger inputs get more stride-2 layers
-    (512 channels) until the side is at most 4.
-    """
-
-    def __init__(self, input_size: int = 64, widths=(64, 128, 256, 512)) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        cin, size, i = 3, input_size, 0
-        while size > 4 or i < len(widths):
-            cout = widths[min(i, len(widths) - 1)]
-            layers.append(nn.Conv2d(cin, cout, 4, 2, 1, bias=i == 0))
-            if i > 0:
-                layers.append(nn.BatchNorm2d(cout))
-            layers.append(nn.LeakyReLU(0.2, inplace=True))
-            cin, size, i = cout, size // 2, i + 1
-            if size < 1:
-                raise ValueError(f"discriminator input {input_size} is too small")
-        layers.append(nn.Conv2d(cin, 1, kernel_size=size, bias=False))
-        self.net = nn.Sequential(*layers)
-        init_weights(self)  # the DCGAN init of the inpainting model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> logits (B,)."""
-        return self.net(x).flatten(1).mean(1)

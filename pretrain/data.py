@@ -1,8 +1,9 @@
-"""Unlabelled images for pretraining: crops, masks, and a resumable, shardable loader.
+"""Unlabelled images for pretraining: crops, masks, keyed per sample.
 
-Each sample is drawn with its own seed, derived from (run seed, epoch, position), and the
-sampler can start at any position; the batches therefore depend only on the seed and the
-iteration, not on the number of DataLoader workers or on where a run was interrupted.
+Each sample is drawn from a generator keyed by (run seed, sample number), and the loop's
+sampler (`benchmark.loop.IterationSampler`) can start at any iteration; the batches therefore
+depend only on the seed and the iteration, not on the number of DataLoader workers or on
+where a run was interrupted.
 
 Pixels are normalised like every other stage, (x / 255 - PIXEL_MEAN) / PIXEL_STD. Dropped
 pixels are set to the *dataset's* mean colour (Section 4), i.e. `fill_value(mean)`.
@@ -10,18 +11,15 @@ pixels are set to the *dataset's* mean colour (Section 4), i.e. `fill_value(mean
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset
 
 from benchmark.datasets.folder import load_rgb
-from benchmark.distributed import DistEnv
 from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD
 from pretrain.masks import MaskFn
 
@@ -82,25 +80,25 @@ def random_crop(
 
 
 class SeededImages(Dataset):
-    """An image folder indexed by (index, draw_seed) pairs from `InfiniteSampler`.
+    """An image folder indexed by (index, sample number) keys from the loop's sampler.
 
-    Every random choice for a sample (crop, flip, mask) is drawn from `draw_seed` alone, so
-    a resumed run sees the same samples whatever the number of DataLoader workers.
+    Every random choice for a sample (crop, flip, mask) is drawn from a generator keyed by
+    (seed, sample number) alone, so a resumed run sees the same samples whatever the
+    number of DataLoader workers or processes.
     """
 
-    def __init__(self, paths: Sequence[Path], flip: bool = True) -> None:
+    def __init__(self, paths: Sequence[Path], seed: int = 0, flip: bool = True) -> None:
         self.paths = list(paths)
+        self.seed = seed
         self.flip = flip
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, key: tuple[int, int] | int) -> tuple[Image.Image, np.random.Generator]:
-        """The image at the key's index and the generator seeded by its draw (index alone:
-        draw = index)."""
-        index, draw = key if isinstance(key, tuple) else (key, key)
-        rng = np.random.default_rng(draw)
-        return load_rgb(self.paths[index]), rng
+    def load(self, key: tuple[int, int]) -> tuple[Image.Image, np.random.Generator]:
+        """The image at the key's index and the generator of its sample number."""
+        index, sample = key
+        return load_rgb(self.paths[index]), np.random.default_rng([self.seed, 2, sample])
 
 
 class PretrainImages(SeededImages):
@@ -115,12 +113,13 @@ class PretrainImages(SeededImages):
         size: int,
         mask_fn: MaskFn | None = None,
         flip: bool = True,
+        seed: int = 0,
     ) -> None:
-        super().__init__(paths, flip)
+        super().__init__(paths, seed, flip)
         self.size = size
         self.mask_fn = mask_fn
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         image, rng = self.load(key)
         pixels = random_crop(image, self.size, rng, self.flip)
         if self.mask_fn is None:
@@ -131,69 +130,3 @@ class PretrainImages(SeededImages):
             "image": normalise(pixels),
             "mask": torch.from_numpy(mask).to(torch.float32).unsqueeze(0),
         }
-
-
-class InfiniteSampler(Sampler):
-    """Endless (index, draw_seed) pairs: epoch after epoch of a DistributedSampler
-    permutation (this rank's shard), starting `start` samples in.
-
-    draw_seed is unique per (seed, epoch, position, rank), so per-sample randomness never
-    depends on worker processes.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int, start: int = 0, env: DistEnv | None = None):
-        world = env.world_size if env else 1
-        rank = env.rank if env else 0
-        n = len(dataset)  # type: ignore[arg-type]
-        self.inner = DistributedSampler(
-            dataset,
-            num_replicas=world,
-            rank=rank,
-            shuffle=True,
-            seed=seed,
-            drop_last=n >= world,
-        )
-        self.seed, self.start, self.rank = seed, start, rank
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        per_epoch = len(self.inner)
-        epoch, offset = divmod(self.start, per_epoch)
-        while True:
-            self.inner.set_epoch(epoch)
-            order = list(self.inner)
-            for pos in range(offset, per_epoch):
-                draw = np.random.SeedSequence([self.seed, epoch, pos, self.rank])
-                yield order[pos], int(draw.generate_state(1)[0])
-            epoch, offset = epoch + 1, 0
-
-
-def make_batches(
-    dataset: Dataset,
-    batch_size: int,
-    seed: int,
-    workers: int = 0,
-    env: DistEnv | None = None,
-) -> functools.partial[Iterator[dict[str, torch.Tensor]]]:
-    """For `engine.fit`: start iteration -> iterator of batches (pinned memory on CUDA)."""
-    return functools.partial(_iterate, dataset, batch_size, seed, workers, env)
-
-
-def _iterate(
-    dataset: Dataset, batch_size: int, seed: int, workers: int, env: DistEnv | None, start: int
-) -> Iterator[Any]:
-    sampler = InfiniteSampler(dataset, seed, start=start * batch_size, env=env)
-    pin = env is not None and env.device.type == "cuda"
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=workers,
-        pin_memory=pin,
-        drop_last=True,
-        persistent_workers=False,
-        # Its own generator: creating the iterator must not consume the global torch RNG,
-        # or a resumed run would draw different dropout masks than an uninterrupted one.
-        generator=torch.Generator().manual_seed(seed),
-        prefetch_factor=4 if workers > 0 else None,
-    )
-    return iter(loader)

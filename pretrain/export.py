@@ -22,9 +22,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from benchmark.errors import BenchError
+from benchmark.errors import BenchError, printable
 from benchmark.runs import atomic_torch_save, atomic_write_bytes, atomic_write_json
-from pretrain.alexnet import AlexNetEncoder
 
 Format = Literal["native", "torchvision", "detectron2", "mmseg"]
 NATIVE_FILE = "encoder.safetensors"
@@ -91,63 +90,19 @@ def load_native(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return state, card
 
 
-def check_keys(
-    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: Path | str
-) -> None:
-    """Raise BenchError (one line) unless `state_dict` matches `model` key for key and
-    shape for shape, listing missing and unexpected keys (the sign of another arch)."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        raise BenchError(
-            f"{source}: weights do not fit {_describe(model)}: missing keys {missing}, "
-            f"unexpected keys {unexpected}"
-        )
-    wrong = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
-    if wrong:
-        raise BenchError(
-            f"{source}: weights do not fit {_describe(model)}: shape mismatch in "
-            + "; ".join(wrong)
-        )
-
-
-def _describe(model: torch.nn.Module) -> str:
-    arch, pool_free = getattr(model, "arch", None), getattr(model, "pool_free", None)
-    if arch is None:
-        return type(model).__name__
-    return f"AlexNetEncoder(arch={arch!r}, pool_free={pool_free})"
-
-
-def load_encoder(path: Path) -> tuple[AlexNetEncoder, dict[str, Any]]:
-    """Build the encoder the card describes and load the weights strictly."""
-    state, card = load_native(path)
-    arch = card.get("arch", "caffenet")
-    pool_free = bool(card.get("pool_free", False))
-    encoder = AlexNetEncoder(arch, pool_free)
-    load_strict(encoder, state, native_file(path))
-    return encoder, card
-
-
-def load_strict(
-    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: Path | str
-) -> None:
-    """`check_keys`, then load_state_dict(strict=True)."""
-    check_keys(model, state_dict, source)
-    model.load_state_dict(state_dict, strict=True)
-
-
-def export(run_dir: Path, fmt: Format, out: Path | None = None) -> Path:
-    """Write the run's encoder in format `fmt` (default path inside the run folder)."""
+def export(run_dir: Path, fmt: Format, out: Path | None = None, *, force: bool = False) -> Path:
+    """Write the run's encoder in format `fmt` (default path inside the run folder). An
+    existing file is only replaced with `force`."""
     if fmt not in DEFAULT_NAMES:
         raise BenchError(f"--format: {fmt!r} is not one of {', '.join(DEFAULT_NAMES)}")
     src = native_file(Path(run_dir))
     state, card = load_native(src)
     out = Path(out) if out is not None else src.parent / DEFAULT_NAMES[fmt]
+    if out.is_dir():
+        raise BenchError(f"{printable(out)}: --out is a folder; give a file name")
+    same = out.exists() and out.resolve() == src.resolve()
+    if out.exists() and not same and not force:
+        raise BenchError(f"{printable(out)}: file exists; pass --force to overwrite it")
     if fmt == "native":
         if out.resolve() != src.resolve():
             write_native(out, state, card)

@@ -1,4 +1,5 @@
-"""Losses of Section 3.2: masked reconstruction, adversarial, and their joint weighting.
+"""Losses of Section 3.2: masked reconstruction and the joint weighting (the adversarial
+terms are in `pretrain.adversarial`).
 
 Masks are (B, 1, H, W) with 1 where the input was dropped. The reconstruction is scored on
 the dropped region only, extended outward by an `overlap` band of context pixels that the
@@ -14,7 +15,6 @@ import torch.nn.functional as F
 
 REC_WEIGHT = 0.999  # lambda_rec of the joint loss
 ADV_WEIGHT = 0.001  # lambda_adv of the joint loss
-GENERATOR_LR_RATIO = 10.0  # the context encoder learns 10x faster than the discriminator
 OVERLAP_PAPER = 7
 OVERLAP_CODE = 4
 OVERLAP_WEIGHT = 10.0
@@ -90,22 +90,6 @@ def masked_l1(
 RECONSTRUCTION_LOSSES = {"l2": masked_l2, "l1": masked_l1}
 
 
-def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """-[log D(x) + log(1 - D(F(context)))], averaged; D sees real / predicted content only,
-    never the context (the unconditioned discriminator of Section 3.2).
-
-    Logits (any shape) rather than sigmoid outputs, for numerical stability under AMP.
-    """
-    real = F.binary_cross_entropy_with_logits(real_logits.float(), torch.ones_like(real_logits))
-    fake = F.binary_cross_entropy_with_logits(fake_logits.float(), torch.zeros_like(fake_logits))
-    return real + fake
-
-
-def generator_adversarial_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """-log D(F(context)): the non-saturating generator side of Eq. 2."""
-    return F.binary_cross_entropy_with_logits(fake_logits.float(), torch.ones_like(fake_logits))
-
-
 def joint_loss(
     rec: torch.Tensor,
     adv: torch.Tensor | None = None,
@@ -116,8 +100,3 @@ def joint_loss(
     if adv is None or adv_weight == 0:
         return rec
     return rec_weight * rec + adv_weight * adv
-
-
-def discriminator_lr(generator_lr: float, ratio: float = GENERATOR_LR_RATIO) -> float:
-    """The discriminator's learning rate: the generator's divided by 10 (Section 5.1)."""
-    return generator_lr / ratio

@@ -17,42 +17,27 @@ from typing import Any
 
 import torch
 
-from benchmark.config import config_hash
+from benchmark import loop
+from benchmark.config import config_hash, identity_hash
 from benchmark.datasets.folder import list_images
 from benchmark.datasets.resolve import resolve_data
-from benchmark.distributed import DistEnv, setup
-from benchmark.errors import BenchError, ConfigError
+from benchmark.distributed import DistEnv
+from benchmark.errors import BenchError, ConfigError, printable
 from benchmark.runs import Run
-from pretrain.alexnet import AlexNetEncoder, gaussian_init_
+from pretrain.adversarial import Adversary, DCGANDiscriminator, discriminator_lr
+from pretrain.alexnet import ARCHS, AlexNetEncoder, gaussian_init_, pool5_size
 from pretrain.config import PAPER_LR, PretrainConfig
-from pretrain.context_encoder import ContextEncoder, DCGANDiscriminator
-from pretrain.data import (
-    PretrainImages,
-    dataset_mean,
-    denormalise,
-    fill_value,
-)
-from pretrain.engine import (
-    Precision,
-    adam,
-    fit_schedule,
-    prepare_model,
-    seed_everything,
-    to_device,
-    unwrap,
-)
-from pretrain.export import NATIVE_FILE, check_keys, write_native
-from pretrain.losses import (
-    RECONSTRUCTION_LOSSES,
-    discriminator_loss,
-    discriminator_lr,
-    generator_adversarial_loss,
-    joint_loss,
-)
+from pretrain.context_encoder import ContextEncoder
+from pretrain.data import PretrainImages, dataset_mean, denormalise, fill_value
+from pretrain.export import NATIVE_FILE, write_native
+from pretrain.losses import RECONSTRUCTION_LOSSES, joint_loss
 from pretrain.masks import apply_mask, load_voc_shapes, make_mask_fn
 from pretrain.samples import save_grid
+from transfer.backbone import load_state_checked, read_torchvision
 
 SAMPLE_IMAGES = 8
+SAMPLE_KEY = 10**12  # sample numbers of the figure batch, far from any training sample
+STAGE = "pretrain"
 
 
 def default_name(cfg: PretrainConfig) -> str:
@@ -70,69 +55,110 @@ def learning_rate(cfg: PretrainConfig) -> float:
     return PAPER_LR["central" if cfg.method == "autoencoder" else cfg.mask]
 
 
+def check(cfg: PretrainConfig) -> None:
+    """Every setting no run can use is a one-line error before anything runs."""
+    loop.check_loop(cfg.train)
+    tc = cfg.train
+    if tc.batch_size < 1:
+        raise ConfigError(f"train.batch_size: must be >= 1, got {tc.batch_size}")
+    if tc.lr is not None:
+        loop.positive("train.lr", tc.lr)
+    if not 0 <= tc.beta1 < 1:
+        raise ConfigError(f"train.beta1: must be in [0, 1), got {tc.beta1}")
+    if tc.sample_every < 0:
+        raise ConfigError(f"train.sample_every: must be >= 0, got {tc.sample_every}")
+    if cfg.model.arch not in ARCHS:
+        raise ConfigError(f"model.arch: {cfg.model.arch!r} is not one of {', '.join(ARCHS)}")
+    if cfg.method in ("context-encoder", "autoencoder"):
+        try:
+            pool5_size(cfg.model.input_size, cfg.model.arch, cfg.model.pool_free)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ConfigError(f"model.input_size: {exc}") from None
+    if cfg.loss.adversarial_weight < 0 or cfg.loss.overlap < 0 or cfg.loss.overlap_weight < 0:
+        raise ConfigError("loss: adversarial_weight, overlap and overlap_weight must be >= 0")
+    if cfg.method == "imagenet" and cfg.weights is None:
+        raise ConfigError("weights: method imagenet needs a torchvision AlexNet state-dict file")
+
+
 def _resolve(data: str | None, kind: str) -> Path:
     """The user's folder, or the embedded synthetic dataset's when `data` is None."""
-    return Path(resolve_data(data, kind))
+    return Path(resolve_data(data, kind))  # type: ignore[arg-type]
 
 
-def _mask_fn(cfg: PretrainConfig, run: Run) -> tuple[Callable | None, str | None]:
-    """(mask function, effective mask name); autoencoders get no mask."""
+def mask_source(cfg: PretrainConfig) -> tuple[str, Path | None]:
+    """(mask name, folder of its segmentation shapes). Random regions need real shapes: on a
+    user's image folder without `shapes` this is an error, never a silent switch to the
+    released code's noise masks."""
+    if cfg.mask != "random-region":
+        return cfg.mask, None
+    if cfg.shapes is not None:
+        return cfg.mask, Path(cfg.shapes)
+    if cfg.data is None:
+        return cfg.mask, _resolve(None, "voc2012")
+    raise ConfigError(
+        "mask: random-region masks are PASCAL VOC 2012 segmentation shapes (Section 3.3); give "
+        "them with --set shapes=<VOC2012 folder> (SegmentationObject or SegmentationClass "
+        "PNGs), or choose --mask noise-region (the released code's thresholded-noise masks)"
+    )
+
+
+def _mask_fn(cfg: PretrainConfig, run: Run) -> tuple[Callable | None, str | None, str | None]:
+    """(mask function, mask name, shape source); autoencoders get no mask."""
     if cfg.method == "autoencoder":
-        return None, None
+        return None, None, None
     size = (cfg.model.input_size, cfg.model.input_size)
-    name = cfg.mask
+    name, root = mask_source(cfg)
     shapes = None
-    if name == "random-region":
-        if cfg.shapes is not None or cfg.data is None:
-            root = Path(cfg.shapes) if cfg.shapes is not None else _resolve(None, "voc2012")
-            shapes = load_voc_shapes(root, seed=cfg.seed)
-            run.logger.info(f"random-region masks from {len(shapes)} segmentation shapes")
-        else:
-            name = "noise-region"
-            run.logger.info("no shapes given (set shapes: VOC2012 path): noise-region masks")
-    return make_mask_fn(name, size, shapes=shapes, seed=cfg.seed), name
+    if root is not None:
+        shapes = load_voc_shapes(root, seed=cfg.seed)
+        run.logger.info(f"random-region masks from {len(shapes)} segmentation shapes in {root}")
+    fn = make_mask_fn(name, size, shapes=shapes, seed=cfg.seed)
+    return fn, name, str(root) if root is not None else None
 
 
-def _card(
-    cfg: PretrainConfig,
-    mask: str | None,
-    iterations: int,
-    data: str | None,
-    seconds: float | None,
-    arch: str,
-) -> dict[str, Any]:
-    return {
+def _card(cfg: PretrainConfig, **fields: Any) -> dict[str, Any]:
+    """The model card of an encoder made by this stage (docs/design.md)."""
+    card = {
         "method": cfg.method,
-        "mask": mask,
-        "iterations": iterations,
-        "data": data,
+        "mask": None,
+        "shapes": None,
+        "iterations": 0,
+        "data": None,
         "config_hash": config_hash(cfg),
-        "arch": arch,
+        "pretrain_key": identity_hash(cfg),
+        "arch": cfg.model.arch,
         "pool_free": cfg.model.pool_free,
-        "pretrain_seconds": seconds,
+        "pretrain_seconds": None,
+        "seed": cfg.seed,
     }
+    card.update(fields)
+    return card
 
 
 def _finish(
     cfg: PretrainConfig,
     run: Run,
-    encoder: AlexNetEncoder,
+    encoder: torch.nn.Module,
     card: dict[str, Any],
-    losses: tuple[float | None, float | None],
+    losses: tuple[float | None, float | None] = (None, None),
+    precision: str | None = None,
 ) -> dict[str, Any]:
     if run.is_main:
         write_native(run.file(NATIVE_FILE), encoder.state_dict(), card)
-    command = run.file("command.txt")
     metrics = {
         "stage": "pretrain",
         "seed": cfg.seed,
-        "command": command.read_text().strip() if command.is_file() else None,
+        "command": run.command(),
         "method": cfg.method,
         "mask": card["mask"],
+        "shapes": card.get("shapes"),
+        "arch": card["arch"],
+        "pretrain_key": card["pretrain_key"],
         "iterations": card["iterations"],
         "train_seconds": card["pretrain_seconds"],
         "initial_loss": losses[0],
         "final_loss": losses[1],
+        "precision": precision,
         "export": NATIVE_FILE,
     }
     run.write_metrics(metrics)
@@ -142,104 +168,74 @@ def _finish(
 def random_init(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, Any]:
     """The 'Random Gaussian' row: N(0, 0.01) weights, zero biases."""
     tic = time.perf_counter()
-    encoder = AlexNetEncoder(cfg.model.arch, cfg.model.pool_free)
+    encoder = AlexNetEncoder(cfg.model.arch, cfg.model.pool_free)  # type: ignore[arg-type]
     gaussian_init_(encoder)
-    card = _card(cfg, None, 0, None, time.perf_counter() - tic, cfg.model.arch)
-    return _finish(cfg, run, encoder, card, (None, None))
-
-
-def load_torchvision_alexnet(path: Path) -> dict[str, torch.Tensor]:
-    """The `features.*` tensors of a torchvision AlexNet state-dict file; classifier keys
-    are expected and dropped, anything else is reported."""
-    path = Path(path)
-    if not path.is_file():
-        raise BenchError(
-            f"{path}: ImageNet weights file not found (weights: a torchvision "
-            "AlexNet state dict, e.g. alexnet-owt-7be5be79.pth)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
-        raise BenchError(f"{path}: not a readable torch state dict ({exc})") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise BenchError(f"{path}: expected a state dict (name -> tensor)")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    return {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    return _finish(cfg, run, encoder, _card(cfg, pretrain_seconds=time.perf_counter() - tic))
 
 
 def imagenet_import(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, Any]:
     """The 'ImageNet' row: import a supervised torchvision AlexNet (arch torchvision)."""
-    if cfg.weights is None:
-        raise ConfigError("weights: method imagenet needs a torchvision AlexNet state-dict file")
     if cfg.model.arch != "torchvision" or cfg.model.pool_free:
         raise ConfigError(
             "model.arch: method imagenet needs arch 'torchvision' and pool_free false "
             "(torchvision's AlexNet widths)"
         )
     tic = time.perf_counter()
-    state = load_torchvision_alexnet(Path(cfg.weights))
+    path = Path(str(cfg.weights))
+    if not path.is_file():
+        raise BenchError(
+            f"{printable(path)}: ImageNet weights file not found (weights: a torchvision "
+            "AlexNet state dict, e.g. alexnet-owt-7be5be79.pth)"
+        )
+    state, _ = read_torchvision(path)
     encoder = AlexNetEncoder("torchvision", False)
-    check_keys(encoder, state, cfg.weights)
-    encoder.load_state_dict(state, strict=True)
-    card = _card(cfg, None, 0, str(cfg.weights), None, "torchvision")
+    load_state_checked(encoder, state, path)
+    card = _card(cfg, data=str(cfg.weights), arch="torchvision")
     run.logger.info(
         f"imported ImageNet AlexNet from {cfg.weights} ({time.perf_counter() - tic:.1f}s)"
     )
-    return _finish(cfg, run, encoder, card, (None, None))
+    return _finish(cfg, run, encoder, card)
 
 
 def make_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    prec: Precision,
+    precision: loop.Precision,
     device: torch.device,
     *,
     fill: torch.Tensor | None,
     loss: str = "l2",
     overlap: int = 0,
     overlap_weight: float = 10.0,
-    channels_last: bool = False,
-    discriminator: torch.nn.Module | None = None,
-    optimizer_d: torch.optim.Optimizer | None = None,
+    adversary: Adversary | None = None,
     adversarial_weight: float = 0.0,
 ) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
-    """One optimisation step on a batch {"image", "mask"} for `engine.fit`.
+    """One optimisation step on a batch {"image", "mask"} for `benchmark.loop.fit`.
 
     fill: the dataset mean (normalised, (3,)) put into dropped pixels; None feeds the image
-    unmasked (the autoencoder, whose mask covers everything). With a discriminator, it
-    first takes a discriminator step on real vs predicted images, then a generator step on
-    the joint loss. Returns the reconstruction loss as "loss" (plus "d_loss", "adv_loss").
+    unmasked (the autoencoder, whose mask covers everything). With an adversary, first a
+    discriminator step on real vs predicted images, then a generator step on the joint
+    loss. Returns the reconstruction loss as "loss" (plus "d_loss", "adv_loss").
     """
     rec_loss = RECONSTRUCTION_LOSSES[loss]
-    adversarial = discriminator is not None and optimizer_d is not None
 
     def step(batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        b = to_device(batch, device, channels_last)
+        b = loop.to_device(batch, device)
         image, mask = b["image"], b["mask"]
         inp = apply_mask(image, mask, fill) if fill is not None else image
         scalars: dict[str, torch.Tensor] = {}
-        with prec.autocast():
+        with precision.autocast():
             pred = model(inp)
-        if adversarial:
-            optimizer_d.zero_grad(set_to_none=True)
-            with prec.autocast():
-                d_loss = discriminator_loss(discriminator(image), discriminator(pred.detach()))
-            prec.backward(d_loss)
-            prec.step(optimizer_d)
-            scalars["d_loss"] = d_loss.detach()
-        optimizer.zero_grad(set_to_none=True)
-        rec = rec_loss(pred, image, mask, overlap, overlap_weight)
         adv = None
-        if adversarial:
-            with prec.autocast():
-                adv = generator_adversarial_loss(discriminator(pred))
+        if adversary is not None:
+            scalars["d_loss"] = adversary.update(image, pred)
+            adv = adversary.generator_loss(pred)
             scalars["adv_loss"] = adv.detach()
+        rec = rec_loss(pred, image, mask, overlap, overlap_weight)
         total = joint_loss(rec, adv, adv_weight=adversarial_weight)
-        prec.backward(total)
-        prec.step(optimizer)
-        prec.update()
+        optimizer.zero_grad(set_to_none=True)
+        precision.backward(total)
+        precision.step(optimizer)
         scalars["loss"] = rec.detach()
         return scalars
 
@@ -248,59 +244,49 @@ def make_step(
 
 def train_inpainting(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, Any]:
     """context-encoder and autoencoder: train the network, export its encoder."""
-    if cfg.method == "context-encoder" and cfg.loss.adversarial_weight < 0:
-        raise ConfigError("loss.adversarial_weight: must be >= 0")
     images_root = _resolve(cfg.data, "images")
     paths = list_images(images_root)
     mean = dataset_mean(paths, seed=cfg.seed)
     fill = fill_value(mean).to(env.device)
-    mask_fn, mask_name = _mask_fn(cfg, run)
-    dataset = PretrainImages(paths, cfg.model.input_size, mask_fn)
+    mask_fn, mask_name, shapes = _mask_fn(cfg, run)
+    dataset = PretrainImages(paths, cfg.model.input_size, mask_fn, seed=cfg.seed)
     run.logger.info(
         f"{len(paths)} images from {images_root}; mean colour {[round(m, 3) for m in mean]}; "
         f"mask {mask_name}"
     )
 
     tc, lc = cfg.train, cfg.loss
-    net = ContextEncoder(cfg.model.arch, cfg.model.pool_free, cfg.model.input_size)
-    model = prepare_model(net, env, tc.channels_last)
+    net = ContextEncoder(cfg.model.arch, cfg.model.pool_free, cfg.model.input_size)  # type: ignore[arg-type]
+    model = loop.prepare_model(net, env, tc)
     lr = learning_rate(cfg)
-    opt = adam(model.parameters(), lr, (tc.beta1, 0.999), env.device)
-    prec = Precision(env.device, tc.amp)
-    state: dict[str, Any] = {"model": model, "optimizer": opt, "precision": prec}
-    adversarial = cfg.method == "context-encoder" and lc.adversarial_weight > 0
-    if adversarial:
-        disc = prepare_model(DCGANDiscriminator(cfg.model.input_size), env, tc.channels_last)
-        opt_d = adam(disc.parameters(), discriminator_lr(lr), (tc.beta1, 0.999), env.device)
+    opt = _adam(model.parameters(), lr, tc.beta1, env.device)
+    precision = loop.Precision(tc.precision, env.device)
+    state: dict[str, Any] = {"model": model, "optimizer": opt}
+    adversary = None
+    if cfg.method == "context-encoder" and lc.adversarial_weight > 0:
+        disc = loop.prepare_model(DCGANDiscriminator(cfg.model.input_size), env, tc)
+        opt_d = _adam(disc.parameters(), discriminator_lr(lr), tc.beta1, env.device)
+        adversary = Adversary(disc, opt_d, precision)
         state.update(discriminator=disc, optimizer_d=opt_d)
     masked = cfg.method == "context-encoder"
-    cl = tc.channels_last
     step = make_step(
-        model,
-        opt,
-        prec,
-        env.device,
-        fill=fill if masked else None,
-        loss=lc.kind,
-        overlap=lc.overlap,
-        overlap_weight=lc.overlap_weight,
-        channels_last=cl,
-        discriminator=state.get("discriminator"),
-        optimizer_d=state.get("optimizer_d"),
+        model, opt, precision, env.device,
+        fill=fill if masked else None, loss=lc.kind, overlap=lc.overlap,
+        overlap_weight=lc.overlap_weight, adversary=adversary,
         adversarial_weight=lc.adversarial_weight,
-    )
+    )  # fmt: skip
 
-    samples = [dataset[(i % len(dataset), cfg.seed * 7919 + i)] for i in range(SAMPLE_IMAGES)]
+    samples = [dataset[(i % len(dataset), SAMPLE_KEY + i)] for i in range(SAMPLE_IMAGES)]
     sample_batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
 
     def on_sample(iteration: int) -> None:
         if not run.is_main:
             return
-        b = to_device(sample_batch, env.device, cl)
+        b = loop.to_device(sample_batch, env.device)
         image, mask = b["image"], b["mask"]
         inp = apply_mask(image, mask, fill) if masked else image
         net.eval()
-        with torch.no_grad(), prec.autocast():
+        with torch.no_grad(), precision.autocast():
             pred = net(inp).float()
         net.train()
         rows = [denormalise(image), denormalise(inp), denormalise(pred)]
@@ -308,22 +294,29 @@ def train_inpainting(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, A
             rows.append(denormalise(torch.where(mask.bool(), pred, image)))
         save_grid(run.file(f"samples/iter_{iteration:07d}.png"), rows)
 
-    result = fit_schedule(
-        step, dataset, cfg, env, run, state, on_sample=on_sample, desc=f"pretrain {cfg.method}"
-    )
-    encoder = unwrap(model).encoder
+    result = loop.fit(
+        run, env, tc, stage=f"{STAGE}/{cfg.method}", config=cfg, seed=cfg.seed, step=step,
+        batches=loop.loader_batches(dataset, tc.batch_size, cfg.seed, env, tc.workers),
+        state=state, precision=precision, hooks=[loop.Hook(tc.sample_every, on_sample)],
+        desc=f"pretrain {cfg.method}",
+    )  # fmt: skip
+    encoder = loop.unwrap(model).encoder
     card = _card(
-        cfg, mask_name, result.iterations, str(images_root), result.seconds, cfg.model.arch
-    )
-    card["input_size"] = cfg.model.input_size
-    card["dataset_mean"] = mean
-    run.logger.info(
-        f"loss {result.first.get('loss', float('nan')):.4f} -> "
-        f"{result.last.get('loss', float('nan')):.4f} in {result.seconds:.0f}s"
-    )
-    return _finish(
-        cfg, run, encoder.cpu(), card, (result.first.get("loss"), result.last.get("loss"))
-    )
+        cfg, mask=mask_name, shapes=shapes, iterations=result.iterations,
+        data=str(images_root), pretrain_seconds=result.seconds,
+        input_size=cfg.model.input_size, dataset_mean=mean, precision=result.precision,
+    )  # fmt: skip
+    first, last = result.first.get("loss"), result.last.get("loss")
+    run.logger.info(f"loss {first} -> {last} in {result.seconds:.0f}s ({result.precision})")
+    return _finish(cfg, run, encoder.cpu(), card, (first, last), result.precision)
+
+
+def _adam(params: Any, lr: float, beta1: float, device: torch.device) -> torch.optim.Adam:
+    """Adam with the fused kernel on CPU and CUDA: on CPU the per-tensor loop spends about as
+    long on elementwise updates as the convolutions' backward pass (measured ~14x slower
+    than fused for the 4.6M-parameter context encoder)."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999), fused=fused)
 
 
 METHODS: dict[str, Callable[[PretrainConfig, Run, DistEnv], dict[str, Any]]] = {
@@ -338,8 +331,7 @@ def main(cfg: PretrainConfig, run: Run) -> dict[str, Any]:
     """Run one pretraining method into `run`; returns (and writes) metrics.json."""
     if cfg.method not in METHODS:
         raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    env = setup(cfg.device)
-    seed_everything(cfg.seed, env.rank)
+    check(cfg)
+    env = loop.setup(cfg.device, cfg.train)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
     return METHODS[cfg.method](cfg, run, env)

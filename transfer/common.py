@@ -1,21 +1,18 @@
 """What the transfer tasks share around their own training: run names from the weights' card,
-the resumable loop state and its checkpoints, and the keys every transfer metrics.json
-starts with (docs/design.md)."""
+the check of every file a run will read, and the keys every transfer metrics.json starts
+with (docs/design.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from torch import nn
-
-from benchmark.config import to_dict
+from benchmark.datasets.preflight import Problem, check_detection, check_segmentation, enforce
+from benchmark.datasets.voc import SegSample, read_split
 from benchmark.runs import Run
 from transfer.backbone import peek_card
-
-CHECKPOINT = "last.pt"  # resumable: weights, optimiser and loop state
-FINAL = "final.pt"  # the fine-tuned weights once training is over
 
 
 class TransferConfig(Protocol):
@@ -23,6 +20,7 @@ class TransferConfig(Protocol):
 
     seed: int
     weights: str | None
+    on_bad_data: str
 
 
 def name_parts(task: str, weights: str | Path | None) -> list[str]:
@@ -34,43 +32,31 @@ def name_parts(task: str, weights: str | Path | None) -> list[str]:
     return parts
 
 
-def run_command(run: Run) -> str | None:
-    """The command line the run folder was opened with (command.txt), if recorded."""
-    path = run.file("command.txt")
-    return path.read_text().strip() if path.is_file() else None
+def checked_voc_ids(
+    voc_root: Path, split: str, policy: str, logger: logging.Logger, *, boxes: bool
+) -> tuple[list[str], list[str]]:
+    """(usable ids, skipped ids) of ImageSets/Main/<split>.txt after checking every
+    annotation and image the run will read (boxes too when `boxes`), before training starts.
+    policy "error": the first problem is a one-line DatasetError; "skip": bad ids dropped."""
+    ids = read_split(voc_root, split, "Main")
+    problems = check_detection(voc_root, ids, boxes=boxes)
+    bad = enforce(problems, policy, what=f"{voc_root} {split}", logger=logger)  # type: ignore[arg-type]
+    return [i for i in ids if i not in bad], sorted(bad)
 
 
-def start_state(model: nn.Module, ckpt: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The loop state to start from: a fresh one, or the state saved in checkpoint `ckpt`,
-    whose weights are loaded into `model`."""
-    if ckpt is None:
-        return {"iteration": 0, "initial_loss": None, "final_loss": None, "train_seconds": 0.0}
-    model.load_state_dict(ckpt["model"])
-    return dict(ckpt["state"])
+def checked_segmentation(
+    samples: Sequence[SegSample], policy: str, logger: logging.Logger, what: str
+) -> tuple[list[SegSample], list[str]]:
+    """(usable samples, skipped ids) after checking every image and label map."""
+    problems: list[Problem] = check_segmentation(samples, desc=what)
+    bad = enforce(problems, policy, what=what, logger=logger)  # type: ignore[arg-type]
+    return [s for s in samples if s.image_id not in bad], sorted(bad)
 
 
-def save_state(
-    run: Run,
-    name: str,
-    model: nn.Module,
-    state: Mapping[str, Any],
-    cfg: Any,
-    card: Mapping[str, Any],
-    optimizer: Any = None,
-) -> None:
-    """Checkpoint `name`: the weights, the loop state, the config and the weights' card, plus
-    the optimiser state when given (the resumable checkpoint; the final one has none)."""
-    payload: dict[str, Any] = {"model": model.state_dict()}
-    if optimizer is not None:
-        payload["optimizer"] = optimizer.state_dict()
-    payload.update(state=dict(state), config=to_dict(cfg), card=card)
-    run.save_checkpoint(payload, name)
-
-
-def drop_resume_checkpoint(run: Run, is_main: bool) -> None:
-    """Training is over: the resumable checkpoint (optimiser state included) is not kept."""
-    if is_main and (run.checkpoint_dir / CHECKPOINT).is_file():
-        (run.checkpoint_dir / CHECKPOINT).unlink()
+def skipped_field(*skipped: Sequence[str]) -> dict[str, Any]:
+    """metrics.json's record of the items `on_bad_data: skip` dropped."""
+    items = sorted({i for group in skipped for i in group})
+    return {"count": len(items), "items": items[:100]}
 
 
 def metrics_head(
@@ -82,15 +68,17 @@ def metrics_head(
     arch: str | None,
 ) -> dict[str, Any]:
     """The first keys of a transfer metrics.json: stage, task, seed, command, method, mask,
-    pretrain_seconds, weights, backend, arch."""
+    pretrain_seconds, weights, backend, arch, and the weights' pretraining identity."""
     return {
         "stage": "transfer",
         "task": task,
         "seed": cfg.seed,
-        "command": run_command(run),
+        "command": run.command(),
         "method": card.get("method"),
         "mask": card.get("mask"),
         "pretrain_seconds": card.get("pretrain_seconds"),
+        "pretrain_key": card.get("pretrain_key"),
+        "imported": bool(card.get("imported", False)),
         "weights": cfg.weights,
         "backend": backend,
         "arch": arch,

@@ -11,12 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from benchmark.loop import LoopConfig
+
 TrainFrom = Literal["all", "pool5", "fc7"]
 TestMode = Literal["ten-random", "center"]
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopConfig):
     iterations: int = 80000
     batch_size: int = 16  # global batch: split evenly over processes under torchrun
     lr: float = 1e-3
@@ -28,9 +30,6 @@ class TrainConfig:
     # Krähenbühl et al.'s released code trains biases at 2x the lr; the paper says nothing.
     bias_lr_mult: float = 1.0
     workers: int = 4  # loader processes (1 suits a 2-core CPU; more keep a GPU fed)
-    log_every: int = 20
-    checkpoint_every: int = 1000
-    save_final: bool = True  # write checkpoints/final.pt (the fine-tuned weights) at the end
 
 
 @dataclass
@@ -62,6 +61,7 @@ class ClassificationConfig:
     device: str = "auto"
     weights: str | None = None  # run folder, .safetensors, torchvision .pth; None = random
     arch: str = "caffenet"  # architecture of the random baseline (files carry their own)
+    on_bad_data: Literal["error", "skip"] = "error"  # an image `bench data check` flags
     train_from: TrainFrom = "all"  # all layers / fc6-fc8 (encoder frozen) / fc8 only
     rescale: bool = False  # Krähenbühl et al. 2015 data-dependent init (see model.py)
     rescale_images: int = 64  # training crops used to measure the statistics

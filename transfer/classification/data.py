@@ -9,30 +9,31 @@ number of workers or processes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from benchmark.datasets.folder import load_rgb
-from benchmark.datasets.voc import classification_targets, load_detection
+from benchmark.datasets.voc import classification_targets, parse_voc_xml, read_split
 from benchmark.errors import DatasetError
 
 from .config import AugmentConfig, EvalConfig
 from .presets import center_crop, random_crop, ten_random_crops
 
 # Stream tags that keep the generators of different purposes apart.
-_ORDER, _TRAIN, _TEST, _RESCALE = 1, 2, 3, 4
+_TRAIN, _TEST, _RESCALE = 2, 3, 4
 
 
 class VOCImages:
     """Image paths, ids, labels (N, 20) float {0,1} and difficult (N, 20) bool of a split."""
 
-    def __init__(self, voc_root: Path, split: str) -> None:
+    def __init__(self, voc_root: Path, split: str, ids: Sequence[str] | None = None) -> None:
         voc_root = Path(voc_root)
-        annotations = load_detection(voc_root, split)
+        ids = read_split(voc_root, split, "Main") if ids is None else list(ids)
+        annotations = [parse_voc_xml(voc_root / "Annotations" / f"{i}.xml") for i in ids]
         self.ids = [a.image_id for a in annotations]
         self.paths = [voc_root / "JPEGImages" / a.filename for a in annotations]
         # Check up front: an error raised inside a loader worker arrives as a traceback.
@@ -90,43 +91,6 @@ class EvalCrops(Dataset):
             rng = np.random.default_rng([self.seed, _TEST, index])
             crops = ten_random_crops(image, rng, self.test.crops, a.crop, a.scale, a.mirror)
         return _chw(crops), index
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, _ORDER, epoch]).permutation(n)
-
-
-class IterationBatches(Sampler[list[tuple[int, int]]]):
-    """Batches for iterations [start, stop): lists of (image index, sample number).
-
-    The global batch of iteration t holds sample numbers t*B .. t*B+B-1; sample k is image
-    `epoch_order(k // n)[k % n]`, so epochs are full passes in a fresh order. Process `rank`
-    of `world` takes its contiguous B / world share.
-    """
-
-    def __init__(
-        self, n: int, batch_size: int, seed: int, start: int, stop: int,
-        rank: int = 0, world: int = 1,
-    ) -> None:  # fmt: skip
-        super().__init__()
-        self.n, self.batch, self.seed = n, batch_size, seed
-        self.start, self.stop, self.rank, self.world = start, stop, rank, world
-        self.local = batch_size // world
-
-    def __len__(self) -> int:
-        return max(0, self.stop - self.start)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        cached: tuple[int, np.ndarray] = (-1, np.empty(0, dtype=np.int64))
-        for it in range(self.start, self.stop):
-            first = it * self.batch + self.rank * self.local
-            batch = []
-            for k in range(first, first + self.local):
-                epoch = k // self.n
-                if cached[0] != epoch:
-                    cached = (epoch, epoch_order(self.n, self.seed, epoch))
-                batch.append((int(cached[1][k % self.n]), k))
-            yield batch
 
 
 def rescale_batch(images: VOCImages, augment: AugmentConfig, seed: int, count: int) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """`bench transfer --task classification`: fine-tune on VOC2007 trainval, test on test.
 
-Writes into the run folder: `checkpoints/last.pt` while training (resumable; removed once
-`checkpoints/final.pt`, the fine-tuned weights, is written), `scores.csv` (per test image,
-the crop-averaged logit of each class), and `metrics.json` last.
+Writes into the run folder: `checkpoints/last.pt` (the loop's checkpoint; after the run, the
+fine-tuned weights), `scores.csv` (per test image, the crop-averaged logit of each class),
+and `metrics.json` last.
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
+from benchmark import loop
+from benchmark.datasets.resolve import resolve_data
 from benchmark.datasets.voc import VOC_CLASSES
-from benchmark.distributed import DistEnv, setup
 from benchmark.errors import ConfigError
 from benchmark.metrics import classification_ap
 from benchmark.runs import Run, atomic_write_text
@@ -30,12 +29,13 @@ from transfer.backbone import (
     snapshot_frozen,
 )
 
-from .config import ClassificationConfig
-from .data import EvalCrops, IterationBatches, TrainCrops, VOCImages, rescale_batch
-from .engine import evaluate, fit, make_optimizer, to_input
-from .model import FROZEN_PREFIXES, ClassificationNet, data_dependent_init_
+from .config import ClassificationConfig, TrainConfig
+from .data import EvalCrops, TrainCrops, VOCImages, rescale_batch
+from .evaluate import evaluate, to_input
+from .model import FROZEN_PREFIXES, ClassificationNet, data_dependent_init_, sigmoid_cross_entropy
 
 SCORES_FILE = "scores.csv"
+STAGE = "transfer/classification"
 
 
 def default_name(cfg: ClassificationConfig) -> str:
@@ -48,18 +48,25 @@ def default_name(cfg: ClassificationConfig) -> str:
     return "-".join(parts) + f"-s{cfg.seed}"
 
 
-def check_config(cfg: ClassificationConfig, env: DistEnv) -> None:
+def check(cfg: ClassificationConfig) -> None:
+    """Every setting no run can use is a one-line error before anything runs."""
     t, a = cfg.train, cfg.augment
-    if t.iterations < 0 or t.lr_step < 1 or t.log_every < 1 or t.checkpoint_every < 1:
-        raise ConfigError("train: iterations must be >= 0 and lr_step, log_every, "
-                          "checkpoint_every >= 1")  # fmt: skip
-    if t.batch_size < 1 or t.batch_size % env.world_size:
-        raise ConfigError(
-            f"train.batch_size: {t.batch_size} must be a positive multiple of the "
-            f"{env.world_size} processes"
-        )
+    loop.check_loop(t)
+    if t.batch_size < 1:
+        raise ConfigError(f"train.batch_size: must be >= 1, got {t.batch_size}")
+    if t.lr_step < 1:
+        raise ConfigError(f"train.lr_step: must be >= 1, got {t.lr_step}")
+    loop.positive("train.lr", t.lr)
+    loop.positive("train.lr_gamma", t.lr_gamma)
+    loop.positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    loop.positive("train.clip_grad", t.clip_grad)
+    loop.positive("train.bias_lr_mult", t.bias_lr_mult, allow_zero=True)
+    if not 0 <= t.momentum < 1:
+        raise ConfigError(f"train.momentum: must be in [0, 1), got {t.momentum}")
     if not 0 < a.scale[0] <= a.scale[1]:
         raise ConfigError(f"augment.scale: need 0 < min <= max, got {list(a.scale)}")
+    if a.crop < 1:
+        raise ConfigError(f"augment.crop: must be >= 1, got {a.crop}")
     if cfg.hidden < 1 or not 0 <= cfg.dropout < 1:
         raise ConfigError("hidden must be >= 1 and dropout in [0, 1)")
     if cfg.test.crops < 1 or cfg.test.batch_size < 1:
@@ -68,10 +75,52 @@ def check_config(cfg: ClassificationConfig, env: DistEnv) -> None:
         raise ConfigError("rescale_images: need at least 2 images to measure a variance")
 
 
-def _voc2007(data: str | None) -> Path:
-    from benchmark.datasets.resolve import resolve_data
+def lr_at(train: TrainConfig, iteration: int) -> float:
+    """Caffe's 'step' policy: lr * gamma ** floor(iteration / step)."""
+    return train.lr * train.lr_gamma ** (iteration // train.lr_step)
 
-    return Path(resolve_data(data, "voc2007"))
+
+def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.SGD:
+    """SGD over the trainable parameters only (frozen ones must not even see weight decay)."""
+    weights, biases = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (biases if name.endswith("bias") else weights).append(p)
+    groups = [
+        {"params": weights, "lr_mult": 1.0},
+        {"params": biases, "lr_mult": train.bias_lr_mult},
+    ]
+    return torch.optim.SGD(
+        [g for g in groups if g["params"]],
+        lr=train.lr,
+        momentum=train.momentum,
+        weight_decay=train.weight_decay,
+    )
+
+
+def make_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: TrainConfig,
+    precision: loop.Precision,
+    device: torch.device,
+):
+    """One SGD step on a batch (images uint8 (B,3,S,S), labels (B,20), keep (B,20))."""
+
+    def step(batch: tuple[torch.Tensor, ...], iteration: int) -> dict[str, Any]:
+        images, labels, keep = batch
+        lr = lr_at(train, iteration)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        with precision.autocast():
+            logits = model(to_input(images, device))
+        loss = sigmoid_cross_entropy(logits, labels.to(device), keep.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        precision.backward(loss)
+        precision.step(optimizer, clip=train.clip_grad)
+        return {"loss": loss.detach(), "lr": lr}
+
+    return step
 
 
 def write_scores(path: Path, ids: list[str], scores: np.ndarray) -> None:
@@ -87,27 +136,25 @@ def _ap_or_none(value: float) -> float | None:
 
 def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     """Fine-tune, test, write metrics.json; returns the metrics."""
-    env = setup(cfg.device)
-    check_config(cfg, env)
+    check(cfg)
+    t = cfg.train
+    env = loop.setup(cfg.device, t)
     torch.manual_seed(cfg.seed)  # same initial weights on every process
-    voc = _voc2007(cfg.data)
-    train_images = VOCImages(voc, cfg.train_split)
-    test_images = VOCImages(voc, cfg.test_split)
+    voc = Path(resolve_data(cfg.data, "voc2007"))
+    train_ids, skip_train = common.checked_voc_ids(
+        voc, cfg.train_split, cfg.on_bad_data, run.logger, boxes=False
+    )
+    test_ids, skip_test = common.checked_voc_ids(
+        voc, cfg.test_split, cfg.on_bad_data, run.logger, boxes=False
+    )
+    train_images = VOCImages(voc, cfg.train_split, train_ids)
+    test_images = VOCImages(voc, cfg.test_split, test_ids)
 
     encoder, card = load_encoder(cfg.weights, cfg.arch)
     model = ClassificationNet(
         encoder, crop=cfg.augment.crop, dropout=cfg.dropout, hidden=cfg.hidden
-    )
-    ckpt = None
-    if run.resumed:  # a crash during the test resumes from the finished weights
-        ckpt = run.load_checkpoint(common.FINAL) or run.load_checkpoint(common.CHECKPOINT)
-    state = common.start_state(model, ckpt)
-    if ckpt is not None:
-        run.logger.info(f"resuming classification at iteration {state['iteration']}")
-    model.to(env.device)
-    if env.device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    if ckpt is None and cfg.rescale:
+    ).to(env.device)
+    if run.checkpoint is None and cfg.rescale:  # a resumed run has its rescaled weights
         batch = rescale_batch(train_images, cfg.augment, cfg.seed, cfg.rescale_images)
         scales = data_dependent_init_(
             model, to_input(batch, env.device), pretrained_encoder=card["method"] != "random"
@@ -118,49 +165,41 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     freeze(model, prefixes)
     describe_transfer(model, prefixes, run.logger)
     frozen = snapshot_frozen(model, prefixes)
-    optimizer = make_optimizer(model, cfg.train)
-    if ckpt is not None and "optimizer" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    net: torch.nn.Module = model
-    if env.distributed:
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        net = DistributedDataParallel(model, device_ids=ids)
-
-    def save(s: dict[str, Any]) -> None:
-        common.save_state(run, common.CHECKPOINT, model, s, cfg, card, optimizer)
-
-    t = cfg.train
-    sampler = IterationBatches(len(train_images), t.batch_size, cfg.seed, state["iteration"],
-                               t.iterations, env.rank, env.world_size)  # fmt: skip
-    loader = DataLoader(
-        TrainCrops(train_images, cfg.augment, cfg.seed), batch_sampler=sampler,
-        num_workers=t.workers, pin_memory=env.device.type == "cuda",
+    net = loop.prepare_model(model, env, t)
+    optimizer = make_optimizer(model, t)
+    precision = loop.Precision(t.precision, env.device)
+    dataset = TrainCrops(train_images, cfg.augment, cfg.seed)
+    result = loop.fit(
+        run, env, t, stage=STAGE, config=cfg, seed=cfg.seed,
+        step=make_step(net, optimizer, t, precision, env.device),
+        batches=loop.loader_batches(dataset, t.batch_size, cfg.seed, env, t.workers),
+        state={"model": net, "optimizer": optimizer}, precision=precision,
+        desc="classification",
     )  # fmt: skip
-    state = fit(net, loader, optimizer, t, state, seed=cfg.seed, env=env, run=run, save=save)
     check_frozen_unchanged(model, frozen)
-    if t.save_final:
-        common.save_state(run, common.FINAL, model, state, cfg, card)
-    common.drop_resume_checkpoint(run, env.is_main)
 
     tick = time.perf_counter()
     test_set = EvalCrops(test_images, cfg.augment, cfg.test, cfg.seed)
-    scores = evaluate(model, test_set, cfg.test, env, workers=t.workers)
+    scores = evaluate(model, test_set, cfg.test, env, workers=t.workers, precision=precision)
     per_class, mean = classification_ap(scores, test_images.labels, test_images.difficult)
     if env.is_main:
         write_scores(run.file(SCORES_FILE), test_images.ids, scores)
     metrics = {
         **common.metrics_head("classification", "native", cfg, run, card, card.get("arch")),
         "map": _ap_or_none(mean),
+        "ap": "sklearn",
         "per_class": {c: _ap_or_none(v) for c, v in zip(VOC_CLASSES, per_class)},
         "test_crops": cfg.test_crops, "test_mode": cfg.test.mode,
         "train_from": cfg.train_from, "rescale": cfg.rescale,
-        "iterations": state["iteration"], "train_seconds": state["train_seconds"],
-        "test_seconds": time.perf_counter() - tick,
-        "initial_loss": state["initial_loss"], "final_loss": state["final_loss"],
+        "iterations": result.iterations, "train_seconds": result.seconds,
+        "test_seconds": time.perf_counter() - tick, "precision": result.precision,
+        "device": str(env.device),
+        "initial_loss": result.first.get("loss"), "final_loss": result.last.get("loss"),
         "train_images": len(train_images), "test_images": len(test_images),
+        "skipped": common.skipped_field(skip_train, skip_test),
         "scores": SCORES_FILE,
     }  # fmt: skip
     mean_ap = float("nan") if metrics["map"] is None else metrics["map"]
-    run.log_scalars(state["iteration"], {"map": mean_ap}, prefix="test/")
+    run.log_scalars(result.iterations, {"map": mean_ap}, prefix="test/")
     run.write_metrics(metrics)
     return metrics

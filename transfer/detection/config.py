@@ -5,8 +5,27 @@ Values taken from the released Fast R-CNN code rather than the paper are named o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from benchmark.loop import LoopConfig
+
+
+@dataclass
+class DetectionTrainConfig(LoopConfig):
+    """Fast R-CNN's solver for CaffeNet on VOC2007 (solver.prototxt, lib/fast_rcnn/config.py)."""
+
+    iterations: int = 40000
+    ims_per_batch: int = 2  # images per SGD step (split over torchrun processes)
+    rois_per_batch: int = 128  # RoIs of the whole minibatch (64 per image)
+    lr: float = 1e-3
+    lr_steps: tuple[int, ...] = (30000,)
+    gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    bias_lr_mult: float = 2.0  # Caffe's lr_mult 2, decay_mult 0 on biases
+    workers: int = 2
+    checkpoint_every: int = 5000
 
 
 @dataclass
@@ -18,6 +37,7 @@ class DetectionConfig:
     weights: str | None = None  # run folder / native export / torchvision state dict; None = random
     arch: str = "caffenet"  # architecture of the random baseline (weights carry their own)
     backend: Literal["native", "detectron2"] = "native"
+    on_bad_data: Literal["error", "skip"] = "error"  # a file `bench data check` flags
     train_split: str = "trainval"
     test_split: str = "test"
 
@@ -41,12 +61,10 @@ class DetectionConfig:
     rescale: bool = False
     rescale_images: int = 4
 
-    # Training (Fast R-CNN lib/fast_rcnn/config.py)
+    # RoI sampling and scales (Fast R-CNN lib/fast_rcnn/config.py)
     scales: tuple[int, ...] = (600,)
     max_size: int = 1000
     flip: bool = True
-    ims_per_batch: int = 2
-    rois_per_batch: int = 128
     fg_fraction: float = 0.25
     fg_thresh: float = 0.5
     bg_thresh_hi: float = 0.5
@@ -54,14 +72,7 @@ class DetectionConfig:
     train_difficult: bool = False  # difficult objects are left out of training, as in Fast R-CNN
     bbox_normalize: Literal["fixed", "data"] = "fixed"  # "data": Fast R-CNN's per-class stats
     bbox_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
-    lr: float = 1e-3
-    lr_steps: tuple[int, ...] = (30000,)
-    gamma: float = 0.1
-    iterations: int = 40000
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    bias_lr_mult: float = 2.0  # Caffe's lr_mult 2, decay_mult 0 on biases
-    workers: int = 2
+    train: DetectionTrainConfig = field(default_factory=DetectionTrainConfig)
 
     # Test (Fast R-CNN lib/fast_rcnn/test.py)
     test_scale: int = 600
@@ -69,6 +80,3 @@ class DetectionConfig:
     nms: float = 0.3
     score_thresh: float = 0.05
     max_per_image: int = 100
-
-    checkpoint_every: int = 5000
-    log_every: int = 20

@@ -9,17 +9,17 @@ sees the same minibatches it would have seen without the interruption.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
-from benchmark.datasets.voc import VOC_CLASSES, VOCAnnotation, load_detection
+from benchmark.datasets.voc import VOC_CLASSES, VOCAnnotation, parse_voc_xml, read_split
 from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD
-from transfer.detection.sampling import RoiLabels, label_rois, sample_rois
+from transfer.detection.sampling import RoiLabels, label_rois, sample_rois, target_stats
 
 
 @dataclass
@@ -57,8 +57,11 @@ def records_from_annotations(
     return out
 
 
-def load_records(voc_root: Path, split: str) -> list[DetRecord]:
-    return records_from_annotations(voc_root, load_detection(voc_root, split))
+def load_records(voc_root: Path, split: str, ids: Sequence[str] | None = None) -> list[DetRecord]:
+    """Records of ImageSets/Main/<split>.txt (or of the given, already checked, ids)."""
+    ids = read_split(voc_root, split, "Main") if ids is None else ids
+    annotations = [parse_voc_xml(Path(voc_root) / "Annotations" / f"{i}.xml") for i in ids]
+    return records_from_annotations(voc_root, annotations)
 
 
 def image_scale(height: int, width: int, target: int, max_size: int) -> float:
@@ -109,27 +112,6 @@ def roi_labels(rec: DetRecord, flip: bool, use_difficult: bool, bbox_thresh: flo
     return label_rois(props, boxes, classes, bbox_thresh)
 
 
-class TrainStream(Sampler[tuple[int, int]]):
-    """Endless (item position, epoch-shuffled entry) pairs from position `start`.
-
-    Entries are the images, and their mirror images when flipping (Fast R-CNN's roidb
-    holds both); each epoch visits every entry once in an order drawn from (seed, epoch).
-    """
-
-    def __init__(self, num_entries: int, seed: int, start: int = 0) -> None:
-        self.n, self.seed, self.start = num_entries, seed, start
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        k = self.start
-        epoch, perm = -1, np.zeros(0, np.int64)
-        while True:
-            e, pos = divmod(k, self.n)
-            if e != epoch:
-                epoch, perm = e, np.random.default_rng([self.seed, e]).permutation(self.n)
-            yield k, int(perm[pos])
-            k += 1
-
-
 class TrainSet(Dataset):
     """Item (k, entry) -> dict(image, rois, labels, targets) for one image of a minibatch."""
 
@@ -167,7 +149,7 @@ class TrainSet(Dataset):
         return self.num_entries
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, torch.Tensor]:
-        k, entry = item
+        entry, k = item  # (entry, sample number) from the loop's IterationSampler
         rec = self.records[entry % len(self.records)]
         flip = self.flips[entry // len(self.records)]
         rng = np.random.default_rng([self.seed, 1, k])
@@ -187,6 +169,27 @@ class TrainSet(Dataset):
             "labels": torch.from_numpy(labels),
             "targets": torch.from_numpy(targets.astype(np.float32)),
         }
+
+
+def bbox_normalisation(
+    records: Sequence[DetRecord], mode: str, stds: Sequence[float], flip: bool,
+    use_difficult: bool, fg_thresh: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(21, 4) means and stds of the regression targets: fixed (means 0, `stds`) or, with
+    mode "data", measured on the training RoIs as Fast R-CNN's roidb code does."""
+    if mode == "fixed":
+        return np.zeros((21, 4), np.float32), np.tile(np.float32(stds), (21, 1))
+    flips = (False, True) if flip else (False,)
+    rois = [roi_labels(r, f, use_difficult, fg_thresh) for r in records for f in flips]
+    return target_stats(rois, 20, fg_thresh)
+
+
+def usable_for_training(
+    rec: DetRecord, use_difficult: bool, fg_thresh: float, bg_hi: float, bg_lo: float
+) -> bool:
+    """Fast R-CNN's filter_roidb: at least one foreground or background RoI."""
+    ov = roi_labels(rec, False, use_difficult, fg_thresh).max_overlap
+    return bool(((ov >= fg_thresh) | ((ov < bg_hi) & (ov >= bg_lo))).any())
 
 
 def pad_images(images: Sequence[torch.Tensor]) -> torch.Tensor:

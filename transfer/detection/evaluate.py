@@ -13,6 +13,7 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -144,3 +145,17 @@ def read_results_files(
 
 def summarize(per_class: Mapping[str, float]) -> str:
     return " ".join(f"{c}={100 * v:.1f}" for c, v in per_class.items() if not math.isnan(v))
+
+
+def finite_or_none(x: float | None) -> float | None:
+    """JSON has no NaN: a score that could not be computed becomes null."""
+    return None if x is None or x != x else float(x)
+
+
+def score_fields(mean: float, coco: float, per_class: Mapping[str, float]) -> dict[str, Any]:
+    """The scores both backends report the same way (NaN as null)."""
+    return {
+        "map": finite_or_none(mean),
+        "coco_ap": finite_or_none(coco),
+        "per_class": {c: finite_or_none(v) for c, v in per_class.items()},
+    }

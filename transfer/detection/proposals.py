@@ -27,7 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmark.errors import BenchError
-from benchmark.runs import atomic_write_bytes
+from benchmark.runs import atomic_write_bytes, default_results_root
+from benchmark.safe_pickle import safe_load
 
 CACHE_VERSION = 1
 XYXY_ABS = 0  # detectron2.structures.BoxMode.XYXY_ABS
@@ -205,12 +206,9 @@ def load_mat(path: Path, ids: Sequence[str]) -> list[np.ndarray]:
 
 
 def load_pickle(path: Path, ids: Sequence[str]) -> list[np.ndarray]:
-    """detectron2 proposal pickle (any order of ids; every image must be present)."""
-    try:
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
-        raise BenchError(f"{path}: unreadable proposal pickle ({exc})") from None
+    """detectron2 proposal pickle (any order of ids; every image must be present), read by a
+    restricted unpickler that allows only containers and numpy arrays."""
+    data = safe_load(path)  # only containers and numpy arrays: a pickle never runs code
     if not isinstance(data, dict) or "ids" not in data or "boxes" not in data:
         raise BenchError(f"{path}: expected a dict with 'ids' and 'boxes' (detectron2 proposals)")
     mode = int(data.get("bbox_mode", XYXY_ABS))
@@ -269,3 +267,33 @@ def load_proposal_file(path: str | Path, ids: Sequence[str]) -> list[np.ndarray]
             raise _mismatch(path, ids, found)
         return boxes
     raise BenchError(f"{path}: unknown proposal file type (expected .mat, .pkl or .npz)")
+
+
+def proposal_cache_dir() -> Path:
+    """Where selective-search proposals are cached: <results>/cache/proposals."""
+    return default_results_root() / "cache" / "proposals"
+
+
+def attach_proposals(records: Sequence[Any], source: str | None, cfg: Any, split: str) -> None:
+    """Fill `records[i].proposals` from `source` (a file) or cached selective search, clipped
+    to the image and without empty boxes."""
+    ids = [r.image_id for r in records]
+    if source:
+        boxes = load_proposal_file(source, ids)
+    else:
+        boxes = selective_search_cached(
+            ids,
+            [r.path for r in records],
+            proposal_cache_dir(),
+            mode=cfg.ss_mode,
+            max_boxes=cfg.ss_max_boxes,
+            image_width=cfg.ss_image_width,
+            min_box=cfg.ss_min_box,
+            workers=cfg.ss_workers,
+            desc=f"selective search ({split})",
+        )
+    for rec, b in zip(records, boxes):
+        b = np.asarray(b, np.float32).reshape(-1, 4)
+        b[:, [0, 2]] = np.clip(b[:, [0, 2]], 0, rec.width - 1)
+        b[:, [1, 3]] = np.clip(b[:, [1, 3]], 0, rec.height - 1)
+        rec.proposals = b[(b[:, 2] >= b[:, 0]) & (b[:, 3] >= b[:, 1])]

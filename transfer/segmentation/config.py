@@ -3,12 +3,32 @@ where a default is the released code's choice rather than the paper's)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from benchmark.loop import LoopConfig
 
 Backend = Literal["native", "mmseg"]
 Variant = Literal["fcn32s", "fcn16s", "fcn8s"]
 Solver = Literal["sgd", "adam"]
+
+
+@dataclass
+class SegmentationTrainConfig(LoopConfig):
+    """FCN-AlexNet's solver (voc-fcn-alexnet/solver.prototxt): SGD at a fixed lr 1e-4,
+    momentum 0.9, weight decay 5e-4, one image per pass, gradients accumulated over
+    `iter_size` 20 passes per update, 100k updates."""
+
+    iterations: int = 100000
+    batch_size: int = 1  # images per forward pass (FCN: 1, whole images of any size)
+    iter_size: int = 20  # passes accumulated per update (Caffe's iter_size)
+    lr: float = 1e-4
+    # "adam" is not the protocol: it makes CPU demos on random-init encoders learn within a
+    # minute (SGD at lr 1e-4 needs thousands of iterations). Momentum is Adam's beta1.
+    solver: Solver = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    workers: int = 2
 
 
 @dataclass
@@ -22,6 +42,7 @@ class SegmentationConfig:
     weights: str | None = None  # run folder, .safetensors, torchvision .pth; None = random
     arch: str = "caffenet"  # architecture of the random baseline (files carry their own)
     backend: Backend = "native"
+    on_bad_data: Literal["error", "skip"] = "error"  # a file `bench data check` flags
     variant: Variant = "fcn32s"
     train_split: str = "train"  # ImageSets/Segmentation/<train_split>.txt (+ SBD train/val)
     # seg11valid = VOC2011 val minus SBD train (derived from the split files the user has);
@@ -36,18 +57,9 @@ class SegmentationConfig:
     dropout: float = 0.5
     pad: int = 100  # FCN's conv1 padding, so every input size yields scores
     max_size: int | None = None  # resize the longer image side to at most this (None: as is)
-    iterations: int = 100000  # FCN's solver runs 100k iterations at batch 1
-    batch_size: int = 1  # images per SGD step (FCN: 1; larger = gradient accumulation)
-    lr: float = 1e-4
-    # "adam" is not the protocol: it makes CPU demos on random-init encoders learn within a
-    # minute (SGD at lr 1e-4 needs thousands of iterations). Momentum is Adam's beta1.
-    solver: Solver = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
     normalize_loss: bool = True  # softmax loss averaged over non-ignored pixels (PROTOCOL)
     mirror: bool = False  # FCN trains without augmentation
     eval_images: int | None = None  # evaluate on the first N images of the split (None: all)
     save_overlays: int = 0  # PNG overlays (image | truth | prediction) of the first K images
-    log_every: int = 20
-    checkpoint_every: int = 1000
     eval_every: int = 0  # also evaluate during training every N iterations (0: only at end)
+    train: SegmentationTrainConfig = field(default_factory=SegmentationTrainConfig)

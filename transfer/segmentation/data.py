@@ -15,20 +15,27 @@ Any other split name is `ImageSets/Segmentation/<name>.txt` of VOC2012.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 from benchmark.datasets.folder import load_rgb
-from benchmark.datasets.voc import SegSample, load_sbd, read_label, read_split
+from benchmark.datasets.resolve import resolve_data
+from benchmark.datasets.voc import VOC_CLASSES, SegSample, load_sbd, read_label, read_split
 from benchmark.errors import DatasetError
+from benchmark.runs import Run
 from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD
+from transfer import common
 
 log = logging.getLogger("bench")
 SEG11VALID = "seg11valid"
+CLASSES: tuple[str, ...] = ("background", *VOC_CLASSES)
 
 
 @dataclass
@@ -167,8 +174,46 @@ def load_pair(sample: SegSample, max_size: int | None) -> tuple[np.ndarray, np.n
     return shrink(im, max_size), label
 
 
-def train_order(n: int, seed: int, iteration: int) -> int:
-    """Index of the sample of `iteration`: a fresh seeded shuffle per epoch, as FCN's data
-    layer, and a pure function of the iteration so that a resumed run sees the same images."""
-    epoch, k = divmod(iteration, n)
-    return int(np.random.default_rng([seed, epoch]).permutation(n)[k])
+class SegTrainSet(Dataset):
+    """Item (index, sample number) -> (image (H, W, 3) uint8, label (H, W) uint8), mirrored
+    with probability 1/2 when `mirror` (drawn from the sample number, so resumes repeat it)."""
+
+    def __init__(self, samples: Sequence[SegSample], max_size: int | None, mirror: bool,
+                 seed: int) -> None:  # fmt: skip
+        self.samples, self.max_size, self.mirror, self.seed = list(samples), max_size, mirror, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        index, sample = item
+        image, label = load_pair(self.samples[index], self.max_size)
+        if self.mirror and np.random.default_rng([self.seed, 7, sample]).random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+
+def prepare_data(cfg: Any, run: Run) -> tuple[SegmentationData, list[str]]:
+    """Resolve VOC2012 and SBD folders, build the train / evaluation lists, check every image
+    and label map they name (before training), log what was found; also the skipped ids."""
+    voc = Path(resolve_data(cfg.data, "voc2012"))
+    sbd = find_sbd(cfg.data, cfg.sbd, voc, cfg.use_sbd)
+    data = build_data(voc, sbd, cfg.train_split, cfg.split)
+    if cfg.eval_images is not None:
+        data.eval = data.eval[: cfg.eval_images]
+    data.train, skip_train = common.checked_segmentation(
+        data.train, cfg.on_bad_data, run.logger, f"{data.split} training set"
+    )
+    data.eval, skip_eval = common.checked_segmentation(
+        data.eval, cfg.on_bad_data, run.logger, f"{data.split} evaluation set"
+    )
+    for note in data.notes:
+        run.logger.info(note)
+    src = data.train_sources
+    run.logger.info(
+        f"segmentation data: train {len(data.train)} images ({src['voc']} VOC2012 "
+        f"{cfg.train_split}, {src['sbd']} SBD) from {voc}"
+        + (f" + {sbd}" if sbd else "")
+        + f"; evaluation on {data.split} ({len(data.eval)} images)"
+    )
+    return data, [*skip_train, *skip_eval]

@@ -35,7 +35,7 @@ from benchmark.runs import Run, atomic_torch_save, atomic_write_text
 from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
 
 from .config import SegmentationConfig
-from .model import FCN_PAD, Grid, _geometry, feature_grids, resample, smallest_pad
+from .model import FCN_PAD, Grid, feature_grids, resample, smallest_pad
 
 INSTALL_HINT = (
     "backend mmseg needs mmsegmentation 1.2.2 with mmcv 2.1.0 compiled ops "
@@ -73,7 +73,7 @@ def register() -> None:
 
     from benchmark.datasets.voc import VOC_PALETTE, read_label
 
-    from .main import CLASSES
+    from .data import CLASSES
 
     class BenchAlexNet(BaseModule):
         """Our AlexNet encoder as an mmseg backbone; returns pool5 on mmseg's output grid."""
@@ -89,10 +89,9 @@ def register() -> None:
             self.features = AlexNetEncoder(arch, pool_free).features  # type: ignore[arg-type]
             self.pad = pad
             self.grid = feature_grids(self.features, 0)[-1]
-            self.geometry = [g for g in map(_geometry, self.features) if g is not None]
 
         def _pad_for(self, size: int) -> int:
-            return smallest_pad(size, self.pad, self.geometry, 1)
+            return smallest_pad(size, self.pad, self.features, 1)
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
             h, w = x.shape[-2:]
@@ -384,8 +383,8 @@ def run_mmseg(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
 
     from transfer.common import metrics_head
 
-    from .engine import overlay_png
-    from .main import CLASSES, OVERLAY_DIR, prepare_data
+    from .data import CLASSES, prepare_data
+    from .evaluate import OVERLAY_DIR, overlay_png
 
     register()
     if cfg.variant != "fcn32s":

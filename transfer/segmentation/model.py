@@ -14,6 +14,7 @@ either encoder architecture.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.alexnet import AlexNetEncoder
+from pretrain.alexnet import AlexNetEncoder, features_output_size, layer_geometry
 
 Variant = Literal["fcn32s", "fcn16s", "fcn8s"]
 VARIANTS: tuple[str, ...] = ("fcn32s", "fcn16s", "fcn8s")
@@ -47,33 +48,13 @@ class Grid:
         return Grid(self.offset + delta, self.stride)
 
 
-def _geometry(layer: nn.Module) -> tuple[int, int, int] | None:
-    """(kernel, stride, padding) of a square conv/pool layer; None for point-wise layers."""
-    if isinstance(layer, nn.Conv2d):
-        if layer.dilation != (1, 1):
-            raise ValueError("dilated convolutions are not supported by the FCN alignment")
-        k, s, p = layer.kernel_size[0], layer.stride[0], layer.padding
-        return k, s, p[0] if isinstance(p, tuple) else int(p)  # type: ignore[arg-type]
-    if isinstance(layer, nn.MaxPool2d):
-
-        def first(v: int | tuple[int, ...]) -> int:
-            return v[0] if isinstance(v, tuple) else int(v)
-
-        return first(layer.kernel_size), first(layer.stride), first(layer.padding)
-    return None
-
-
-def smallest_pad(size: int, pad: int, geometry: list[tuple[int, int, int]], cells: int) -> int:
+def smallest_pad(size: int, pad: int, layers: Sequence[nn.Module], cells: int) -> int:
     """The least padding >= `pad` for which an input of `size` px still leaves `cells` output
-    cells after the layers' (kernel, stride, padding) `geometry`: FCN's pad 100 covers normal
-    images, tiny ones need more."""
-    while True:
-        n = size + 2 * pad
-        for k, s, p in geometry:
-            n = (n + 2 * p - k) // s + 1
-        if n >= cells:
-            return pad
+    cells after `layers` (rounding as each layer does, Caffe's ceil pooling included): FCN's
+    pad 100 covers normal images, tiny ones need more."""
+    while features_output_size(layers, size + 2 * pad) < cells:  # type: ignore[arg-type]
         pad += 1
+    return pad
 
 
 def feature_grids(features: nn.Sequential, pad: int) -> list[Grid]:
@@ -81,7 +62,7 @@ def feature_grids(features: nn.Sequential, pad: int) -> list[Grid]:
     grid = Grid(-float(pad), 1.0)
     grids = []
     for layer in features:
-        geom = _geometry(layer)
+        geom = layer_geometry(layer)
         if geom is not None:
             grid = grid.after(*geom)
         grids.append(grid)
@@ -151,7 +132,6 @@ class FCN(nn.Module):
         self.grid_32 = grids[-1].after(6, 1, 0)  # fc6 (6x6, no pad); fc7/score are 1x1
         self.grid_16 = grids[SKIP_STRIDE16]
         self.grid_8 = grids[SKIP_STRIDE8]
-        self._geometry = [g for g in map(_geometry, feats) if g is not None]
 
     def _init_head(self) -> None:
         # fc6/fc7 are not part of the exported encoder: He init keeps their activations at
@@ -166,7 +146,7 @@ class FCN(nn.Module):
 
     def pad_for(self, size: int) -> int:
         """FCN's pad, or more for inputs so small that pool5 would be under fc6's 6x6."""
-        return smallest_pad(size, self.pad, self._geometry, 6)
+        return smallest_pad(size, self.pad, self.encoder.features, 6)
 
     def forward(self, x: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Normalised images (B, 3, h, w) -> class scores (B, C, *out_size) (default h, w).

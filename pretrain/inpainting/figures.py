@@ -21,12 +21,13 @@ from benchmark.datasets.folder import list_images
 from benchmark.datasets.resolve import resolve_data
 from benchmark.errors import BenchError
 from benchmark.runs import atomic_write_json
-from pretrain.inpaint_eval import held_out_paths, predict
-from pretrain.inpainting import central_hole, centre_patch, mask_context
-from pretrain.inpainting_data import load_eval_images, to_pixels
-from pretrain.inpainting_train import load_generator, paste
+from pretrain.inpainting.data import load_eval_images, to_pixels
+from pretrain.inpainting.evaluate import held_out_paths, predict
+from pretrain.inpainting.model import central_hole, centre_patch, mask_context
+from pretrain.inpainting.nearest import build_index, context_features, load_alexnet, training_crops
+from pretrain.inpainting.train import paste
+from pretrain.inpainting.weights import load_generator
 from pretrain.losses import OVERLAP_PAPER
-from pretrain.nn_inpaint import build_index, context_features, load_alexnet, training_crops
 from pretrain.samples import save_grid
 
 LOSS_ORDER = {"l2": 0, "adversarial": 1, "joint": 2}

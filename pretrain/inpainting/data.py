@@ -6,8 +6,8 @@ centre 128x128 crop of each held-out image at its own resolution (Paris StreetVi
 evaluation images are 227x227; the public evaluation crops their centre 128 px), upsampled
 first only when the shorter side is below 128.
 
-Samples are indexed by (index, draw_seed) pairs from `pretrain.data.InfiniteSampler`, so the
-crop, flip and hole depend only on the seed and the iteration (resume gives the same
+Samples are indexed by (index, sample number) keys from the loop's sampler, so the crop,
+flip and hole depend only on the seed and the iteration (resume gives the same
 batches; the number of DataLoader workers does not matter).
 """
 
@@ -22,7 +22,7 @@ from PIL import Image
 
 from benchmark.datasets.folder import load_rgb
 from pretrain.data import SeededImages
-from pretrain.inpainting import IMAGE_SIZE
+from pretrain.inpainting.model import IMAGE_SIZE
 
 LOAD_SIZE = 350  # released code: shorter side resized to 350 before the random 128 crop
 
@@ -95,12 +95,13 @@ class InpaintingImages(SeededImages):
         load_size: int = LOAD_SIZE,
         hole_fn: Callable[[np.random.Generator], torch.Tensor] | None = None,
         flip: bool = True,
+        seed: int = 0,
     ) -> None:
-        super().__init__(paths, flip)
+        super().__init__(paths, seed, flip)
         self.load_size = load_size
         self.hole_fn = hole_fn
 
-    def __getitem__(self, key: tuple[int, int] | int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         image, rng = self.load(key)
         pixels = train_crop(image, rng, self.load_size, flip=self.flip)
         sample = {"image": to_unit_range(pixels)}

@@ -27,7 +27,8 @@ from skimage.feature import hog
 
 from benchmark.datasets.folder import load_rgb
 from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
-from pretrain.inpainting import (
+from pretrain.inpainting.data import resize_shorter, to_unit_range, train_crop
+from pretrain.inpainting.model import (
     IMAGE_SIZE,
     PATCH_SIZE,
     PATCH_START,
@@ -36,7 +37,6 @@ from pretrain.inpainting import (
     centre_patch,
     mask_context,
 )
-from pretrain.inpainting_data import resize_shorter, to_unit_range, train_crop
 
 FeatureName = Literal["hog", "ce", "alexnet"]
 HOG_CELL = 8
@@ -108,13 +108,9 @@ def alexnet_features(
 
 def load_alexnet(path: str | Path) -> AlexNetEncoder:
     """A supervised torchvision AlexNet state dict (file) -> its conv1-pool5 encoder."""
-    from pretrain.export import check_keys
-    from pretrain.train import load_torchvision_alexnet
+    from transfer.backbone import load_encoder
 
-    state = load_torchvision_alexnet(Path(path))
-    encoder = AlexNetEncoder("torchvision", False)
-    check_keys(encoder, state, path)
-    encoder.load_state_dict(state)
+    encoder, _ = load_encoder(path, "torchvision")
     return encoder.eval()
 
 

@@ -27,11 +27,16 @@ from benchmark.distributed import pick_device
 from benchmark.errors import ConfigError
 from benchmark.metrics import inpainting_errors, mean_inpainting_errors
 from benchmark.runs import Run, atomic_write_text
-from pretrain.inpainting import ContextEncoderGenerator, central_hole, centre_patch, mask_context
-from pretrain.inpainting_data import load_eval_images
-from pretrain.inpainting_train import load_generator
+from pretrain.inpainting.data import load_eval_images
+from pretrain.inpainting.model import (
+    ContextEncoderGenerator,
+    central_hole,
+    centre_patch,
+    mask_context,
+)
+from pretrain.inpainting.nearest import build_index, nn_inpaint, training_crops
+from pretrain.inpainting.weights import load_generator
 from pretrain.losses import OVERLAP_PAPER
-from pretrain.nn_inpaint import build_index, nn_inpaint, training_crops
 
 PER_IMAGE_FILE = "per_image.csv"
 EVAL_CROP = "centre 128x128 crop at native resolution"
@@ -82,7 +87,7 @@ def predict(
     return torch.cat(out)
 
 
-def _check(cfg: InpaintEvalConfig) -> None:
+def check(cfg: InpaintEvalConfig) -> None:
     if cfg.baseline is None and cfg.weights is None:
         raise ConfigError("weights: give an inpainting run folder, or a baseline (nn-hog, nn-ce)")
     if cfg.baseline == "nn-ce" and cfg.weights is None:
@@ -95,7 +100,7 @@ def _check(cfg: InpaintEvalConfig) -> None:
 
 def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
     """Evaluate one method on the held-out images; writes per_image.csv then metrics.json."""
-    _check(cfg)
+    check(cfg)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     paths = held_out_paths(cfg.data, cfg.max_images)

@@ -1,9 +1,9 @@
 """The inpainting context encoder of Section 5.1 (Table 1, Figures 4 and 6).
 
 A DCGAN-style encoder-decoder that sees a 128x128 image whose centre is filled with the
-dataset mean and predicts the 64x64 centre patch, plus a patch discriminator that judges
-64x64 patches alone (it is not conditioned on the context, as in the paper and the released
-code). Layer widths, kernel sizes and the N(0, 0.02) initialisation follow PROTOCOL.md
+dataset mean and predicts the 64x64 centre patch; the discriminator that judges 64x64
+patches alone (not conditioned on the context) is `pretrain.adversarial.DCGANDiscriminator`.
+Layer widths, kernel sizes and the N(0, 0.02) initialisation follow PROTOCOL.md
 "Inpainting context encoder"; like the released code, the 4000-d bottleneck is followed by
 BatchNorm and LeakyReLU before the decoder.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pretrain.adversarial import dcgan_init_
 
 IMAGE_SIZE = 128
 PATCH_SIZE = 64
@@ -119,7 +121,7 @@ class ContextEncoderGenerator(nn.Module):
         super().__init__()
         self.encoder = InpaintingEncoder(bottleneck)
         self.decoder = InpaintingDecoder(bottleneck)
-        init_weights(self)
+        dcgan_init_(self)
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(context))
@@ -128,43 +130,6 @@ class ContextEncoderGenerator(nn.Module):
     def features(self, context: torch.Tensor) -> torch.Tensor:
         """The 4000-d bottleneck code (B, 4000): the 'context encoder features' of NN-CE."""
         return self.encoder(context).flatten(1)
-
-
-class PatchDiscriminator(nn.Module):
-    """(B, 3, 64, 64) patch -> (B,) logit that it is real.
-
-    The paper's final sigmoid is folded into the loss (`binary_cross_entropy_with_logits`
-    is sigmoid + BCE in one numerically stable function); `probability` applies it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        widths = (64, 128, 256, 512)
-        layers: list[nn.Module] = _down(3, widths[0], bn=False)
-        for cin, cout in zip(widths, widths[1:]):
-            layers += _down(cin, cout, bn=True)
-        layers.append(nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False))
-        self.net = nn.Sequential(*layers)
-        init_weights(self)
-
-    def forward(self, patch: torch.Tensor) -> torch.Tensor:
-        return self.net(patch).flatten()
-
-    def probability(self, patch: torch.Tensor) -> torch.Tensor:
-        """D(patch) in (0, 1): the paper's sigmoid output."""
-        return torch.sigmoid(self(patch))
-
-
-def init_weights(module: nn.Module) -> None:
-    """DCGAN initialisation: conv weights N(0, 0.02), BatchNorm scale N(1, 0.02), shift 0."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.normal_(m.weight, 1.0, 0.02)
-            nn.init.zeros_(m.bias)
 
 
 def centre_patch(images: torch.Tensor) -> torch.Tensor:

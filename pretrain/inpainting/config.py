@@ -1,0 +1,56 @@
+"""`bench pretrain --method inpainting` settings: the 128-px inpainting context encoder of
+Section 5.1, with the paper's values as defaults (PROTOCOL.md "Inpainting context encoder")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from benchmark.loop import LoopConfig
+from pretrain.inpainting.data import LOAD_SIZE
+from pretrain.inpainting.model import BOTTLENECK
+from pretrain.losses import ADV_WEIGHT, OVERLAP_PAPER, OVERLAP_WEIGHT, REC_WEIGHT
+
+LossKind = Literal["l2", "adversarial", "joint"]
+HoleName = Literal["central", "random-region", "noise-region"]
+
+
+@dataclass
+class InpaintLossConfig:
+    kind: LossKind = "joint"  # Table 1's context encoder row
+    overlap: int = OVERLAP_PAPER  # px of context also predicted (released code: 4)
+    overlap_weight: float = OVERLAP_WEIGHT
+    rec_weight: float = REC_WEIGHT  # joint: 0.999 L2 + 0.001 adversarial
+    adv_weight: float = ADV_WEIGHT
+
+
+@dataclass
+class InpaintTrainConfig(LoopConfig):
+    # Not stated for the inpainting model; the paper's "about 100K iterations" of Section 5.2.
+    iterations: int = 100_000
+    batch_size: int = 64
+    lr_g: float = 2e-3  # 10x the discriminator's (Section 5.1)
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    load_size: int = LOAD_SIZE  # shorter side before the random 128 crop (0: no resize)
+    workers: int = 2
+    sample_every: int = 1000
+    # channels_last here also applies on CPU: NHWC activations (oneDNN) run the same
+    # operations ~10% faster on this CPU; its BatchNorm backward sums in another order
+    # (gradients ~3e-3 relative from float64, NCHW ~2e-4).
+    channels_last: bool = True
+    fused_discriminator: bool = False  # one D batch for real+fake: changes BatchNorm stats
+
+
+@dataclass
+class InpaintingConfig:
+    name: str | None = None
+    seed: int = 0
+    data: str | None = None  # image folder; None = the embedded synthetic unlabelled pool
+    device: str = "auto"
+    method: Literal["inpainting"] = "inpainting"
+    mask: HoleName = "central"  # random-region / noise-region: random holes in the patch
+    shapes: str | None = None  # VOC2012 folder for random-region (None: synthetic VOC2012)
+    bottleneck: int = BOTTLENECK  # the paper's 4000-d code; smaller only for quick tests
+    loss: InpaintLossConfig = field(default_factory=InpaintLossConfig)
+    train: InpaintTrainConfig = field(default_factory=InpaintTrainConfig)

@@ -1,0 +1,67 @@
+"""The inpainting generator's weights file: `generator.safetensors` with its card.
+
+Safetensors holds only tensors (and a JSON card in its metadata), so a shared generator file
+can never run code when it is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+from torch import nn
+
+from benchmark.errors import BenchError, printable
+from benchmark.runs import atomic_write_bytes, atomic_write_json
+from pretrain.inpainting.model import ContextEncoderGenerator
+
+GENERATOR_FILE = "generator.safetensors"
+BOTTLENECK_KEY = "encoder.net.14.weight"  # (bottleneck, 512, 4, 4)
+
+
+def write_generator(path: Path, generator: nn.Module, card: dict[str, Any]) -> Path:
+    """Generator state dict (BatchNorm buffers included) + card, atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    data = save(tensors, metadata={"card": json.dumps(card, sort_keys=True, default=str)})
+    atomic_write_bytes(Path(path), data)
+    atomic_write_json(Path(path).with_name("generator.card.json"), card)
+    return Path(path)
+
+
+def generator_file(weights: str | Path) -> Path:
+    """A run folder or a `generator.safetensors` file -> the file (checked)."""
+    path = Path(weights)
+    if path.is_dir():
+        path = path / GENERATOR_FILE
+    if not path.is_file():
+        raise BenchError(
+            f"{printable(path)}: inpainting generator weights not found (give an inpainting "
+            f"run folder or its {GENERATOR_FILE})"
+        )
+    return path
+
+
+def load_generator(weights: str | Path) -> tuple[ContextEncoderGenerator, dict[str, Any]]:
+    """(generator in eval mode on CPU, card) from a run folder or generator file."""
+    path = generator_file(weights)
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            card = json.loads((f.metadata() or {}).get("card", "{}"))
+    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+        raise BenchError(f"{printable(path)}: unreadable generator weights ({exc})") from None
+    code = state.get(BOTTLENECK_KEY)
+    if code is None:
+        raise BenchError(f"{printable(path)}: not an inpainting generator (no {BOTTLENECK_KEY})")
+    net = ContextEncoderGenerator(code.shape[0])
+    expected = net.state_dict()
+    bad = sorted(set(expected) ^ set(state)) or [
+        k for k in expected if tuple(expected[k].shape) != tuple(state[k].shape)
+    ]
+    if bad:
+        raise BenchError(f"{printable(path)}: not an inpainting generator (key {bad[0]!r})")
+    net.load_state_dict(state)
+    return net.eval(), card

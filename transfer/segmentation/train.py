@@ -1,0 +1,216 @@
+"""`bench transfer --task segmentation`: FCN on VOC2012 (+ SBD), mean IU on seg11valid.
+
+Writes into the run folder: `checkpoints/last.pt` (the loop's checkpoint), `overlays/*.png`
+when `save_overlays` > 0, and `metrics.json` last. `backend: mmseg` hands the same job to
+mmsegmentation (`mmseg_backend.py`, which imports mmseg only when it runs).
+
+The solver follows FCN's released Caffe nets: weights learn at `lr` with weight decay,
+biases at 2x `lr` without decay; each update accumulates the gradients of `iter_size`
+single-image passes, each scaled by 1/iter_size as Caffe's solver does. The loss is the
+softmax cross-entropy over pixels whose label is not 255, divided by the number of such
+pixels (`normalize_loss`, PROTOCOL.md) or summed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmark import loop
+from benchmark.datasets.folder import load_rgb
+from benchmark.datasets.voc import IGNORE_INDEX
+from benchmark.errors import ConfigError
+from benchmark.runs import Run
+from pretrain.alexnet import INPUT_SIZE
+from transfer import common
+from transfer.backbone import describe_transfer, load_encoder
+from transfer.classification.model import data_dependent_init_
+
+from .config import SegmentationConfig, SegmentationTrainConfig
+from .data import CLASSES, SegTrainSet, prepare_data, to_input
+from .evaluate import OVERLAY_DIR, evaluate, save_overlays, scores_from_hist
+from .mmseg_backend import run_mmseg
+from .model import FCN
+
+BIAS_LR_MULT = 2.0
+STAGE = "transfer/segmentation"
+
+
+def default_name(cfg: SegmentationConfig) -> str:
+    """seg-<method>[-<mask>][-<variant>][-mmseg]-s<seed>, e.g. seg-random-s0."""
+    parts = common.name_parts("seg", cfg.weights)
+    if cfg.variant != "fcn32s":
+        parts.append(cfg.variant)
+    if cfg.backend != "native":
+        parts.append(cfg.backend)
+    return "-".join(parts) + f"-s{cfg.seed}"
+
+
+def check(cfg: SegmentationConfig) -> None:
+    """Every setting no run can use is a one-line error before anything runs."""
+    t = cfg.train
+    loop.check_loop(t)
+    loop.positive("train.lr", t.lr)
+    loop.positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    valid = {
+        "train.batch_size": t.batch_size >= 1, "train.iter_size": t.iter_size >= 1,
+        "train.momentum": 0 <= t.momentum < 1, "fc_dim": cfg.fc_dim >= 1, "pad": cfg.pad >= 0,
+        "eval_every": cfg.eval_every >= 0, "save_overlays": cfg.save_overlays >= 0,
+        "rescale_images": cfg.rescale_images >= 1,
+        "max_size": cfg.max_size is None or cfg.max_size >= 1,
+        "eval_images": cfg.eval_images is None or cfg.eval_images >= 1,
+        "dropout": 0 <= cfg.dropout < 1,
+    }  # fmt: skip
+    for key, ok in valid.items():
+        if not ok:
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ConfigError(f"{key}: invalid value {value!r}")
+
+
+def rescale_(model: FCN, samples: list, pretrained_encoder: bool) -> list[tuple[str, float]]:
+    """Krähenbühl et al.'s data-dependent init (shared with classification) measured on
+    training images resized to the encoder's 227x227 input."""
+    size = (INPUT_SIZE, INPUT_SIZE)
+    device = next(model.parameters()).device
+    batch = torch.cat(
+        [to_input(np.asarray(load_rgb(s.image_path).resize(size)), device) for s in samples]
+    )
+    return data_dependent_init_(model, batch, pretrained_encoder)  # type: ignore[arg-type]
+
+
+def make_optimizer(model: nn.Module, t: SegmentationTrainConfig) -> torch.optim.Optimizer:
+    """SGD with FCN's parameter groups: weights (lr, decay), biases (2 lr, no decay)."""
+    weights = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")]
+    groups = [
+        {"params": weights, "lr": t.lr, "weight_decay": t.weight_decay},
+        {"params": biases, "lr": t.lr * BIAS_LR_MULT, "weight_decay": 0.0},
+    ]
+    if t.solver == "adam":
+        return torch.optim.Adam(groups, lr=t.lr, betas=(t.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+
+
+def pixel_loss(scores: torch.Tensor, label: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Softmax loss over non-ignored pixels: their mean (normalised) or their sum."""
+    total = F.cross_entropy(scores.float(), label, ignore_index=IGNORE_INDEX, reduction="sum")
+    if not normalize:
+        return total
+    valid = (label != IGNORE_INDEX).sum()
+    return total / valid.clamp(min=1)
+
+
+def make_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    t: SegmentationTrainConfig,
+    normalize: bool,
+    precision: loop.Precision,
+    device: torch.device,
+):
+    """One update: `iter_size` x `batch_size` images, one forward/backward each (they differ
+    in size), gradients accumulated with weight 1/(iter_size x batch_size): Caffe's solver
+    divides the accumulated gradient by iter_size. Under DDP the images are shared out and
+    gradients synchronised on the last pass only."""
+    distributed = isinstance(model, nn.parallel.DistributedDataParallel)
+
+    def step(batch: list[tuple[np.ndarray, np.ndarray]], iteration: int) -> dict[str, Any]:
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        passes = len(batch)
+        for i, (image, label) in enumerate(batch):
+            sync = not distributed or i == passes - 1
+            ctx = contextlib.nullcontext() if sync else model.no_sync()
+            with ctx:
+                x = to_input(image, device)
+                y = torch.from_numpy(label).long().to(device)[None]
+                with precision.autocast():
+                    scores = model(x, out_size=tuple(label.shape))
+                # Each of the iter_size x batch_size images weighs 1/(their number); under DDP
+                # the gradients are averaged over processes, so each weighs 1/(its share).
+                loss = pixel_loss(scores, y, normalize) / passes
+                precision.backward(loss)
+            total += float(loss.detach())
+        precision.step(optimizer)
+        return {"loss": total}
+
+    return step
+
+
+def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
+    """Train FCN, evaluate mean IU, write metrics.json; returns the metrics."""
+    check(cfg)
+    if cfg.backend == "mmseg":
+        return run_mmseg(cfg, run)
+    t = cfg.train
+    env = loop.setup(cfg.device, t)
+    torch.manual_seed(cfg.seed)
+    data, skipped = prepare_data(cfg, run)
+
+    encoder, card = load_encoder(cfg.weights, cfg.arch)
+    model = FCN(encoder, len(CLASSES), cfg.variant, cfg.fc_dim, cfg.dropout, cfg.pad)
+    model.to(env.device)
+    if cfg.rescale and run.checkpoint is None:
+        scales = rescale_(model, data.train[: cfg.rescale_images], card["method"] != "random")
+        run.logger.info("data-dependent init: " + ", ".join(f"{n} x{s:.3g}" for n, s in scales))
+    describe_transfer(model, (), run.logger)
+    net = loop.prepare_model(model, env, t)
+    optimizer = make_optimizer(model, t)
+    precision = loop.Precision(t.precision, env.device)
+
+    def interim(iteration: int) -> None:
+        hist, _ = evaluate(model, data.eval, cfg.max_size, env, precision=precision)
+        scores = scores_from_hist(hist, CLASSES)
+        run.log_scalars(iteration, {k: scores[k] or 0.0 for k in ("mean_iu", "pixel_acc")},
+                        prefix="val/")  # fmt: skip
+        run.logger.info(f"iteration {iteration}: mean IU {scores['mean_iu']}")
+        model.train()
+
+    per_step = t.batch_size * t.iter_size
+    result = loop.fit(
+        run, env, t, stage=STAGE, config=cfg, seed=cfg.seed,
+        step=make_step(net, optimizer, t, cfg.normalize_loss, precision, env.device),
+        batches=loop.loader_batches(
+            SegTrainSet(data.train, cfg.max_size, cfg.mirror, cfg.seed), per_step, cfg.seed,
+            env, t.workers, collate_fn=loop.list_collate,
+        ),
+        state={"model": net, "optimizer": optimizer}, precision=precision,
+        hooks=[loop.Hook(cfg.eval_every, interim, at_end=False)], desc="segmentation",
+    )  # fmt: skip
+
+    tick = time.perf_counter()
+    hist, kept = evaluate(
+        model, data.eval, cfg.max_size, env, keep=cfg.save_overlays, precision=precision
+    )
+    scores = scores_from_hist(hist, CLASSES)
+    overlays = save_overlays(run.file(OVERLAY_DIR), kept) if run.is_main and kept else []
+    metrics = {
+        **common.metrics_head("segmentation", "native", cfg, run, card, card.get("arch")),
+        "variant": cfg.variant,
+        "rescale": cfg.rescale,
+        **scores,
+        "split": data.split, "eval_images": len(data.eval),
+        "train_images": len(data.train), "train_sources": data.train_sources,
+        "iterations": result.iterations, "iter_size": t.iter_size,
+        "train_seconds": result.seconds, "eval_seconds": time.perf_counter() - tick,
+        "precision": result.precision, "device": str(env.device),
+        "initial_loss": result.first.get("loss"), "final_loss": result.last.get("loss"),
+        "skipped": common.skipped_field(skipped),
+        "confusion_matrix": hist.tolist(),
+        "overlays": [f"{OVERLAY_DIR}/{n}" for n in overlays],
+    }  # fmt: skip
+    run.log_scalars(result.iterations, {"mean_iu": scores["mean_iu"] or 0.0}, prefix="val/")
+    run.logger.info(
+        f"segmentation ({data.split}): mean IU {scores['mean_iu']}, pixel acc "
+        f"{scores['pixel_acc']}, mean acc {scores['mean_acc']}"
+    )
+    run.write_metrics(metrics)
+    return metrics
