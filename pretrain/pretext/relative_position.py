@@ -140,7 +140,9 @@ def grid_span(cfg: RelativePositionConfig) -> int:
     return 3 * cfg.patch_size + 2 * cfg.gap + 2 * cfg.jitter
 
 
-def resize_for_pairs(im: Image.Image, rng: np.random.Generator, cfg: RelativePositionConfig):
+def resize_for_pairs(
+    im: Image.Image, rng: np.random.Generator, cfg: RelativePositionConfig
+) -> Image.Image:
     """Resize to a random total pixel count in [min_pixels, max_pixels] (aspect kept), then
     up to the grid's span if the shorter side is below it."""
     w, h = im.size
