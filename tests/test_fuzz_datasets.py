@@ -368,7 +368,7 @@ def test_bomb_warning_raised_as_error_is_too_large(
 
 def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
     """Truncate, flip bytes, insert junk, or replace everything, as a broken copy might."""
-    how = rng.integers(4)
+    how = rng.integers(4) if data else 3
     if how == 0:
         return data[: rng.integers(len(data))]
     if how == 1:

@@ -17,7 +17,6 @@ from benchmark.datasets.voc import (
     classification_targets,
     load_detection,
     load_segmentation,
-    mat_damage,
     parse_voc_xml,
     read_class_files,
     read_id_list,
@@ -307,8 +306,9 @@ def _sbd(path: Path, seg: np.ndarray, compress: bool = False) -> Path:
         (np.array([[-1, 1], [1, 2]]), "label values -1..2 are not 0-20 or 255"),
         (np.array([[0, 300], [1, 2]]), "label values 0..300 are not 0-20 or 255"),
         (np.array([[0, 100], [1, 2]]), "label values [100] are neither 0-20 nor 255"),
-        (np.array([[{"a": 1}, {"a": 2}], [{"a": 3}, {"a": 4}]]), "label map holds object"),
-        (np.arange(4), "is not a 2-D label map"),
+        (np.array([[{"a": 1}, {"a": 2}], [{"a": 3}, {"a": 4}]]), "not a real numeric array"),
+        (np.array([[1 + 2j, 0], [1, 2]]), "not a real numeric array"),
+        (np.zeros((2, 3, 4)), "is not a 2-D label map"),
     ],
 )
 def test_read_sbd_mat_checks_values(tmp_path: Path, seg: np.ndarray, message: str) -> None:
@@ -318,15 +318,18 @@ def test_read_sbd_mat_checks_values(tmp_path: Path, seg: np.ndarray, message: st
     assert str(exc.value).startswith(f"{path}: ") and message in str(exc.value)
 
 
-def test_read_sbd_mat_damaged_compressed_file(tmp_path: Path) -> None:
+def test_read_sbd_mat_damaged_files(tmp_path: Path) -> None:
     seg = (np.arange(400).reshape(20, 20) % 21).astype(np.uint8)
-    data = _sbd(tmp_path / "ok.mat", seg, compress=True).read_bytes()
+    packed = _sbd(tmp_path / "ok.mat", seg, compress=True).read_bytes()
     np.testing.assert_array_equal(read_sbd_mat(tmp_path / "ok.mat"), seg)
-    assert mat_damage(data) is None
+    plain = _sbd(tmp_path / "plain.mat", seg).read_bytes()
+    np.testing.assert_array_equal(read_sbd_mat(tmp_path / "plain.mat"), seg)
     cases = {
-        "cut.mat": (data[: len(data) - 9], "truncated (element at byte 128 needs 9 more bytes)"),
-        "flip.mat": (data[:150] + bytes([data[150] ^ 0xFF]) + data[151:], "at byte 128"),
-        "short.mat": (data[:120], "unreadable .mat file ("),
+        "cut.mat": (packed[:-9], "truncated (an element runs past the end of its data)"),
+        "flip.mat": (packed[:150] + bytes([packed[150] ^ 0xFF]) + packed[151:], "compressed"),
+        "short.mat": (packed[:120], "not a MATLAB v5 MAT-file"),
+        # 64 junk bytes inside the uncompressed struct: scipy's loadmat crashed on this kind
+        "junk.mat": (plain[:300] + bytes(range(200, 255)) * 2 + plain[300:], "truncated"),
     }
     for name, (raw, message) in cases.items():
         (tmp_path / name).write_bytes(raw)

@@ -55,7 +55,7 @@ def image_error(path: Path, exc: BaseException, what: str = "image") -> DatasetE
         return DatasetError(
             file_message(
                 path,
-                f"{what} too large ({size}; a decompression bomb, or raise "
+                f"image too large ({size}; a decompression bomb, or raise "
                 "PIL.Image.MAX_IMAGE_PIXELS if it is genuine)",
             )
         )

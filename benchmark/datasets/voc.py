@@ -7,7 +7,6 @@ detection code decides how to convert them.
 
 from __future__ import annotations
 
-import io
 import math
 import struct
 import xml.etree.ElementTree as ET
@@ -363,67 +362,115 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 MAT_INFLATE_LIMIT = 256 << 20  # bytes; an SBD label file inflates to well under 10 MB
+_MI_DTYPES = {  # MAT v5 data types -> numpy
+    1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8",
+}  # fmt: skip
+_MI_MATRIX, _MI_COMPRESSED, _MX_STRUCT, _MX_NUMERIC = 14, 15, 2, range(6, 16)
 
 
-def mat_damage(raw: bytes) -> str | None:
-    """Why a MATLAB v5 file is damaged, or None: an element running past the end of the file,
-    or a compressed element that fails zlib's checksum or inflates past MAT_INFLATE_LIMIT.
+class _MatError(ValueError):
+    """A MAT file that is damaged or not laid out as an SBD cls file."""
 
-    scipy's reader parses compressed data while inflating it and can crash the process
-    (segmentation fault) on a corrupted stream; inflating it here first, checksum
-    included, turns that into an error. Files that are not v5 are left to scipy.
-    """
-    if len(raw) < 128 or raw[126:128] not in (b"IM", b"MI"):
-        return None
-    order = "<" if raw[126:128] == b"IM" else ">"
-    pos = 128
-    while pos < len(raw):
-        if pos + 8 > len(raw):
-            return f"truncated (element header at byte {pos})"
-        dtype, nbytes = struct.unpack(order + "II", raw[pos : pos + 8])
-        if dtype >> 16:  # small data element: type and size share the first 4 bytes
+
+def _mat_elements(buf: bytes, order: str, pad: bool) -> list[tuple[int, bytes]]:
+    """(type, data) of the consecutive data elements in `buf` (MAT v5 tags, small or not)."""
+    out, pos = [], 0
+    while pos < len(buf):
+        if pos + 8 > len(buf):
+            raise _MatError("truncated (an element tag is cut off)")
+        word, nbytes = struct.unpack_from(order + "II", buf, pos)
+        if word >> 16:  # small element: size and type share 4 bytes, data the next 4
+            out.append((word & 0xFFFF, buf[pos + 4 : pos + 4 + min(word >> 16, 4)]))
             pos += 8
             continue
-        end = pos + 8 + nbytes
-        if end > len(raw):
-            return f"truncated (element at byte {pos} needs {end - len(raw)} more bytes)"
-        if dtype == 15:  # miCOMPRESSED
-            inflate, data, size = zlib.decompressobj(), raw[pos + 8 : end], 0
-            try:
-                while data and not inflate.eof:
-                    size += len(inflate.decompress(data, 1 << 20))
-                    data = inflate.unconsumed_tail
-                    if size > MAT_INFLATE_LIMIT:
-                        return f"compressed element at byte {pos} inflates past 256 MiB"
-            except zlib.error as exc:
-                return f"corrupt compressed element at byte {pos} ({exc})"
-            if not inflate.eof:
-                return f"compressed element at byte {pos} is cut short"
-        pos = end
+        if pos + 8 + nbytes > len(buf):
+            raise _MatError("truncated (an element runs past the end of its data)")
+        out.append((word, buf[pos + 8 : pos + 8 + nbytes]))
+        pos += 8 + (-(-nbytes // 8) * 8 if pad else nbytes)
+    return out
+
+
+def _inflate(data: bytes) -> bytes:
+    """A miCOMPRESSED element's content; zlib's checksum must hold and the size stay sane."""
+    inflate = zlib.decompressobj()
+    try:
+        out = inflate.decompress(data, MAT_INFLATE_LIMIT + 1)
+    except zlib.error as exc:
+        raise _MatError(f"corrupt compressed data ({exc})") from None
+    if len(out) > MAT_INFLATE_LIMIT:
+        raise _MatError(f"compressed data inflates past {MAT_INFLATE_LIMIT >> 20} MiB")
+    if not inflate.eof:
+        raise _MatError("compressed data is cut short")
+    return out
+
+
+def _mat_array(data: bytes, order: str) -> tuple[str, int, tuple[int, ...], list]:
+    """(name, class, dims, remaining sub-elements) of a miMATRIX element's content."""
+    subs = _mat_elements(data, order, pad=True)
+    if len(subs) < 3 or subs[0][0] != 6 or len(subs[0][1]) != 8 or subs[1][0] != 5:
+        raise _MatError("malformed array header")
+    klass = struct.unpack_from(order + "I", subs[0][1])[0]
+    dims = tuple(int(d) for d in np.frombuffer(subs[1][1], order + "i4"))
+    return subs[2][1].decode("latin-1"), klass, dims, subs[3:]
+
+
+def _sbd_segmentation(raw: bytes) -> np.ndarray | None:
+    """GTcls.Segmentation of a MAT v5 file as stored, or None when the file has no such field.
+
+    Read here rather than by scipy.io.loadmat, which parses every field and crashes the
+    process (segmentation fault) on some damaged files; this reads only the one array, with
+    every length checked, and inflates compressed data completely (checksum included).
+    """
+    if len(raw) < 128 or raw[126:128] not in (b"IM", b"MI"):
+        raise _MatError("not a MATLAB v5 MAT-file (SBD cls files are)")
+    order = "<" if raw[126:128] == b"IM" else ">"
+    for kind, data in _mat_elements(raw[128:], order, pad=False):
+        if kind == _MI_COMPRESSED:
+            inner = _mat_elements(_inflate(data), order, pad=False)
+            if len(inner) != 1:
+                raise _MatError("compressed element does not hold one variable")
+            kind, data = inner[0]
+        if kind != _MI_MATRIX or not data:
+            continue
+        name, klass, dims, subs = _mat_array(data, order)
+        if name != "GTcls":
+            continue
+        if klass & 0xFF != _MX_STRUCT or math.prod(dims) != 1 or len(subs) < 2:
+            raise _MatError("GTcls is not a 1x1 struct")
+        width = struct.unpack_from(order + "i", subs[0][1].ljust(4, b"\0"))[0]
+        names = subs[1][1]
+        if width <= 0 or len(names) % width:
+            raise _MatError("malformed GTcls field names")
+        fields = [names[k : k + width].split(b"\0")[0] for k in range(0, len(names), width)]
+        if len(subs) != 2 + len(fields):
+            raise _MatError(f"GTcls names {len(fields)} fields but holds {len(subs) - 2}")
+        if b"Segmentation" not in fields:
+            return None
+        kind, field = subs[2 + fields.index(b"Segmentation")]
+        if kind != _MI_MATRIX or not field:
+            return None
+        _, klass, dims, parts = _mat_array(field, order)
+        if klass & 0xFF not in _MX_NUMERIC or klass & 0x800 or not parts:
+            raise _MatError("GTcls.Segmentation is not a real numeric array")
+        mi, values = parts[0]
+        if mi not in _MI_DTYPES:
+            raise _MatError(f"GTcls.Segmentation has data type {mi}")
+        array = np.frombuffer(values, order + _MI_DTYPES[mi])
+        if any(d < 0 for d in dims) or array.size != math.prod(dims):
+            raise _MatError("GTcls.Segmentation holds fewer values than its size says")
+        return array.reshape(dims, order="F")
     return None
 
 
 def read_sbd_mat(path: Path) -> np.ndarray:
     """Class indices (H, W) uint8 from an SBD `cls/*.mat` file (GTcls.Segmentation)."""
-    from scipy.io import loadmat
-
     path = Path(path)
     try:
-        raw = path.read_bytes()
-        damage = mat_damage(raw)
-        if damage is not None:
-            raise DatasetError(file_message(path, f"unreadable .mat file ({damage})"))
-        mat = loadmat(io.BytesIO(raw), squeeze_me=True, struct_as_record=False)
-        seg = getattr(mat.get("GTcls"), "Segmentation", None)
-        seg = None if seg is None else np.asarray(seg)
-    except DatasetError:
-        raise
+        seg = _sbd_segmentation(path.read_bytes())
     except FileNotFoundError:
         raise DatasetError(file_message(path, MAT_MISSING)) from None
-    except Exception as exc:  # noqa: BLE001 - scipy raises many types for a bad file
-        raise DatasetError(
-            file_message(path, f"unreadable .mat file ({type(exc).__name__}: {exc})")
-        ) from None
+    except (OSError, _MatError, struct.error) as exc:
+        raise DatasetError(file_message(path, f"unreadable .mat file ({exc})")) from None
     if seg is None:
         raise DatasetError(file_message(path, "no GTcls.Segmentation field (not an SBD cls file)"))
     if seg.ndim != 2 or seg.size == 0:
