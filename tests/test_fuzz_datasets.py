@@ -379,7 +379,7 @@ def _mutate(data: bytes, rng: np.random.Generator) -> bytes:
     if how == 2:
         pos = int(rng.integers(len(data)))
         return data[:pos] + rng.bytes(int(rng.integers(1, 64))) + data[pos:]
-    return rng.bytes(int(rng.integers(0, 2 * len(data))))
+    return rng.bytes(int(rng.integers(0, 2 * len(data) + 64)))
 
 
 def _sample(kind: str, root: Path, synth: Path) -> tuple[Path, bytes]:

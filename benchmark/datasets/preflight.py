@@ -7,8 +7,8 @@ same as `bench data check`'s: check.py is built on the per-item functions here.
 `enforce` then stops the run, or lets the caller drop the bad items (`on_bad_data: skip`).
 
 Measured: `check_detection` on the real VOC2007 sample (579 annotations and JPEGs, files in
-the page cache) takes 0.8-1.0 s on this project's 2-core CPU, shared with other jobs (1.0 s
-in one thread: with two cores the pool gains little; it does on larger machines).
+the page cache) takes 0.8-1.0 s on this project's 2-core CPU shared with other jobs, and
+1.0 s run item by item in one thread (two cores leave the pool little to gain).
 """
 
 from __future__ import annotations
