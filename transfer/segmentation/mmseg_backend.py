@@ -1,48 +1,85 @@
-"""`backend: mmseg`: the same transfer job run by mmsegmentation 1.2.2 / mmengine.
+"""`backend: mmseg`: the segmentation protocol with mmsegmentation 1.2.2's parts, trained by
+bench's one loop (`benchmark.loop.fit`).
 
-What comes from mmseg: the segmentor (EncoderDecoder), the decode head (FCNHead: two convs
-of `fc_dim` channels, dropout, 21-way classifier), the loss (CrossEntropyLoss ignoring 255,
-averaged over non-ignored pixels), the data preprocessor, the transforms, mmengine's Runner
-(IterBasedTrainLoop, checkpoints, resume, logging) and IoUMetric. What comes from us: the
-encoder, registered as mmseg backbone `BenchAlexNet` (an `nn.Sequential` named `features` in
-torchvision layout, so `bench export --format mmseg` files load through init_cfg
-`Pretrained` with prefix `backbone.`), the VOC2012 + SBD sample lists (`data.py`) and a
-label loader that reads both palette PNGs and SBD `.mat` files.
+What comes from mmseg / mmcv / mmengine: the segmentor (`EncoderDecoder`, built from a config
+made in code through mmseg's MODELS registry), its data preprocessor (`SegDataPreProcessor`:
+BGR to RGB, mean / std), the decode-head machinery (`BaseDecodeHead`: loss, resizing of the
+scores to the label, prediction), the loss (`CrossEntropyLoss` ignoring 255), the per-sample
+data pipeline (`LoadImageFromFile`, `RandomFlip`, `PackSegInputs`) and the evaluation metric
+(`IoUMetric`). What comes from us:
 
-Alignment: the backbone pads the image by FCN's 100 pixels and resamples pool5 onto the
-ceil(h/32) x ceil(w/32) grid whose cells mmseg's final resize (align_corners=False) maps
-back onto their own image pixels, so mmseg's outputs line up with the input too.
+- the loop: `fit` owns the iteration budget, checkpoints (bench's weights-only layout, stage
+  "transfer/segmentation/mmseg"), resume, the NaN guard, precision and logs. mmengine's
+  Runner is not used: no mmengine checkpoint is ever written or read, and every file is
+  unpickled by torch's weights-only loader (a shared run folder cannot run code);
+- the encoder, registered as mmseg backbone `BenchAlexNet` (its `features` in torchvision
+  layout, so `bench export --format mmseg` keys `backbone.features.N.*` match). Its weights
+  come from `transfer.backbone.load_encoder` (or an mmseg export read with
+  `torch.load(weights_only=True)`) and are copied in by us, not through init_cfg;
+- the head, `BenchFCNHead`: FCN-32s's fc6 (6x6 convolution, no padding), fc7 (1x1), each
+  ReLU + dropout, and mmseg's 1x1 `conv_seg` score layer. mmseg's `FCNHead` cannot express
+  this (all its convolutions share one kernel size, 3x3 "same" padded, and it drops out
+  channel-wise once before the classifier), so the head is ours on mmseg's base class. It is
+  initialised as the native FCN's (He-normal fc6 / fc7, zero score layer);
+- alignment: the backbone pads the image by FCN's 100 pixels (more for tiny images) and
+  returns pool5 with its grid (`model.Grid`: image coordinate of every cell); the head
+  linearly interpolates its stride-32 scores at every pixel of the network input. mmseg then
+  resizes those per-pixel scores to the label (bilinear, align_corners=False). Where the image
+  was not shrunk that resize is the identity and the scores are exactly the native FCN's;
+- the data: VOC2012 + SBD sample lists and checks (`prepare_data`), a label transform reading
+  palette PNGs and SBD `.mat` files, and `BenchShrink`, which (like the native `shrink`)
+  only ever makes an image smaller: mmcv's `Resize(keep_ratio=True)` would scale small
+  images up. Labels keep their full resolution, as in the native backend;
+- the optimisation step: one forward / backward per image (images differ in size), each
+  weighted 1/(iter_size x batch_size), then one SGD (or Adam) update with FCN's parameter
+  groups (weights: lr and weight decay; biases: 2 lr, no decay), as the native step does.
 
-mmseg is imported lazily: without it this backend fails with one line naming `make mmseg`.
+Every random choice of a training sample (the flip) is drawn inside the pipeline from numpy /
+random / torch seeded with `keyed_seed(seed, 31, sample number)`, the global generators being
+restored afterwards, so a resumed run repeats the batches it would have seen.
+
+Not supported (one-line errors): variants fcn16s / fcn8s (native only), torchrun with more
+than one process. mmseg is imported only inside functions: without it this backend fails
+with one line naming `make mmseg`, and the module imports without it.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+import contextlib
+import random
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
 
-from benchmark.errors import BenchError
-from benchmark.runs import Run, atomic_torch_save, atomic_write_text
-from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
+from benchmark import loop
+from benchmark.datasets.voc import IGNORE_INDEX, SegSample
+from benchmark.distributed import DistEnv, torchrun_world
+from benchmark.errors import BenchError, ConfigError, DatasetError, printable
+from benchmark.metrics import confusion_matrix
+from benchmark.runs import Run
+from pretrain.alexnet import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
 
-from .config import SegmentationConfig
+from .config import SegmentationConfig, SegmentationTrainConfig
 from .model import FCN_PAD, Grid, feature_grids, resample, smallest_pad
 
 INSTALL_HINT = (
     "backend mmseg needs mmsegmentation 1.2.2 with mmcv 2.1.0 compiled ops "
     "(run `make mmseg`, i.e. tools/mmseg-setup.sh)"
 )
-WORK_DIR = "mmseg"
-BACKBONE_FILE = "backbone_mmseg.pth"
+STAGE = "transfer/segmentation/mmseg"
+NUM_CLASSES = 21
+FC6_KERNEL = 6  # FCN-AlexNet's fc6: AlexNet's 6x6 fc6 as a convolution
+BIAS_LR_MULT = 2.0
+SAMPLE_STREAM = 31  # keyed_seed(seed, 31, sample): a training sample's random choices
+HEAD = "BenchFCNHead (fc6 6x6, fc7 1x1, conv_seg 1x1)"
 
 
 def require_mmseg() -> None:
@@ -52,115 +89,500 @@ def require_mmseg() -> None:
         import mmengine  # noqa: F401
         import mmseg  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - ImportError, version asserts, missing .so
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BenchError(f"{INSTALL_HINT}; import failed: {reason}") from None
+
+
+class Pool5(NamedTuple):
+    """What the backbone hands the head: pool5 of the padded image, the image coordinates of
+    its cells, and the (height, width) of the unpadded input."""
+
+    features: torch.Tensor
+    grid: Grid
+    size: tuple[int, int]
 
 
 _REGISTERED = False
 
 
 def register() -> None:
-    """Register our backbone, dataset, label loader and metric in mmseg's registries."""
+    """Register our backbone, head and transforms in mmseg's registries (once a process)."""
     global _REGISTERED
     if _REGISTERED:
         return
     require_mmseg()
     from mmcv.transforms import BaseTransform
     from mmengine.model import BaseModule
-    from mmseg.datasets import BaseSegDataset
-    from mmseg.evaluation import IoUMetric
-    from mmseg.registry import DATASETS, METRICS, MODELS, TRANSFORMS
+    from mmseg.models.decode_heads.decode_head import BaseDecodeHead
+    from mmseg.registry import MODELS, TRANSFORMS
 
-    from benchmark.datasets.voc import VOC_PALETTE, read_label
+    from benchmark.datasets.voc import read_label
 
-    from .data import CLASSES
+    from .data import shrink
 
     class BenchAlexNet(BaseModule):
-        """Our AlexNet encoder as an mmseg backbone; returns pool5 on mmseg's output grid."""
+        """Our AlexNet encoder as an mmseg backbone: (B, 3, h, w) -> Pool5.
+
+        The input is padded by `pad` (FCN's 100), or more where pool5 would otherwise have
+        fewer than `min_cells` cells (fc6's 6) along the shorter side."""
 
         def __init__(
             self,
             arch: str = "caffenet",
             pool_free: bool = False,
             pad: int = FCN_PAD,
+            min_cells: int = FC6_KERNEL,
             init_cfg: dict | None = None,
         ) -> None:
             super().__init__(init_cfg)
-            self.features = AlexNetEncoder(arch, pool_free).features  # type: ignore[arg-type]
-            self.pad = pad
-            self.grid = feature_grids(self.features, 0)[-1]
+            encoder = AlexNetEncoder(arch, pool_free)  # type: ignore[arg-type]
+            self.features = encoder.features
+            self.arch, self.pool_free, self.out_channels = arch, pool_free, encoder.out_channels
+            self.pad, self.min_cells = pad, min_cells
+            self.grid = feature_grids(self.features, 0)[-1]  # pool5, unpadded input
 
-        def _pad_for(self, size: int) -> int:
-            return smallest_pad(size, self.pad, self.features, 1)
+        def pad_for(self, size: int) -> int:
+            return smallest_pad(size, self.pad, self.features, self.min_cells)
 
-        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-            h, w = x.shape[-2:]
-            pad = self._pad_for(min(h, w))
+        def forward(self, x: torch.Tensor) -> Pool5:
+            h, w = (int(s) for s in x.shape[-2:])
+            pad = self.pad_for(min(h, w))
             y = self.features(F.pad(x, (pad,) * 4))
-            grid = Grid(self.grid.offset - pad, self.grid.stride)
-            stride = int(self.grid.stride)
-            nh, nw = math.ceil(h / stride), math.ceil(w / stride)
-            ys = (torch.arange(nh, device=x.device) + 0.5) * (h / nh) - 0.5
-            xs = (torch.arange(nw, device=x.device) + 0.5) * (w / nw) - 0.5
-            return (resample(y, grid, ys, xs),)
+            return Pool5(y, self.grid.shifted(-pad), (h, w))
 
-    class BenchVOCDataset(BaseSegDataset):
-        """Sample list from a JSON file of {img_path, seg_map_path} (VOC PNG or SBD .mat)."""
+    class BenchFCNHead(BaseDecodeHead):
+        """FCN-32s's head on mmseg's BaseDecodeHead: fc6 (6x6 conv), ReLU, dropout, fc7
+        (1x1), ReLU, dropout, conv_seg (1x1); scores interpolated at every input pixel."""
 
-        METAINFO = dict(classes=CLASSES, palette=VOC_PALETTE[: len(CLASSES)].tolist())
+        def __init__(self, in_channels: int, channels: int, *, dropout: float = 0.5,
+                     **kwargs: Any) -> None:  # fmt: skip
+            kwargs.update(dropout_ratio=0.0, init_cfg=None, norm_cfg=None, in_index=0)
+            super().__init__(in_channels, channels, **kwargs)
+            self.fc6 = nn.Conv2d(in_channels, channels, kernel_size=FC6_KERNEL)
+            self.fc7 = nn.Conv2d(channels, channels, kernel_size=1)
+            # Caffe's (element-wise) dropout, as FCN and the native head; BaseDecodeHead's
+            # own is channel-wise (Dropout2d) and turned off above.
+            self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+            for m in (self.fc6, self.fc7):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            nn.init.zeros_(self.conv_seg.weight)
+            nn.init.zeros_(self.conv_seg.bias)
 
-        def load_data_list(self) -> list[dict]:
-            rows = json.loads(Path(self.ann_file).read_text())
-            return [
-                dict(
-                    img_path=r["img_path"],
-                    seg_map_path=r["seg_map_path"],
-                    seg_fields=[],
-                    label_map=None,
-                    reduce_zero_label=False,
-                )
-                for r in rows
-            ]
+        def forward(self, inputs: Pool5) -> torch.Tensor:
+            feats, grid, (h, w) = inputs
+            y = self.drop(F.relu(self.fc6(feats), inplace=True))
+            y = self.drop(F.relu(self.fc7(y), inplace=True))
+            score = self.conv_seg(y).float()  # float: coordinates in bf16 would be coarse
+            grid = grid.after(FC6_KERNEL, 1, 0)  # fc7 and conv_seg are 1x1
+            ys = torch.arange(h, device=score.device, dtype=score.dtype)
+            xs = torch.arange(w, device=score.device, dtype=score.dtype)
+            return resample(score, grid, ys, xs)
 
     class BenchLoadLabel(BaseTransform):
-        """gt_seg_map from a palette PNG or an SBD cls/*.mat (255 = ignore)."""
+        """gt_seg_map at full resolution from a palette PNG or an SBD cls/*.mat (255: ignore),
+        checked against the image's original size."""
 
         def transform(self, results: dict) -> dict:
-            results["gt_seg_map"] = read_label(Path(results["seg_map_path"]))
+            path = Path(results["seg_map_path"])
+            label = read_label(path)
+            shape = tuple(results.get("ori_shape") or label.shape)
+            if label.shape != shape:
+                raise DatasetError(
+                    f"{printable(path)}: label is {label.shape[1]}x{label.shape[0]}, its image "
+                    f"{Path(results['img_path']).name} is {shape[1]}x{shape[0]}"
+                )
+            results["gt_seg_map"] = label
             results.setdefault("seg_fields", []).append("gt_seg_map")
             return results
 
-    class BenchIoUMetric(IoUMetric):
-        """mmseg's IoUMetric that also keeps the unrounded summed areas and the first
-        `keep` predictions (for overlays)."""
+    class BenchShrink(BaseTransform):
+        """The native `shrink`: the image's longer side down to `max_size` when it is larger
+        (PIL bilinear, same rounding); never enlarges; labels are left at full size."""
 
-        def __init__(self, keep: int = 0, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.keep = keep
-            self.kept: list[tuple[str, np.ndarray, np.ndarray]] = []  # last evaluation's
-            self._pending: list[tuple[str, np.ndarray, np.ndarray]] = []
-            self.last_areas: tuple[np.ndarray, ...] | None = None
+        def __init__(self, max_size: int | None) -> None:
+            self.max_size = max_size
 
-        def process(self, data_batch: dict, data_samples: Any) -> None:
-            super().process(data_batch, data_samples)
-            for s in data_samples:
-                if len(self._pending) < self.keep:
-                    pred = s["pred_sem_seg"]["data"].squeeze().cpu().numpy().astype(np.uint8)
-                    gt = s["gt_sem_seg"]["data"].squeeze().cpu().numpy().astype(np.uint8)
-                    self._pending.append((s["img_path"], gt, pred))
-
-        def compute_metrics(self, results: list) -> dict[str, float]:
-            cols = tuple(zip(*results))
-            # float64: float32 sums of pixel counts lose exactness past 2**24 pixels
-            self.last_areas = tuple(torch.stack(list(c)).double().sum(0).numpy() for c in cols)
-            self.kept, self._pending = self._pending, []
-            return super().compute_metrics(results)
+        def transform(self, results: dict) -> dict:
+            img = results["img"]  # (H, W, 3) BGR uint8
+            h, w = img.shape[:2]
+            if self.max_size is None or max(h, w) <= self.max_size:
+                return results
+            rgb = shrink(Image.fromarray(np.ascontiguousarray(img[..., ::-1])), self.max_size)
+            results["img"] = np.ascontiguousarray(rgb[..., ::-1])
+            results["img_shape"] = rgb.shape[:2]
+            results["scale_factor"] = (rgb.shape[1] / w, rgb.shape[0] / h)
+            return results
 
     MODELS.register_module(module=BenchAlexNet, force=True)
-    DATASETS.register_module(module=BenchVOCDataset, force=True)
+    MODELS.register_module(module=BenchFCNHead, force=True)
     TRANSFORMS.register_module(module=BenchLoadLabel, force=True)
-    METRICS.register_module(module=BenchIoUMetric, force=True)
+    TRANSFORMS.register_module(module=BenchShrink, force=True)
     _REGISTERED = True
+
+
+# ---------------------------------------------------------------- configs built in code
+
+
+def loss_config(normalize: bool) -> dict[str, Any]:
+    """mmseg's softmax cross-entropy ignoring 255: the mean over non-ignored pixels
+    (`normalize_loss`, PROTOCOL.md) or their sum."""
+    return dict(
+        type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0, loss_name="loss_ce",
+        avg_non_ignore=True, reduction="mean" if normalize else "sum",
+    )  # fmt: skip
+
+
+def model_config(cfg: SegmentationConfig, arch: str, pool_free: bool) -> dict[str, Any]:
+    """The EncoderDecoder config (a plain dict; `build_model` makes it a ConfigDict)."""
+    return dict(
+        type="EncoderDecoder",
+        data_preprocessor=dict(
+            type="SegDataPreProcessor",
+            # (x - 255 mean) / (255 std) = (x / 255 - mean) / std, every stage's input
+            mean=[255 * m for m in PIXEL_MEAN],
+            std=[255 * s for s in PIXEL_STD],
+            bgr_to_rgb=True,
+            size_divisor=1,  # one image a pass: nothing is padded
+            pad_val=0,
+            seg_pad_val=IGNORE_INDEX,
+        ),
+        backbone=dict(type="BenchAlexNet", arch=arch, pool_free=pool_free, pad=cfg.pad),
+        decode_head=dict(
+            type="BenchFCNHead",
+            in_channels=AlexNetEncoder(arch, pool_free).out_channels,  # type: ignore[arg-type]
+            channels=cfg.fc_dim,
+            dropout=cfg.dropout,
+            num_classes=NUM_CLASSES,
+            ignore_index=IGNORE_INDEX,
+            align_corners=False,
+            loss_decode=loss_config(cfg.normalize_loss),
+        ),
+        train_cfg=dict(),
+        test_cfg=dict(mode="whole"),
+    )
+
+
+def pipeline_config(max_size: int | None, mirror: bool, train: bool) -> list[dict[str, Any]]:
+    """mmseg's per-sample pipeline: load (PIL's decoder, as the native loader; no EXIF
+    rotation, which would break the image / label correspondence), full-size label, shrink
+    only when `max_size` asks, flip when `mirror` (training), pack."""
+    steps: list[dict[str, Any]] = [
+        dict(
+            type="LoadImageFromFile",
+            imdecode_backend="pillow",
+            color_type="color_ignore_orientation",
+        ),  # fmt: skip
+        dict(type="BenchLoadLabel"),
+    ]
+    if max_size is not None:
+        steps.append(dict(type="BenchShrink", max_size=max_size))
+    if train and mirror:
+        steps.append(dict(type="RandomFlip", prob=0.5, direction="horizontal"))
+    steps.append(dict(type="PackSegInputs"))
+    return steps
+
+
+def build_model(cfg: SegmentationConfig, arch: str, pool_free: bool) -> nn.Module:
+    """The mmseg segmentor, built through mmseg's MODELS registry."""
+    register()
+    from mmengine.config import ConfigDict
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+    return MODELS.build(ConfigDict(model_config(cfg, arch, pool_free)))
+
+
+def build_pipeline(steps: Sequence[dict[str, Any]]) -> Any:
+    register()
+    from mmengine.dataset import Compose
+    from mmseg.registry import TRANSFORMS
+    from mmseg.utils import register_all_modules
+
+    register_all_modules(init_default_scope=False)
+    return Compose([TRANSFORMS.build(dict(step)) for step in steps])
+
+
+# ---------------------------------------------------------------- data
+
+
+@contextlib.contextmanager
+def keyed_generators(seed: int) -> Iterator[None]:
+    """python / numpy / torch global generators seeded with `seed` inside, restored after
+    (mmcv's transforms draw from the global ones)."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+def sample_info(sample: SegSample, index: int) -> dict[str, Any]:
+    """The dict a mmseg dataset hands its pipeline."""
+    return dict(
+        img_path=str(sample.image_path), seg_map_path=str(sample.mask_path), seg_fields=[],
+        reduce_zero_label=False, label_map=None, sample_idx=index,
+    )  # fmt: skip
+
+
+class MMSegTrainSet(Dataset):
+    """Item (index, sample number) -> mmseg's packed sample (`inputs`, `data_samples`),
+    every random choice a function of (seed, sample number). The pipeline is built on first
+    use, so that DataLoader workers (fork or spawn) build their own."""
+
+    def __init__(self, samples: Sequence[SegSample], steps: list[dict[str, Any]],
+                 seed: int) -> None:  # fmt: skip
+        self.samples, self.steps, self.seed = list(samples), steps, seed
+        self._pipeline: Any = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pipeline": None}
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        index, sample = item
+        if self._pipeline is None:
+            self._pipeline = build_pipeline(self.steps)
+        with keyed_generators(loop.keyed_seed(self.seed, SAMPLE_STREAM, sample)):
+            return self._pipeline(sample_info(self.samples[index], index))
+
+
+# ---------------------------------------------------------------- weights
+
+
+def _torch_file(path: Path) -> Any:
+    """A torch file loaded weights-only (a file never runs code); a one-line error else."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        text = str(exc).strip()
+        reason = text.splitlines()[0][:200] if text else type(exc).__name__
+        raise BenchError(
+            f"{printable(path)}: unreadable torch file ({type(exc).__name__}: {reason})"
+        ) from None
+
+
+def mmseg_state(obj: Any) -> dict[str, torch.Tensor] | None:
+    """The `backbone.*` tensors of a `bench export --format mmseg` file, else None."""
+    state = obj.get("state_dict") if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not state:
+        return None
+    if not all(isinstance(k, str) and k.startswith("backbone.") for k in state):
+        return None
+    return state
+
+
+def load_mmseg_encoder(weights: str | None, arch: str) -> tuple[AlexNetEncoder, dict[str, Any]]:
+    """(encoder, model card) for `--weights`: an mmseg export (checked as every weights file
+    is: keys, shapes, finite values; its arch from the card or the tensors), or anything
+    `transfer.backbone.load_encoder` reads."""
+    from transfer.backbone import load_encoder, load_state_checked, resolve_arch
+
+    if weights:
+        path = Path(weights).expanduser()
+        if path.is_file() and path.suffix in (".pth", ".pt"):
+            obj = _torch_file(path)
+            state = mmseg_state(obj)
+            if state is not None:
+                if not all(isinstance(v, torch.Tensor) for v in state.values()):
+                    raise BenchError(f"{printable(path)}: state_dict holds non-tensor values")
+                inner = {k.removeprefix("backbone."): v for k, v in state.items()}
+                meta = obj.get("meta")
+                card = {"method": "unknown", **(meta if isinstance(meta, dict) else {})}
+                card = resolve_arch(inner, card, path, default=arch)
+                card["source"] = str(path)
+                encoder = AlexNetEncoder(card["arch"], bool(card["pool_free"]))
+                load_state_checked(encoder, inner, path)
+                return encoder, card
+    return load_encoder(weights, arch)
+
+
+# ---------------------------------------------------------------- training
+
+
+def check_supported(cfg: SegmentationConfig) -> None:
+    """One-line errors for what this backend does not run."""
+    if cfg.variant != "fcn32s":
+        raise ConfigError(
+            f"variant: {cfg.variant!r} is native-only; backend mmseg runs FCN-32s "
+            "(use backend: native)"
+        )
+    world = torchrun_world()
+    if world > 1:
+        raise ConfigError(
+            f"backend mmseg runs in one process; torchrun started {world} (run it without "
+            "torchrun, or use backend: native)"
+        )
+
+
+class _ForwardOrder(nn.Module):
+    """The segmentor's learned layers in forward order (backbone, fc6, fc7, conv_seg) for
+    `data_dependent_init_`, which visits `modules()` in order and reads `encoder`;
+    mmseg's head registers conv_seg before fc6."""
+
+    def __init__(self, segmentor: nn.Module) -> None:
+        super().__init__()
+        head = segmentor.decode_head
+        self.encoder = segmentor.backbone
+        self.fc6, self.fc7, self.conv_seg = head.fc6, head.fc7, head.conv_seg
+        self._segmentor = [segmentor]  # not a child: only the layers above are visited
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seg = self._segmentor[0]
+        return seg.decode_head(seg.backbone(x))
+
+
+def rescale_(segmentor: nn.Module, samples: Sequence[SegSample],
+             pretrained_encoder: bool) -> list[tuple[str, float]]:  # fmt: skip
+    """Krähenbühl et al.'s data-dependent init, exactly as the native backend applies it
+    (`transfer.classification.model.data_dependent_init_` on training images resized to
+    227x227, normalised as every stage), on the backbone, fc6, fc7 and conv_seg."""
+    from benchmark.datasets.folder import load_rgb
+    from transfer.classification.model import data_dependent_init_
+
+    from .data import to_input
+
+    size = (INPUT_SIZE, INPUT_SIZE)
+    device = next(segmentor.parameters()).device
+    batch = torch.cat(
+        [to_input(np.asarray(load_rgb(s.image_path).resize(size)), device) for s in samples]
+    )
+    was_training = segmentor.training
+    segmentor.eval()  # the head's dropout too
+    try:
+        return data_dependent_init_(_ForwardOrder(segmentor), batch, pretrained_encoder)  # type: ignore[arg-type]
+    finally:
+        segmentor.train(was_training)
+
+
+def make_optimizer(model: nn.Module, t: SegmentationTrainConfig) -> torch.optim.Optimizer:
+    """SGD (or Adam) with FCN's parameter groups: weights (lr, decay), biases (2 lr, none)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    weights = [p for n, p in named if not n.endswith("bias")]
+    biases = [p for n, p in named if n.endswith("bias")]
+    groups = [
+        {"params": weights, "lr": t.lr, "weight_decay": t.weight_decay},
+        {"params": biases, "lr": t.lr * BIAS_LR_MULT, "weight_decay": 0.0},
+    ]
+    if t.solver == "adam":
+        return torch.optim.Adam(groups, lr=t.lr, betas=(t.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+
+
+def one_image(item: dict[str, Any]) -> dict[str, list[Any]]:
+    """A packed sample as a batch of one, the data preprocessor's input."""
+    return {"inputs": [item["inputs"]], "data_samples": [item["data_samples"]]}
+
+
+def make_step(
+    model: nn.Module,
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    precision: loop.Precision,
+    channels_last: bool,
+):
+    """One update as the native step: every image of the batch (batch_size x iter_size) its
+    own pass, its loss weighted 1/(their number) (Caffe divides the accumulated gradient by
+    iter_size), then one optimiser step. `model` is the plain segmentor, `net` what to call
+    (compiled or not)."""
+
+    def step(batch: list[dict[str, Any]], iteration: int) -> dict[str, float]:
+        optimizer.zero_grad(set_to_none=True)
+        total, passes = 0.0, len(batch)
+        for item in batch:
+            data = model.data_preprocessor(one_image(item), True)
+            if channels_last and data["inputs"].device.type == "cuda":
+                data["inputs"] = data["inputs"].contiguous(memory_format=torch.channels_last)
+            with precision.autocast():
+                losses = net(**data, mode="loss")
+            loss, _ = model.parse_losses(losses)  # sum of the loss_* terms (here loss_ce)
+            loss = loss.float() / passes
+            precision.backward(loss)
+            total += float(loss.detach())
+        precision.step(optimizer)
+        return {"loss": total}
+
+    return step
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class Evaluation(NamedTuple):
+    hist: np.ndarray  # (21, 21) confusion matrix of our own count
+    areas: tuple[np.ndarray, ...]  # IoUMetric's summed (intersect, union, pred, label)
+    mmseg: dict[str, float]  # IoUMetric's own numbers (percent, rounded to 2 decimals)
+    kept: list[tuple[SegSample, np.ndarray, np.ndarray, np.ndarray]]  # for overlays
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    samples: Sequence[SegSample],
+    max_size: int | None,
+    env: DistEnv,
+    precision: loop.Precision | None = None,
+    keep: int = 0,
+) -> Evaluation:
+    """Whole-image predictions (mmseg's predict, scores resized to the label) of the model
+    in eval mode, scored by mmseg's IoUMetric and by our confusion matrix on the same
+    predictions; (sample, network image RGB, label, prediction) of the first `keep`."""
+    register()
+    from mmseg.evaluation import IoUMetric
+
+    from .data import CLASSES
+
+    model.eval()
+    pipeline = build_pipeline(pipeline_config(max_size, False, train=False))
+    metric = IoUMetric(ignore_index=IGNORE_INDEX, iou_metrics=["mIoU"])
+    metric.dataset_meta = {"classes": CLASSES}
+    hist = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    kept = []
+    autocast = precision.autocast if precision is not None else contextlib.nullcontext
+    for n, sample in enumerate(samples):
+        item = pipeline(sample_info(sample, n))
+        data = model.data_preprocessor(one_image(item), False)
+        with autocast():
+            (out,) = model(**data, mode="predict")
+        metric.process({}, [out.to_dict()])
+        pred = out.pred_sem_seg.data[0].to(torch.uint8).cpu().numpy()
+        label = out.gt_sem_seg.data[0].cpu().numpy().astype(np.uint8)
+        hist += confusion_matrix(pred, label, NUM_CLASSES, ignore_index=IGNORE_INDEX)
+        if n < keep:
+            image = item["inputs"].permute(1, 2, 0).numpy()[..., ::-1]  # BGR CHW -> RGB HWC
+            kept.append((sample, np.ascontiguousarray(image), label, pred))
+    if not metric.results:
+        raise BenchError("the evaluation set is empty")
+    # float64: float32 sums of pixel counts lose exactness past 2**24 pixels
+    areas = tuple(torch.stack(list(c)).double().sum(0).numpy() for c in zip(*metric.results))
+    with _quiet_mmengine():
+        theirs = metric.compute_metrics(metric.results)
+    metric.results.clear()
+    return Evaluation(hist, areas, {k: float(v) for k, v in theirs.items()}, kept)
+
+
+@contextlib.contextmanager
+def _quiet_mmengine() -> Iterator[None]:
+    """IoUMetric prints a per-class table through mmengine's logger; ours logs the scores."""
+    import logging
+
+    from mmengine.logging import MMLogger
+
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def scores_from_areas(
@@ -185,256 +607,93 @@ def scores_from_areas(
     }
 
 
-def mmseg_weights(cfg: SegmentationConfig, run: Run) -> tuple[Path | None, dict[str, Any], str]:
-    """(checkpoint for init_cfg, model card, arch). An `bench export --format mmseg` file is
-    used as it is; any other weights are loaded (and checked) by transfer.backbone and
-    written in the mmseg layout into the run folder."""
-    from transfer.backbone import load_encoder
-
-    if cfg.weights:
-        path = Path(cfg.weights).expanduser()
-        if path.is_file() and path.suffix in (".pth", ".pt"):
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:  # noqa: BLE001 - not a torch file: load_encoder will say why
-                obj = None
-            state = obj.get("state_dict") if isinstance(obj, dict) else None
-            if isinstance(state, dict) and state and all(k.startswith("backbone.") for k in state):
-                encoder, card = load_encoder_from_state(state, obj.get("meta") or {}, path)
-                return path, card, encoder.arch
-    encoder, card = load_encoder(cfg.weights, cfg.arch)
-    if cfg.weights is None:
-        return None, card, encoder.arch
-    out = run.file(f"{WORK_DIR}/{BACKBONE_FILE}")
-    state = {f"backbone.{k}": v for k, v in encoder.state_dict().items()}
-    atomic_torch_save(out, {"state_dict": state, "meta": card})
-    return out, card, encoder.arch
-
-
-def load_encoder_from_state(
-    state: dict[str, torch.Tensor], meta: dict[str, Any], path: Path
-) -> tuple[AlexNetEncoder, dict[str, Any]]:
-    """Check an mmseg-layout state dict against the encoder it claims to be."""
-    from transfer.backbone import infer_arch, load_state_checked
-
-    inner = {k.removeprefix("backbone."): v for k, v in state.items()}
-    card = dict(meta)
-    card.setdefault("method", "unknown")
-    arch = card.get("arch") or infer_arch(inner, path) or "caffenet"
-    pool_free = bool(card.get("pool_free", "features.2.weight" in inner))
-    encoder = AlexNetEncoder(arch, pool_free)  # type: ignore[arg-type]
-    load_state_checked(encoder, inner, path)
-    card.update(arch=arch, pool_free=pool_free, source=str(path))
-    return encoder, card
-
-
-@contextmanager
-def trusted_checkpoints() -> Iterator[None]:
-    """mmengine's resume checkpoints hold its bookkeeping (numpy arrays, message hub), which
-    torch's weights-only loading refuses; they are this run folder's own files."""
-    key = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
-    old = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
-
-
-def _sample_file(run: Run, name: str, samples: list) -> str:
-    rows = [{"img_path": str(s.image_path), "seg_map_path": str(s.mask_path)} for s in samples]
-    path = run.file(f"{WORK_DIR}/{name}.json")
-    atomic_write_text(path, json.dumps(rows))
-    return str(path)
-
-
-def build_config(
-    cfg: SegmentationConfig,
-    run: Run,
-    train_file: str,
-    eval_file: str,
-    checkpoint: Path | None,
-    arch: str,
-    pool_free: bool,
-) -> dict[str, Any]:
-    """The mmseg/mmengine config, built in code (no config files to keep in sync)."""
-    resize = (
-        [dict(type="Resize", scale=(cfg.max_size, cfg.max_size), keep_ratio=True)]
-        if cfg.max_size
-        else []
-    )
-    train_pipeline = [
-        dict(type="LoadImageFromFile"),
-        dict(type="BenchLoadLabel"),
-        *resize,
-        *([dict(type="RandomFlip", prob=0.5)] if cfg.mirror else []),
-        dict(type="PackSegInputs"),
-    ]
-    test_pipeline = [
-        dict(type="LoadImageFromFile"),
-        *resize,
-        dict(type="BenchLoadLabel"),
-        dict(type="PackSegInputs"),
-    ]
-    backbone: dict[str, Any] = dict(
-        type="BenchAlexNet", arch=arch, pool_free=pool_free, pad=cfg.pad
-    )
-    if checkpoint is not None:
-        backbone["init_cfg"] = dict(
-            type="Pretrained", checkpoint=str(checkpoint), prefix="backbone."
-        )
-    optimizer: dict[str, Any] = (
-        dict(type="Adam", lr=cfg.lr, betas=(cfg.momentum, 0.999))
-        if cfg.solver == "adam"
-        else dict(type="SGD", lr=cfg.lr, momentum=cfg.momentum)
-    )
-    optimizer["weight_decay"] = cfg.weight_decay
-    workers = 0
-    val_interval = cfg.eval_every or max(cfg.iterations, 1)
-    return dict(
-        default_scope="mmseg",
-        work_dir=str(run.file(WORK_DIR)),
-        model=dict(
-            type="EncoderDecoder",
-            data_preprocessor=dict(
-                type="SegDataPreProcessor",
-                mean=[255 * m for m in PIXEL_MEAN],
-                std=[255 * s for s in PIXEL_STD],
-                bgr_to_rgb=True,
-                size_divisor=1,  # batches pad to their largest image, nothing more
-                pad_val=0,
-                seg_pad_val=255,
-            ),
-            backbone=backbone,
-            decode_head=dict(
-                type="FCNHead",
-                in_channels=256,
-                in_index=0,
-                channels=cfg.fc_dim,
-                num_convs=2,
-                kernel_size=3,
-                concat_input=False,
-                dropout_ratio=cfg.dropout,
-                num_classes=21,
-                norm_cfg=None,
-                align_corners=False,
-                loss_decode=dict(
-                    type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0, avg_non_ignore=True
-                ),
-            ),
-            train_cfg=dict(),
-            test_cfg=dict(mode="whole"),
-        ),
-        train_dataloader=dict(
-            batch_size=cfg.batch_size,
-            num_workers=workers,
-            persistent_workers=False,
-            sampler=dict(type="InfiniteSampler", shuffle=True, seed=cfg.seed),
-            dataset=dict(type="BenchVOCDataset", ann_file=train_file, pipeline=train_pipeline),
-        ),
-        val_dataloader=dict(
-            batch_size=1,
-            num_workers=workers,
-            persistent_workers=False,
-            sampler=dict(type="DefaultSampler", shuffle=False),
-            dataset=dict(
-                type="BenchVOCDataset", ann_file=eval_file, pipeline=test_pipeline, test_mode=True
-            ),
-        ),
-        val_evaluator=dict(type="BenchIoUMetric", iou_metrics=["mIoU"], keep=cfg.save_overlays),
-        train_cfg=dict(
-            type="IterBasedTrainLoop", max_iters=max(cfg.iterations, 1), val_interval=val_interval
-        ),
-        val_cfg=dict(type="ValLoop"),
-        optim_wrapper=dict(
-            type="OptimWrapper",
-            optimizer=optimizer,
-            paramwise_cfg=dict(bias_lr_mult=2.0, bias_decay_mult=0.0),
-        ),
-        # no param_scheduler: FCN's learning rate is fixed
-        default_hooks=dict(
-            timer=dict(type="IterTimerHook"),
-            logger=dict(type="LoggerHook", interval=cfg.log_every, log_metric_by_epoch=False),
-            param_scheduler=dict(type="ParamSchedulerHook"),
-            checkpoint=dict(
-                type="CheckpointHook",
-                by_epoch=False,
-                interval=cfg.checkpoint_every,
-                max_keep_ckpts=1,
-                save_last=True,
-            ),
-            sampler_seed=dict(type="DistSamplerSeedHook"),
-        ),
-        log_processor=dict(by_epoch=False),
-        env_cfg=dict(cudnn_benchmark=False, dist_cfg=dict(backend="nccl")),
-        randomness=dict(seed=cfg.seed),
-        launcher="none",
-        log_level="INFO",
-        resume=run.resumed,
-    )
+# ---------------------------------------------------------------- the stage
 
 
 def run_mmseg(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
-    """Train and evaluate through mmengine's Runner; writes metrics.json like the native one."""
-    import time
-
-    from transfer.common import metrics_head
+    """Train through `loop.fit` and evaluate; writes metrics.json as the native backend."""
+    from transfer import common
+    from transfer.backbone import describe_transfer
 
     from .data import CLASSES, prepare_data
-    from .evaluate import OVERLAY_DIR, overlay_png
+    from .evaluate import OVERLAY_DIR, save_overlays, scores_from_hist
 
+    check_supported(cfg)
     register()
-    if cfg.variant != "fcn32s":
-        raise BenchError(f"variant: {cfg.variant!r} is native-only; the mmseg backend runs FCNHead")
-    from mmengine.config import Config
-    from mmengine.runner import Runner
+    t = cfg.train
+    env = loop.setup(cfg.device, t)
+    torch.manual_seed(cfg.seed)
+    data, skipped = prepare_data(cfg, run)
 
-    data = prepare_data(cfg, run)
-    checkpoint, card, arch = mmseg_weights(cfg, run)
-    pool_free = bool(card.get("pool_free", False))
-    train_file = _sample_file(run, "train", data.train)
-    eval_file = _sample_file(run, "eval", data.eval)
-    mm_cfg = build_config(cfg, run, train_file, eval_file, checkpoint, arch, pool_free)
-    runner = Runner.from_cfg(Config(mm_cfg))
+    encoder, card = load_mmseg_encoder(cfg.weights, cfg.arch)
+    arch, pool_free = str(card["arch"]), bool(card.get("pool_free", False))
+    model = build_model(cfg, arch, pool_free)
+    model.backbone.load_state_dict(encoder.state_dict())
+    del encoder
+    model.to(env.device)
+    if cfg.rescale and run.checkpoint is None:
+        scales = rescale_(model, data.train[: cfg.rescale_images], card["method"] != "random")
+        run.logger.info("data-dependent init: " + ", ".join(f"{n} x{s:.3g}" for n, s in scales))
+    describe_transfer(model, (), run.logger)
+    net = loop.prepare_model(model, env, t, ddp=False)
+    model.train()
+    optimizer = make_optimizer(model, t)
+    precision = loop.Precision(t.precision, env.device)
+
+    def interim(iteration: int) -> None:
+        ev = evaluate(model, data.eval, cfg.max_size, env, precision)
+        scores = scores_from_hist(ev.hist, CLASSES)
+        run.log_scalars(iteration, {k: scores[k] or 0.0 for k in ("mean_iu", "pixel_acc")},
+                        prefix="val/")  # fmt: skip
+        run.logger.info(f"iteration {iteration}: mean IU {scores['mean_iu']}")
+        model.train()
+
+    train_set = MMSegTrainSet(data.train, pipeline_config(cfg.max_size, cfg.mirror, True), cfg.seed)
+    result = loop.fit(
+        run, env, t, stage=STAGE, config=cfg, seed=cfg.seed,
+        step=make_step(model, net, optimizer, precision, t.channels_last),
+        batches=loop.loader_batches(
+            train_set, t.batch_size * t.iter_size, cfg.seed, env, t.workers,
+            collate_fn=loop.list_collate,
+        ),
+        state={"model": net, "optimizer": optimizer}, precision=precision,
+        hooks=[loop.Hook(cfg.eval_every, interim, at_end=False)], desc="segmentation (mmseg)",
+    )  # fmt: skip
+
     tick = time.perf_counter()
-    with trusted_checkpoints() if run.resumed else nullcontext():
-        if cfg.iterations > 0:
-            runner.train()  # evaluates at the end (and every eval_every iterations)
-        metric = runner.val_loop.evaluator.metrics[0]
-        if metric.last_areas is None:  # no training, or a resumed run that had finished it
-            if cfg.iterations == 0:
-                runner.model.init_weights()  # Runner.val() alone would skip init_cfg
-            runner.val()
-    seconds = time.perf_counter() - tick
-    if metric.last_areas is None:
-        raise BenchError(f"{run.path}: mmseg evaluation produced no results")
-    intersect, union, _, label_area = metric.last_areas
-    scores = scores_from_areas(intersect, union, label_area, CLASSES)
-    overlays = []
-    if run.is_main:
-        from benchmark.datasets.folder import load_rgb
-        from benchmark.runs import atomic_write_bytes
-
-        for img_path, gt, pred in metric.kept:
-            name = f"{Path(img_path).stem}.png"
-            image = np.asarray(load_rgb(Path(img_path)))
-            atomic_write_bytes(run.file(f"{OVERLAY_DIR}/{name}"), overlay_png(image, gt, pred))
-            overlays.append(f"{OVERLAY_DIR}/{name}")
+    ev = evaluate(model, data.eval, cfg.max_size, env, precision, keep=cfg.save_overlays)
+    scores = scores_from_hist(ev.hist, CLASSES)
+    theirs = scores_from_areas(ev.areas[0], ev.areas[1], ev.areas[3], CLASSES)
+    if (theirs["mean_iu"] is None) != (scores["mean_iu"] is None) or (
+        scores["mean_iu"] is not None and abs(theirs["mean_iu"] - scores["mean_iu"]) > 1e-9
+    ):
+        run.logger.warning(
+            f"mmseg's IoUMetric gives mean IU {theirs['mean_iu']}, our confusion matrix "
+            f"{scores['mean_iu']} on the same predictions"
+        )
+    overlays = save_overlays(run.file(OVERLAY_DIR), ev.kept) if run.is_main and ev.kept else []
     metrics = {
-        **metrics_head("segmentation", "mmseg", cfg, run, card, arch),
-        "variant": "fcn32s-mmseg-fcnhead",
+        **common.metrics_head("segmentation", "mmseg", cfg, run, card, arch),
+        "variant": cfg.variant,
+        "head": HEAD,
+        "rescale": cfg.rescale,
         **scores,
-        "split": data.split,
-        "eval_images": len(data.eval),
-        "train_images": len(data.train),
-        "train_sources": data.train_sources,
-        "iterations": cfg.iterations,
-        "train_seconds": seconds,
-        "overlays": overlays,
-    }
-    run.logger.info(f"segmentation (mmseg, {data.split}): mean IU {scores['mean_iu']}")
+        "mmseg_iou_metric": {**ev.mmseg, "mean_iu_exact": theirs["mean_iu"]},
+        "split": data.split, "eval_images": len(data.eval),
+        "train_images": len(data.train), "train_sources": data.train_sources,
+        "iterations": result.iterations, "iter_size": t.iter_size,
+        "train_seconds": result.seconds, "eval_seconds": time.perf_counter() - tick,
+        "precision": result.precision, "device": str(env.device),
+        "initial_loss": result.first.get("loss"), "final_loss": result.last.get("loss"),
+        "skipped": common.skipped_field(skipped),
+        "confusion_matrix": ev.hist.tolist(),
+        "overlays": [f"{OVERLAY_DIR}/{n}" for n in overlays],
+    }  # fmt: skip
+    run.log_scalars(result.iterations, {"mean_iu": scores["mean_iu"] or 0.0}, prefix="val/")
+    run.logger.info(
+        f"segmentation (mmseg, {data.split}): mean IU {scores['mean_iu']} (mmseg IoUMetric "
+        f"mIoU {ev.mmseg.get('mIoU')}%), pixel acc {scores['pixel_acc']}, mean acc "
+        f"{scores['mean_acc']}"
+    )
     run.write_metrics(metrics)
     return metrics
