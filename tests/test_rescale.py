@@ -137,6 +137,26 @@ def test_new_layers_get_zero_mean_unit_variance_per_channel(init: str) -> None:
         assert (std - 1).abs().max() < 1e-4, name
 
 
+def test_memory_limit_subsamples_the_data_driven_init() -> None:
+    """--mem-limit bounds the rows used for whitening; the normalisation still uses them all."""
+    net, x = tiny_net(), batch()
+    layers = learned(net)
+    magic_init_(
+        net,
+        layers,
+        lambda: net(x),
+        set(),
+        init="pca",
+        bias=0.0,
+        mem_limit_mb=0.01,
+        between_layer=False,
+        generator=gen(0),
+    )
+    for name, z in preactivations(net, layers, x).items():
+        mean, std = channel_mean_std(z)
+        assert mean.abs().max() < 1e-4 and (std - 1).abs().max() < 1e-4, name
+
+
 def test_bias_option_sets_the_channel_mean() -> None:
     net, x = tiny_net(), batch()
     layers = learned(net)

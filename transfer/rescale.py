@@ -94,8 +94,8 @@ What differs here, and why
 - Layers to re-draw are named (`pretrained`), not detected as all-zero.
 - The model is put in eval() mode (Dropout off; the reference measures in Caffe's TRAIN
   phase) so that the result is a deterministic function of the batch and the generator.
-- Statistics, eigen-decompositions and k-means run in float64 (the reference: float32 blobs,
-  float64 numpy maths); k-means uses scikit-learn's MiniBatchKMeans with n_init=3 (its default
+- Statistics, eigen-decompositions and k-means run in float64 (the reference computes on
+  Caffe's float32 blobs); k-means uses scikit-learn's MiniBatchKMeans with n_init=3 (its default
   in the 2015-16 releases the reference ran with; newer releases default to 'auto', one run)
   and a random_state drawn from `generator`, so results are reproducible but not bit-equal to
   the reference's.
@@ -106,18 +106,18 @@ What differs here, and why
 - `pretrained_within="scalar"` (not the default) adds the project's earlier behaviour: one
   scale per pretrained layer making its mean channel variance 1, bias tracked so that the
   function is kept up to scale.
-- `lrn="fold"` (not the default) keeps a network with nn.LocalResponseNorm exactly homogeneous:
-  when the LRN input is scaled by c, its k becomes k c^2, so LRN(c a; k c^2) = c^(1-2 beta)
-  LRN(a; k). k is a plain attribute, not in the state dict: the report lists the new values
-  and the caller must rebuild the LRN with them (or save the module). The default,
-  "reference", scales through LRN as magic_init does; the summary's `output_residual` then
-  measures how far the output moved from a positive multiple of the original. Subclasses of
-  nn.LocalResponseNorm (the encoder's CaffeLRN) are covered; `lrn_k` / `set_lrn_k_` read and
-  restore the k values. With k folded the LRN output is homogeneous of degree 1 - 2 beta
-  (-0.5 for CaffeNet), not 1, so the reference's update (derived for degree 1) overshoots
-  and its "not homogeneous" warning fires on some iterations; the ratios still equalise (on a
-  CaffeNet at 131 px: log-ratio std 5.96 -> 0.07 in both modes, output residual 2e-5 with
-  "fold", 1.2e-2 with "reference").
+- `lrn="fold"` (not the default) keeps the function of a network with nn.LocalResponseNorm
+  up to a positive scale: when the LRN input is scaled by c, its k becomes k c^2, so LRN(c
+  a; k c^2) = c^(1-2 beta) LRN(a; k). k is a plain attribute, not in the state dict: the
+  report lists the new values and `lrn_k` / `set_lrn_k_` read and restore them next to a
+  checkpoint. The default, "reference", scales through LRN as magic_init does; the summary's
+  `output_residual` then measures how far the output moved from a positive multiple of the
+  original. Subclasses of nn.LocalResponseNorm (the encoder's CaffeLRN) are covered. With k
+  folded the LRN output is homogeneous of degree 1 - 2 beta (-0.5 for CaffeNet), not 1, so
+  the reference's update (derived for degree 1) overshoots and its "not homogeneous" warning
+  fires on some iterations; the ratios still equalise (a smoke run, CaffeNet with N(0, 0.01)
+  conv weights as the "pretrained" encoder, 16 random 131 px inputs: log-ratio std 5.96 ->
+  0.07 in both modes, output residual 2e-5 with "fold", 1.2e-2 with "reference").
 
 Run it before wrapping the model in DistributedDataParallel; every rank gets the same result
 from the same batch and generator seed.
@@ -149,7 +149,6 @@ REFERENCE_MEM_LIMIT_MB = 500  # --mem-limit
 REFERENCE_MEAN_BGR = (104.0, 117.0, 123.0)  # ImageData mean_value, 0-255 BGR input
 HOMOGENEITY_WARNING = 0.25  # |log output_std change| that triggers the reference's warning
 
-Layer = nn.Module  # Conv1d/2d/3d, ConvTranspose2d or Linear
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LRN = (nn.LocalResponseNorm, nn.CrossMapLRN2d)
 
@@ -435,8 +434,9 @@ def magic_init_(
         "fold" multiplies each LRN's k by c^2 when its input is scaled by c, keeping the
         function up to scale (k is not in the state dict: see the report).
     mem_limit_mb: the reference's --mem-limit, bounding the samples of data-driven inits.
-    generator: every random draw (weights, projections, subsamples, k-means seed, backward
-        noise) comes from it, on the CPU: deterministic per seed on any device.
+    generator: a CPU torch.Generator; every random draw (weights, projections, subsamples,
+        k-means seed, backward noise) comes from it, on the CPU, then moves to the model's
+        device: deterministic per seed on any device (None: torch's global generator).
 
     Returns one dict per layer (name, kind, step, within_scale, between_scale, bias_adjust,
     ratio_before, ratio_after, dead_channels, note), then one per folded LRN
