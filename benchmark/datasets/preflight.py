@@ -7,8 +7,9 @@ same as `bench data check`'s: check.py is built on the per-item functions here.
 `enforce` then stops the run, or lets the caller drop the bad items (`on_bad_data: skip`).
 
 Measured: `check_detection` on the real VOC2007 sample (579 annotations and JPEGs, files in
-the page cache) takes 0.8-1.0 s on this project's 2-core CPU shared with other jobs, and
-1.0 s run item by item in one thread (two cores leave the pool little to gain).
+the page cache) on this project's 2-core CPU: 0.8-1.0 s with the machine lightly used (1.0 s
+item by item in one thread: two cores leave the pool little to gain), 1.2-3.4 s while other
+jobs kept the load average at 8-10.
 """
 
 from __future__ import annotations
