@@ -442,7 +442,7 @@ def magic_init_(
     ratio_before, ratio_after, dead_channels, note), then one per folded LRN
     (step "lrn_fold"), then, if between_layer, a summary (name "between_layer",
     step "summary": iterations, converged, output_std_before/after, ratio_log_std_before/after,
-    output_residual, warnings).
+    output_scale, output_residual, warnings).
     """
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; choose from {INITS}")
