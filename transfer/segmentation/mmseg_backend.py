@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -237,6 +238,7 @@ def model_config(cfg: SegmentationConfig, arch: str, pool_free: bool) -> dict[st
     """The EncoderDecoder config (a plain dict; `build_model` makes it a ConfigDict)."""
     return dict(
         type="EncoderDecoder",
+        _scope_="mmseg",  # nested parts (the data preprocessor) are looked up in mmseg too
         data_preprocessor=dict(
             type="SegDataPreProcessor",
             # (x - 255 mean) / (255 std) = (x / 255 - mean) / std, every stage's input
@@ -291,7 +293,9 @@ def build_model(cfg: SegmentationConfig, arch: str, pool_free: bool) -> nn.Modul
     from mmseg.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)
-    return MODELS.build(ConfigDict(model_config(cfg, arch, pool_free)))
+    with warnings.catch_warnings():  # BaseDecodeHead calls its own deprecated build_loss
+        warnings.filterwarnings("ignore", message=".*build_loss.*deprecated")
+        return MODELS.build(ConfigDict(model_config(cfg, arch, pool_free)))
 
 
 def build_pipeline(steps: Sequence[dict[str, Any]]) -> Any:
@@ -301,7 +305,7 @@ def build_pipeline(steps: Sequence[dict[str, Any]]) -> Any:
     from mmseg.utils import register_all_modules
 
     register_all_modules(init_default_scope=False)
-    return Compose([TRANSFORMS.build(dict(step)) for step in steps])
+    return Compose([TRANSFORMS.build({"_scope_": "mmseg", **step}) for step in steps])
 
 
 # ---------------------------------------------------------------- data
@@ -566,7 +570,8 @@ def evaluate(
     with _quiet_mmengine():
         theirs = metric.compute_metrics(metric.results)
     metric.results.clear()
-    return Evaluation(hist, areas, {k: float(v) for k, v in theirs.items()}, kept)
+    # IoUMetric's values are float32 percentages rounded to 2 decimals: kept as such
+    return Evaluation(hist, areas, {k: round(float(v), 2) for k, v in theirs.items()}, kept)
 
 
 @contextlib.contextmanager
