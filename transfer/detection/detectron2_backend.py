@@ -1,46 +1,111 @@
 """The same Fast R-CNN protocol run through detectron2, used as a library at the edge.
 
-detectron2 is imported only here and only when `backend: detectron2` is chosen. Our parts:
-the AlexNet encoder registered as a detectron2 backbone (`AlexNetBackbone`, output
-"conv5", stride 16, holding the encoder as `features` so that `bench export --format
-detectron2` keys `backbone.features.N.*` load unchanged), a box head with Fast R-CNN's
-dropout (`AlexNetFCHead`: fc6, fc7 re-initialised), and a detectron2 config that encodes
-the protocol (`fast_rcnn_config`). Everything else is detectron2's: VOC registration
-(register_pascal_voc), precomputed proposals (PrecomputedProposals with
-DATASETS.PROPOSAL_FILES_*), RoI sampling, the loss, inference, DetectionCheckpointer and
-PascalVOCDetectionEvaluator. The loop is a plain one, as in detectron2's
-tools/plain_train_net.py; checkpoints go through bench's atomic writers.
+detectron2 is imported only inside functions, and only when `backend: detectron2` runs: this
+module imports without it, and `require_detectron2` turns its absence into a one-line hint.
 
-Known differences from the native backend: detectron2's VOC loader keeps difficult
-objects in training (native leaves them out, as Fast R-CNN does), and its boxes are
-continuous (x1 - 1, y1 - 1, x2, y2) rather than inclusive pixel indices.
+What is detectron2's: the model (GeneralizedRCNN with precomputed proposals, StandardROIHeads
+with detectron2's RoI matching and sampling, ROIPool 6x6 at 1/16, FastRCNNOutputLayers and its
+losses and inference), the per-image data pipeline (DatasetMapper: resizing, flips, proposal
+transforms, in train and test mode), and PascalVOCDetectionEvaluator (extra `detectron2_*`
+metrics). What is ours:
+
+- the AlexNet encoder registered as a backbone, one registry name per architecture
+  (`BenchAlexNet_caffenet`, `BenchAlexNet_caffenet_poolfree`, ...; output "conv5", stride
+  16, the encoder held as `features` so that `bench export --format detectron2` keys
+  `backbone.features.N.*` fit), and Fast R-CNN's fc6/fc7 box head registered per dropout
+  (`BenchAlexNetFCHead_dropout0.5`). Everything a run needs is thus in detectron2's own
+  config keys, and the `detectron2/config.yaml` a run writes loads with plain
+  `get_cfg().merge_from_file` (building a model from it needs `register_components(cfg)`);
+- training: `benchmark.loop.fit`, the loop of every stage (keyed sampler, NaN guard, one
+  weights-only checkpoint layout, scalars, logs). The step calls the model on a list of
+  mapped dataset dicts; the lr is a pure function of the iteration (Fast R-CNN's multistep,
+  no warm-up), so no scheduler state exists. Every random choice of a training sample
+  (scale, flip) is drawn from generators seeded by (seed, sample number), RoI sampling and
+  dropout from the loop's per-iteration seed: a run killed and resumed ends with the same
+  weights, bit for bit on CPU;
+- weights: never unpickled by detectron2. An exported `.pkl` is read by
+  `benchmark.safe_pickle.safe_load` (containers and numpy arrays only), anything else by
+  `transfer.backbone.load_encoder`; both are checked as an encoder (every tensor, shape and
+  value) and then loaded into the model, where only the new head's tensors may be missing;
+- the image lists (`transfer.common.checked_voc_ids`, `on_bad_data`), proposals
+  (`attach_proposals`, selective search or files read safely) and the training-image filter
+  are the native backend's, handed to detectron2 as dataset dicts (difficult objects left
+  out of training unless `train_difficult`, as in Fast R-CNN);
+- scores: our VOC07 11-point AP and COCO AP on the detections, metrics.json as the native
+  backend writes it.
+
+Options detectron2 cannot honour are one-line ConfigErrors (`check_supported`): `rescale`
+(the data-dependent init is native-only), `bbox_normalize: data` (detectron2's
+BBOX_REG_WEIGHTS is one divisor per coordinate for every class, and it has no target means,
+so Fast R-CNN's per-class statistics cannot be expressed), `train.compile`, and RoI bands
+detectron2's Matcher cannot express. torchrun is refused (one process only).
+
+Remaining differences from the native backend: detectron2's resize rounds sizes its own way
+(int(x + 0.5)) and flips with probability 1/2 per sample rather than visiting both mirror
+images; boxes are continuous (x1 - 1, y1 - 1, x2, y2) in detectron2's convention.
 """
 
 from __future__ import annotations
 
-import pickle
+import contextlib
+import hashlib
+import json
+import math
+import random
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from benchmark.config import to_dict
+from benchmark import distributed, loop
 from benchmark.datasets.voc import VOC_CLASSES
-from benchmark.errors import BenchError
-from benchmark.runs import Run, atomic_write_bytes
-from pretrain.alexnet import CONV_INDICES, PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
-from transfer.detection.config import DetectionConfig
-
-INSTALL_HINT = (
-    "backend: detectron2 is not installed; install it with "
-    "pip install 'git+https://github.com/facebookresearch/detectron2.git' "
-    "(see https://detectron2.readthedocs.io/en/latest/tutorials/install.html) "
-    "or use backend: native"
+from benchmark.errors import BenchError, ConfigError, printable
+from benchmark.runs import Run, atomic_write_text
+from pretrain.alexnet import ARCHS, CONV_INDICES, PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
+from transfer import common
+from transfer.backbone import (
+    check_frozen_unchanged,
+    describe_transfer,
+    load_encoder,
+    load_state_checked,
+    resolve_arch,
+    snapshot_frozen,
 )
-BACKBONE_NAME = "build_alexnet_backbone"
-HEAD_NAME = "AlexNetFCHead"
+from transfer.detection.config import DetectionConfig, DetectionTrainConfig
+from transfer.detection.data import DetRecord, load_records, usable_for_training
+from transfer.detection.evaluate import (
+    Detections,
+    coco_ap,
+    finite_or_none,
+    score_fields,
+    voc07_scores,
+    write_results_files,
+)
+from transfer.detection.model import param_groups
+from transfer.detection.proposals import attach_proposals
+
+STAGE = "transfer/detection/detectron2"
+INSTALL_HINT = (
+    "backend: detectron2 is not installed (or its C++ ops are not built); it is not on PyPI: "
+    "build it from source, e.g. pip install --no-build-isolation "
+    "'git+https://github.com/facebookresearch/detectron2.git' (see "
+    "https://detectron2.readthedocs.io/en/latest/tutorials/install.html), or use backend: native"
+)
+BACKBONE_PREFIX = "BenchAlexNet_"
+HEAD_PREFIX = "BenchAlexNetFCHead_dropout"
+# Tensors of the model that no encoder file holds: the re-initialised fc6/fc7 and the heads.
+NEW_HEAD_PREFIXES = ("roi_heads.box_head.", "roi_heads.box_predictor.")
+# The backbone is conv1..relu5 (`features[:12]`); a pool-free encoder's pool5 conv is unused.
+UNUSED_ENCODER_PREFIXES = ("features.12.",)
+SAMPLE_STREAM = 21  # keyed_seed(seed, 21, sample): the random choices of one training sample
+
+
+# ------------------------------------------------------------------ detectron2 and its registry
 
 
 def require_detectron2() -> Any:
@@ -48,45 +113,98 @@ def require_detectron2() -> Any:
     try:
         import detectron2
         import detectron2.modeling  # noqa: F401 - fails when the C++ ops were not built
-    except ImportError:
+    except (ImportError, OSError):
         raise BenchError(INSTALL_HINT) from None
     register_components()
     return detectron2
 
 
-def register_components() -> None:
-    """Add our backbone and box head to detectron2's registries (once per process)."""
+def backbone_name(arch: str, pool_free: bool) -> str:
+    """The registry name of the backbone for an encoder arch: BenchAlexNet_caffenet[_poolfree]."""
+    if arch not in ARCHS:
+        raise ConfigError(f"arch: unknown encoder arch {arch!r} (choose from {sorted(ARCHS)})")
+    return BACKBONE_PREFIX + arch.replace("-", "_") + ("_poolfree" if pool_free else "")
+
+
+def parse_backbone_name(name: str) -> tuple[str, bool]:
+    """(arch, pool_free) of a `backbone_name`; ConfigError for any other name."""
+    for arch in ARCHS:
+        for pool_free in (False, True):
+            if backbone_name(arch, pool_free) == name:
+                return arch, pool_free
+    raise ConfigError(f"MODEL.BACKBONE.NAME: {name!r} is not a bench AlexNet backbone")
+
+
+def box_head_name(dropout: float) -> str:
+    """The registry name of the fc6/fc7 head with this dropout: BenchAlexNetFCHead_dropout0.5."""
+    return f"{HEAD_PREFIX}{float(dropout)!r}"
+
+
+def parse_box_head_name(name: str) -> float:
+    try:
+        if name.startswith(HEAD_PREFIX):
+            p = float(name[len(HEAD_PREFIX) :])
+            if 0 <= p < 1:
+                return p
+    except ValueError:
+        pass
+    raise ConfigError(f"MODEL.ROI_BOX_HEAD.NAME: {name!r} is not a bench fc6/fc7 head")
+
+
+def register_components(d2cfg: Any = None) -> None:
+    """Add our backbones (every arch, with and without pools) to detectron2's registry, and
+    the box head for the dropout `d2cfg` names (if given). Idempotent."""
     from detectron2.layers import ShapeSpec
     from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+
+    if backbone_name("caffenet", False) not in BACKBONE_REGISTRY:
+
+        class AlexNetBackbone(Backbone):
+            """conv1-relu5 of the encoder: (B, 3, H, W) -> {"conv5": (B, C5, H/16, W/16)}."""
+
+            def __init__(self, arch: str, pool_free: bool, freeze_at: int) -> None:
+                super().__init__()
+                encoder = AlexNetEncoder(arch, pool_free)  # type: ignore[arg-type]
+                self.features = encoder.features[:12]
+                self._channels = encoder.out_channels
+                for idx in CONV_INDICES[:freeze_at]:
+                    for p in self.features[idx].parameters():
+                        p.requires_grad_(False)
+
+            def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+                return {"conv5": self.features(x)}
+
+            def output_shape(self) -> dict[str, ShapeSpec]:
+                return {"conv5": ShapeSpec(channels=self._channels, stride=16)}
+
+        def builder(arch: str, pool_free: bool) -> Any:
+            def build(cfg: Any, input_shape: ShapeSpec) -> Backbone:
+                return AlexNetBackbone(arch, pool_free, cfg.MODEL.BACKBONE.FREEZE_AT)
+
+            build.__name__ = backbone_name(arch, pool_free)
+            return build
+
+        for arch in ARCHS:
+            for pool_free in (False, True):
+                BACKBONE_REGISTRY.register(builder(arch, pool_free))
+
+    if d2cfg is not None:
+        parse_backbone_name(d2cfg.MODEL.BACKBONE.NAME)
+        register_box_head(parse_box_head_name(d2cfg.MODEL.ROI_BOX_HEAD.NAME))
+
+
+def register_box_head(dropout: float) -> str:
+    """Register (once) Fast R-CNN's fc6/fc7 head with this dropout; returns its name."""
+    from detectron2.layers import ShapeSpec
     from detectron2.modeling.roi_heads import ROI_BOX_HEAD_REGISTRY
 
-    if BACKBONE_NAME in BACKBONE_REGISTRY:
-        return
-
-    class AlexNetBackbone(Backbone):
-        """conv1-relu5 of the AlexNet encoder: (B, 3, H, W) -> {"conv5": (B, 256, H/16, W/16)}."""
-
-        def __init__(self, arch: str, pool_free: bool, freeze_at: int) -> None:
-            super().__init__()
-            encoder = AlexNetEncoder(arch, pool_free)  # type: ignore[arg-type]
-            self.features = encoder.features[:12]
-            self._channels = encoder.out_channels
-            for idx in CONV_INDICES[:freeze_at]:
-                for p in self.features[idx].parameters():
-                    p.requires_grad_(False)
-
-        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {"conv5": self.features(x)}
-
-        def output_shape(self) -> dict[str, ShapeSpec]:
-            return {"conv5": ShapeSpec(channels=self._channels, stride=16)}
-
-    def build_alexnet_backbone(cfg: Any, input_shape: ShapeSpec) -> Backbone:
-        b = cfg.MODEL.ALEXNET
-        return AlexNetBackbone(b.ARCH, b.POOL_FREE, cfg.MODEL.BACKBONE.FREEZE_AT)
+    name = box_head_name(dropout)
+    if name in ROI_BOX_HEAD_REGISTRY:
+        return name
 
     class AlexNetFCHead(nn.Module):
-        """RoI features (R, 256, 6, 6) -> fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout."""
+        """RoI features (R, C5, 6, 6) -> fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout,
+        with Caffe's fillers (N(0, 0.005), bias 0.1) as the native model."""
 
         def __init__(self, cfg: Any, input_shape: ShapeSpec) -> None:
             super().__init__()
@@ -94,7 +212,7 @@ def register_components() -> None:
             in_dim = input_shape.channels * input_shape.height * input_shape.width
             self.fc6 = nn.Linear(in_dim, dim)
             self.fc7 = nn.Linear(dim, dim)
-            self.dropout = nn.Dropout(cfg.MODEL.ALEXNET.DROPOUT)
+            self.dropout = nn.Dropout(dropout)
             for fc in (self.fc6, self.fc7):
                 nn.init.normal_(fc.weight, 0.0, 0.005)
                 nn.init.constant_(fc.bias, 0.1)
@@ -108,8 +226,63 @@ def register_components() -> None:
         def output_shape(self) -> ShapeSpec:
             return ShapeSpec(channels=self._output_size)
 
-    BACKBONE_REGISTRY.register(build_alexnet_backbone)
+    AlexNetFCHead.__name__ = name
     ROI_BOX_HEAD_REGISTRY.register(AlexNetFCHead)
+    return name
+
+
+# ------------------------------------------------------------------ config
+
+
+def check_supported(cfg: DetectionConfig) -> None:
+    """One-line ConfigErrors for the options this backend cannot honour, and a refusal
+    under torchrun; needs no detectron2."""
+    if cfg.rescale:
+        raise ConfigError(
+            "rescale: the data-dependent init is not available with backend: detectron2 "
+            "(use backend: native)"
+        )
+    if cfg.bbox_normalize != "fixed":
+        raise ConfigError(
+            "bbox_normalize: 'data' needs per-class target means and stds, but detectron2's "
+            "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS is one divisor per coordinate for all classes "
+            "(use 'fixed' with bbox_stds, or backend: native)"
+        )
+    if cfg.train.compile:
+        raise ConfigError("train.compile: not supported with backend: detectron2")
+    iou_bands(cfg)  # raises for bands detectron2's Matcher cannot express
+    if distributed.torchrun_world() > 1:
+        raise BenchError(
+            f"backend: detectron2 runs in one process, but torchrun started "
+            f"{distributed.torchrun_world()} (WORLD_SIZE); run it without torchrun or use "
+            "backend: native"
+        )
+
+
+def iou_bands(cfg: DetectionConfig) -> tuple[list[float], list[int]]:
+    """Fast R-CNN's RoI bands as detectron2 Matcher thresholds and labels: IoU < bg_lo
+    ignored, [bg_lo, bg_hi) background, [bg_hi, fg) ignored, >= fg foreground (the Matcher
+    wants thresholds > 0, so a zero edge is dropped)."""
+    lo, hi, fg = cfg.bg_thresh_lo, cfg.bg_thresh_hi, cfg.fg_thresh
+    if not 0 < fg <= 1:
+        raise ConfigError(f"fg_thresh: must be in (0, 1] with backend: detectron2, got {fg}")
+    if hi > fg:
+        raise ConfigError(
+            f"bg_thresh_hi: {hi} above fg_thresh {fg} makes RoIs both background and "
+            "foreground, which detectron2's Matcher cannot express"
+        )
+    thresholds: list[float] = []
+    labels = [-1]  # labels[0]: IoU below thresholds[0]; labels[k + 1]: [thresholds[k], next)
+    points = ((lo, 0), (hi, -1), (fg, 1))
+    for k, (t, label) in enumerate(points):
+        if k + 1 < len(points) and points[k + 1][0] == t:
+            continue  # an empty band
+        if t <= 0:
+            labels[-1] = label
+        else:
+            thresholds.append(float(t))
+            labels.append(label)
+    return thresholds, labels
 
 
 def fast_rcnn_config(
@@ -119,31 +292,28 @@ def fast_rcnn_config(
     pool_free: bool,
     train_dataset: str,
     test_dataset: str,
-    proposals_train: Path,
-    proposals_test: Path,
-    weights: Path | None,
     output_dir: Path,
     device: str,
+    proposals_topk_train: int | None = None,
+    proposals_topk_test: int | None = None,
 ) -> Any:
-    """A detectron2 CfgNode holding the protocol: precomputed proposals, RoI max pooling 6x6
-    at 1/16, fc6/fc7 with dropout, 2 images x 64 RoIs (25% fg >= 0.5, bg [0.1, 0.5)),
-    smooth-L1 box loss with targets scaled by 1/(0.1, 0.1, 0.2, 0.2), Caffe's bias lr x2."""
-    from detectron2.config import CfgNode, get_cfg
+    """A detectron2 CfgNode holding the protocol in detectron2's own keys: precomputed
+    proposals, RoI max pooling 6x6 at 1/16, fc6/fc7 with dropout, 2 images x 64 RoIs (25% fg
+    >= 0.5, bg [0.1, 0.5)), smooth-L1 box loss on targets scaled by 1/(0.1, 0.1, 0.2, 0.2),
+    the solver (documentation: the loop applies it), frozen."""
+    from detectron2.config import get_cfg
 
-    if cfg.bbox_normalize != "fixed":
-        raise BenchError("bbox_normalize: detectron2 backend supports only 'fixed' target scaling")
-    if cfg.rescale:
-        raise BenchError("rescale: not available with the detectron2 backend (use backend: native)")
+    t: DetectionTrainConfig = cfg.train
+    thresholds, labels = iou_bands(cfg)
     c = get_cfg()
-    c.MODEL.ALEXNET = CfgNode({"ARCH": arch, "POOL_FREE": pool_free, "DROPOUT": cfg.dropout})
     c.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
-    c.MODEL.DEVICE = device
-    c.MODEL.WEIGHTS = str(weights) if weights else ""
+    c.MODEL.DEVICE = str(device)
+    c.MODEL.WEIGHTS = ""  # weights are loaded by bench, never by DetectionCheckpointer
     c.MODEL.MASK_ON = False
     c.MODEL.KEYPOINT_ON = False
     c.MODEL.LOAD_PROPOSALS = True
     c.MODEL.PROPOSAL_GENERATOR.NAME = "PrecomputedProposals"
-    c.MODEL.BACKBONE.NAME = BACKBONE_NAME
+    c.MODEL.BACKBONE.NAME = backbone_name(arch, pool_free)
     c.MODEL.BACKBONE.FREEZE_AT = cfg.freeze_at
     # The encoder takes RGB (x / 255 - mean) / std; detectron2 computes (x - MEAN) / STD.
     c.INPUT.FORMAT = "RGB"
@@ -152,16 +322,15 @@ def fast_rcnn_config(
     c.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
     c.MODEL.ROI_HEADS.IN_FEATURES = ["conv5"]
     c.MODEL.ROI_HEADS.NUM_CLASSES = len(VOC_CLASSES)
-    c.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = cfg.rois_per_batch // cfg.ims_per_batch
+    c.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = t.rois_per_batch // t.ims_per_batch
     c.MODEL.ROI_HEADS.POSITIVE_FRACTION = cfg.fg_fraction
-    # IoU < bg_lo: ignored; [bg_lo, fg): background; >= fg: foreground (Fast R-CNN's bands).
-    c.MODEL.ROI_HEADS.IOU_THRESHOLDS = [cfg.bg_thresh_lo, cfg.fg_thresh]
-    c.MODEL.ROI_HEADS.IOU_LABELS = [-1, 0, 1]
-    c.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT = True
+    c.MODEL.ROI_HEADS.IOU_THRESHOLDS = thresholds
+    c.MODEL.ROI_HEADS.IOU_LABELS = labels
+    c.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT = True  # Fast R-CNN trains on the gt boxes too
     c.MODEL.ROI_HEADS.SCORE_THRESH_TEST = cfg.score_thresh
     c.MODEL.ROI_HEADS.NMS_THRESH_TEST = cfg.nms
     c.TEST.DETECTIONS_PER_IMAGE = cfg.max_per_image
-    c.MODEL.ROI_BOX_HEAD.NAME = HEAD_NAME
+    c.MODEL.ROI_BOX_HEAD.NAME = box_head_name(cfg.dropout)
     c.MODEL.ROI_BOX_HEAD.FC_DIM = cfg.fc_dim
     c.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIPool"
     c.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = cfg.roi_size
@@ -171,11 +340,13 @@ def fast_rcnn_config(
     c.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = False
     c.DATASETS.TRAIN = (train_dataset,)
     c.DATASETS.TEST = (test_dataset,)
-    c.DATASETS.PROPOSAL_FILES_TRAIN = (str(proposals_train),)
-    c.DATASETS.PROPOSAL_FILES_TEST = (str(proposals_test),)
-    c.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN = cfg.ss_max_boxes
-    c.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST = cfg.ss_max_boxes
-    c.DATALOADER.NUM_WORKERS = cfg.workers
+    # Proposals travel in the dataset dicts (bench reads proposal files, safely); no file
+    # is handed to detectron2.
+    c.DATASETS.PROPOSAL_FILES_TRAIN = ()
+    c.DATASETS.PROPOSAL_FILES_TEST = ()
+    c.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TRAIN = int(proposals_topk_train or cfg.ss_max_boxes)
+    c.DATASETS.PRECOMPUTED_PROPOSAL_TOPK_TEST = int(proposals_topk_test or cfg.ss_max_boxes)
+    c.DATALOADER.NUM_WORKERS = t.workers
     c.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
     c.INPUT.MIN_SIZE_TRAIN = tuple(cfg.scales)
     c.INPUT.MIN_SIZE_TRAIN_SAMPLING = "choice"
@@ -183,17 +354,21 @@ def fast_rcnn_config(
     c.INPUT.MIN_SIZE_TEST = cfg.test_scale
     c.INPUT.MAX_SIZE_TEST = cfg.test_max_size
     c.INPUT.RANDOM_FLIP = "horizontal" if cfg.flip else "none"
-    c.SOLVER.IMS_PER_BATCH = cfg.ims_per_batch
-    c.SOLVER.BASE_LR = cfg.lr
-    c.SOLVER.STEPS = tuple(cfg.lr_steps)
-    c.SOLVER.GAMMA = cfg.gamma
-    c.SOLVER.MAX_ITER = cfg.iterations
-    c.SOLVER.MOMENTUM = cfg.momentum
-    c.SOLVER.WEIGHT_DECAY = cfg.weight_decay
+    c.SOLVER.IMS_PER_BATCH = t.ims_per_batch
+    c.SOLVER.BASE_LR = t.lr
+    c.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
+    c.SOLVER.STEPS = tuple(t.lr_steps)
+    c.SOLVER.GAMMA = t.gamma
+    c.SOLVER.MAX_ITER = t.iterations
+    c.SOLVER.MOMENTUM = t.momentum
+    c.SOLVER.NESTEROV = False
+    c.SOLVER.WEIGHT_DECAY = t.weight_decay
     c.SOLVER.WEIGHT_DECAY_BIAS = 0.0
-    c.SOLVER.BIAS_LR_FACTOR = cfg.bias_lr_mult
+    c.SOLVER.BIAS_LR_FACTOR = t.bias_lr_mult
     c.SOLVER.WARMUP_ITERS = 0  # Fast R-CNN has no warm-up
-    c.SOLVER.CHECKPOINT_PERIOD = cfg.checkpoint_every
+    c.SOLVER.WARMUP_FACTOR = 1.0
+    c.SOLVER.CHECKPOINT_PERIOD = t.checkpoint_every
+    c.SOLVER.AMP.ENABLED = t.precision in ("bf16", "fp16")
     c.TEST.EVAL_PERIOD = 0
     c.OUTPUT_DIR = str(output_dir)
     c.SEED = cfg.seed
@@ -201,65 +376,290 @@ def fast_rcnn_config(
     return c
 
 
-def write_detectron2_weights(encoder: AlexNetEncoder, path: Path) -> Path:
-    """The encoder in `bench export --format detectron2`'s layout (backbone.features.N.*)."""
-    model = {f"backbone.{k}": v.detach().cpu().numpy() for k, v in encoder.state_dict().items()}
-    blob = {"model": model, "__author__": "bench", "matching_heuristics": False}
-    atomic_write_bytes(path, pickle.dumps(blob, protocol=pickle.HIGHEST_PROTOCOL))
-    return path
+def lr_at(train: DetectionTrainConfig, iteration: int) -> float:
+    """Fast R-CNN's multistep schedule: lr x gamma at each of lr_steps passed, no warm-up."""
+    return train.lr * train.gamma ** sum(iteration >= s for s in train.lr_steps)
 
 
-def detectron2_weights_card(weights: str | None, arch: str, folder: Path) -> tuple[Path, dict]:
-    """(detectron2 weights file, model card): an exported .pkl is used as it is (its card is
-    read from `<stem>.card.json` when present); anything else is converted into `folder`."""
-    from transfer.backbone import load_encoder
+# ------------------------------------------------------------------ weights
 
-    if weights and Path(weights).suffix == ".pkl":
-        path = Path(weights)
+
+def read_detectron2_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a `bench export --format detectron2` pickle ({"model": {name: array}}
+    or a bare {name: array}), read with the restricted unpickler: a file never runs code."""
+    from benchmark.safe_pickle import safe_load
+
+    blob = safe_load(path)
+    model = blob.get("model", blob) if isinstance(blob, dict) else None
+    if not isinstance(model, dict) or not model:
+        raise BenchError(
+            f"{printable(path)}: not a detectron2 weights pickle (expected a dict "
+            "{'model': {name: array}})"
+        )
+    state = {}
+    for key, value in model.items():
+        if not isinstance(key, str) or not isinstance(value, np.ndarray):
+            raise BenchError(
+                f"{printable(path)}: entry {printable(str(key))!r} is a "
+                f"{type(value).__name__}, not a numpy array"
+            )
+        if value.dtype.kind not in "fiub":
+            raise BenchError(f"{printable(path)}: {key} has unsupported dtype {value.dtype}")
+        state[key] = torch.from_numpy(np.array(value))
+    return state
+
+
+def _pickle_card(path: Path, arch: str) -> dict[str, Any]:
+    from pretrain.export import card_path
+
+    sidecar = card_path(path)
+    card: dict[str, Any] = {}
+    if sidecar.is_file():
+        try:
+            card = json.loads(sidecar.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BenchError(
+                f"{printable(sidecar)}: model card is not valid JSON ({exc})"
+            ) from None
+        if not isinstance(card, dict):
+            raise BenchError(f"{printable(sidecar)}: model card must be a JSON object")
+    card.setdefault("method", "unknown")
+    return card
+
+
+def load_weights(weights: str | None, arch: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model tensors `backbone.features.N.*`, card) of `--weights`, checked as an encoder
+    (key sets, shapes, finite values): a `.pkl` through the restricted unpickler, anything
+    else (run folder, native, torchvision, Caffe, None = random) through `load_encoder`."""
+    if weights and Path(weights).suffix.lower() in (".pkl", ".pickle"):
+        path = Path(weights).expanduser()
         if not path.is_file():
-            raise BenchError(f"{path}: weights file not found")
-        card_file = path.with_name(path.stem + ".card.json")
-        card: dict[str, Any] = {"method": "unknown", "arch": arch, "pool_free": False}
-        if card_file.is_file():
-            import json
+            raise BenchError(f"{printable(path)}: weights file not found")
+        raw = read_detectron2_pickle(path)
+        outside = sorted(k for k in raw if not k.startswith("backbone."))
+        if outside:
+            shown = ", ".join(outside[:8]) + (
+                f", ... ({len(outside)} in all)" if len(outside) > 8 else ""
+            )
+            raise BenchError(
+                f"{printable(path)}: tensors outside the backbone ({shown}); expected only "
+                "backbone.features.N.* (bench export --format detectron2)"
+            )
+        state = {k.removeprefix("backbone."): v for k, v in raw.items()}
+        card = resolve_arch(state, _pickle_card(path, arch), path, default=arch)
+        card["source"] = str(path)
+        encoder = AlexNetEncoder(card["arch"], bool(card["pool_free"]))
+        load_state_checked(encoder, state, path)
+    else:
+        encoder, card = load_encoder(weights, arch)
+    tensors = {
+        f"backbone.{k}": v.detach().cpu()
+        for k, v in encoder.state_dict().items()
+        if not k.startswith(UNUSED_ENCODER_PREFIXES)
+    }
+    card.setdefault("arch", encoder.arch)
+    card.setdefault("pool_free", encoder.pool_free)
+    return tensors, card
 
-            card.update(json.loads(card_file.read_text()))
-        return path, card
-    encoder, card = load_encoder(weights, arch)
-    return write_detectron2_weights(encoder, folder / "encoder_detectron2.pkl"), card
 
-
-def register_voc(voc_root: Path, split: str) -> str:
-    """Register VOC2007 `split` with detectron2's own helper; returns the dataset name."""
-    from detectron2.data import DatasetCatalog
-    from detectron2.data.datasets import register_pascal_voc
-
-    name = f"bench_voc2007_{split}_{abs(hash(str(Path(voc_root).resolve()))) % 10**8}"
-    if name not in DatasetCatalog.list():
-        register_pascal_voc(name, str(voc_root), split, 2007, list(VOC_CLASSES))
-    return name
+def load_into_model(model: nn.Module, state: Mapping[str, torch.Tensor], where: object) -> None:
+    """Load the encoder's tensors into the detectron2 model: every model tensor must come
+    from `state` except the new head's (fc6/fc7, classifier, box regressor), nothing in
+    `state` may be left over, and shapes must match."""
+    expected = model.state_dict()
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    not_new = {k for k in missing if not k.startswith(NEW_HEAD_PREFIXES)}
+    if not_new or unexpected:
+        raise BenchError(
+            f"{printable(where)}: tensors do not match the detectron2 model: missing "
+            f"[{', '.join(sorted(not_new)[:12]) or 'none'}]; unexpected "
+            f"[{', '.join(sorted(unexpected)[:12]) or 'none'}]"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise BenchError(
+                f"{printable(where)}: {key} has shape {tuple(value.shape)}, the detectron2 "
+                f"model expects {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=False)
 
 
 def build_fast_rcnn(d2cfg: Any) -> nn.Module:
-    """detectron2 model for the config; exported weights loaded by DetectionCheckpointer."""
-    from detectron2.checkpoint import DetectionCheckpointer
+    """The detectron2 model of `d2cfg` (our backbone and head registered first); weights are
+    loaded separately (`load_weights` + `load_into_model`)."""
+    require_detectron2()
     from detectron2.modeling import build_model
 
-    require_detectron2()
-    model = build_model(d2cfg)
-    if d2cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(d2cfg.MODEL.WEIGHTS)
-    return model
+    register_components(d2cfg)
+    return build_model(d2cfg)
+
+
+# ------------------------------------------------------------------ data
+
+
+def dataset_dict(rec: DetRecord, use_difficult: bool) -> dict[str, Any]:
+    """A detectron2 dataset dict of one image: continuous XYXY_ABS boxes (x1, y1, x2 + 1,
+    y2 + 1) from our inclusive pixels, the proposals with logits falling by rank (selective
+    search has no objectness; detectron2 keeps the top k), difficult objects dropped unless
+    `use_difficult`."""
+    from detectron2.structures import BoxMode
+
+    annotations = [
+        {
+            "bbox": [float(b[0]), float(b[1]), float(b[2]) + 1.0, float(b[3]) + 1.0],
+            "bbox_mode": BoxMode.XYXY_ABS,
+            "category_id": int(c) - 1,
+            "iscrowd": 0,
+        }
+        for b, c, d in zip(rec.gt_boxes, rec.gt_classes, rec.gt_difficult)
+        if use_difficult or not d
+    ]
+    props = rec.proposals if rec.proposals is not None else np.zeros((0, 4), np.float32)
+    boxes = np.asarray(props, np.float32).reshape(-1, 4).copy()
+    boxes[:, 2:] += 1.0
+    return {
+        "file_name": str(rec.path),
+        "image_id": rec.image_id,
+        "height": int(rec.height),
+        "width": int(rec.width),
+        "annotations": annotations,
+        "proposal_boxes": boxes,
+        "proposal_objectness_logits": -np.arange(len(boxes), dtype=np.float32),
+        "proposal_bbox_mode": BoxMode.XYXY_ABS,
+    }
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Python's, numpy's and torch's global generators seeded for one sample, restored after
+    (detectron2's augmentations draw from np.random)."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
+class KeyedMapper(Dataset):
+    """Item (index, sample number) from the loop's IterationSampler -> detectron2's
+    DatasetMapper output for dicts[index], every random choice seeded by (seed, sample)."""
+
+    def __init__(self, dicts: Sequence[dict[str, Any]], mapper: Any, seed: int) -> None:
+        self.dicts, self.mapper, self.seed = list(dicts), mapper, seed
+
+    def __len__(self) -> int:
+        return len(self.dicts)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
+        index, sample = item
+        with seeded(loop.keyed_seed(self.seed, SAMPLE_STREAM, sample)):
+            return self.mapper(self.dicts[index])  # DatasetMapper deep-copies the dict
+
+
+def register_split(name: str, voc_root: Path, split: str, dicts: list[dict[str, Any]]) -> None:
+    """Register `dicts` under `name` with VOC metadata (what PascalVOCDetectionEvaluator
+    reads), replacing an earlier registration of the same name."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, lambda: dicts)
+    MetadataCatalog.get(name).set(
+        thing_classes=list(VOC_CLASSES), dirname=str(voc_root), year=2007, split=split
+    )
+
+
+def dataset_name(voc_root: Path, split: str) -> str:
+    """bench_voc2007_<split>_<hash of the folder>: stable across processes."""
+    digest = hashlib.sha1(str(Path(voc_root).resolve()).encode()).hexdigest()[:8]
+    return f"bench_voc2007_{split}_{digest}"
+
+
+def prepare_records(
+    cfg: DetectionConfig, run: Run, voc_root: Path
+) -> tuple[list[DetRecord], list[DetRecord], list[str], list[str]]:
+    """(train records, test records, skipped train ids, skipped test ids), as the native
+    backend prepares them: every file checked first, proposals attached, training images
+    without a usable RoI dropped."""
+    train_ids, skip_train = common.checked_voc_ids(
+        voc_root, cfg.train_split, cfg.on_bad_data, run.logger, boxes=True
+    )
+    test_ids, skip_test = common.checked_voc_ids(
+        voc_root, cfg.test_split, cfg.on_bad_data, run.logger, boxes=True
+    )
+    train_records = load_records(voc_root, cfg.train_split, train_ids)
+    test_records = load_records(voc_root, cfg.test_split, test_ids)
+    attach_proposals(train_records, cfg.proposals_train, cfg, cfg.train_split)
+    attach_proposals(test_records, cfg.proposals_test, cfg, cfg.test_split)
+    usable = [
+        r for r in train_records
+        if usable_for_training(r, cfg.train_difficult, cfg.fg_thresh, cfg.bg_thresh_hi,
+                               cfg.bg_thresh_lo)
+    ]  # fmt: skip
+    if not usable:
+        raise BenchError(f"{voc_root}: no {cfg.train_split} image has a usable object for training")
+    return usable, test_records, skip_train, skip_test
+
+
+# ------------------------------------------------------------------ training step
+
+
+def make_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train: DetectionTrainConfig,
+    precision: loop.Precision,
+) -> loop.StepFn:
+    """One SGD step of detectron2's Fast R-CNN on a list of mapped dataset dicts."""
+    from detectron2.utils.events import EventStorage
+
+    def step(batch: list[dict[str, Any]], iteration: int) -> dict[str, Any]:
+        lr = lr_at(train, iteration)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+        with EventStorage(iteration) as storage, precision.autocast():
+            losses = model(batch)
+        loss = sum(v.float() for v in losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        precision.backward(loss)
+        precision.step(optimizer)
+        latest = storage.latest()
+        out: dict[str, Any] = {
+            "loss": loss.detach(),
+            "loss_cls": losses["loss_cls"].detach(),
+            "loss_box": losses["loss_box_reg"].detach(),
+            "lr": lr,
+        }
+        for key, name in (
+            ("acc", "fast_rcnn/cls_accuracy"),
+            ("fg_acc", "fast_rcnn/fg_cls_accuracy"),
+        ):
+            if name in latest:
+                out[key] = float(latest[name][0])
+        return out
+
+    return step
+
+
+# ------------------------------------------------------------------ evaluation
 
 
 def _collector() -> Any:
     from detectron2.evaluation import DatasetEvaluator
 
     class CollectDetections(DatasetEvaluator):
-        """Keeps every detection in devkit coordinates for our own scoring."""
+        """Every detection in devkit (1-based) coordinates, for our own scoring."""
 
         def reset(self) -> None:
-            self.dets: dict[str, list] = {c: [] for c in VOC_CLASSES}
+            self.dets: Detections = {c: [] for c in VOC_CLASSES}
 
         def process(self, inputs: list[dict], outputs: list[dict]) -> None:
             for inp, out in zip(inputs, outputs):
@@ -276,161 +676,164 @@ def _collector() -> Any:
     return CollectDetections()
 
 
-def run_detectron2(cfg: DetectionConfig, run: Run, voc_root: Path) -> dict[str, Any]:
-    """Train and evaluate through detectron2; writes the same metrics as the native backend."""
-    require_detectron2()
-    import detectron2
-    from detectron2.data import build_detection_test_loader, build_detection_train_loader
-    from detectron2.evaluation import (
-        DatasetEvaluators,
-        PascalVOCDetectionEvaluator,
-        inference_on_dataset,
-    )
-    from detectron2.solver import build_lr_scheduler, build_optimizer
-    from detectron2.utils.events import EventStorage
+def evaluate(
+    model: nn.Module,
+    d2cfg: Any,
+    test_dicts: list[dict[str, Any]],
+    test_ids: Sequence[str],
+    workers: int,
+    precision: loop.Precision,
+    work: Path,
+    logger: Any,
+) -> tuple[Detections, dict[str, float]]:
+    """(our detections, detectron2's PascalVOCDetectionEvaluator bbox numbers) on the test
+    dicts, through detectron2's test-mode DatasetMapper and inference_on_dataset."""
+    from detectron2.data import DatasetMapper, build_detection_test_loader
+    from detectron2.evaluation import PascalVOCDetectionEvaluator, inference_on_dataset
 
-    from benchmark.distributed import pick_device
-    from transfer.common import run_command
-    from transfer.detection import attach_proposals, finite_or_none, score_fields
-    from transfer.detection.data import load_records
-    from transfer.detection.evaluate import coco_ap, voc07_scores, write_results_files
-    from transfer.detection.proposals import write_detectron2_pickle
-
-    work = run.path / "detectron2"
-    work.mkdir(parents=True, exist_ok=True)
-    weights, card = detectron2_weights_card(cfg.weights, cfg.arch, work)
-    props = {}
-    records = {}
-    for split, source in (
-        (cfg.train_split, cfg.proposals_train),
-        (cfg.test_split, cfg.proposals_test),
-    ):
-        recs = load_records(voc_root, split)
-        attach_proposals(recs, source, cfg, split)
-        props[split] = work / f"proposals_{split}.pkl"
-        write_detectron2_pickle(
-            props[split], [r.image_id for r in recs], [r.proposals for r in recs]
-        )
-        records[split] = recs
-    d2cfg = fast_rcnn_config(
-        cfg,
-        arch=card.get("arch", cfg.arch),
-        pool_free=bool(card.get("pool_free", False)),
-        train_dataset=register_voc(voc_root, cfg.train_split),
-        test_dataset=register_voc(voc_root, cfg.test_split),
-        proposals_train=props[cfg.train_split],
-        proposals_test=props[cfg.test_split],
-        weights=weights,
-        output_dir=work,
-        device=pick_device(cfg.device).type,
-    )
-    (work / "config.yaml").write_text(d2cfg.dump())
-    torch.manual_seed(cfg.seed)
-    model = build_fast_rcnn(d2cfg)
-    optimizer = build_optimizer(d2cfg, model)
-    scheduler = build_lr_scheduler(d2cfg, optimizer)
-    start = 0
-    state = run.load_checkpoint() if run.resumed else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = int(state["iteration"])
-    t0 = time.time()
-    if start < cfg.iterations:
-        _train_loop(
-            model,
-            build_detection_train_loader(d2cfg),
-            optimizer,
-            scheduler,
-            cfg,
-            run,
-            start,
-            EventStorage,
-        )
-    train_seconds = time.time() - t0
-    test_name = d2cfg.DATASETS.TEST[0]
     collector = _collector()
-    evaluators = DatasetEvaluators([PascalVOCDetectionEvaluator(test_name), collector])
+    loader = build_detection_test_loader(
+        [d for d in test_dicts if len(d["proposal_boxes"])],  # no proposal, no detection
+        mapper=DatasetMapper(d2cfg, is_train=False),
+        num_workers=workers,
+    )
+    voc = PascalVOCDetectionEvaluator(d2cfg.DATASETS.TEST[0])
+    # Score the images this run tested (on_bad_data: skip may have dropped some).
+    image_set = work / "test_image_set.txt"
+    atomic_write_text(image_set, "".join(f"{i}\n" for i in test_ids))
+    voc._image_set_path = str(image_set)
     model.eval()
-    results = inference_on_dataset(model, build_detection_test_loader(d2cfg, test_name), evaluators)
-    detections = collector.dets
+    with precision.autocast():
+        inference_on_dataset(model, loader, collector_and(voc, collector))
+    try:
+        bbox = dict(voc.evaluate()["bbox"])
+    except Exception as exc:  # noqa: BLE001 - the extra numbers must not sink the run
+        logger.warning(
+            f"detectron2's PascalVOCDetectionEvaluator failed: {type(exc).__name__}: {exc}"
+        )
+        bbox = {}
+    return collector.dets, {k: float(v) for k, v in bbox.items()}
+
+
+def collector_and(*evaluators: Any) -> Any:
+    """Feed every evaluator, evaluate none (each is evaluated apart)."""
+    from detectron2.evaluation import DatasetEvaluator
+
+    class Both(DatasetEvaluator):
+        def reset(self) -> None:
+            for e in evaluators:
+                e.reset()
+
+        def process(self, inputs: list[dict], outputs: list[dict]) -> None:
+            for e in evaluators:
+                e.process(inputs, outputs)
+
+        def evaluate(self) -> dict:
+            return {}
+
+    return Both()
+
+
+# ------------------------------------------------------------------ the run
+
+
+def run_detectron2(cfg: DetectionConfig, run: Run, voc_root: Path) -> dict[str, Any]:
+    """Train and evaluate through detectron2; writes the same metrics as the native backend
+    plus detectron2's own VOC evaluator numbers."""
+    check_supported(cfg)
+    d2 = require_detectron2()
+    from detectron2.data import DatasetMapper
+
+    t = cfg.train
+    env = loop.setup(cfg.device, t)
+    torch.manual_seed(cfg.seed)
+    state, card = load_weights(cfg.weights, cfg.arch)
+    arch, pool_free = str(card["arch"]), bool(card["pool_free"])
+    train_records, test_records, skip_train, skip_test = prepare_records(cfg, run, voc_root)
+    train_dicts = [dataset_dict(r, cfg.train_difficult) for r in train_records]
+    test_dicts = [dataset_dict(r, True) for r in test_records]
+    train_name = dataset_name(voc_root, cfg.train_split)
+    test_name = dataset_name(voc_root, cfg.test_split)
+    register_split(train_name, voc_root, cfg.train_split, train_dicts)
+    register_split(test_name, voc_root, cfg.test_split, test_dicts)
+    work = run.path / "detectron2"
+    topk = [max([len(d["proposal_boxes"]) for d in ds] + [1]) for ds in (train_dicts, test_dicts)]
+    d2cfg = fast_rcnn_config(
+        cfg, arch=arch, pool_free=pool_free, train_dataset=train_name, test_dataset=test_name,
+        output_dir=work, device=str(env.device), proposals_topk_train=topk[0],
+        proposals_topk_test=topk[1],
+    )  # fmt: skip
+    if run.is_main:
+        atomic_write_text(work / "config.yaml", d2cfg.dump())
+
+    model = build_fast_rcnn(d2cfg)
+    load_into_model(model, state, card.get("source") or f"{arch} random init")
+    model.to(env.device)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    snapshot = snapshot_frozen(model, frozen)
+    describe_transfer(model, (), run.logger)
+    run.logger.info(
+        f"fast r-cnn (detectron2 {d2.__version__}): {len(train_dicts)} train images, "
+        f"{len(test_dicts)} test"
+    )
+    net = loop.prepare_model(model, env, t, ddp=False)
+    optimizer = torch.optim.SGD(
+        param_groups(model, t.lr, t.weight_decay, t.bias_lr_mult), lr=t.lr, momentum=t.momentum
+    )
+    precision = loop.Precision(t.precision, env.device)
+    dataset = KeyedMapper(train_dicts, DatasetMapper(d2cfg, is_train=True), cfg.seed)
+    net.train()
+    result = loop.fit(
+        run, env, t, stage=STAGE, config=cfg, seed=cfg.seed,
+        step=make_step(net, optimizer, t, precision),
+        batches=loop.loader_batches(dataset, t.ims_per_batch, cfg.seed, env, t.workers,
+                                    collate_fn=loop.list_collate),
+        state={"model": net, "optimizer": optimizer}, precision=precision,
+        desc="fast r-cnn (detectron2)",
+    )  # fmt: skip
+    check_frozen_unchanged(model, snapshot)
+
+    tick = time.perf_counter()
+    test_ids = [r.image_id for r in test_records]
+    detections, bbox = evaluate(
+        model, d2cfg, test_dicts, test_ids, t.workers, precision, work, run.logger
+    )
     if run.is_main:
         write_results_files(run.file("detections"), detections)
-    per_class, mean = voc07_scores(detections, records[cfg.test_split])
-    coco = coco_ap(detections, records[cfg.test_split])
-    bbox = results.get("bbox", {})
+    per_class, mean = voc07_scores(detections, test_records)
+    coco = coco_ap(detections, test_records)
+
+    def percent(key: str) -> float | None:
+        value = bbox.get(key)
+        return None if value is None or not math.isfinite(value) else value / 100
+
     metrics = {
-        "stage": "transfer",
-        "task": "detection",
-        "backend": "detectron2",
-        "detectron2_version": detectron2.__version__,
-        **score_fields(card, cfg.weights, mean, coco, per_class),
-        # detectron2's own PascalVOCDetectionEvaluator (percent in detectron2 -> fraction)
-        "detectron2_ap50": finite_or_none(float(bbox.get("AP50", float("nan"))) / 100),
-        "detectron2_ap": finite_or_none(float(bbox.get("AP", float("nan"))) / 100),
-        "seed": cfg.seed,
-        "command": run_command(run),
-        "iterations": cfg.iterations,
-        "train_seconds": round(train_seconds, 2),
-        "test_images": len(records[cfg.test_split]),
+        **common.metrics_head("detection", "detectron2", cfg, run, card, arch),
+        **score_fields(mean, coco, per_class),
+        # detectron2's own PascalVOCDetectionEvaluator (percent there -> fraction here)
+        "detectron2_ap50": finite_or_none(percent("AP50")),
+        "detectron2_ap75": finite_or_none(percent("AP75")),
+        "detectron2_ap": finite_or_none(percent("AP")),
+        "detectron2_version": d2.__version__,
+        "bbox_normalize": cfg.bbox_normalize,
+        "rescale": cfg.rescale,
+        "iterations": result.iterations,
+        "train_seconds": round(result.seconds, 2),
+        "test_seconds": round(time.perf_counter() - tick, 2),
+        "precision": result.precision,
+        "device": str(env.device),
+        "initial_loss": result.first.get("loss"),
+        "final_loss": result.last.get("loss"),
+        "train_images": len(train_records),
+        "test_images": len(test_records),
+        "skipped": common.skipped_field(skip_train, skip_test),
+        "mean_proposals": float(np.mean([len(r.proposals) for r in test_records]))
+        if test_records
+        else 0.0,
     }
     run.logger.info(
-        f"detectron2 detection mAP {metrics['map']}  detectron2 AP50 {metrics['detectron2_ap50']}"
+        f"detectron2 detection mAP {metrics['map']}  COCO AP {metrics['coco_ap']}  "
+        f"detectron2 AP50 {metrics['detectron2_ap50']}"
     )
     run.write_metrics(metrics)
     return metrics
-
-
-def _train_loop(
-    model: nn.Module,
-    loader: Any,
-    optimizer: Any,
-    scheduler: Any,
-    cfg: DetectionConfig,
-    run: Run,
-    start: int,
-    event_storage: Any,
-) -> None:
-    """detectron2's plain_train_net loop with bench's scalars and atomic checkpoints."""
-    from tqdm import tqdm
-
-    model.train()
-    bar = tqdm(
-        range(start, cfg.iterations),
-        desc="fast r-cnn (detectron2)",
-        unit="it",
-        disable=None,
-        initial=start,
-        total=cfg.iterations,
-    )
-    with event_storage(start) as storage:
-        for data, it in zip(loader, bar):
-            storage.iter = it
-            losses = model(data)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise BenchError(f"training diverged: loss is {loss.item()} at iteration {it}")
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            done = it + 1
-            if done % cfg.log_every == 0 or done == cfg.iterations:
-                values = {k: v.item() for k, v in losses.items()}
-                values["lr"] = optimizer.param_groups[0]["lr"]
-                run.log_scalars(done, values, prefix="train/")
-                run.logger.info(
-                    f"it {done}/{cfg.iterations} "
-                    + " ".join(f"{k} {v:.4f}" for k, v in values.items())
-                )
-            if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
-                run.save_checkpoint(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "iteration": done,
-                        "config": to_dict(cfg),
-                    }
-                )
