@@ -25,7 +25,9 @@ data pipeline (`LoadImageFromFile`, `RandomFlip`, `PackSegInputs`) and the evalu
   returns pool5 with its grid (`model.Grid`: image coordinate of every cell); the head
   linearly interpolates its stride-32 scores at every pixel of the network input. mmseg then
   resizes those per-pixel scores to the label (bilinear, align_corners=False). Where the image
-  was not shrunk that resize is the identity and the scores are exactly the native FCN's;
+  was not shrunk that resize is the identity and scores and loss are the native FCN's on the
+  same weights (tested); on a shrunk image the label's pixels get an interpolation of the
+  per-pixel scores rather than native's one interpolation of the coarse map (close, not equal);
 - the data: VOC2012 + SBD sample lists and checks (`prepare_data`), a label transform reading
   palette PNGs and SBD `.mat` files, and `BenchShrink`, which (like the native `shrink`)
   only ever makes an image smaller: mmcv's `Resize(keep_ratio=True)` would scale small
@@ -33,6 +35,13 @@ data pipeline (`LoadImageFromFile`, `RandomFlip`, `PackSegInputs`) and the evalu
 - the optimisation step: one forward / backward per image (images differ in size), each
   weighted 1/(iter_size x batch_size), then one SGD (or Adam) update with FCN's parameter
   groups (weights: lr and weight decay; biases: 2 lr, no decay), as the native step does.
+  `normalize_loss: false` sums the loss over pixels (CrossEntropyLoss reduction "sum");
+- `rescale`: the native function (`data_dependent_init_`, Krähenbühl et al.) on the same
+  227x227 batch, visiting backbone, fc6, fc7 and conv_seg in forward order;
+- evaluation: mmseg's predictions in eval mode, scored by mmseg's `IoUMetric` and by our
+  confusion matrix (`benchmark.metrics`) on the same predictions; metrics.json has the native
+  backend's keys (from the confusion matrix) plus `mmseg_iou_metric` (IoUMetric's own
+  rounded percentages and its exact mean IU, which must agree), and overlays as native.
 
 Every random choice of a training sample (the flip) is drawn inside the pipeline from numpy /
 random / torch seeded with `keyed_seed(seed, 31, sample number)`, the global generators being
@@ -646,6 +655,8 @@ def run_mmseg(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     precision = loop.Precision(t.precision, env.device)
 
     def interim(iteration: int) -> None:
+        if iteration == t.iterations:
+            return  # the final evaluation below scores this iteration
         ev = evaluate(model, data.eval, cfg.max_size, env, precision)
         scores = scores_from_hist(ev.hist, CLASSES)
         run.log_scalars(iteration, {k: scores[k] or 0.0 for k in ("mean_iu", "pixel_acc")},
