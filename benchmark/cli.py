@@ -76,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output file (default: inside the run folder)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
+    p = sub.add_parser("import", help="import released weights (Caffe models) as a bench encoder")
+    isub = p.add_subparsers(dest="import_format", required=True, metavar="FORMAT")
+    q = isub.add_parser("caffe", help="a Caffe prototxt + caffemodel (AlexNet/CaffeNet conv1-5)")
+    q.add_argument("--prototxt", type=Path, required=True, help="the net's deploy/train prototxt")
+    q.add_argument("--caffemodel", type=Path, required=True, help="the trained weights")
+    q.add_argument("--method", help="method name for reports (default: the caffemodel's stem)")
+    q.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output .safetensors file, or a folder (gets encoder.safetensors)",
+    )
+    q.add_argument("--force", action="store_true", help="overwrite an existing output")
+
     p = sub.add_parser("report", help="write Table 1/2 (CSV, LaTeX, Markdown) from run folders")
     p.add_argument("runs", nargs="*", type=Path, help="run folders or folders of runs")
     p.add_argument("--out", type=Path, help="report folder (default: results/report)")
@@ -224,6 +238,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from benchmark.caffe import import_caffe
+
+    path = import_caffe(args.prototxt, args.caffemodel, args.out, args.method, force=args.force)
+    print(f"wrote {printable(path)} (use it as --weights)")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from benchmark.report import main as report_main
     from benchmark.runs import default_results_root
@@ -290,6 +312,7 @@ COMMANDS = {
     "pretrain": cmd_pretrain,
     "transfer": cmd_transfer,
     "export": cmd_export,
+    "import": cmd_import,
     "report": cmd_report,
     "data": cmd_data,
     "run": cmd_run,

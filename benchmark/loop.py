@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from benchmark import distributed
+from benchmark import distributed, faults
 from benchmark.checkpoint import check_checkpoint, make_checkpoint, set_rng_state
 from benchmark.config import to_dict
 from benchmark.distributed import DistEnv
@@ -489,6 +489,7 @@ def fit(
             if iteration % loop.checkpoint_every == 0 or at_end:
                 save(iteration)
                 last_saved = iteration
+            faults.reach(f"step:{iteration}")
             tic = time.perf_counter()
             if count == 0:
                 window_tic = tic

@@ -53,6 +53,7 @@ class PretrainConfig:
     name: str | None = None
     seed: int = 0
     data: str | None = None  # image folder; None = the embedded synthetic dataset
+    on_bad_data: Literal["error", "skip"] = "error"  # an image `bench data check` flags
     device: str = "auto"
     method: Method = "context-encoder"
     mask: MaskName = "random-region"

@@ -11,7 +11,7 @@ Every run ends by writing `encoder.safetensors` (+ card) and then `metrics.json`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from benchmark import loop
 from benchmark.config import config_hash, identity_hash
 from benchmark.datasets.folder import list_images
+from benchmark.datasets.preflight import checked_image_folder, skipped_field
 from benchmark.datasets.resolve import resolve_data
 from benchmark.distributed import DistEnv
 from benchmark.errors import BenchError, ConfigError, printable
@@ -142,6 +143,7 @@ def _finish(
     card: dict[str, Any],
     losses: tuple[float | None, float | None] = (None, None),
     precision: str | None = None,
+    skipped: Sequence[str] = (),
 ) -> dict[str, Any]:
     if run.is_main:
         write_native(run.file(NATIVE_FILE), encoder.state_dict(), card)
@@ -159,6 +161,7 @@ def _finish(
         "initial_loss": losses[0],
         "final_loss": losses[1],
         "precision": precision,
+        "skipped": skipped_field(skipped),
         "export": NATIVE_FILE,
     }
     run.write_metrics(metrics)
@@ -245,7 +248,9 @@ def make_step(
 def train_inpainting(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, Any]:
     """context-encoder and autoencoder: train the network, export its encoder."""
     images_root = _resolve(cfg.data, "images")
-    paths = list_images(images_root)
+    paths, skipped = checked_image_folder(
+        list_images(images_root), cfg.on_bad_data, run.logger, f"{images_root} images"
+    )
     mean = dataset_mean(paths, seed=cfg.seed)
     fill = fill_value(mean).to(env.device)
     mask_fn, mask_name, shapes = _mask_fn(cfg, run)
@@ -308,7 +313,8 @@ def train_inpainting(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, A
     )  # fmt: skip
     first, last = result.first.get("loss"), result.last.get("loss")
     run.logger.info(f"loss {first} -> {last} in {result.seconds:.0f}s ({result.precision})")
-    return _finish(cfg, run, encoder.cpu(), card, (first, last), result.precision)
+    metrics = _finish(cfg, run, encoder.cpu(), card, (first, last), result.precision, skipped)
+    return metrics
 
 
 def _adam(params: Any, lr: float, beta1: float, device: torch.device) -> torch.optim.Adam:

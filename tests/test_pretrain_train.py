@@ -12,8 +12,8 @@ import pretrain.train as train
 from benchmark.errors import BenchError, ConfigError
 from benchmark.runs import open_run
 from pretrain.config import LossConfig, ModelConfig, PretrainConfig, TrainConfig
-from pretrain.data import InfiniteSampler, PretrainImages
-from pretrain.engine import fit
+from benchmark.distributed import DistEnv
+from benchmark.loop import IterationSampler, LoopConfig, Precision, fit
 from pretrain.export import load_native
 
 SIZE = 67  # the smallest input AlexNet takes (pool5 is 1 x 1): seconds per test on CPU
@@ -93,7 +93,7 @@ def test_autoencoder_lowers_its_reconstruction_loss(images, tmp_path):
     assert metrics["final_loss"] < 0.5 * metrics["initial_loss"]
 
 
-def test_random_region_from_voc_shapes_and_noise_fallback(images, tmp_path):
+def test_random_region_from_voc_shapes_and_the_hint_without_them(images, tmp_path):
     voc = tmp_path / "VOC2012"
     (voc / "SegmentationObject").mkdir(parents=True)
     labels = np.zeros((50, 60), np.uint8)
@@ -102,8 +102,18 @@ def test_random_region_from_voc_shapes_and_noise_fallback(images, tmp_path):
     Image.fromarray(labels, mode="P").save(voc / "SegmentationObject" / "a.png")
     cfg = tiny(images, shapes=str(voc), train={"iterations": 2, "sample_every": 0})
     assert train.main(cfg, open_run(tmp_path / "a", cfg))["mask"] == "random-region"
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["shapes"] == str(voc)
+    assert load_native(tmp_path / "a")[1]["shapes"] == str(voc)
+    # an image folder without shapes: an error that says how to give them, never a silent
+    # switch to the released code's noise masks
     cfg = tiny(images, train={"iterations": 2, "sample_every": 0})
-    assert train.main(cfg, open_run(tmp_path / "b", cfg))["mask"] == "noise-region"
+    with pytest.raises(ConfigError) as err:
+        train.main(cfg, open_run(tmp_path / "b", cfg))
+    assert "shapes=" in str(err.value) and "noise-region" in str(err.value)
+    assert "\n" not in str(err.value)
+    cfg = tiny(images, mask="noise-region", train={"iterations": 2, "sample_every": 0})
+    assert train.main(cfg, open_run(tmp_path / "c", cfg))["mask"] == "noise-region"
 
 
 def test_resume_after_a_stop_gives_bit_identical_weights(images, tmp_path, monkeypatch):
@@ -127,31 +137,43 @@ def test_resume_after_a_stop_gives_bit_identical_weights(images, tmp_path, monke
         train.main(cfg, open_run(tmp_path / "cut", cfg))
     resumed = train.main(cfg, open_run(tmp_path / "cut", cfg, resume=True))
 
-    a = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=False)["state"]
-    b = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=False)["state"]
+    a = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)["state"]
+    b = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["state"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert resumed["final_loss"] == whole["final_loss"]
     assert resumed["initial_loss"] == whole["initial_loss"]
 
 
-def test_sampler_started_mid_way_continues_the_same_stream(images):
-    ds = PretrainImages(sorted(images.glob("*.png")), SIZE)
-    full = list(itertools.islice(iter(InfiniteSampler(ds, seed=3)), 27))
-    assert list(itertools.islice(iter(InfiniteSampler(ds, seed=3, start=13)), 14)) == full[13:]
+def test_sampler_started_mid_way_continues_the_same_stream():
+    full = [k for b in itertools.islice(iter(IterationSampler(10, 3, seed=3)), 9) for k in b]
+    tail = [k for b in itertools.islice(iter(IterationSampler(10, 3, seed=3, start=4)), 5)
+            for k in b]  # fmt: skip
+    assert tail == full[12:]
     assert sorted(i for i, _ in full[:10]) == list(range(10))  # a permutation per epoch
-    assert len({d for _, d in full}) == 27  # every draw has its own seed
+    assert [k for _, k in full] == list(range(27))  # every sample has its own number
 
 
-def test_non_finite_loss_stops_the_loop(tmp_path):
+def test_non_finite_loss_stops_before_the_update(tmp_path):
     cfg = PretrainConfig()
     run = open_run(tmp_path / "run", cfg)
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    prec = Precision("fp32", env.device)
 
     def step(batch, iteration):
-        return {"loss": float("nan") if iteration == 2 else 1.0}
+        loss = (w * (float("nan") if iteration == 2 else 1.0)).sum()
+        opt.zero_grad()
+        prec.backward(loss)
+        prec.step(opt)
+        return {"loss": loss}
 
-    with pytest.raises(BenchError, match="iteration 3: loss is nan"):
-        fit(step, lambda start: itertools.repeat(None), run, {}, iterations=10)
+    loop = LoopConfig(iterations=10, checkpoint_every=2)
+    with pytest.raises(BenchError, match="iteration 3: loss is nan; stopped before the update"):
+        fit(run, env, loop, stage="test", config=cfg, seed=0, step=step,
+            batches=lambda start: itertools.repeat(None), state={"w": opt}, precision=prec)
+    assert torch.allclose(w.detach(), torch.full((2,), 0.8))  # two updates, not three
 
 
 def test_random_method_writes_gaussian_weights(tmp_path):
@@ -219,7 +241,7 @@ def test_joint_adversarial_option_trains_a_discriminator(images, tmp_path):
     train.main(cfg, open_run(tmp_path / "run", cfg))
     rows = [json.loads(line) for line in open(tmp_path / "run/scalars.jsonl")]
     assert all({"train/loss", "train/d_loss", "train/adv_loss"} <= set(r) for r in rows)
-    state = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=False)["state"]
+    state = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["state"]
     assert "discriminator" in state and "optimizer_d" in state
     lr_d = state["optimizer_d"]["param_groups"][0]["lr"]
     assert lr_d == pytest.approx(state["optimizer"]["param_groups"][0]["lr"] / 10)

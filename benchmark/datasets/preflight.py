@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from tqdm import tqdm
 
@@ -33,6 +33,7 @@ from benchmark.datasets.voc import (
     object_label,
     parse_voc_xml,
     read_label,
+    read_split,
 )
 from benchmark.errors import ConfigError, DatasetError, file_message, printable
 
@@ -83,6 +84,13 @@ def scan_images(paths: Sequence[Path], desc: str) -> tuple[list[Size | None], li
 def check_images(paths: Sequence[Path], *, desc: str = "images") -> list[Problem]:
     """Every image must have a UTF-8 name, a readable header and decode fully."""
     return scan_images(paths, desc)[1]
+
+
+def check_image_folder(paths: Sequence[Path], *, desc: str = "images") -> list[Problem]:
+    """`check_images` for an unlabelled folder, whose items are the full paths (stems may
+    repeat across its subfolders)."""
+    found = _threaded(lambda p: image_problems(Path(p), str(p)), paths, desc)
+    return [p for _, problems in found for p in problems]
 
 
 def _fmt_box(box: tuple[float, ...]) -> str:
@@ -207,3 +215,43 @@ def enforce(
     for p in problems:
         log.warning("skipping %s: %s", printable(p.item), p.message)
     return {p.item for p in problems}
+
+
+# ---------------------------------------------------------------- a run's policy
+
+
+def checked_voc_ids(
+    voc_root: Path, split: str, policy: str, logger: logging.Logger, *, boxes: bool
+) -> tuple[list[str], list[str]]:
+    """(usable ids, skipped ids) of ImageSets/Main/<split>.txt after checking every
+    annotation and image the run will read (boxes too when `boxes`), before training starts.
+    policy "error": the first problem is a one-line DatasetError; "skip": bad ids dropped."""
+    ids = read_split(voc_root, split, "Main")
+    problems = check_detection(voc_root, ids, boxes=boxes)
+    bad = enforce(problems, policy, what=f"{voc_root} {split}", logger=logger)  # type: ignore[arg-type]
+    return [i for i in ids if i not in bad], sorted(bad)
+
+
+def checked_segmentation(
+    samples: Sequence[SegSample], policy: str, logger: logging.Logger, what: str
+) -> tuple[list[SegSample], list[str]]:
+    """(usable samples, skipped ids) after checking every image and label map."""
+    problems = check_segmentation(samples, desc=what)
+    bad = enforce(problems, policy, what=what, logger=logger)  # type: ignore[arg-type]
+    return [s for s in samples if s.image_id not in bad], sorted(bad)
+
+
+def checked_image_folder(
+    paths: Sequence[Path], policy: str, logger: logging.Logger, what: str
+) -> tuple[list[Path], list[str]]:
+    """(usable image paths, skipped paths) of an unlabelled folder, every image decoded once
+    before training starts."""
+    problems = check_image_folder(paths, desc=what)
+    bad = enforce(problems, policy, what=what, logger=logger)  # type: ignore[arg-type]
+    return [p for p in paths if str(p) not in bad], sorted(bad)
+
+
+def skipped_field(*skipped: Sequence[str]) -> dict[str, Any]:
+    """metrics.json's record of the items `on_bad_data: skip` dropped."""
+    items = sorted({i for group in skipped for i in group})
+    return {"count": len(items), "items": items[:100]}

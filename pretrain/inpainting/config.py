@@ -47,6 +47,7 @@ class InpaintingConfig:
     name: str | None = None
     seed: int = 0
     data: str | None = None  # image folder; None = the embedded synthetic unlabelled pool
+    on_bad_data: Literal["error", "skip"] = "error"  # an image `bench data check` flags
     device: str = "auto"
     method: Literal["inpainting"] = "inpainting"
     mask: HoleName = "central"  # random-region / noise-region: random holes in the patch

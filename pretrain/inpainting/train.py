@@ -35,6 +35,7 @@ from torch import nn
 from benchmark import loop
 from benchmark.config import config_hash, identity_hash
 from benchmark.datasets.folder import list_images
+from benchmark.datasets.preflight import checked_image_folder, skipped_field
 from benchmark.datasets.resolve import resolve_data
 from benchmark.distributed import DistEnv
 from benchmark.errors import ConfigError
@@ -224,7 +225,9 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     tc, lc = cfg.train, cfg.loss
     root = Path(resolve_data(cfg.data, "images"))
-    paths = list_images(root)
+    paths, skipped = checked_image_folder(
+        list_images(root), cfg.on_bad_data, run.logger, f"{root} images"
+    )
     hole_fn = make_hole_fn(cfg, run)
     dataset = InpaintingImages(paths, tc.load_size, hole_fn, seed=cfg.seed)
     run.logger.info(
@@ -296,6 +299,7 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
         "initial_loss": first,
         "final_loss": last,
         "precision": result.precision,
+        "skipped": skipped_field(skipped),
         "export": GENERATOR_FILE,
     }
     run.write_metrics(metrics)
