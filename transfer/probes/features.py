@@ -178,7 +178,7 @@ class _Images(Dataset):
 
 
 def _worker_init(_: int) -> None:
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(0)
     torch.set_num_threads(1)
 
 
@@ -294,22 +294,47 @@ class LayerTaps(nn.Module):
         return out
 
 
+def _pair(v: int | tuple[int, ...]) -> int:
+    return int(v[0]) if isinstance(v, tuple) else int(v)
+
+
+def _output_side(module: nn.Module, size: int) -> int:
+    """Side of `module`'s output for a square input of side `size`, as torch computes it."""
+    inner = getattr(module, "pool", None)  # a pooling + LRN block: its pooling decides
+    if isinstance(inner, nn.Module):
+        return _output_side(inner, size)
+    if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        k, st, p = _pair(module.kernel_size), _pair(module.stride), _pair(module.padding)
+        d = _pair(getattr(module, "dilation", 1))
+        ceil = bool(getattr(module, "ceil_mode", False))
+        out = (size + 2 * p - d * (k - 1) - 1 + (st - 1 if ceil else 0)) // st + 1
+        if ceil and (out - 1) * st >= size + p:
+            out -= 1
+        return out
+    if any(hasattr(module, a) for a in ("kernel_size", "stride", "output_size")):
+        raise RuntimeError(f"cannot size {type(module).__name__} in encoder.features")
+    return size  # point-wise: ReLU, LRN
+
+
 def layer_specs(encoder: nn.Module, layers: Sequence[str], input_size: int) -> dict[str, PoolSpec]:
-    """Pooling of every layer, from the map sizes of one dry run at `input_size`."""
+    """Pooling of every layer from the map sizes at `input_size`, computed from the layers'
+    geometry (no forward pass)."""
     features: nn.Sequential = encoder.features  # type: ignore[assignment]
     _check_taps(features)
     taps = tap_indices()
     wanted = {taps[name]: name for name in layers}
-    param = next(encoder.parameters())
-    x = torch.zeros(1, 3, input_size, input_size, device=param.device, dtype=param.dtype)
     specs: dict[str, PoolSpec] = {}
-    with torch.inference_mode():
-        for i in range(max(wanted) + 1):
-            x = features[i](x)
-            if i in wanted:
-                if x.shape[-1] != x.shape[-2] or x.shape[-1] < 1:
-                    raise ConfigError(f"input_size: {input_size} gives a {tuple(x.shape)} map")
-                specs[wanted[i]] = pool_spec(wanted[i], int(x.shape[1]), int(x.shape[-1]))
+    size, channels = input_size, 3
+    for i in range(max(wanted) + 1):
+        module = features[i]
+        size = _output_side(module, size)
+        conv = getattr(module, "pool", module)
+        if isinstance(conv, nn.Conv2d):
+            channels = conv.out_channels
+        if size < 1:
+            raise ConfigError(f"input_size: {input_size} is too small for the encoder")
+        if i in wanted:
+            specs[wanted[i]] = pool_spec(wanted[i], channels, size)
     return {name: specs[name] for name in layers}
 
 
@@ -417,6 +442,38 @@ def _read_cache(path: Path, key: str, layers: Sequence[str]) -> dict[str, np.nda
         return None
 
 
+def _run(
+    taps: LayerTaps,
+    loader: DataLoader,
+    device: torch.device,
+    specs: dict[str, PoolSpec],
+    arrays: dict[str, np.ndarray],
+    ok: np.ndarray,
+    errors: list[str],
+    on_bad_data: str,
+) -> None:
+    """Forward every batch of `loader`, filling `arrays` rows; unreadable images flagged."""
+    with torch.inference_mode():
+        for x, index, messages in loader:
+            bad = [m for m in messages if m]
+            if bad:
+                if on_bad_data == "error":
+                    raise DatasetError(bad[0])
+                errors.extend(bad)
+                for i, m in zip(index.tolist(), messages):
+                    if m:
+                        ok[i] = False
+            out = taps(x.to(device, non_blocking=True))
+            rows = index.numpy()
+            for name, value in out.items():
+                if value.shape[1] != specs[name].dim:
+                    raise RuntimeError(
+                        f"{name}: {value.shape[1]} values, expected "
+                        f"{specs[name].describe()}: update layer_specs()"
+                    )
+                arrays[name][rows] = value.float().cpu().numpy()
+
+
 def extract_features(
     encoder: nn.Module,
     images: SplitImages,
@@ -478,21 +535,15 @@ def extract_features(
         f"extracting {', '.join(layers)} of {n} {images.split} images on {device} "
         f"({input_size}x{input_size}, batch {batch_size})"
     )
-    with torch.inference_mode():
-        for x, index, messages in loader:
-            bad = [m for m in messages if m]
-            if bad:
-                if on_bad_data == "error":
-                    raise DatasetError(bad[0])
-                errors.extend(bad)
-                for i, m in zip(index.tolist(), messages):
-                    if m:
-                        ok[i] = False
-            out = taps(x.to(device, non_blocking=True))
-            rows = index.numpy()
-            for name, value in out.items():
-                arrays[name][rows] = value.float().cpu().numpy()
-    encoder.train(was_training)
+    # OpenCV's thread pool does not survive fork: a worker forked after the parent used it
+    # waits forever in cv2.resize. Single-threaded OpenCV while the loader runs.
+    cv2_threads = cv2.getNumThreads()
+    cv2.setNumThreads(0)
+    try:
+        _run(taps, loader, device, specs, arrays, ok, errors, on_bad_data)
+    finally:
+        cv2.setNumThreads(cv2_threads)
+        encoder.train(was_training)
     for message in errors:
         logger.warning(f"{message}; skipping the image (on_bad_data=skip)")
     keep = np.flatnonzero(ok)
