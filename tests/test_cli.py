@@ -1,13 +1,15 @@
 """One step of each CLI command's plumbing: help, config errors, run-folder protection."""
 
+import errno
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from benchmark.cli import main
 
-SUBCOMMANDS = ["pretrain", "transfer", "export", "report", "data", "run", "inpaint"]
+SUBCOMMANDS = ["pretrain", "transfer", "export", "import", "report", "data", "run", "inpaint"]
 
 
 def test_help_lists_subcommands(capsys):
@@ -34,6 +36,22 @@ def test_console_script_entry_point():
         (["pretrain", "--method", "bogus"], "bogus"),
         (["transfer", "--task", "classification", "--set", "bogus=1"], "bogus"),
         (["pretrain", "--config", "no/such/file.yaml"], "no/such/file.yaml"),
+        (["transfer", "--task", "detection", "--set", "train.bogus=1"], "train.bogus"),
+        (["transfer", "--task", "segmentation", "--set", "train.iter_size=x"], "train.iter_size"),
+        (["inpaint", "evaluate", "--iterations", "3"], "--iterations"),
+        (
+            [
+                "import",
+                "caffe",
+                "--prototxt",
+                "no/such.prototxt",
+                "--caffemodel",
+                "no/m.caffemodel",
+                "--out",
+                "w.safetensors",
+            ],
+            "no/such.prototxt",
+        ),
     ],
 )
 def test_bad_input_is_one_line_error(argv, needle, capsys):
@@ -41,6 +59,44 @@ def test_bad_input_is_one_line_error(argv, needle, capsys):
     err = capsys.readouterr().err.strip()
     assert needle in err
     assert len(err.splitlines()) == 1
+    assert err.startswith("bench: error: ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["pretrain"],
+        ["pretrain", "--method", "inpainting"],
+        ["transfer", "--task", "classification"],
+        ["transfer", "--task", "detection"],
+        ["transfer", "--task", "segmentation"],
+    ],
+)
+def test_iterations_flag_sets_train_iterations(argv, capsys):
+    assert main([*argv, "--iterations", "7", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["train"]["iterations"] == 7
+    # --set comes after the flag and wins.
+    assert main([*argv, "--iterations", "7", "--set", "train.iterations=9", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["iterations"] == 9
+
+
+def test_disk_error_is_one_line(tmp_path, monkeypatch, capsys):
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "w.pt"))
+
+    monkeypatch.setattr("pretrain.export.export", full)
+    assert main(["export", str(tmp_path), "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("bench: error: ")
+    assert "w.pt" in err and "No space left" in err
+
+
+def test_inpaint_figures_missing_run_is_one_line_error(tmp_path, capsys):
+    code = main(["inpaint", "figures", "--runs", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "nowhere" in err and len(err.splitlines()) == 1
 
 
 def test_print_config_shows_paper_defaults(capsys):
