@@ -144,3 +144,55 @@ def test_selective_search_does_not_depend_on_earlier_calls(voc):
     P.selective_search(other)
     b = P.selective_search(first)
     np.testing.assert_array_equal(a, b)
+
+
+class _RunsCommand:
+    """A pickle payload that would run a shell command when loaded by plain pickle."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.command,))
+
+
+class _CreatesFile:
+    """A pickle payload that would create (truncate) a file when loaded by plain pickle."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_hostile_proposal_pickle_never_runs_and_is_a_one_line_error(tmp_path):
+    """Proposal pickles are read by a restricted unpickler: a crafted file whose objects
+    would call os.system or open a file for writing is refused before anything runs."""
+    ids, boxes = _ids_boxes()
+    marker = tmp_path / "pwned"
+    payloads = {
+        "system.pkl": _RunsCommand(f"touch {marker}"),  # at the top level
+        "nested.pkl": {"ids": ids, "boxes": [boxes[0], _RunsCommand(f"touch {marker}"), boxes[2]],
+                       "bbox_mode": 0},  # fmt: skip
+        "open.pkl": {"ids": ids, "boxes": boxes, "objectness_logits": _CreatesFile(str(marker))},
+        "objects.pkl": {"ids": ids, "boxes": [np.array([_RunsCommand("true")], dtype=object)]},
+    }
+    for name, payload in payloads.items():
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps(payload))
+        with pytest.raises(BenchError) as err:
+            P.load_proposal_file(path, ids)
+        msg = str(err.value)
+        assert str(path) in msg and "\n" not in msg, msg
+        assert "not allowed" in msg, msg  # refused, not merely malformed
+        assert not marker.exists(), f"{name}: loading the pickle ran its payload"
+        if name == "system.pkl":
+            assert "system" in msg  # the message names the global it refused
+    # genuine detectron2 proposals, numpy arrays inside, still load through the same reader
+    P.write_detectron2_pickle(tmp_path / "ok.pkl", ids, boxes)
+    assert all(
+        np.array_equal(a, b) for a, b in zip(P.load_proposal_file(tmp_path / "ok.pkl", ids), boxes)
+    )

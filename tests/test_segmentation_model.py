@@ -6,17 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.alexnet import AlexNetEncoder
-from transfer.segmentation.model import FCN, Grid, feature_grids, resample
+from pretrain.alexnet import AlexNetEncoder, PoolNorm
+from transfer.segmentation.model import FCN, Grid, feature_grids, resample, smallest_pad
 
 torch.set_num_threads(1)
 
 
 def uniform_fcn(arch: str, variant: str) -> FCN:
     """Every conv averages its inputs (weights 1/fan-in, zero bias), pools are convs too:
-    a linear, all-positive network whose input gradient is its receptive-field profile."""
+    a linear, all-positive network whose input gradient is its receptive-field profile.
+    CaffeNet's LRN (point-wise in space, so irrelevant to alignment) is taken out to keep
+    the network linear."""
     model = FCN(AlexNetEncoder(arch, pool_free=True), 1, variant, fc_dim=4, dropout=0.0).eval()
     for m in model.modules():
+        if isinstance(m, PoolNorm):
+            m.norm = nn.Identity()
         if isinstance(m, nn.Conv2d):
             nn.init.constant_(m.weight, 1.0 / m.weight[0].numel())
             nn.init.zeros_(m.bias)
@@ -30,6 +34,32 @@ def test_output_size_equals_input_size(variant: str, size: tuple[int, int]) -> N
     with torch.no_grad():
         out = model(torch.randn(1, 3, *size))
     assert out.shape == (1, 21, *size)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 31)])
+def test_tiny_inputs_get_scores_with_floor_pooling_too(size: tuple[int, int]) -> None:
+    """The LRN-free, floor-pooling network needs more than FCN's pad 100 for tiny inputs."""
+    model = FCN(AlexNetEncoder("alexnet-plain"), 21, "fcn8s", fc_dim=8).eval()
+    assert model.pad_for(min(size)) > 100
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, *size)).shape == (1, 21, *size)
+
+
+@pytest.mark.parametrize("arch", ["caffenet", "alexnet-plain", "torchvision"])
+def test_smallest_pad_follows_each_layers_rounding(arch: str) -> None:
+    """The pad is the least that leaves pool5 6x6, as the layers really round: CaffeNet's
+    ceil-mode pools need less padding than floor pooling would (99 px, not 113, for 1 px)."""
+    encoder = AlexNetEncoder(arch).eval()
+    for size in (1, 31, 100):
+        pad = smallest_pad(size, 0, encoder.features, 6)
+        with torch.no_grad():
+            assert encoder(torch.zeros(1, 3, size + 2 * pad, size + 2 * pad)).shape[-1] == 6
+            smaller = size + 2 * pad - 2
+            assert encoder(torch.zeros(1, 3, smaller, smaller)).shape[-1] < 6, (size, pad)
+        assert smallest_pad(size, pad + 3, encoder.features, 6) == pad + 3  # never below `pad`
+    if arch == "caffenet":
+        assert smallest_pad(1, 0, encoder.features, 6) == 99
+        assert smallest_pad(1, 100, encoder.features, 6) == 100  # FCN's pad suffices
 
 
 def test_resized_input_scores_full_size_label() -> None:
@@ -93,11 +123,15 @@ def test_shifting_the_input_by_the_stride_shifts_scores_by_one_cell() -> None:
 
 def test_grid_arithmetic_matches_fcn_alexnet_crop() -> None:
     """With pad 100, CaffeNet's stride-32 scores sit at 32 j + 13 (FCN-AlexNet's 63-wide
-    bilinear deconvolution, centre 31, is then cropped by 31 - 13 = 18, as in its prototxt)."""
-    grids = feature_grids(AlexNetEncoder("caffenet").features, 100)
-    g32 = grids[-1].after(6, 1, 0)
-    assert g32 == Grid(13.0, 32.0)
-    assert grids[4] == Grid(-91.0, 8.0)  # conv2: conv1 centre -100 + 5, pool1 + 4 * 1
+    bilinear deconvolution, centre 31, is then cropped by 31 - 13 = 18, as in its prototxt).
+    Ceil-mode pooling adds cells at the far end but moves none: every arch with CaffeNet's
+    kernels has the same grids (the pool+LRN layers count as their pools)."""
+    for arch in ("caffenet", "bvlc-alexnet", "alexnet-plain"):
+        grids = feature_grids(AlexNetEncoder(arch).features, 100)
+        g32 = grids[-1].after(6, 1, 0)
+        assert g32 == Grid(13.0, 32.0), arch
+        assert grids[4] == Grid(-91.0, 8.0), arch  # conv2: conv1 centre -100 + 5, pool1 + 4 * 1
+        assert grids[2] == Grid(-91.0, 8.0) and grids[5] == Grid(-83.0, 16.0), arch  # pool1/2
 
 
 def test_resample_is_linear_interpolation_between_cells() -> None:
