@@ -102,6 +102,7 @@ def run_stage(
     which is what lets `bench run` skip finished steps.
     """
     stage.check(cfg)
+    distributed.pick_device(getattr(cfg, "device", "auto"))  # no folder for a device we lack
     path = Path(runs_root) / run_name(stage, cfg)
     # Rank 0 prepares the folder (lock, rewind, start over) first; the others then attach.
     run = open_run(path, cfg, force=force, resume=resume, command=command) if _main() else None

@@ -1,4 +1,4 @@
-"""What the three pretext methods share: precision stand-in, device moves, the encoder's
+"""What the three pretext methods share: device moves, the encoder's
 pool5 shape at a patch size, Caffe-style initialisation and SGD groups, per-patch
 normalisation, and captioned PNG grids for `sample_figure`.
 """
@@ -8,45 +8,18 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from benchmark.loop import Precision
 from benchmark.runs import atomic_write_bytes
 
 
-class PrecisionLike(Protocol):
-    """What a step needs from the loop's mixed-precision object (benchmark.loop.Precision)."""
-
-    def autocast(self) -> AbstractContextManager[Any]: ...
-    def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self, optimizer: torch.optim.Optimizer) -> Any: ...
-
-
-class FullPrecision:
-    """The trivial precision: fp32, plain backward and optimiser step (and a no-op
-    `update`, like the loop's object has)."""
-
-    def autocast(self) -> AbstractContextManager[Any]:
-        return nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
-
-    def update(self) -> None:
-        pass
-
-
-def optimise(
-    loss: torch.Tensor, optimizer: torch.optim.Optimizer, precision: PrecisionLike
-) -> None:
+def optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, precision: Precision) -> None:
     """backward + step through `precision`. Its once-per-iteration `update` (the fp16 loss
     scale) is the loop's to call, after the step function returns."""
     precision.backward(loss)

@@ -35,11 +35,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from benchmark.loop import Precision
 from pretrain.alexnet import CONV_INDICES, AlexNetEncoder, Arch
 from pretrain.data import SeededImages, normalise
 from pretrain.pretext.common import (
-    FullPrecision,
-    PrecisionLike,
     accuracy,
     chw,
     display,
@@ -289,12 +288,12 @@ def make_step(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     *,
-    precision: PrecisionLike | None = None,
+    precision: Precision | None = None,
     channels_last: bool = False,
 ) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
     """One step: softmax cross-entropy over the permutations, averaged over the batch
     (SoftmaxWithLoss). Returns {"loss", "accuracy"} (detached)."""
-    prec = precision or FullPrecision()
+    prec = precision or Precision("fp32", device)
 
     def step(batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
         optimizer.zero_grad(set_to_none=True)

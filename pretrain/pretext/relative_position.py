@@ -34,11 +34,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from benchmark.loop import Precision
 from pretrain.alexnet import AlexNetEncoder, Arch
 from pretrain.data import SeededImages, normalise
 from pretrain.pretext.common import (
-    FullPrecision,
-    PrecisionLike,
     accuracy,
     caffe_xavier_,
     chw,
@@ -329,7 +328,7 @@ def make_step(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     *,
-    precision: PrecisionLike | None = None,
+    precision: Precision | None = None,
     channels_last: bool = False,
     loss_reduction: Literal["sum", "mean"] = "sum",
 ) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
@@ -338,7 +337,7 @@ def make_step(
 
     Returns {"loss": mean cross-entropy per pair, "accuracy"} (detached).
     """
-    prec = precision or FullPrecision()
+    prec = precision or Precision("fp32", device)
 
     def step(batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
         optimizer.zero_grad(set_to_none=True)

@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from benchmark.loop import Precision
 from pretrain.alexnet import AlexNetEncoder, Arch
 from pretrain.data import SeededImages, denormalise, normalise
 from pretrain.pretext.common import (
-    FullPrecision,
-    PrecisionLike,
     accuracy,
     images_to,
     optimise,
@@ -219,12 +218,12 @@ def make_step(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     *,
-    precision: PrecisionLike | None = None,
+    precision: Precision | None = None,
     channels_last: bool = False,
 ) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
     """One step on all four rotations of every image: mean cross-entropy (RotNet's
     CrossEntropyLoss). Returns {"loss", "accuracy"} (detached)."""
-    prec = precision or FullPrecision()
+    prec = precision or Precision("fp32", device)
 
     def step(batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
         optimizer.zero_grad(set_to_none=True)
