@@ -6,13 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pretrain.adversarial import discriminator_loss, discriminator_lr, generator_adversarial_loss
 from pretrain.losses import (
     ADV_WEIGHT,
     REC_WEIGHT,
-    discriminator_loss,
-    discriminator_lr,
     extend_mask,
-    generator_adversarial_loss,
     joint_loss,
     loss_weights,
     masked_l1,
