@@ -4,15 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.alexnet import AlexNetEncoder
-from pretrain.context_encoder import (
-    Autoencoder,
-    ChannelWiseFC,
-    ContextEncoder,
-    DCGANDiscriminator,
-    Decoder,
-    pool5_size,
-)
+from pretrain.adversarial import DCGANDiscriminator
+from pretrain.alexnet import AlexNetEncoder, PoolNorm, pool5_size
+from pretrain.context_encoder import Autoencoder, ChannelWiseFC, ContextEncoder, Decoder
 
 
 def n_params(module: nn.Module) -> int:
@@ -50,30 +44,63 @@ def test_channel_wise_fc_connects_no_two_maps():
     assert changed[:, 1].all() and not changed[:, [0, 2, 3]].any()
 
 
+def _conv_params(groups):
+    """conv1-conv5 parameters of CaffeNet's widths with the given groups per layer."""
+    shapes = [(3, 96, 11), (96, 256, 5), (256, 384, 3), (384, 384, 3), (384, 256, 3)]
+    return sum(cin // g * cout * k * k + cout for (cin, cout, k), g in zip(shapes, groups))
+
+
+CHANNEL_FC = 256 * 6**4 + 256 * 36
+MIX = 256 * 256 + 256  # the stride-1 convolution across channels
+DECODER = sum(
+    cin * cout * 16 + cout for cin, cout in [(256, 128), (128, 64), (64, 64), (64, 32), (32, 3)]
+)
+
+
 def test_context_encoder_shapes_and_exact_parameter_count():
-    model = ContextEncoder()  # caffenet, 227 px, with pooling
+    model = ContextEncoder()  # caffenet (Caffe's CaffeNet), 227 px, with pooling
     assert pool5_size(227) == 6
     x = torch.randn(1, 3, 227, 227)
     with torch.no_grad():
         assert model.encoder(x).shape == (1, 256, 6, 6)
         assert model(x).shape == (1, 3, 227, 227)
-    encoder = (
-        (3 * 96 * 121 + 96)
-        + (96 * 256 * 25 + 256)
-        + (256 * 384 * 9 + 384)
-        + (384 * 384 * 9 + 384)
-        + (384 * 256 * 9 + 256)
-    )
-    channel_fc = 256 * 6**4 + 256 * 36
-    mix = 256 * 256 + 256  # the stride-1 convolution across channels
-    decoder = sum(
-        cin * cout * 16 + cout for cin, cout in [(256, 128), (128, 64), (64, 64), (64, 32), (32, 3)]
-    )
-    assert n_params(model.encoder) == encoder == 3_747_200
-    assert n_params(model.channel_fc) == channel_fc
-    assert n_params(model.mix) == mix and model.mix.stride == (1, 1)
-    assert n_params(model.decoder) == decoder
-    assert n_params(model) == encoder + channel_fc + mix + decoder == 4_909_475
+    # CaffeNet: conv2, conv4 and conv5 in two groups; LRN after pool1 and pool2.
+    encoder = _conv_params((1, 2, 1, 2, 2))
+    assert [c.groups for c in model.encoder.conv_layers()] == [1, 2, 1, 2, 2]
+    pools = [model.encoder.features[i] for i in (2, 5)]
+    assert all(isinstance(m, PoolNorm) and not m.lrn_first for m in pools)
+    assert all(p.ceil_mode for p in model.encoder.pool_layers())
+    assert n_params(model.encoder) == encoder == 2_334_080
+    assert n_params(model.channel_fc) == CHANNEL_FC
+    assert n_params(model.mix) == MIX and model.mix.stride == (1, 1)
+    assert n_params(model.decoder) == DECODER
+    assert n_params(model) == encoder + CHANNEL_FC + MIX + DECODER == 3_496_355
+
+
+def test_alexnet_plain_is_the_old_ungrouped_network():
+    model = ContextEncoder(arch="alexnet-plain")
+    assert [c.groups for c in model.encoder.conv_layers()] == [1] * 5
+    assert not any(isinstance(m, PoolNorm) for m in model.encoder.modules())
+    assert not any(p.ceil_mode for p in model.encoder.pool_layers())
+    with torch.no_grad():
+        assert model.encoder(torch.randn(1, 3, 227, 227)).shape == (1, 256, 6, 6)
+    assert n_params(model.encoder) == _conv_params((1,) * 5) == 3_747_200
+    assert n_params(model) == 3_747_200 + CHANNEL_FC + MIX + DECODER == 4_909_475
+
+
+def test_pool5_size_follows_each_archs_rounding():
+    # 71 px: conv1 gives 16, an even side where Caffe's ceil pooling keeps one more row.
+    assert pool5_size(71, "caffenet") == 2 and pool5_size(71, "alexnet-plain") == 1
+    assert pool5_size(71, "caffenet", pool_free=True) == 1  # learned convolutions floor
+    for arch, pool_free in [("caffenet", False), ("alexnet-plain", False), ("caffenet", True)]:
+        n = pool5_size(71, arch, pool_free)
+        enc = AlexNetEncoder(arch, pool_free)
+        with torch.no_grad():
+            assert enc(torch.randn(1, 3, 71, 71)).shape == (1, 256, n, n)
+        assert enc.output_size(71) == n
+        model = ContextEncoder(arch, pool_free, input_size=71)
+        assert model.channel_fc.size == n
+        assert model(torch.randn(1, 3, 71, 71)).shape == (1, 3, 71, 71)
 
 
 def test_dropout_half_only_after_channel_wise_fc():
@@ -106,7 +133,12 @@ def test_small_inputs_and_pool_free_and_autoencoder():
         )
     pf = ContextEncoder(pool_free=True, input_size=99)
     assert pf(torch.randn(1, 3, 99, 99)).shape == (1, 3, 99, 99)
-    assert "features.2.weight" in pf.encoder.state_dict()
+    # caffenet keeps pool + LRN together at index 2; the learned pool is its `pool` child.
+    assert "features.2.pool.weight" in pf.encoder.state_dict()
+    assert "features.2.weight" not in pf.encoder.state_dict()
+    plain = ContextEncoder(arch="alexnet-plain", pool_free=True, input_size=99)
+    assert plain(torch.randn(1, 3, 99, 99)).shape == (1, 3, 99, 99)
+    assert "features.2.weight" in plain.encoder.state_dict()
     ae = Autoencoder(input_size=99)
     assert isinstance(ae.encoder, AlexNetEncoder) and n_params(ae) == n_params(
         ContextEncoder(input_size=99)
