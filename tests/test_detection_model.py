@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from benchmark.loop import IterationSampler
 from pretrain.alexnet import AlexNetEncoder
-from transfer.detection.config import DetectionConfig
-from transfer.detection.data import TrainStream, flip_boxes, image_scale
-from transfer.detection.engine import lr_at, nms, postprocess
+from transfer.detection.config import DetectionConfig, DetectionTrainConfig
+from transfer.detection.data import (
+    DetRecord,
+    TrainSet,
+    bbox_normalisation,
+    flip_boxes,
+    image_scale,
+    usable_for_training,
+)
+from transfer.detection.inference import nms, postprocess
 from transfer.detection.model import FastRCNN, fast_rcnn_loss, param_groups
+from transfer.detection.train import lr_at
 from transfer.detection.sampling import (
     box_iou,
     decode_boxes,
@@ -72,11 +85,56 @@ def test_flip_and_scale():
     assert image_scale(300, 1000, 600, 1000) == pytest.approx(1.0)  # longer side capped
 
 
-def test_train_stream_is_resumable():
-    full = [x for _, x in zip(range(25), TrainStream(10, seed=3))]
-    tail = [x for _, x in zip(range(12), TrainStream(10, seed=3, start=13))]
+def _take(sampler, n):
+    return list(itertools.islice(iter(sampler), n))
+
+
+def test_training_order_is_resumable_and_each_epoch_visits_every_entry():
+    """Fast R-CNN's minibatches (2 images) come from the loop's IterationSampler over the
+    entries (images and their mirror images): a resumed stream repeats the tail exactly."""
+    full = _take(IterationSampler(10, 2, seed=3), 25)
+    tail = _take(IterationSampler(10, 2, seed=3, start=13), 12)
     assert full[13:] == tail
-    assert sorted(e for _, e in full[:10]) == list(range(10))  # each epoch visits every entry
+    items = [x for batch in full for x in batch]
+    assert [k for _, k in items] == list(range(50))  # sample numbers run on across batches
+    for epoch in range(5):  # each epoch visits every entry once
+        assert sorted(e for e, k in items if k // 10 == epoch) == list(range(10))
+    assert [e for e, _ in items[:10]] != [e for e, _ in items[10:20]]  # reshuffled per epoch
+    assert _take(IterationSampler(10, 2, seed=4), 5) != full[:5]
+
+
+def _record(tmp_path: Path) -> DetRecord:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "1.png")
+    props = rng.uniform(0, 40, (200, 2))
+    props = np.hstack([props, props + rng.uniform(5, 35, (200, 2))]).astype(np.float32)
+    return DetRecord(
+        "1", tmp_path / "1.png", 80, 60, np.array([[10, 10, 49, 39]], np.float32),
+        np.array([4]), np.array([False]), props,
+    )  # fmt: skip
+
+
+def test_train_set_items_are_a_function_of_entry_and_sample_number(tmp_path):
+    rec = _record(tmp_path)
+    ds = TrainSet(
+        [rec], flip=True, scales=(60, 90), max_size=200, rois_per_image=16, fg_fraction=0.25,
+        fg_thresh=0.5, bg_thresh_hi=0.5, bg_thresh_lo=0.1, use_difficult=False,
+        bbox_means=np.zeros((21, 4), np.float32), bbox_stds=np.ones((21, 4), np.float32), seed=0,
+    )  # fmt: skip
+    assert len(ds) == ds.num_entries == 2  # the image and its mirror image
+    a, b = ds[(0, 5)], ds[(0, 5)]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # a resumed run gets the same minibatch
+    assert len(a["rois"]) == 16 and (a["labels"] > 0).sum() <= 4
+    draws = [ds[(0, k)] for k in range(6)]
+    assert len({d["image"].shape for d in draws}) == 2  # the scale is drawn per sample number
+    assert any(not torch.equal(d["rois"], draws[0]["rois"]) for d in draws[1:])
+    same = next(d for d in draws if d["image"].shape == a["image"].shape)
+    mirrored = next(
+        ds[(1, k)] for k in range(20) if ds[(1, k)]["image"].shape == a["image"].shape
+    )
+    # entry 1 is the mirror image (flipped before resizing: equal up to float rounding)
+    assert torch.allclose(mirrored["image"], same["image"].flip(-1), atol=1e-5)
 
 
 def test_network_shapes_gradients_and_frozen_conv1():
@@ -119,9 +177,13 @@ def test_bias_groups_follow_caffe():
 
 
 def test_lr_schedule():
-    cfg = DetectionConfig()
-    assert lr_at(cfg, 0) == 1e-3 and lr_at(cfg, 29999) == 1e-3
-    assert lr_at(cfg, 30000) == pytest.approx(1e-4)
+    train = DetectionConfig().train
+    assert lr_at(train, 0) == 1e-3 and lr_at(train, 29999) == 1e-3
+    assert lr_at(train, 30000) == pytest.approx(1e-4)
+    two = DetectionTrainConfig(lr=0.01, lr_steps=(5, 8), gamma=0.5)
+    assert [lr_at(two, i) for i in (4, 5, 7, 8, 100)] == pytest.approx(
+        [0.01, 0.005, 0.005, 0.0025, 0.0025]
+    )
 
 
 def test_nms_and_per_image_cap():
@@ -154,8 +216,10 @@ def test_data_dependent_init_normalises_random_and_keeps_pretrained_function():
         1.0, abs=1e-3
     )
 
+    # "pretrained": the encoder's function kept up to one factor, exactly so only without
+    # LRN (CaffeNet's LRN is not positively homogeneous), hence the LRN-free arch here.
     torch.manual_seed(1)
-    model = FastRCNN(AlexNetEncoder(), fc_dim=32)
+    model = FastRCNN(AlexNetEncoder("alexnet-plain"), fc_dim=32)
     with torch.no_grad():
         before = model.features(images)
     applied = dict(data_dependent_init_(model, images, rois, pretrained_encoder=True))
@@ -166,20 +230,32 @@ def test_data_dependent_init_normalises_random_and_keeps_pretrained_function():
 
 
 def test_bbox_normalisation_fixed_and_data():
-    from pathlib import Path
-
-    from transfer.detection import bbox_normalisation
-    from transfer.detection.data import DetRecord
-
     rec = DetRecord(
         "1", Path("1.jpg"), 200, 100,
         np.array([[10, 10, 59, 59]], np.float32), np.array([2]), np.array([False]),
         np.array([[12, 10, 61, 59], [10, 10, 69, 59], [100, 50, 150, 90]], np.float32),
     )  # fmt: skip
-    means, stds = bbox_normalisation([rec], DetectionConfig())
+    cfg = DetectionConfig()
+
+    def normalisation(mode, flip):
+        return bbox_normalisation(
+            [rec], mode, cfg.bbox_stds, flip, cfg.train_difficult, cfg.fg_thresh
+        )
+
+    means, stds = normalisation(cfg.bbox_normalize, cfg.flip)
+    assert cfg.bbox_normalize == "fixed"
     assert means.shape == stds.shape == (21, 4) and (means == 0).all()
     assert stds[5].tolist() == pytest.approx([0.1, 0.1, 0.2, 0.2])
-    means, stds = bbox_normalisation([rec], DetectionConfig(bbox_normalize="data", flip=True))
+    means, stds = normalisation("data", True)
     assert means[2, 0] == pytest.approx(0.0, abs=1e-6)  # mirrored copies cancel dx
     assert means[2, 2] < 0 and stds[2, 2] > 0  # proposals wider than the gt: log(w) < 0
     assert (stds[1] == 1).all()
+
+
+def test_images_without_a_usable_roi_are_left_out_of_training():
+    only_difficult = DetRecord(
+        "2", Path("2.jpg"), 100, 100, np.array([[10, 10, 59, 59]], np.float32),
+        np.array([3]), np.array([True]), np.zeros((0, 4), np.float32),
+    )  # fmt: skip
+    assert not usable_for_training(only_difficult, False, 0.5, 0.5, 0.1)
+    assert usable_for_training(only_difficult, True, 0.5, 0.5, 0.1)  # its gt box is fg
