@@ -1,7 +1,7 @@
 """Export formats, model cards, strict loading and wrong-architecture errors."""
 
 import json
-import pickle
+import math
 
 import pytest
 import torch
@@ -10,25 +10,27 @@ import pretrain.train as train
 from benchmark.config import config_hash
 from benchmark.errors import BenchError
 from benchmark.runs import open_run
+from benchmark.safe_pickle import safe_load
 from pretrain.alexnet import AlexNetEncoder
 from pretrain.config import ModelConfig, PretrainConfig
-from pretrain.export import (
-    CARD_KEYS,
-    card_path,
-    export,
-    key_map,
-    load_encoder,
-    load_native,
-    load_strict,
-)
+from pretrain.export import CARD_KEYS, card_path, export, key_map, load_native
+from transfer.backbone import load_encoder, load_state_checked
+
+
+def pretrain_run(path, cfg):
+    run = open_run(path, cfg)
+    try:
+        train.main(cfg, run)
+    finally:
+        run.close()
+    return path
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     cfg = PretrainConfig(method="random", seed=1)
     path = tmp_path_factory.mktemp("export") / "run"
-    train.main(cfg, open_run(path, cfg))
-    return path, cfg
+    return pretrain_run(path, cfg), cfg
 
 
 def test_native_round_trip_loads_strictly(run_dir):
@@ -40,11 +42,26 @@ def test_native_round_trip_loads_strictly(run_dir):
     fresh = AlexNetEncoder("caffenet")
     fresh.load_state_dict(state, strict=True)
     encoder, card2 = load_encoder(path)
-    assert card2 == card
+    assert card2 == {**card, "source": str(path / "encoder.safetensors")}
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, state[k])
     out = export(path, "native", path.parent / "copy.safetensors")
     assert torch.equal(load_native(out)[0]["features.0.weight"], state["features.0.weight"])
+    # Exporting the native file onto itself is a no-op, not an overwrite.
+    assert export(path, "native") == path / "encoder.safetensors"
+
+
+def test_export_refuses_to_overwrite_without_force(run_dir, tmp_path):
+    path, _ = run_dir
+    out = tmp_path / "enc.pth"
+    out.write_bytes(b"someone else's file")
+    with pytest.raises(BenchError, match="--force") as err:
+        export(path, "torchvision", out)
+    assert "\n" not in str(err.value)
+    assert out.read_bytes() == b"someone else's file"
+    assert export(path, "torchvision", out, force=True) == out
+    sd = torch.load(out, weights_only=True)
+    assert torch.equal(sd["features.0.weight"], load_native(path)[0]["features.0.weight"])
 
 
 def test_torchvision_format(run_dir):
@@ -59,8 +76,7 @@ def test_detectron2_format(run_dir):
     path, _ = run_dir
     state, _ = load_native(path)
     out = export(path, "detectron2")
-    with open(out, "rb") as f:
-        blob = pickle.load(f)
+    blob = safe_load(out)  # plain containers and numpy arrays only
     assert blob["__author__"] == "bench" and blob["matching_heuristics"] is False
     assert set(blob["model"]) == {"backbone." + k for k in state}
     w = blob["model"]["backbone.features.0.weight"]
@@ -71,7 +87,7 @@ def test_detectron2_format(run_dir):
 def test_mmseg_format(run_dir):
     path, _ = run_dir
     out = export(path, "mmseg")
-    blob = torch.load(out, weights_only=False)
+    blob = torch.load(out, weights_only=True)
     assert blob["meta"]["method"] == "random"
     sd = {k.removeprefix("backbone."): v for k, v in blob["state_dict"].items()}
     assert all(k.startswith("backbone.features.") for k in blob["state_dict"])
@@ -81,24 +97,44 @@ def test_mmseg_format(run_dir):
 def test_torchvision_arch_export_loads_into_torchvision_alexnet(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     cfg = PretrainConfig(method="random", model=ModelConfig(arch="torchvision"))
-    train.main(cfg, open_run(tmp_path / "run", cfg))
+    pretrain_run(tmp_path / "run", cfg)
     sd = torch.load(export(tmp_path / "run", "torchvision"), weights_only=True)
     net = torchvision.models.alexnet(weights=None)
     missing, unexpected = net.load_state_dict(sd, strict=False)
     assert not unexpected and all(k.startswith("classifier.") for k in missing)
 
 
-def test_wrong_architecture_lists_missing_and_unexpected_keys(tmp_path):
+def test_wrong_architecture_lists_missing_and_unexpected_keys(tmp_path, run_dir):
     cfg = PretrainConfig(method="random", model=ModelConfig(pool_free=True))
-    train.main(cfg, open_run(tmp_path / "pf", cfg))
+    pretrain_run(tmp_path / "pf", cfg)
     state, _ = load_native(tmp_path / "pf")
     with pytest.raises(BenchError) as err:
-        load_strict(AlexNetEncoder("caffenet", pool_free=False), state, "pf.safetensors")
+        load_state_checked(AlexNetEncoder("caffenet", pool_free=False), state, "pf.safetensors")
     msg = str(err.value)
-    assert "\n" not in msg and "unexpected keys ['features.12.bias'" in msg
-    assert "features.2.weight" in msg and "missing keys []" in msg
-    with pytest.raises(BenchError, match="shape mismatch in features.0.weight"):
-        load_strict(AlexNetEncoder("torchvision", pool_free=True), state, "pf.safetensors")
+    # caffenet's learned pools sit inside its pool + LRN layers: features.{2,5}.pool.*
+    assert "\n" not in msg and "unexpected [features.12.bias, features.12.weight" in msg
+    assert "features.2.pool.weight" in msg and "missing [none]" in msg
+    # The same key names with other shapes: torchvision's 64-wide conv1, alexnet-plain's
+    # ungrouped conv2.
+    plain, _ = load_native(run_dir[0])
+    with pytest.raises(BenchError, match=r"features\.0\.weight has shape \(96, 3, 11, 11\)"):
+        load_state_checked(AlexNetEncoder("torchvision"), plain, "run.safetensors")
+    with pytest.raises(BenchError, match=r"features\.3\.weight has shape \(256, 48, 5, 5\)"):
+        load_state_checked(AlexNetEncoder("alexnet-plain"), plain, "run.safetensors")
+    encoder, card = load_encoder(tmp_path / "pf")
+    assert card["pool_free"] is True and encoder.pool_free and encoder.arch == "caffenet"
+
+
+def test_non_finite_weights_are_refused(run_dir):
+    state, _ = load_native(run_dir[0])
+    state = dict(state)
+    state["features.8.weight"] = state["features.8.weight"].clone()
+    state["features.8.weight"][0, 0, 0, 0] = math.nan
+    encoder = AlexNetEncoder("caffenet")
+    before = encoder.features[8].weight.detach().clone()
+    with pytest.raises(BenchError, match="features.8.weight has 1 NaN or infinite"):
+        load_state_checked(encoder, state, "nan.safetensors")
+    assert torch.equal(encoder.features[8].weight, before)  # nothing was loaded
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path, run_dir):
