@@ -13,7 +13,9 @@ from benchmark.datasets.voc import VOC_CLASSES
 from transfer.detection.data import DetRecord, load_records
 from transfer.detection.evaluate import (
     coco_ap,
+    finite_or_none,
     read_results_files,
+    score_fields,
     voc07_scores,
     write_results_files,
 )
@@ -179,3 +181,22 @@ def test_results_files_round_trip(tmp_path):
         "000005 0.500000 1.0 2.0 30.0 40.0"
     )
     assert read_results_files(tmp_path)["bus"] == dets["bus"]
+
+
+def test_score_fields_report_nan_as_null_for_both_backends():
+    import json
+
+    records = [rec("a", [("dog", (10, 10, 60, 60), False)])]
+    dets = {c: [] for c in VOC_CLASSES}
+    dets["dog"] = [("a", 0.9, (10, 10, 60, 60))]
+    per_class, mean = voc07_scores(dets, records)
+    fields = score_fields(mean, coco_ap(dets, records), per_class)
+    assert fields["map"] == pytest.approx(1.0) and fields["coco_ap"] == pytest.approx(1.0)
+    assert fields["per_class"]["dog"] == pytest.approx(1.0)
+    assert fields["per_class"]["cat"] is None  # no cat in the test set: NaN AP, not 0
+    assert list(fields["per_class"]) == list(VOC_CLASSES)
+    json.dumps(fields, allow_nan=False)  # valid JSON: no NaN anywhere
+    nothing = score_fields(float("nan"), float("nan"), {"dog": float("nan")})
+    assert nothing == {"map": None, "coco_ap": None, "per_class": {"dog": None}}
+    assert finite_or_none(None) is None and finite_or_none(0.0) == 0.0
+    assert isinstance(finite_or_none(np.float32(0.25)), float)
