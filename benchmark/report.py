@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from benchmark.config import RUNTIME_KEYS
 from benchmark.errors import BenchError
 from benchmark.runs import CONFIG_FILE, METRICS_FILE, atomic_write_bytes, atomic_write_text
 
@@ -32,9 +33,7 @@ INPAINT_COLUMNS = {"mean_l1": "Mean L1 (%)", "mean_l2": "Mean L2 (%)", "psnr": "
 
 # Config keys that do not make two runs different experiments: seeds are averaged over, and
 # the weights path differs between seeds of one pretraining method.
-IGNORED_CONFIG_KEYS = frozenset(
-    {"name", "seed", "weights", "device", "workers", "num_workers", "resume", "force"}
-)
+IGNORED_CONFIG_KEYS = RUNTIME_KEYS | {"seed", "weights", "num_workers", "resume", "force"}
 MISSING = "-"
 
 
@@ -105,6 +104,22 @@ def _weights_info(run_dir: Path, weights: Any) -> dict[str, Any]:
     return {}
 
 
+def _pretraining_identity(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What made a transfer run's encoder, seed left out: the pretraining run's config
+    (`pretrain.<key>`, found through the weights path) or the card's `pretrain_key`."""
+    weights = metrics.get("weights")
+    for p in (Path(str(weights)), run_dir / str(weights)) if weights else ():
+        folder = p if p.is_dir() else p.parent
+        if (folder / CONFIG_FILE).is_file() and (folder / METRICS_FILE).is_file():
+            try:
+                config = _read_config(folder / CONFIG_FILE)
+            except BenchError:
+                break
+            return {f"pretrain.{k}": v for k, v in config.items()
+                    if k.split(".")[-1] not in IGNORED_CONFIG_KEYS}  # fmt: skip
+    return {"pretrain.key": metrics.get("pretrain_key")}
+
+
 def collect_runs(paths: Sequence[Path]) -> pd.DataFrame:
     """One row per finished run found (recursively) under `paths`.
 
@@ -134,6 +149,8 @@ def collect_runs(paths: Sequence[Path]) -> pd.DataFrame:
             config = _read_config(run_dir / CONFIG_FILE)
             linked = _weights_info(run_dir, metrics.get("weights")) if stage == "transfer" else {}
             kept = {k: v for k, v in config.items() if k.split(".")[-1] not in IGNORED_CONFIG_KEYS}
+            if stage == "transfer":  # seeds of one encoder recipe group; other recipes never
+                kept.update(_pretraining_identity(run_dir, metrics))
             rows.append(
                 {
                     "run": str(run_dir),

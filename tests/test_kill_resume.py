@@ -146,9 +146,7 @@ transfer:
 
 def test_kill_9_inside_a_suite_then_rerun_completes_it(synth_root: Path, tmp_path: Path):
     suite = tmp_path / "tiny.yaml"
-    suite.write_text(
-        SUITE.format(images=synth_root / "unlabelled", voc=synth_root)
-    )
+    suite.write_text(SUITE.format(images=synth_root / "unlabelled", voc=synth_root))
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     env_args = ["run", str(suite)]
     assert bench(env_args, out_a).returncode == 0
@@ -161,6 +159,7 @@ def test_kill_9_inside_a_suite_then_rerun_completes_it(synth_root: Path, tmp_pat
         wa = _weights(out_a / "runs" / "tiny" / name)
         wb = _weights(out_b / "runs" / "tiny" / name)
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
     def table(out: Path) -> list[dict]:
         with open(out / "reports" / "tiny" / "table2.csv", newline="") as f:
             return [{k: v for k, v in r.items() if "time" not in k.lower()}

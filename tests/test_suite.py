@@ -1,0 +1,129 @@
+"""`bench run`: every step checked before the first runs, a tiny suite end to end (skip on
+rerun), and a report that averages seeds of one encoder recipe but never two recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmark.errors import ConfigError
+from benchmark.report import collect_runs, table2
+from benchmark.report import load_reference as load_ref
+from benchmark.suite import load_suite, run_suite
+
+TINY = {
+    "name": "tiny",
+    "device": "cpu",
+    "seeds": [0, 1],
+    "pretrain": {
+        "random": {},
+        "context-encoder": {
+            "mask": "central",
+            "model": {"input_size": 67},
+            "train": {"iterations": 2, "batch_size": 4, "workers": 0, "sample_every": 0,
+                      "threads": 1},
+        },
+    },
+    "transfer": {
+        "classification": {
+            "hidden": 16, "augment": {"crop": 67}, "test": {"mode": "center"},
+            "train": {"iterations": 2, "batch_size": 4, "workers": 0, "threads": 1},
+        },
+    },
+}  # fmt: skip
+
+
+def _suite(tmp_path: Path, synth: Path, **changes) -> Path:
+    suite = json.loads(json.dumps(TINY))
+    suite["pretrain"]["context-encoder"]["data"] = str(synth / "unlabelled")
+    suite["transfer"]["classification"]["data"] = str(synth)
+    for key, value in changes.items():
+        node = suite
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(suite, sort_keys=False))
+    return path
+
+
+def test_every_step_is_checked_before_the_first_runs(tmp_path, synth_root):
+    path = _suite(tmp_path, synth_root, **{"transfer.classification.train.lr": -1.0})
+    with pytest.raises(ConfigError, match="suite step classification-random-s0: train.lr"):
+        run_suite(path, out=tmp_path / "out")
+    assert not (tmp_path / "out" / "runs" / "tiny").exists() or not any(
+        (tmp_path / "out" / "runs" / "tiny").iterdir()
+    )
+    path = _suite(tmp_path, synth_root, **{"transfer.classification.trian": {}})
+    with pytest.raises(ConfigError, match="unknown config key 'trian'"):
+        load_suite(path, out=tmp_path / "out")
+
+
+def test_plan_names_and_dependencies(tmp_path, synth_root):
+    _, _, steps = load_suite(_suite(tmp_path, synth_root), out=tmp_path / "out")
+    names = [s.name for s in steps]
+    assert names[:3] == ["pretrain-random-s0", "classification-random-s0",
+                         "pretrain-context-encoder-s0"]  # fmt: skip
+    by_name = {s.name: s for s in steps}
+    assert by_name["classification-context-encoder-s1"].needs == ("pretrain-context-encoder-s1",)
+    assert by_name["classification-context-encoder-s1"].cfg.weights.endswith(
+        "runs/tiny/pretrain-context-encoder-s1"
+    )
+
+
+@pytest.mark.slow
+def test_tiny_suite_end_to_end_then_skipped_on_rerun(tmp_path, synth_root, capsys):
+    path = _suite(tmp_path, synth_root)
+    report = run_suite(path, out=tmp_path / "out")
+    assert "Table 2" in report and "(n=2)" in report
+    runs = tmp_path / "out" / "runs" / "tiny"
+    assert all(
+        (runs / n / "metrics.json").is_file()
+        for n in (
+            "pretrain-random-s0",
+            "pretrain-context-encoder-s1",
+            "classification-context-encoder-s1",
+        )
+    )
+    capsys.readouterr()
+    again = run_suite(path, out=tmp_path / "out")
+    assert "already complete" in capsys.readouterr().err
+    assert again.split("report files")[0] == report.split("report files")[0]
+
+
+def _fake_run(root: Path, name: str, config: dict, metrics: dict) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_report_never_averages_two_encoder_recipes(tmp_path):
+    """Two context encoders pretrained for 100 and 200 iterations, two seeds each: four
+    classification runs give two rows of n=2, not one row of n=4."""
+    root = tmp_path / "runs"
+    values = {(100, 0): 0.40, (100, 1): 0.42, (200, 0): 0.60, (200, 1): 0.62}
+    for (iters, seed), m in values.items():
+        pre = _fake_run(
+            root, f"pre-{iters}-s{seed}",
+            {"method": "context-encoder", "seed": seed, "train": {"iterations": iters}},
+            {"stage": "pretrain", "method": "context-encoder", "seed": seed,
+             "train_seconds": 1.0, "mask": "random-region"},
+        )  # fmt: skip
+        _fake_run(
+            root, f"cls-{iters}-s{seed}",
+            {"seed": seed, "weights": str(pre), "train": {"iterations": 10}},
+            {"stage": "transfer", "task": "classification", "method": "context-encoder",
+             "seed": seed, "weights": str(pre), "map": m, "mask": "random-region"},
+        )  # fmt: skip
+    ref = load_ref(Path(__file__).resolve().parents[1] / "results/reference/table2.csv",
+                   ("classification", "detection", "segmentation"))  # fmt: skip
+    table = table2(collect_runs([root]), ref)
+    ours = table[table["Source"] == "ours (context-encoder)"]
+    assert sorted(ours["Classification"]) == ["41.0 ± 1.4 (n=2)", "61.0 ± 1.4 (n=2)"]
+    assert all("iterations=" in label for label in ours["Pretraining"])
