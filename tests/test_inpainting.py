@@ -9,25 +9,34 @@ import torch.nn.functional as F
 from PIL import Image
 
 from benchmark.distributed import DistEnv
-from pretrain.inpainting import (
+from benchmark.loop import Precision
+from pretrain.adversarial import Adversary, DCGANDiscriminator, dcgan_init_
+from pretrain.inpainting.config import InpaintingConfig, InpaintLossConfig
+from pretrain.inpainting.data import centre_crop, train_crop
+from pretrain.inpainting.model import (
     FILL,
     ContextEncoderGenerator,
-    PatchDiscriminator,
     central_hole,
     centre_patch,
-    init_weights,
     mask_context,
 )
-from pretrain.inpainting_data import centre_crop, train_crop
-from pretrain.inpainting_train import (
-    InpaintingConfig,
-    InpaintLossConfig,
-    build_nets,
-    make_step,
-)
+from pretrain.inpainting.train import build_nets, make_step
 from pretrain.losses import masked_l2
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"))
+
+
+def fp32() -> Precision:
+    """Exact float32 on CPU (auto could pick bf16 on a CPU with AMX)."""
+    return Precision("fp32", CPU.device)
+
+
+def nets_and_step(cfg: InpaintingConfig, channels_last: bool = True):
+    precision = fp32()
+    g, opt_g, adversary = build_nets(cfg, CPU, precision)
+    step = make_step(g, opt_g, adversary, precision, CPU.device, cfg.loss,
+                     channels_last=channels_last)  # fmt: skip
+    return g, adversary, step
 
 
 def _conv_params(cin: int, cout: int, bn: bool) -> int:
@@ -80,12 +89,22 @@ def test_bottleneck_matrix_product_equals_convolution():
 
 
 def test_discriminator_sees_only_the_patch():
-    d = PatchDiscriminator()
+    d = DCGANDiscriminator(64)  # the patch discriminator: 64 px in, one logit out
     assert d(torch.randn(4, 3, 64, 64)).shape == (4,)
     p = d.probability(torch.randn(4, 3, 64, 64))
     assert ((p > 0) & (p < 1)).all()
     bns = [m for m in d.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert [b.num_features for b in bns] == [128, 256, 512]
+    # The state-dict layout of the former PatchDiscriminator: old checkpoints still load.
+    convs = {k: tuple(v.shape) for k, v in d.state_dict().items() if v.dim() == 4}
+    assert convs == {
+        "net.0.weight": (64, 3, 4, 4),
+        "net.2.weight": (128, 64, 4, 4),
+        "net.5.weight": (256, 128, 4, 4),
+        "net.8.weight": (512, 256, 4, 4),
+        "net.11.weight": (1, 512, 4, 4),
+    }
+    assert "net.0.bias" in d.state_dict() and "net.11.bias" not in d.state_dict()
 
 
 def test_init_is_dcgan_normal():
@@ -93,12 +112,12 @@ def test_init_is_dcgan_normal():
     g = ContextEncoderGenerator(256)
     w = g.decoder.net[2].weight
     assert abs(w.mean().item()) < 1e-3 and abs(w.std().item() - 0.02) < 1e-3
-    init_weights(g)  # idempotent in distribution
+    dcgan_init_(g)  # idempotent in distribution
     assert abs(g.encoder.net[-1].weight.std().item() - 0.02) < 1e-3
 
 
 def test_every_parameter_gets_a_gradient_and_no_nan():
-    g, d = ContextEncoderGenerator(64), PatchDiscriminator()
+    g, d = ContextEncoderGenerator(64), DCGANDiscriminator(64)
     fake = g(torch.randn(2, 3, 128, 128))
     (fake.square().mean() + d(fake).mean()).backward()
     for name, p in [*g.named_parameters(), *d.named_parameters()]:
@@ -133,25 +152,32 @@ def test_data_pipeline_crops():
 def test_step_runs_every_loss(kind):
     torch.manual_seed(0)
     cfg = InpaintingConfig(loss=InpaintLossConfig(kind=kind), bottleneck=64)
-    nets = build_nets(cfg, CPU)
-    step = make_step(nets, CPU.device, cfg.loss, overlap=cfg.loss.overlap)
-    before = nets.generator.decoder.net[2].weight.clone()
+    g, adversary, step = nets_and_step(cfg)
+    assert (adversary is None) == (kind == "l2")
+    before = g.decoder.net[2].weight.clone()
+    d_before = None
+    if adversary is not None:
+        assert isinstance(adversary, Adversary)
+        assert isinstance(adversary.discriminator, DCGANDiscriminator)
+        d_before = [p.detach().clone() for p in adversary.discriminator.parameters()]
     out = step({"image": torch.rand(4, 3, 128, 128) * 2 - 1}, 0)
     assert torch.isfinite(out["loss"])
     assert ("d_loss" in out) == (kind != "l2")
-    assert not torch.equal(before, nets.generator.decoder.net[2].weight)
-    if nets.discriminator is not None:
-        assert all(p.requires_grad for p in nets.discriminator.parameters())
+    assert not torch.equal(before, g.decoder.net[2].weight)
+    if adversary is not None:
+        assert all(p.requires_grad for p in adversary.discriminator.parameters())
+        after = list(adversary.discriminator.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(d_before, after))
 
 
 def test_fixed_hole_loss_equals_masked_l2():
     """The step's precomputed central weights give exactly losses.masked_l2."""
     torch.manual_seed(0)
     cfg = InpaintingConfig(loss=InpaintLossConfig(kind="l2", overlap=4), bottleneck=64)
-    nets = build_nets(cfg, CPU)
+    g, _, step = nets_and_step(cfg)
     image = torch.rand(4, 3, 128, 128) * 2 - 1
     with torch.no_grad():
-        fake = nets.generator(mask_context(image, central_hole(4)))
+        fake = g(mask_context(image, central_hole(4)))
     hole = centre_patch(central_hole(4).float()).expand(4, 1, 64, 64)
     expected = masked_l2(fake, centre_patch(image), hole, 4, 10.0)
     # port formula: mean over the 64x64 patch of d^2 weighted 10 on the 4-px band, 1 inside
@@ -159,7 +185,6 @@ def test_fixed_hole_loss_equals_masked_l2():
     w[..., 4:60, 4:60] = 1.0
     port = ((fake - centre_patch(image)).square() * w).mean()
     torch.testing.assert_close(expected, port)
-    step = make_step(nets, CPU.device, cfg.loss, overlap=4)
     out = step({"image": image}, 0)
     torch.testing.assert_close(out["loss"], expected, rtol=1e-4, atol=1e-6)
 
@@ -174,11 +199,12 @@ def test_sequential_update_matches_reference(channels_last):
     cfg = InpaintingConfig(loss=InpaintLossConfig(kind="joint", overlap=4), bottleneck=256)
     cfg.train.channels_last = channels_last
     tol = 5e-2 if channels_last else 5e-3
-    nets = build_nets(cfg, CPU)
+    g, adversary, step = nets_and_step(cfg, channels_last=channels_last)
+    disc = adversary.discriminator
     g_ref = ContextEncoderGenerator(256)
-    d_ref = PatchDiscriminator()
-    g_ref.load_state_dict(nets.generator.state_dict())
-    d_ref.load_state_dict(nets.discriminator.state_dict())
+    d_ref = DCGANDiscriminator(64)
+    g_ref.load_state_dict(g.state_dict())
+    d_ref.load_state_dict(disc.state_dict())
     opt_g = torch.optim.Adam(g_ref.parameters(), 2e-3, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(d_ref.parameters(), 2e-4, betas=(0.5, 0.999))
     image = torch.rand(16, 3, 128, 128) * 2 - 1
@@ -197,12 +223,11 @@ def test_sequential_update_matches_reference(channels_last):
     w[..., 4:60, 4:60] = 0.999
     err = 0.001 * bce(d_ref.probability(fake), torch.ones(16)) + ((fake - real) ** 2 * w).mean()
     err.backward()
-    step = make_step(nets, CPU.device, cfg.loss, overlap=4, channels_last=channels_last)
     out = step({"image": image}, 0)
     torch.testing.assert_close(out["loss_g"], err.detach(), rtol=1e-4, atol=1e-6)
     # Adam's first step is lr * sign(grad): compare gradients, which it is made of
     # (float32 sums in another order: compare by relative norm)
-    for (name, p), q in zip(nets.generator.named_parameters(), g_ref.parameters()):
+    for (name, p), q in zip(g.named_parameters(), g_ref.parameters()):
         assert (p.grad - q.grad).norm() <= tol * q.grad.norm(), name
-    for (name, p), q in zip(nets.discriminator.named_parameters(), d_grads):
+    for (name, p), q in zip(disc.named_parameters(), d_grads):
         assert (p.grad - q).norm() <= tol * q.norm(), name
