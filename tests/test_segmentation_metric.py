@@ -9,9 +9,15 @@ from PIL import Image
 from torch import nn
 
 from benchmark.datasets.voc import VOC_PALETTE, SegSample
+from benchmark.distributed import DistEnv
+from benchmark.loop import Precision
 from benchmark.metrics import confusion_matrix
-from transfer.segmentation.engine import NUM_CLASSES, evaluate, pixel_loss, scores_from_hist
-from transfer.segmentation.main import CLASSES
+from transfer.segmentation.config import SegmentationTrainConfig
+from transfer.segmentation.data import CLASSES
+from transfer.segmentation.evaluate import NUM_CLASSES, evaluate, scores_from_hist
+from transfer.segmentation.train import make_step, pixel_loss
+
+CPU = DistEnv(0, 1, 0, torch.device("cpu"))
 
 
 def independent_scores(preds: list[np.ndarray], labels: list[np.ndarray], n: int) -> dict:
@@ -93,7 +99,7 @@ def test_evaluate_pipeline_on_files(tmp_path) -> None:
         samples.append(SegSample(str(k), tmp_path / f"{k}.jpg", tmp_path / f"{k}.png"))
         preds.append(pred)
         labels.append(label)
-    hist, kept = evaluate(FixedPredictions(preds), samples, None, torch.device("cpu"), keep=2)
+    hist, kept = evaluate(FixedPredictions(preds), samples, None, CPU, keep=2)
     ours = scores_from_hist(hist, CLASSES)
     ref = independent_scores(preds, labels, NUM_CLASSES)
     assert ours["mean_iu"] == pytest.approx(ref["mean_iu"], abs=1e-12)
@@ -109,3 +115,48 @@ def test_loss_ignores_255_and_normalises() -> None:
     keep = label != 255
     assert pixel_loss(scores, label, True) == pytest.approx(float(per_pixel[keep].mean()))
     assert pixel_loss(scores, label, False) == pytest.approx(float(per_pixel[keep].sum()))
+
+
+class PixelScores(nn.Module):
+    """A 1x1 convolution scoring each pixel, resized to the label's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, NUM_CLASSES, 1)
+
+    def forward(self, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+        return nn.functional.interpolate(self.conv(x), size=out_size, mode="bilinear")
+
+
+def test_update_accumulates_iter_size_images_each_weighted_by_their_number() -> None:
+    """One update = iter_size x batch_size single-image passes; the accumulated gradient is
+    that of the mean of their (pixel-normalised) losses, as Caffe's iter_size divides it."""
+    from transfer.segmentation.data import to_input
+
+    rng = np.random.default_rng(0)
+    batch = []
+    for h, w in ((9, 13), (11, 7), (8, 8), (12, 10)):  # different sizes: one pass each
+        label = rng.integers(0, NUM_CLASSES, (h, w)).astype(np.uint8)
+        label[0] = 255
+        batch.append((rng.integers(0, 256, (h, w, 3), dtype=np.uint8), label))
+    torch.manual_seed(0)
+    model = PixelScores()
+    reference = PixelScores()
+    reference.load_state_dict(model.state_dict())
+    train = SegmentationTrainConfig(iter_size=2, batch_size=2, lr=1.0, momentum=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    step = make_step(model, optimizer, train, True, Precision("fp32", CPU.device), CPU.device)
+    out = step(batch, 0)
+
+    losses = [
+        pixel_loss(reference(to_input(im, CPU.device), tuple(lab.shape)),
+                   torch.from_numpy(lab).long()[None], True)
+        for im, lab in batch
+    ]  # fmt: skip
+    mean = torch.stack(losses).mean()
+    mean.backward()
+    assert out["loss"] == pytest.approx(float(mean.detach()), rel=1e-5)  # the mean, not the sum
+    # SGD at lr 1 moves by the gradient of the mean: each image weighs 1/4 (a weight of
+    # 1/iter_size or 1 per image would move twice or four times as far)
+    for p, r in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(p.detach(), r.detach() - r.grad, atol=1e-5)
