@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import pytest
 
 from benchmark.datasets.voc import read_sbd_mat, read_split
 from benchmark.errors import DatasetError
-from transfer.segmentation.data import build_data, find_sbd, load_pair, train_order
+from benchmark.loop import IterationSampler
+from transfer.segmentation.data import SegTrainSet, build_data, find_sbd, load_pair
 
 
 def _roots(synth_root: Path) -> tuple[Path, Path]:
@@ -99,7 +101,37 @@ def test_missing_mask_is_named(synth_root: Path, tmp_path: Path) -> None:
 
 
 def test_training_order_is_a_seeded_shuffle_per_epoch() -> None:
-    first = [train_order(7, 3, i) for i in range(7)]
-    second = [train_order(7, 3, i) for i in range(7, 14)]
+    """FCN's images come from the loop's IterationSampler (batch iter_size x batch_size):
+    every epoch visits each image once, in an order drawn from (seed, epoch), so a resumed
+    run sees the images it would have seen."""
+
+    def order(seed: int, start: int, batches: int, batch: int = 1) -> list[int]:
+        got = itertools.islice(iter(IterationSampler(7, batch, seed, start)), batches)
+        return [i for b in got for i, _ in b]
+
+    first, second = order(3, 0, 7), order(3, 7, 7)
     assert sorted(first) == list(range(7)) and sorted(second) == list(range(7))
-    assert first != second and first == [train_order(7, 3, i) for i in range(7)]
+    assert first != second and first == order(3, 0, 7)
+    assert order(3, 0, 14)[9:] == order(3, 9, 5)  # resumed mid-epoch: the same tail
+    assert order(3, 0, 7, batch=2)[:14] == order(3, 0, 14)  # sample numbers ignore batching
+    assert order(4, 0, 7) != first
+
+
+def test_train_set_mirrors_by_sample_number(synth_root: Path) -> None:
+    voc, _ = _roots(synth_root)
+    data = build_data(voc, None, "train", "val")
+    sample = data.train[0]
+    image, label = load_pair(sample, 48)
+    plain = SegTrainSet(data.train, 48, mirror=False, seed=0)
+    assert len(plain) == len(data.train)
+    assert all(np.array_equal(a, b) for a, b in zip(plain[(0, 5)], (image, label)))
+    mirrored = SegTrainSet(data.train, 48, mirror=True, seed=0)
+    draws = [mirrored[(0, k)] for k in range(16)]
+    flipped = [np.array_equal(im, image[:, ::-1]) for im, _ in draws]
+    kept = [np.array_equal(im, image) for im, _ in draws]
+    assert all(f != k for f, k in zip(flipped, kept)) and 0 < sum(flipped) < 16
+    for (im, lab), f in zip(draws, flipped):  # the label is mirrored with its image
+        assert np.array_equal(lab, label[:, ::-1] if f else label)
+        assert im.flags.c_contiguous and lab.flags.c_contiguous
+    again = [np.array_equal(mirrored[(0, k)][0], image[:, ::-1]) for k in range(16)]
+    assert again == flipped  # a pure function of the sample number: resumes repeat it
