@@ -10,19 +10,25 @@ import numpy as np
 import pytest
 import torch
 
+import benchmark.faults
+from benchmark.checkpoint import FORMAT
 from benchmark.distributed import DistEnv
+from benchmark.errors import BenchError
+from benchmark.loop import Precision
 from benchmark.runs import open_run
-from pretrain.inpainting_train import (
-    InpaintingConfig,
-    InpaintLossConfig,
-    InpaintTrainConfig,
-    build_nets,
-    load_generator,
-    main,
-    make_step,
-)
+from pretrain.inpainting.config import InpaintingConfig, InpaintLossConfig, InpaintTrainConfig
+from pretrain.inpainting.train import build_nets, main, make_hole_fn, make_step
+from pretrain.inpainting.weights import load_generator
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"))
+
+
+def run_main(path: Path, cfg: InpaintingConfig, **open_args) -> dict:
+    run = open_run(path, cfg, **open_args)
+    try:
+        return main(cfg, run)
+    finally:
+        run.close()
 
 
 def _small_folder(src: Path, dst: Path, n: int) -> Path:
@@ -49,7 +55,7 @@ def test_training_run_lowers_masked_l2_and_writes_generator(tmp_path, synth_root
             load_size=0,
         ),
     )
-    metrics = main(cfg, open_run(tmp_path / "run", cfg))
+    metrics = run_main(tmp_path / "run", cfg)
     assert metrics["stage"] == "pretrain" and metrics["method"] == "inpainting"
     assert metrics["final_loss"] < metrics["initial_loss"]
     run = tmp_path / "run"
@@ -79,13 +85,11 @@ def test_joint_run_on_real_images_lowers_masked_l2(tmp_path, shared_data):
             load_size=160,
         ),
     )
-    metrics = main(cfg, open_run(tmp_path / "run", cfg))
+    metrics = run_main(tmp_path / "run", cfg)
     assert metrics["final_loss"] < metrics["initial_loss"]
 
 
 def test_random_region_holes_stay_in_the_patch(tmp_path, synth_root):
-    from pretrain.inpainting_train import make_hole_fn
-
     cfg = InpaintingConfig(
         mask="random-region",
         shapes=str(synth_root / "VOCdevkit/VOC2012"),
@@ -98,46 +102,59 @@ def test_random_region_holes_stay_in_the_patch(tmp_path, synth_root):
     outside = hole.clone()
     outside[:, 36:92, 36:92] = 0
     assert outside.sum() == 0
-    nets = build_nets(cfg, CPU)
-    step = make_step(nets, CPU.device, cfg.loss, overlap=4)
+    precision = Precision("fp32", CPU.device)
+    g, opt_g, adversary = build_nets(cfg, CPU, precision)
+    assert adversary is None  # l2: no discriminator
+    step = make_step(g, opt_g, adversary, precision, CPU.device, cfg.loss)
     holes = torch.stack([fn(np.random.default_rng(i)) for i in range(4)])
     out = step({"image": torch.rand(4, 3, 128, 128) * 2 - 1, "hole": holes}, 0)
     assert torch.isfinite(out["loss"])
 
 
-@pytest.mark.slow
-def test_resume_continues_bit_exact(tmp_path, synth_root):
-    def cfg(iterations: int) -> InpaintingConfig:
-        return InpaintingConfig(
-            data=str(synth_root / "unlabelled"),
-            device="cpu",
-            bottleneck=32,
-            loss=InpaintLossConfig(kind="joint", overlap=4),
-            train=InpaintTrainConfig(
-                iterations=iterations,
-                batch_size=4,
-                workers=0,
-                log_every=1,
-                sample_every=0,
-                checkpoint_every=2,
-                load_size=0,
-            ),
-        )
+class Stop(Exception):
+    """Stands in for a kill right after the step of a given iteration."""
 
-    main(cfg(4), open_run(tmp_path / "a", cfg(4)))
-    main(cfg(2), open_run(tmp_path / "b", cfg(2)))
-    (tmp_path / "b" / "metrics.json").unlink()
-    main(cfg(4), _reopen(tmp_path / "b", cfg(4)))
+
+@pytest.mark.slow
+def test_resume_continues_bit_exact(tmp_path, synth_root, monkeypatch):
+    cfg = InpaintingConfig(
+        data=str(synth_root / "unlabelled"),
+        device="cpu",
+        bottleneck=32,
+        loss=InpaintLossConfig(kind="joint", overlap=4),
+        train=InpaintTrainConfig(
+            iterations=4,
+            batch_size=4,
+            workers=0,
+            log_every=1,
+            sample_every=0,
+            checkpoint_every=2,
+            load_size=0,
+        ),
+    )
+    run_main(tmp_path / "a", cfg)
+
+    def stop_after(point: str) -> None:
+        if point == "step:3":  # the checkpoint of iteration 2 is written, 3 is not
+            raise Stop(point)
+
+    monkeypatch.setattr(benchmark.faults, "reach", stop_after)
+    with pytest.raises(Stop):
+        run_main(tmp_path / "b", cfg)
+    monkeypatch.undo()
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["format"] == FORMAT and ckpt["stage"] == "pretrain/inpainting"
+    assert ckpt["iteration"] == 2 and ckpt["config"]["train"]["iterations"] == 4
+    assert set(ckpt["state"]) == {"generator", "opt_g", "discriminator", "opt_d", "precision"}
+    assert not (tmp_path / "b" / "metrics.json").exists()
+    with pytest.raises(BenchError, match="--resume"):
+        open_run(tmp_path / "b", cfg)  # an unfinished run with a checkpoint
+    metrics = run_main(tmp_path / "b", cfg, resume=True)
+    assert metrics["iterations"] == 4
     a, _ = load_generator(tmp_path / "a")
     b, _ = load_generator(tmp_path / "b")
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(v, w), k
-
-
-def _reopen(path: Path, cfg: InpaintingConfig):
-    import yaml
-
-    from benchmark.config import to_dict
-
-    (path / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))  # iterations raised
-    return open_run(path, cfg, resume=True)
+    # The resumed log holds each iteration once (rewound to the checkpoint, then continued).
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "scalars.jsonl").open()]
+    assert steps == [1, 2, 3, 4]
