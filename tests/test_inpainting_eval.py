@@ -11,11 +11,20 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmark.errors import ConfigError
 from benchmark.runs import open_run
-from pretrain.figures import make_figures
-from pretrain.inpaint_eval import InpaintEvalConfig, main
-from pretrain.inpainting import FILL, ContextEncoderGenerator
-from pretrain.inpainting_train import write_generator
+from pretrain.inpainting.evaluate import InpaintEvalConfig, main
+from pretrain.inpainting.figures import make_figures
+from pretrain.inpainting.model import FILL, ContextEncoderGenerator
+from pretrain.inpainting.weights import load_generator, write_generator
+
+
+def evaluate(path: Path, cfg: InpaintEvalConfig) -> dict:
+    run = open_run(path, cfg)
+    try:
+        return main(cfg, run)
+    finally:
+        run.close()
 
 
 def _weights(folder: Path, loss: str, bottleneck: int = 32, seed: int = 0) -> Path:
@@ -42,8 +51,6 @@ def _held_out(folder: Path, n: int, size: int = 160) -> Path:
 
 def _independent(weights: Path, image: Path) -> tuple[float, float, float]:
     """Table 1 errors of one image recomputed from scratch (numpy, float64)."""
-    from pretrain.inpainting_train import load_generator
-
     arr = np.asarray(Image.open(image).convert("RGB"), dtype=np.float64)
     h, w = arr.shape[:2]
     top, left = (h - 128) // 2, (w - 128) // 2
@@ -63,7 +70,7 @@ def test_evaluate_matches_independent_computation(tmp_path):
     weights = _weights(tmp_path / "w", "joint")
     data = _held_out(tmp_path / "held", 3)
     cfg = InpaintEvalConfig(data=str(data), weights=str(weights), device="cpu")
-    metrics = main(cfg, open_run(tmp_path / "eval", cfg))
+    metrics = evaluate(tmp_path / "eval", cfg)
     assert metrics["stage"] == "inpaint-eval" and metrics["method"] == "context-encoder-joint"
     assert metrics["images"] == 3 and "centre 128" in metrics["crop"]
     rows = list(csv.DictReader(open(tmp_path / "eval" / "per_image.csv")))
@@ -82,17 +89,15 @@ def test_nn_hog_on_its_own_training_images_is_perfect(tmp_path):
     cfg = InpaintEvalConfig(
         data=str(data), baseline="nn-hog", train_data=str(data), device="cpu", overlap=7
     )
-    metrics = main(cfg, open_run(tmp_path / "eval", cfg))
+    metrics = evaluate(tmp_path / "eval", cfg)
     assert metrics["method"] == "nn-hog"
     assert metrics["mean_l1"] == 0.0 and metrics["mean_l2"] == 0.0 and metrics["psnr"] == 100.0
 
 
 def test_bad_config_is_one_line_error(tmp_path):
-    from benchmark.errors import ConfigError
-
     cfg = InpaintEvalConfig(baseline="nn-ce")
     with pytest.raises(ConfigError, match="weights"):
-        main(cfg, open_run(tmp_path / "e", cfg))
+        evaluate(tmp_path / "e", cfg)
 
 
 def test_paris_streetview_evaluation(tmp_path, shared_data):
@@ -101,7 +106,7 @@ def test_paris_streetview_evaluation(tmp_path, shared_data):
         pytest.skip("ParisStreetView sample not available")
     weights = _weights(tmp_path / "w", "l2")
     cfg = InpaintEvalConfig(data=str(paris), weights=str(weights), device="cpu")
-    metrics = main(cfg, open_run(tmp_path / "eval", cfg))
+    metrics = evaluate(tmp_path / "eval", cfg)
     assert metrics["images"] == 20
     assert 0 < metrics["mean_l2"] < 4 and 0 < metrics["psnr"] < 100
 
