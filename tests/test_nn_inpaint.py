@@ -6,12 +6,19 @@ import numpy as np
 import torch
 from skimage.feature import hog
 
-from pretrain.inpainting import ContextEncoderGenerator, central_hole, centre_patch, mask_context
-from pretrain.nn_inpaint import (
+from pretrain.alexnet import AlexNetEncoder
+from pretrain.inpainting.model import (
+    ContextEncoderGenerator,
+    central_hole,
+    centre_patch,
+    mask_context,
+)
+from pretrain.inpainting.nearest import (
     ContextIndex,
     build_index,
     context_features,
     hog_features,
+    load_alexnet,
     nn_inpaint,
     training_crops,
 )
@@ -98,3 +105,20 @@ def test_training_crops_centre_and_random(tmp_path):
     assert crops.shape == (3, 3, 128, 128)
     expected = torch.from_numpy(arr[11:139, 36:164].astype(np.float32)).permute(2, 0, 1)
     torch.testing.assert_close(crops[0], expected / 127.5 - 1)
+
+
+def test_alexnet_features_from_a_torchvision_state_dict(tmp_path):
+    torch.manual_seed(0)
+    state = AlexNetEncoder("torchvision").state_dict()
+    state["classifier.1.weight"] = torch.zeros(2, 2)  # torchvision's head: ignored
+    torch.save(state, tmp_path / "alexnet.pth")
+    encoder = load_alexnet(tmp_path / "alexnet.pth")
+    assert encoder.arch == "torchvision" and not encoder.training
+    assert torch.equal(encoder.features[0].weight, state["features.0.weight"])
+    x = _images(2, 5)
+    f = context_features("alexnet", x, overlap=4, alexnet=encoder)
+    assert f.shape == (2, 256 * 6 * 6)
+    torch.testing.assert_close(f.norm(dim=1), torch.ones(2))
+    y = x.clone()
+    y[:, :, 36:92, 36:92] = 0.3  # the hole's content is never seen
+    torch.testing.assert_close(f, context_features("alexnet", y, overlap=4, alexnet=encoder))
