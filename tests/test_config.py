@@ -63,3 +63,25 @@ def test_round_trip_and_hash():
     assert config_hash(cfg) == config_hash(again)
     assert config_hash(cfg) != config_hash(load_config(Cfg, None, ["amp=true"]))
     assert "data: /x/y" in dump_yaml(cfg)
+
+
+def _training_stages():
+    from benchmark.stages import PRETRAIN_METHODS, TRANSFER_TASKS
+
+    stages = {**PRETRAIN_METHODS, **TRANSFER_TASKS}
+    return sorted({s.config_cls for s in stages.values()}, key=lambda c: c.__name__)
+
+
+@pytest.mark.parametrize("config_cls", _training_stages(), ids=lambda c: c.__name__)
+def test_every_training_stage_has_a_loop_train_section_and_on_bad_data(config_cls):
+    from benchmark.loop import LoopConfig
+
+    cfg = load_config(config_cls, None, ["train.iterations=3", "train.precision=bf16"])
+    assert isinstance(cfg.train, LoopConfig)
+    assert cfg.train.iterations == 3 and cfg.train.precision == "bf16"
+    assert cfg.on_bad_data == "error"
+    assert load_config(config_cls, None, ["on_bad_data=skip"]).on_bad_data == "skip"
+    with pytest.raises(ConfigError, match="on_bad_data"):
+        load_config(config_cls, None, ["on_bad_data=ignore"])
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config(config_cls, None, ["train.precision=fp8"])
