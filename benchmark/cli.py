@@ -285,7 +285,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_inpaint(args: argparse.Namespace) -> int:
     if args.inpaint_command == "figures":
-        from pretrain.figures import make_figures
+        from pretrain.inpainting.figures import make_figures
 
         for path in make_figures(
             runs=args.runs,

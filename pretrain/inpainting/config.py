@@ -51,7 +51,9 @@ class InpaintingConfig:
     device: str = "auto"
     method: Literal["inpainting"] = "inpainting"
     mask: HoleName = "central"  # random-region / noise-region: random holes in the patch
-    shapes: str | None = None  # VOC2012 folder for random-region (None: synthetic VOC2012)
+    # VOC2012 folder for random-region (None: the synthetic VOC2012 when `data` is None too;
+    # with a user's image folder it must be given)
+    shapes: str | None = None
     bottleneck: int = BOTTLENECK  # the paper's 4000-d code; smaller only for quick tests
     loss: InpaintLossConfig = field(default_factory=InpaintLossConfig)
     train: InpaintTrainConfig = field(default_factory=InpaintTrainConfig)

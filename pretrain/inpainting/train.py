@@ -102,6 +102,11 @@ def make_hole_fn(
         return None
     w = PATCH_SIZE - 2 * cfg.loss.overlap
     if cfg.mask == "random-region":
+        if cfg.shapes is None and cfg.data is not None:
+            raise ConfigError(
+                "mask: random-region holes are PASCAL VOC 2012 segmentation shapes; give them "
+                "with --set shapes=<VOC2012 folder>, or choose --mask noise-region or central"
+            )
         shapes = load_voc_shapes(Path(resolve_data(cfg.shapes, "voc2012")), seed=cfg.seed)
         if run is not None:
             run.logger.info(f"random-region holes from {len(shapes)} segmentation shapes")
