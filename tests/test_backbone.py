@@ -38,6 +38,12 @@ def test_random_init_is_gaussian():
     assert w.shape == (96, 3, 11, 11)
     assert abs(w.std().item() - 0.01) < 1e-3 and enc.features[0].bias.abs().max() == 0
     assert load_encoder(None, arch="torchvision")[0].features[0].weight.shape[0] == 64
+    # CaffeNet's conv2, conv4, conv5 run in two groups; the old ungrouped network is
+    # "alexnet-plain"
+    assert enc.features[3].weight.shape == (256, 48, 5, 5)
+    assert [enc.features[i].groups for i in (0, 3, 6, 8, 10)] == [1, 2, 1, 2, 2]
+    plain, card = load_encoder(None, arch="alexnet-plain")
+    assert card["arch"] == "alexnet-plain" and plain.features[3].weight.shape == (256, 96, 5, 5)
 
 
 @pytest.mark.parametrize("pool_free", [False, True])
@@ -93,8 +99,11 @@ def test_wrong_architecture_lists_missing_and_unexpected_keys(tmp_path):
 def test_pool_free_tensors_in_a_pooled_card_are_unexpected(tmp_path):
     src = AlexNetEncoder("caffenet", pool_free=True)
     path = write_native(tmp_path / "encoder.safetensors", src.state_dict(), CARD)  # says pooled
-    with pytest.raises(BenchError, match=r"unexpected \[features\.12\.bias, features\.12\.weight"):
+    unexpected = r"unexpected \[features\.12\.bias, features\.12\.weight"
+    with pytest.raises(BenchError, match=unexpected) as err:
         load_encoder(path)
+    # CaffeNet's pool1/pool2 sit with their LRN in one layer: keys features.{2,5}.pool.*
+    assert "features.2.pool.weight" in str(err.value) and "features.5.pool.bias" in str(err.value)
 
 
 def test_card_arch_disagreeing_with_shapes_names_the_tensor(tmp_path):
