@@ -23,7 +23,6 @@ from transfer.detection.data import (
 )
 from transfer.detection.inference import nms, postprocess
 from transfer.detection.model import FastRCNN, fast_rcnn_loss, param_groups
-from transfer.detection.train import lr_at
 from transfer.detection.sampling import (
     box_iou,
     decode_boxes,
@@ -32,6 +31,7 @@ from transfer.detection.sampling import (
     sample_rois,
     target_stats,
 )
+from transfer.detection.train import lr_at
 
 
 def test_box_iou_uses_inclusive_pixels():
@@ -130,9 +130,7 @@ def test_train_set_items_are_a_function_of_entry_and_sample_number(tmp_path):
     assert len({d["image"].shape for d in draws}) == 2  # the scale is drawn per sample number
     assert any(not torch.equal(d["rois"], draws[0]["rois"]) for d in draws[1:])
     same = next(d for d in draws if d["image"].shape == a["image"].shape)
-    mirrored = next(
-        ds[(1, k)] for k in range(20) if ds[(1, k)]["image"].shape == a["image"].shape
-    )
+    mirrored = next(ds[(1, k)] for k in range(20) if ds[(1, k)]["image"].shape == a["image"].shape)
     # entry 1 is the mirror image (flipped before resizing: equal up to float rounding)
     assert torch.allclose(mirrored["image"], same["image"].flip(-1), atol=1e-5)
 

@@ -175,8 +175,11 @@ def test_hostile_proposal_pickle_never_runs_and_is_a_one_line_error(tmp_path):
     marker = tmp_path / "pwned"
     payloads = {
         "system.pkl": _RunsCommand(f"touch {marker}"),  # at the top level
-        "nested.pkl": {"ids": ids, "boxes": [boxes[0], _RunsCommand(f"touch {marker}"), boxes[2]],
-                       "bbox_mode": 0},  # fmt: skip
+        "nested.pkl": {
+            "ids": ids,
+            "boxes": [boxes[0], _RunsCommand(f"touch {marker}"), boxes[2]],
+            "bbox_mode": 0,
+        },  # fmt: skip
         "open.pkl": {"ids": ids, "boxes": boxes, "objectness_logits": _CreatesFile(str(marker))},
         "objects.pkl": {"ids": ids, "boxes": [np.array([_RunsCommand("true")], dtype=object)]},
     }
