@@ -80,7 +80,8 @@ def test_main_svm_writes_metrics_and_reuses_features(synth_root, tmp_path):
     assert again["feature_cache"]["train"]["hit"] and again["feature_cache"]["test"]["hit"]
 
     def timeless(per_layer):
-        return {n: {k: v for k, v in d.items() if k != "seconds"} for n, d in per_layer.items()}
+        drop = ("seconds", "cpu_seconds")
+        return {n: {k: v for k, v in d.items() if k not in drop} for n, d in per_layer.items()}
 
     assert timeless(again["per_layer"]) == timeless(metrics["per_layer"])  # deterministic
     assert again["low_shot"] == metrics["low_shot"]

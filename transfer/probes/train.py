@@ -145,7 +145,7 @@ def main_svm(cfg: SVMConfig, run: Run) -> dict[str, Any]:
             "feature": ftrain.specs[name].as_dict(),
             "skipped": result.skipped,
             "fits": result.fits, "unconverged": result.unconverged,
-            "seconds": result.seconds,
+            "seconds": result.seconds, "cpu_seconds": result.cpu_seconds,
         }  # fmt: skip
         cv["layers"][name] = [[_ap(v) for v in row] for row in result.cv_ap]
         scores[name] = result.scores
