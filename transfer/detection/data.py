@@ -113,7 +113,8 @@ def roi_labels(rec: DetRecord, flip: bool, use_difficult: bool, bbox_thresh: flo
 
 
 class TrainSet(Dataset):
-    """Item (k, entry) -> dict(image, rois, labels, targets) for one image of a minibatch."""
+    """Item (entry, sample number) -> dict(image, rois, labels, targets) for one image of a
+    minibatch; every random choice (scale, RoI sample) is drawn from the sample number."""
 
     def __init__(
         self,
