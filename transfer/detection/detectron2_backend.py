@@ -405,11 +405,12 @@ def read_detectron2_pickle(path: Path) -> dict[str, torch.Tensor]:
             )
         if value.dtype.kind not in "fiub":
             raise BenchError(f"{printable(path)}: {key} has unsupported dtype {value.dtype}")
-        state[key] = torch.from_numpy(np.array(value))
+        state[key] = torch.from_numpy(np.array(value, dtype=value.dtype.newbyteorder("=")))
     return state
 
 
-def _pickle_card(path: Path, arch: str) -> dict[str, Any]:
+def _pickle_card(path: Path) -> dict[str, Any]:
+    """The card beside an exported pickle (`<stem>.card.json`), else {"method": "unknown"}."""
     from pretrain.export import card_path
 
     sidecar = card_path(path)
@@ -446,7 +447,7 @@ def load_weights(weights: str | None, arch: str) -> tuple[dict[str, torch.Tensor
                 "backbone.features.N.* (bench export --format detectron2)"
             )
         state = {k.removeprefix("backbone."): v for k, v in raw.items()}
-        card = resolve_arch(state, _pickle_card(path, arch), path, default=arch)
+        card = resolve_arch(state, _pickle_card(path), path, default=arch)
         card["source"] = str(path)
         encoder = AlexNetEncoder(card["arch"], bool(card["pool_free"]))
         load_state_checked(encoder, state, path)
@@ -562,16 +563,14 @@ class KeyedMapper(Dataset):
             return self.mapper(self.dicts[index])  # DatasetMapper deep-copies the dict
 
 
-def register_split(name: str, voc_root: Path, split: str, dicts: list[dict[str, Any]]) -> None:
-    """Register `dicts` under `name` with VOC metadata (what PascalVOCDetectionEvaluator
-    reads), replacing an earlier registration of the same name."""
-    from detectron2.data import DatasetCatalog, MetadataCatalog
+def register_split(name: str, voc_root: Path, split: str) -> None:
+    """Register `name`'s VOC metadata (what PascalVOCDetectionEvaluator reads), replacing an
+    earlier registration. The dicts themselves are not put in DatasetCatalog: nothing here
+    looks them up by name, and a process-wide catalogue would keep them alive after the run."""
+    from detectron2.data import MetadataCatalog
 
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
     if name in MetadataCatalog.list():
         MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: dicts)
     MetadataCatalog.get(name).set(
         thing_classes=list(VOC_CLASSES), dirname=str(voc_root), year=2007, split=split
     )
@@ -754,8 +753,8 @@ def run_detectron2(cfg: DetectionConfig, run: Run, voc_root: Path) -> dict[str, 
     test_dicts = [dataset_dict(r, True) for r in test_records]
     train_name = dataset_name(voc_root, cfg.train_split)
     test_name = dataset_name(voc_root, cfg.test_split)
-    register_split(train_name, voc_root, cfg.train_split, train_dicts)
-    register_split(test_name, voc_root, cfg.test_split, test_dicts)
+    register_split(train_name, voc_root, cfg.train_split)
+    register_split(test_name, voc_root, cfg.test_split)
     work = run.path / "detectron2"
     topk = [max([len(d["proposal_boxes"]) for d in ds] + [1]) for ds in (train_dicts, test_dicts)]
     d2cfg = fast_rcnn_config(
