@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/bench run configs/demo.yaml
 
 test: $(STAMP) $(MMSEG_STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # mmsegmentation 1.2.2 + mmcv 2.1.0 with compiled ops (built once, wheel cached; see README).

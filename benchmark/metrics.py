@@ -4,7 +4,7 @@ Every number in Table 1 and Table 2 comes from here, so each function follows on
 reference exactly and says which:
 
 - classification: scikit-learn average precision per class, difficult images excluded
-  (the Krähenbühl et al. fine-tuning protocol's evaluation);
+  (the Krähenbühl et al. fine-tuning protocol's evaluation), or the devkit's VOCevalcls;
 - detection: the PASCAL VOC2007 devkit (`VOCevaldet.m`), 11-point interpolated AP at IoU 0.5;
 - segmentation: FCN's `score.py` (confusion matrix, pixel/mean accuracy, mean IU, fwIU);
 - inpainting: the public PyTorch context-encoder port's `test.py` / `psnr.py`.
@@ -24,17 +24,26 @@ from sklearn.metrics import average_precision_score
 
 
 def classification_ap(
-    scores: np.ndarray, labels: np.ndarray, difficult: np.ndarray | None = None
+    scores: np.ndarray,
+    labels: np.ndarray,
+    difficult: np.ndarray | None = None,
+    method: str = "sklearn",
 ) -> tuple[np.ndarray, float]:
-    """Per-class average precision and its mean (mAP), as scikit-learn computes it.
+    """Per-class average precision and its mean (mAP).
 
     scores: (N, C) real-valued, higher = more confident. labels: (N, C) in {0, 1}.
     difficult: (N, C) bool; an image marked difficult for class c (it holds only difficult
     objects of c) is left out of class c's AP entirely, as the VOC protocol does.
+    method "sklearn": scikit-learn's average_precision_score on `scores - 1e-5 * labels`, the
+    tie-break against positives of philkr/voc-classification@c209779 train_cls.py L151-157
+    (Krähenbühl et al.'s protocol, which the paper's classification column follows);
+    "voc07": the VOC2007 devkit's VOCevalcls, 11-point interpolated (`voc07_cls_ap`).
 
     Returns (per_class (C,), mean). A class with no positive image left after exclusion has no
     defined AP: its entry is NaN and it is excluded from the mean (NaN if no class has any).
     """
+    if method not in ("sklearn", "voc07"):
+        raise ValueError(f"classification AP method {method!r} is not sklearn or voc07")
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels)
     if scores.ndim != 2 or scores.shape != labels.shape:
@@ -52,8 +61,21 @@ def classification_ap(
         y = labels[keep, c]
         if y.sum() == 0:
             continue
-        per_class[c] = average_precision_score(y, scores[keep, c])
+        if method == "voc07":
+            per_class[c] = voc07_cls_ap(scores[keep, c], y)
+        else:
+            per_class[c] = average_precision_score(y, scores[keep, c] - 1e-5 * y)
     return per_class, mean_ap(per_class)
+
+
+def voc07_cls_ap(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The VOC2007 devkit's VOCevalcls for one class: images sorted by decreasing score
+    (MATLAB's stable `sort(-out)`), cumulative precision and recall, 11-point interpolated
+    AP (`voc07_ap`). labels (N,) in {0, 1}; difficult images already removed."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    y = np.asarray(labels)[order] > 0
+    tp, fp = np.cumsum(y), np.cumsum(~y)
+    return voc07_ap(tp / max(int(y.sum()), 1), tp / np.maximum(tp + fp, 1))
 
 
 def mean_ap(per_class: np.ndarray | Sequence[float]) -> float:

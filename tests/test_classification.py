@@ -14,10 +14,10 @@ from benchmark.datasets.synth import make_synthetic
 from benchmark.datasets.voc import VOC_CLASSES
 from benchmark.distributed import DistEnv
 from benchmark.errors import ConfigError
+from benchmark.loop import IterationSampler, Precision
 from benchmark.metrics import classification_ap
 from benchmark.runs import open_run
 from transfer.backbone import check_frozen_unchanged, freeze, load_encoder, snapshot_frozen
-from benchmark.loop import IterationSampler, Precision
 from transfer.classification import train as train_mod
 from transfer.classification.config import (
     AugmentConfig,
@@ -27,7 +27,6 @@ from transfer.classification.config import (
 )
 from transfer.classification.data import EvalCrops, VOCImages
 from transfer.classification.evaluate import evaluate
-from transfer.classification.train import default_name, main, make_optimizer, make_step
 from transfer.classification.model import (
     FROZEN_PREFIXES,
     ClassificationNet,
@@ -35,7 +34,14 @@ from transfer.classification.model import (
     data_dependent_init_,
     sigmoid_cross_entropy,
 )
-from transfer.classification.presets import MEAN_PIXEL, center_crop, random_crop, window
+from transfer.classification.presets import (
+    MEAN_PIXEL,
+    center_crop,
+    random_crop,
+    window,
+    window_crop,
+)
+from transfer.classification.train import default_name, main, make_optimizer, make_step
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"))
 SMALL = 67  # smallest crop the encoder takes: pool5 is 1x1, so tests run in seconds
@@ -80,9 +86,10 @@ def test_map_equals_independent_sklearn_computation():
     difficult = (rng.random((60, 20)) < 0.15) & (labels == 0)
     scores = rng.normal(size=(60, 20)) + labels
     per_class, mean = classification_ap(scores, labels, difficult)
-    expected = [
-        average_precision_score(labels[~difficult[:, c], c], scores[~difficult[:, c], c])
-        for c in range(20)
+    keep = [~difficult[:, c] for c in range(20)]
+    expected = [  # the reference's tie-break: scr - 1e-5 * gts (train_cls.py L151-157)
+        average_precision_score(labels[k, c], scores[k, c] - 1e-5 * labels[k, c])
+        for c, k in enumerate(keep)
     ]
     np.testing.assert_allclose(per_class, expected, rtol=1e-12)
     assert mean == pytest.approx(np.mean(expected), rel=1e-12)
@@ -124,6 +131,25 @@ def test_random_crop_scales_pads_and_is_seeded():
     # at scale <= 1 the 40x60 image is smaller than the crop: there is mean padding
     pad = random_crop(img, np.random.default_rng(1), 67, (0.5, 1.0), False)
     assert (pad == MEAN_PIXEL).all(axis=-1).any()
+
+
+def test_window_crop_is_the_reference_data_layer():
+    """A window of s x crop original pixels, s in [0.5, min(2, H/crop, W/crop)], inside the
+    image (never padded), resampled to crop x crop; seeded."""
+    rng0 = np.random.default_rng(0)
+    img_np = rng0.integers(0, 255, (90, 140, 3), dtype=np.uint8)
+    img = Image.fromarray(img_np)
+    a = window_crop(img, np.random.default_rng(3), 67, (0.5, 2.0), True)
+    assert a.shape == (67, 67, 3) and (a == window_crop(img, np.random.default_rng(3), 67,
+                                                       (0.5, 2.0), True)).all()  # fmt: skip
+    # scale fixed at 1 and no mirror: the crop is an exact 67x67 window of the image
+    w = window_crop(img, np.random.default_rng(5), 67, (1.0, 1.0), False)
+    hits = [(y, x) for y in range(90 - 66) for x in range(140 - 66)
+            if (img_np[y : y + 67, x : x + 67] == w).all()]  # fmt: skip
+    assert len(hits) == 1
+    # the largest window is clamped to the image's shorter side (90 < 2 x 67): no padding
+    big = window_crop(img, np.random.default_rng(1), 67, (1.9, 2.0), False)
+    assert not (big == MEAN_PIXEL).all(axis=-1).all(axis=0).any()
 
 
 def test_ten_crop_test_is_reproducible_and_differs_from_centre(voc07):
@@ -257,7 +283,9 @@ def _official_map(voc07, split, scores_csv):
         kept = [(i, int(v)) for i, v in pairs if int(v) != 0]
         y = np.array([v == 1 for _, v in kept])
         if y.any():
-            aps[cls] = average_precision_score(y, [rows[i][c] for i, _ in kept])
+            aps[cls] = average_precision_score(
+                y, np.array([rows[i][c] for i, _ in kept]) - 1e-5 * y
+            )
     return aps
 
 

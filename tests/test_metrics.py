@@ -40,6 +40,29 @@ def test_classification_ap_hand_case() -> None:
     assert mean == pytest.approx(per_class[0])  # the NaN class is left out of the mean
 
 
+def test_classification_ap_scores_as_the_reference_with_its_tie_break() -> None:
+    """philkr/voc-classification scores `scr - 1e-5 * gts`: a positive less than 1e-5 above
+    a negative ranks below it (exact ties are already pessimistic in scikit-learn's AP)."""
+    from sklearn.metrics import average_precision_score
+
+    scores = np.array([[0.5 + 4e-6], [0.5], [0.1]])
+    labels = np.array([[1], [0], [0]])
+    per_class, _ = classification_ap(scores, labels)
+    assert average_precision_score(labels[:, 0], scores[:, 0]) == pytest.approx(1.0)
+    assert per_class[0] == pytest.approx(0.5)  # the positive now ranks second
+
+
+def test_voc07_classification_ap_hand_case() -> None:
+    """VOCevalcls: 11-point interpolated precision over the ranked list."""
+    scores = np.array([[0.9], [0.8], [0.7], [0.6]])
+    labels = np.array([[1], [0], [1], [0]])
+    per_class, _ = classification_ap(scores, labels, method="voc07")
+    # recall 0.5 at precision 1 (rank 1), recall 1 at precision 2/3 (rank 3)
+    assert per_class[0] == pytest.approx((6 * 1.0 + 5 * (2 / 3)) / 11)
+    sk, _ = classification_ap(scores, labels)
+    assert per_class[0] > sk[0]  # 11-point interpolation reads higher here
+
+
 def test_classification_ap_excludes_difficult_images() -> None:
     scores = np.array([[0.9], [0.8], [0.7], [0.6]])
     labels = np.array([[1], [0], [1], [0]])

@@ -47,6 +47,7 @@ mkdir -p "$CACHE"
 # The OpenMMLab packages are installed with --no-deps and their runtime needs listed here:
 # their metadata asks for opencv-python(-headless), which would overwrite the cv2 of
 # opencv-contrib-python-headless (we need cv2.ximgproc).
+# (the same list as pyproject's `mmseg` extra)
 RUNTIME_DEPS=(addict yapf rich termcolor regex ftfy prettytable packaging matplotlib scipy)
 log "build tools: setuptools>=77,<80, wheel, ninja; mmengine==$MMENGINE_VERSION"
 "$PY" -m pip install -q "setuptools>=77,<80" wheel ninja "${RUNTIME_DEPS[@]}"

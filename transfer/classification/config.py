@@ -27,19 +27,23 @@ class TrainConfig(LoopConfig):
     momentum: float = 0.9
     weight_decay: float = 1e-6
     clip_grad: float = 10.0  # max global L2 norm of the gradient (Caffe's clip_gradients)
-    # Krähenbühl et al.'s released code trains biases at 2x the lr; the paper says nothing.
-    bias_lr_mult: float = 1.0
+    # Biases learn at 2x the lr with weight decay x1, as Krähenbühl et al.'s classification
+    # code sets every trained layer: philkr/voc-classification@c209779 train_cls.py L80-81.
+    bias_lr_mult: float = 2.0
+    bias_decay_mult: float = 1.0
     workers: int = 4  # loader processes (1 suits a 2-core CPU; more keep a GPU fed)
 
 
 @dataclass
 class AugmentConfig:
-    """Training crops: scale the image by a factor drawn uniformly from `scale` (relative to
-    its own size, as Krähenbühl et al.'s data layer does), pad with the mean pixel where it
-    is smaller than `crop`, take a random `crop` x `crop` window, mirror half of them."""
+    """Training crops. `window` (the reference's data layer, presets.window_crop): a square
+    window of side s x crop original pixels, s uniform in `scale` (clamped to fit), resampled
+    to crop x crop; `rescale`: the whole image rescaled by s, a random crop x crop window,
+    mean-padded where the image is smaller (bench's earlier reading). Both mirror half."""
 
-    crop: int = 227
-    scale: tuple[float, float] = (0.5, 2.0)
+    mode: Literal["window", "rescale"] = "window"
+    crop: int = 227  # the deploy prototxt's input_dim (train_cls.py L62)
+    scale: tuple[float, float] = (0.5, 2.0)  # --min-scale / --max-scale (train_cls.py L31-32)
     mirror: bool = True
 
 
@@ -63,6 +67,9 @@ class ClassificationConfig:
     arch: str = "caffenet"  # architecture of the random baseline (files carry their own)
     on_bad_data: Literal["error", "skip"] = "error"  # an image `bench data check` flags
     train_from: TrainFrom = "all"  # all layers / fc6-fc8 (encoder frozen) / fc8 only
+    # sklearn: scikit-learn's AP, as philkr/voc-classification computes it (train_cls.py
+    # L151-157); voc07: the VOC2007 devkit's 11-point VOCevalcls.
+    ap: Literal["sklearn", "voc07"] = "sklearn"
     rescale: bool = False  # Krähenbühl et al. 2015 data-dependent init (see model.py)
     rescale_images: int = 64  # training crops used to measure the statistics
     train_split: str = "trainval"

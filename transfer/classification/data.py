@@ -21,7 +21,7 @@ from benchmark.datasets.voc import classification_targets, parse_voc_xml, read_s
 from benchmark.errors import DatasetError
 
 from .config import AugmentConfig, EvalConfig
-from .presets import center_crop, random_crop, ten_random_crops
+from .presets import CROPS, center_crop, ten_random_crops
 
 # Stream tags that keep the generators of different purposes apart.
 _TRAIN, _TEST, _RESCALE = 2, 3, 4
@@ -66,7 +66,8 @@ class TrainCrops(Dataset):
         index, sample = item
         rng = np.random.default_rng([self.seed, self.stream, sample])
         a = self.augment
-        crop = random_crop(load_rgb(self.images.paths[index]), rng, a.crop, a.scale, a.mirror)
+        image = load_rgb(self.images.paths[index])
+        crop = CROPS[a.mode](image, rng, a.crop, a.scale, a.mirror)
         labels = torch.from_numpy(self.images.labels[index])
         keep = torch.from_numpy(~self.images.difficult[index])
         return _chw(crop), labels, keep
@@ -89,7 +90,9 @@ class EvalCrops(Dataset):
             crops = center_crop(image, a.crop)[None]
         else:
             rng = np.random.default_rng([self.seed, _TEST, index])
-            crops = ten_random_crops(image, rng, self.test.crops, a.crop, a.scale, a.mirror)
+            crops = ten_random_crops(
+                image, rng, self.test.crops, a.crop, a.scale, a.mirror, a.mode
+            )
         return _chw(crops), index
 
 

@@ -1,4 +1,4 @@
-"""The protocol's image transforms: random scale, mean-padded crop, mirror.
+"""The protocol's image transforms: random-scale crop windows, mirror, the centre crop.
 
 Images stay uint8 HWC numpy arrays here; `model.normalize` turns a batch into the encoder's
 input on the device, so workers ship 4x fewer bytes. Every random choice comes from a
@@ -40,6 +40,36 @@ def _offset(rng: np.random.Generator, length: int, size: int) -> int:
     return int(rng.integers(lo, hi + 1))
 
 
+def window_crop(
+    image: Image.Image,
+    rng: np.random.Generator,
+    crop: int,
+    scale: tuple[float, float],
+    mirror: bool,
+) -> np.ndarray:
+    """One training (or ten-random test) crop as Krähenbühl et al.'s data layer draws it:
+    (crop, crop, 3) uint8.
+
+    A square window of side s * crop original pixels, s uniform in [min(lo, hi'), hi'] with
+    hi' = min(hi, H / crop, W / crop) so that it always fits in the image, at a uniformly
+    random position inside it, bilinearly resampled to crop x crop, then mirrored with
+    probability 1/2. philkr/caffe@fb5f6cd (branch future)
+    src/caffe/layers/transformation_layer.cpp L96-121, used by philkr/voc-classification
+    train_cls.py L31-32 (--min-scale 0.5 --max-scale 2.0), L62 (mirror).
+    """
+    w, h = image.size
+    hi = min(scale[1], h / crop, w / crop)
+    lo = min(scale[0], hi)
+    side = max(1, min(round(float(rng.uniform(lo, hi)) * crop), w, h))
+    x0 = int(rng.integers(0, w - side + 1))
+    y0 = int(rng.integers(0, h - side + 1))
+    window = image.crop((x0, y0, x0 + side, y0 + side))
+    out = np.asarray(window.resize((crop, crop), Image.BILINEAR) if side != crop else window)
+    if mirror and rng.random() < 0.5:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
 def random_crop(
     image: Image.Image,
     rng: np.random.Generator,
@@ -47,10 +77,9 @@ def random_crop(
     scale: tuple[float, float],
     mirror: bool,
 ) -> np.ndarray:
-    """One training (or ten-random test) crop: (crop, crop, 3) uint8.
-
-    Scale factor uniform in `scale` relative to the image's own size, bilinear resize.
-    """
+    """`augment.mode: rescale`, bench's earlier reading of "random scale [0.5, 2]": the whole
+    image rescaled by a factor uniform in `scale`, a random crop x crop window of it (mean-
+    padded where the image is smaller), mirrored with probability 1/2."""
     s = float(rng.uniform(scale[0], scale[1]))
     w, h = image.size
     size = (max(1, round(w * s)), max(1, round(h * s)))
@@ -68,6 +97,9 @@ def center_crop(image: Image.Image, crop: int) -> np.ndarray:
     return window(arr, (w - crop) // 2, (h - crop) // 2, crop)
 
 
+CROPS = {"window": window_crop, "rescale": random_crop}
+
+
 def ten_random_crops(
     image: Image.Image,
     rng: np.random.Generator,
@@ -75,6 +107,9 @@ def ten_random_crops(
     crop: int,
     scale: tuple[float, float],
     mirror: bool,
+    mode: str = "window",
 ) -> np.ndarray:
-    """`crops` independent training-style crops of one image: (crops, crop, crop, 3) uint8."""
-    return np.stack([random_crop(image, rng, crop, scale, mirror) for _ in range(crops)])
+    """`crops` independent training-style crops of one image: (crops, crop, crop, 3) uint8
+    (the reference tests with the training transform: train_cls.py L124)."""
+    fn = CROPS[mode]
+    return np.stack([fn(image, rng, crop, scale, mirror) for _ in range(crops)])

@@ -61,6 +61,7 @@ def check(cfg: ClassificationConfig) -> None:
     loop.positive("train.weight_decay", t.weight_decay, allow_zero=True)
     loop.positive("train.clip_grad", t.clip_grad)
     loop.positive("train.bias_lr_mult", t.bias_lr_mult, allow_zero=True)
+    loop.positive("train.bias_decay_mult", t.bias_decay_mult, allow_zero=True)
     if not 0 <= t.momentum < 1:
         raise ConfigError(f"train.momentum: must be in [0, 1), got {t.momentum}")
     if not 0 < a.scale[0] <= a.scale[1]:
@@ -87,14 +88,12 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.SG
         if p.requires_grad:
             (biases if name.endswith("bias") else weights).append(p)
     groups = [
-        {"params": weights, "lr_mult": 1.0},
-        {"params": biases, "lr_mult": train.bias_lr_mult},
-    ]
+        {"params": weights, "lr_mult": 1.0, "weight_decay": train.weight_decay},
+        {"params": biases, "lr_mult": train.bias_lr_mult,
+         "weight_decay": train.weight_decay * train.bias_decay_mult},
+    ]  # fmt: skip
     return torch.optim.SGD(
-        [g for g in groups if g["params"]],
-        lr=train.lr,
-        momentum=train.momentum,
-        weight_decay=train.weight_decay,
+        [g for g in groups if g["params"]], lr=train.lr, momentum=train.momentum
     )
 
 
@@ -181,13 +180,16 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     tick = time.perf_counter()
     test_set = EvalCrops(test_images, cfg.augment, cfg.test, cfg.seed)
     scores = evaluate(model, test_set, cfg.test, env, workers=t.workers, precision=precision)
-    per_class, mean = classification_ap(scores, test_images.labels, test_images.difficult)
+    per_class, mean = classification_ap(
+        scores, test_images.labels, test_images.difficult, method=cfg.ap
+    )
     if env.is_main:
         write_scores(run.file(SCORES_FILE), test_images.ids, scores)
     metrics = {
         **common.metrics_head("classification", "native", cfg, run, card, card.get("arch")),
         "map": _ap_or_none(mean),
-        "ap": "sklearn",
+        "ap": cfg.ap,
+        "augment": cfg.augment.mode,
         "per_class": {c: _ap_or_none(v) for c, v in zip(VOC_CLASSES, per_class)},
         "test_crops": cfg.test_crops, "test_mode": cfg.test.mode,
         "train_from": cfg.train_from, "rescale": cfg.rescale,
