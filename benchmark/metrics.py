@@ -205,8 +205,8 @@ def voc_detection_eval(
     """Per-class detection AP with the PASCAL VOC devkit's rules.
 
     detections: {class: [(image_id, score, (x1, y1, x2, y2)), ...]}.
-    ground_truth: {image_id: [(class, (x1, y1, x2, y2), difficult), ...]}; images absent from
-    it are treated as holding no objects.
+    ground_truth: {image_id: [(class, (x1, y1, x2, y2), difficult), ...]}, every test image
+    (an image without objects maps to []).
     Rules (VOCevaldet.m): detections in descending score order (ties in input order); IoU with
     +1 pixel areas; a detection is a TP when its best-overlapping box (IoU >= threshold) is a
     not-yet-matched non-difficult box, ignored (neither TP nor FP) when that box is difficult,
@@ -214,8 +214,16 @@ def voc_detection_eval(
     boxes. use_07_metric picks the 11-point AP (`voc07_ap`), else the area (`voc_ap_area`).
 
     Returns {class: ap}. A class with no non-difficult box has no defined AP: NaN, left out of
-    `mean_ap` (the devkit would divide by zero there).
+    `mean_ap` (the devkit would divide by zero there). A detection on an image that is not in
+    `ground_truth` is a ValueError, as the devkit's `error('unrecognized image ...')`, never a
+    silent false positive.
     """
+    for cls, dets in detections.items():
+        for det in dets:
+            if det[0] not in ground_truth:  # VOCevaldet.m: error('unrecognized image ...')
+                raise ValueError(
+                    f"unrecognized image {det[0]!r} (class {cls}): not in the test list"
+                )
     ap_fn = voc07_ap if use_07_metric else voc_ap_area
     out: dict[str, float] = {}
     for cls in classes:

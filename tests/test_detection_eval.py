@@ -200,3 +200,16 @@ def test_score_fields_report_nan_as_null_for_both_backends():
     assert nothing == {"map": None, "coco_ap": None, "per_class": {"dog": None}}
     assert finite_or_none(None) is None and finite_or_none(0.0) == 0.0
     assert isinstance(finite_or_none(np.float32(0.25)), float)
+
+
+def test_results_file_with_an_unknown_image_is_an_error(tmp_path):
+    from benchmark.errors import BenchError
+
+    dets = {c: [] for c in VOC_CLASSES}
+    dets["cat"] = [("000001", 0.9, (1.0, 1.0, 10.0, 10.0)), ("999999", 0.5, (1.0, 1.0, 5.0, 5.0))]
+    write_results_files(tmp_path, dets)
+    with pytest.raises(BenchError, match="comp4_det_test_cat.txt: line 2: unrecognized image"):
+        read_results_files(tmp_path, image_ids=["000001", "000002"])
+    (tmp_path / "comp4_det_test_dog.txt").write_text("000001 0.5 1 2 3\n")
+    with pytest.raises(BenchError, match="dog.txt: line 1 must be"):
+        read_results_files(tmp_path)

@@ -240,8 +240,8 @@ def test_bbox_normalisation_fixed_and_data():
             [rec], mode, cfg.bbox_stds, flip, cfg.train_difficult, cfg.fg_thresh
         )
 
-    means, stds = normalisation(cfg.bbox_normalize, cfg.flip)
-    assert cfg.bbox_normalize == "fixed"
+    assert cfg.bbox_normalize == "data"  # Fast R-CNN's; "fixed" is py-faster-rcnn's
+    means, stds = normalisation("fixed", cfg.flip)
     assert means.shape == stds.shape == (21, 4) and (means == 0).all()
     assert stds[5].tolist() == pytest.approx([0.1, 0.1, 0.2, 0.2])
     means, stds = normalisation("data", True)
@@ -257,3 +257,40 @@ def test_images_without_a_usable_roi_are_left_out_of_training():
     )  # fmt: skip
     assert not usable_for_training(only_difficult, False, 0.5, 0.5, 0.1)
     assert usable_for_training(only_difficult, True, 0.5, 0.5, 0.1)  # its gt box is fg
+
+
+def test_folding_the_target_normalisation_keeps_the_predicted_boxes():
+    """A regression layer trained on normalised targets predicts the same boxes once its
+    means and stds are folded into its weights (Fast R-CNN's test-time network)."""
+    from transfer.detection.inference import im_detect
+    from transfer.detection.model import fold_box_normalisation_
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    means = rng.normal(0, 0.1, (21, 4)).astype(np.float32)
+    stds = rng.uniform(0.05, 0.3, (21, 4)).astype(np.float32)
+    means[0], stds[0] = 0, 1
+    model = FastRCNN(AlexNetEncoder("caffenet"), fc_dim=16, bbox_means=means, bbox_stds=stds)
+    torch.nn.init.normal_(model.bbox_pred.weight, 0, 0.5)  # a layer that has learned something
+    torch.nn.init.normal_(model.bbox_pred.bias, 0, 0.5)
+    model.eval()
+    image = torch.randn(3, 160, 200)
+    props = np.array([[10, 12, 90, 100], [40, 30, 150, 120], [0, 0, 199, 159]], np.float32)
+    before = im_detect(model, image, props, 1.0, 160, 200, torch.device("cpu"))
+    fold_box_normalisation_(model)
+    assert torch.equal(model.bbox_stds, torch.ones(21, 4)) and not model.bbox_means.any()
+    after = im_detect(model, image, props, 1.0, 160, 200, torch.device("cpu"))
+    np.testing.assert_allclose(after[1], before[1], rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(after[0], before[0])
+
+
+def test_box_coding_is_fast_rcnns():
+    """Widths x2 - x1 + EPS, no +1 (fast-rcnn@e107cae roidb.py _compute_targets, test.py
+    _bbox_pred): a RoI equal to its gt box has zero targets, and decoding inverts encoding."""
+    roi = np.array([[10.0, 20.0, 50.0, 80.0]])
+    gt = np.array([[14.0, 18.0, 60.0, 70.0]])
+    t = encode_boxes(roi, gt)
+    np.testing.assert_allclose(t[0], [(37 - 30) / 40, (44 - 50) / 60, np.log(46 / 40),
+                                      np.log(52 / 60)], rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(decode_boxes(roi, t.astype(np.float64)), gt, atol=1e-4)
+    assert np.abs(encode_boxes(roi, roi)).max() < 1e-6

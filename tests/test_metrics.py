@@ -156,6 +156,7 @@ def test_detection_duplicates_difficult_and_images_without_gt() -> None:
         "a": [("cat", (0, 0, 9, 9), False), ("cat", (20, 20, 29, 29), False)],
         "b": [("cat", (0, 0, 9, 9), True)],
         "c": [("dog", (0, 0, 9, 9), False)],
+        "d": [],  # a test image without objects
     }
     dets = {
         "cat": [
@@ -164,7 +165,7 @@ def test_detection_duplicates_difficult_and_images_without_gt() -> None:
             ("b", 0.7, (0, 0, 9, 9)),  # on a difficult box -> ignored
             ("c", 0.6, (0, 0, 9, 9)),  # image without a cat -> FP
             ("a", 0.5, (20, 20, 29, 29)),  # TP
-            ("zzz", 0.4, (0, 0, 5, 5)),  # image absent from the ground truth -> FP
+            ("d", 0.4, (0, 0, 5, 5)),  # test image without objects -> FP
         ]
     }
     # without the difficult rule the sequence would be TP FP FP FP TP
@@ -175,6 +176,10 @@ def test_detection_duplicates_difficult_and_images_without_gt() -> None:
     assert ap["dog"] == 0.0  # ground truth but no detection
     assert math.isnan(ap["bird"])  # no ground truth at all
     assert mean_ap(list(ap.values())) == pytest.approx((ap["cat"] + 0.0) / 2)
+    # an image that is not in the test list: the devkit's "unrecognized image" error
+    dets["cat"].append(("zzz", 0.3, (0, 0, 5, 5)))
+    with pytest.raises(ValueError, match="unrecognized image 'zzz'"):
+        voc_detection_eval(dets, gt, ["cat"])
 
 
 def test_detection_only_difficult_gt_is_nan() -> None:
@@ -273,7 +278,8 @@ def _random_detections(rng, gt, classes, n_random=30):
             for _ in range(rng.integers(0, 3)):  # 0-2 jittered copies: misses and duplicates
                 jit = rng.normal(scale=0.15 * (box[2] - box[0] + 1), size=4)
                 dets[cls].append((img, float(rng.random()), tuple(np.asarray(box) + jit)))
-    images = list(gt) + ["no-gt-image"]
+    gt.setdefault("no-gt-image", [])  # a test image without objects
+    images = list(gt)
     for _ in range(n_random):
         cls = classes[rng.integers(len(classes))]
         x, y = rng.uniform(0, 300, size=2)

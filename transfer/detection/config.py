@@ -69,8 +69,16 @@ class DetectionConfig:
     fg_thresh: float = 0.5
     bg_thresh_hi: float = 0.5
     bg_thresh_lo: float = 0.1
-    train_difficult: bool = False  # difficult objects are left out of training, as in Fast R-CNN
-    bbox_normalize: Literal["fixed", "data"] = "fixed"  # "data": Fast R-CNN's per-class stats
+    # Fast R-CNN trains on difficult objects like any other ground truth: its VOC loader has
+    # no difficult filter (rbgirshick/fast-rcnn@e107cae lib/datasets/pascal_voc.py
+    # _load_pascal_annotation); py-faster-rcnn later left them out (false here).
+    train_difficult: bool = True
+    # "data": box-regression targets normalised by per-class means and stds of every training
+    # RoI with IoU >= 0.5 (flipped copies and gt boxes included), folded back into the
+    # regression layer for testing (fast-rcnn@e107cae lib/roi_data_layer/roidb.py
+    # add_bbox_regression_targets, lib/fast_rcnn/train.py snapshot); "fixed": py-faster-rcnn's
+    # means 0 and stds `bbox_stds`.
+    bbox_normalize: Literal["fixed", "data"] = "data"
     bbox_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
     train: DetectionTrainConfig = field(default_factory=DetectionTrainConfig)
 

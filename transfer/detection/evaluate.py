@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from benchmark.datasets.voc import VOC_CLASSES
+from benchmark.errors import BenchError, printable
 from benchmark.metrics import voc_detection_eval
 from benchmark.runs import atomic_write_text
 from transfer.detection.data import DetRecord
@@ -44,7 +45,10 @@ def voc07_scores(
     A class without any non-difficult object in the test set has no AP (NaN in per_class)
     and is left out of the mean; the real VOC2007 test set has objects of every class.
     """
-    per_class = voc_detection_eval(detections, ground_truth(records), classes, 0.5, True)
+    try:
+        per_class = voc_detection_eval(detections, ground_truth(records), classes, 0.5, True)
+    except ValueError as exc:
+        raise BenchError(f"detections: {exc}") from None
     valid = [v for v in per_class.values() if not math.isnan(v)]
     return per_class, float(np.mean(valid)) if valid else float("nan")
 
@@ -133,13 +137,41 @@ def write_results_files(
 
 
 def read_results_files(
-    folder: Path, classes: Sequence[str] = VOC_CLASSES, prefix: str = "comp4_det_test_"
+    folder: Path,
+    classes: Sequence[str] = VOC_CLASSES,
+    prefix: str = "comp4_det_test_",
+    image_ids: Sequence[str] | None = None,
 ) -> Detections:
+    """The devkit results files of a folder; a malformed line, or (given `image_ids`, the test
+    list) an image id not in the list, is a one-line BenchError naming the file and line."""
+    known = set(image_ids) if image_ids is not None else None
     out: Detections = {}
     for cls in classes:
         path = Path(folder) / f"{prefix}{cls}.txt"
-        rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
-        out[cls] = [(r[0], float(r[1]), tuple(float(v) for v in r[2:6])) for r in rows]  # type: ignore[misc]
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BenchError(f"{printable(path)}: unreadable results file ({exc})") from None
+        dets = []
+        for n, line in enumerate(lines, start=1):
+            r = line.split()
+            if not r:
+                continue
+            try:
+                if len(r) != 6:
+                    raise ValueError
+                det = (r[0], float(r[1]), tuple(float(v) for v in r[2:6]))
+            except ValueError:
+                raise BenchError(
+                    f"{printable(path)}: line {n} must be 'image_id score x1 y1 x2 y2'"
+                ) from None
+            if known is not None and r[0] not in known:
+                raise BenchError(
+                    f"{printable(path)}: line {n}: unrecognized image {printable(r[0])!r} "
+                    "(not in the test list)"
+                )
+            dets.append(det)
+        out[cls] = dets  # type: ignore[assignment]
     return out
 
 

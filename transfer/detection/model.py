@@ -86,6 +86,19 @@ def fast_rcnn_loss(
     return loss_cls, loss_box
 
 
+@torch.no_grad()
+def fold_box_normalisation_(model: FastRCNN) -> None:
+    """Fold the target normalisation into the regression layer, as Fast R-CNN does for testing
+    (rbgirshick/fast-rcnn@e107cae lib/fast_rcnn/train.py `snapshot`): weights x stds, bias x
+    stds + means, so the layer predicts raw targets; the model's stats become the identity."""
+    stds = model.bbox_stds.reshape(-1)  # (4 x classes,)
+    means = model.bbox_means.reshape(-1)
+    model.bbox_pred.weight.mul_(stds[:, None])
+    model.bbox_pred.bias.mul_(stds).add_(means)
+    model.bbox_means.zero_()
+    model.bbox_stds.fill_(1.0)
+
+
 def param_groups(
     model: nn.Module, lr: float, weight_decay: float, bias_lr_mult: float
 ) -> list[dict]:

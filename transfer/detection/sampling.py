@@ -24,12 +24,21 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1e-12)
 
 
+# Fast R-CNN's cfg.EPS: box widths are x2 - x1 + EPS in its regression targets and decoding
+# (rbgirshick/fast-rcnn@e107cae lib/roi_data_layer/roidb.py _compute_targets,
+# lib/fast_rcnn/test.py _bbox_pred), not the +1 of its overlaps or of py-faster-rcnn.
+EPS = 1e-14
+
+
 def encode_boxes(rois: np.ndarray, gt: np.ndarray) -> np.ndarray:
-    """Regression targets (dx, dy, dw, dh) that move each RoI onto its gt box (R-CNN)."""
-    rw = rois[:, 2] - rois[:, 0] + 1.0
-    rh = rois[:, 3] - rois[:, 1] + 1.0
-    gw = gt[:, 2] - gt[:, 0] + 1.0
-    gh = gt[:, 3] - gt[:, 1] + 1.0
+    """Regression targets (dx, dy, dw, dh) that move each RoI onto its gt box, as Fast R-CNN's
+    `_compute_targets`: widths x2 - x1 + EPS, centres x1 + w / 2."""
+    rois = rois.astype(np.float64)
+    gt = gt.astype(np.float64)
+    rw = rois[:, 2] - rois[:, 0] + EPS
+    rh = rois[:, 3] - rois[:, 1] + EPS
+    gw = gt[:, 2] - gt[:, 0] + EPS
+    gh = gt[:, 3] - gt[:, 1] + EPS
     return np.stack(
         [
             (gt[:, 0] + 0.5 * gw - rois[:, 0] - 0.5 * rw) / rw,
@@ -42,24 +51,26 @@ def encode_boxes(rois: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 
 def decode_boxes(rois: np.ndarray, deltas: np.ndarray) -> np.ndarray:
-    """Inverse of `encode_boxes`; deltas (R, 4k) give (R, 4k) boxes (one box per class)."""
+    """Inverse of `encode_boxes`, as Fast R-CNN's test-time `_bbox_pred`; deltas (R, 4k) give
+    (R, 4k) boxes (one box per class). An overflowing width gives an infinite box, which
+    `clip_boxes` brings back to the image, as in the reference."""
     rois = rois.astype(np.float64)
-    w = rois[:, 2] - rois[:, 0] + 1.0
-    h = rois[:, 3] - rois[:, 1] + 1.0
+    w = rois[:, 2] - rois[:, 0] + EPS
+    h = rois[:, 3] - rois[:, 1] + EPS
     cx = rois[:, 0] + 0.5 * w
     cy = rois[:, 1] + 0.5 * h
-    dx, dy = deltas[:, 0::4], deltas[:, 1::4]
-    dw = np.minimum(deltas[:, 2::4], np.log(1000.0 / 16))  # no overflow from a wild prediction
-    dh = np.minimum(deltas[:, 3::4], np.log(1000.0 / 16))
+    dx, dy, dw, dh = (deltas[:, i::4].astype(np.float64) for i in range(4))
+    with np.errstate(over="ignore"):
+        pw = np.exp(dw) * w[:, None]
+        ph = np.exp(dh) * h[:, None]
     pcx = dx * w[:, None] + cx[:, None]
     pcy = dy * h[:, None] + cy[:, None]
-    pw = np.exp(dw) * w[:, None]
-    ph = np.exp(dh) * h[:, None]
     out = np.zeros(deltas.shape, dtype=np.float64)
-    out[:, 0::4] = pcx - 0.5 * pw
-    out[:, 1::4] = pcy - 0.5 * ph
-    out[:, 2::4] = pcx + 0.5 * pw - 1.0
-    out[:, 3::4] = pcy + 0.5 * ph - 1.0
+    with np.errstate(invalid="ignore"):
+        out[:, 0::4] = pcx - 0.5 * pw
+        out[:, 1::4] = pcy - 0.5 * ph
+        out[:, 2::4] = pcx + 0.5 * pw
+        out[:, 3::4] = pcy + 0.5 * ph
     return out
 
 

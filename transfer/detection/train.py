@@ -34,7 +34,13 @@ from transfer.detection.data import (
 from transfer.detection.detectron2_backend import run_detectron2
 from transfer.detection.evaluate import coco_ap, score_fields, voc07_scores, write_results_files
 from transfer.detection.inference import detect
-from transfer.detection.model import FastRCNN, data_dependent_init_, fast_rcnn_loss, param_groups
+from transfer.detection.model import (
+    FastRCNN,
+    data_dependent_init_,
+    fast_rcnn_loss,
+    fold_box_normalisation_,
+    param_groups,
+)
 from transfer.detection.proposals import attach_proposals
 
 STAGE = "transfer/detection"
@@ -203,6 +209,7 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path, env: DistEnv) -> 
     for n, p in model.named_parameters():
         if n in frozen and not torch.equal(frozen[n], p.detach()):
             raise RuntimeError(f"frozen parameter {n} changed during training")
+    fold_box_normalisation_(model)  # the test-time network predicts raw targets
     tick = time.perf_counter()
     detections = detect(model, test_records, cfg, env, precision=precision)
     if run.is_main:
