@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
 
     p = sub.add_parser("transfer", help="fine-tune pretrained weights on a PASCAL VOC task")
-    p.add_argument("--task", required=True, choices=["classification", "detection", "segmentation"])
+    p.add_argument(
+        "--task",
+        required=True,
+        choices=["classification", "detection", "segmentation", "svm", "knn"],
+        help="a fine-tuning protocol, or a frozen-feature probe (svm, knn)",
+    )
     p.add_argument("--weights", help="pretrain run folder or exported weights (default: random)")
     p.add_argument("--backend", help="native (default), detectron2 or mmseg")
     p.add_argument("--train-from", help="classification: all, pool5 or fc7")

@@ -19,6 +19,7 @@ import pretrain.inpainting.train as inpainting
 import pretrain.train as pretraining
 import transfer.classification.train as classification
 import transfer.detection.train as detection
+import transfer.probes.train as probes
 import transfer.segmentation.train as segmentation
 from benchmark import distributed
 from benchmark.curves import write_curves
@@ -28,6 +29,7 @@ from pretrain.config import PretrainConfig
 from pretrain.inpainting.config import InpaintingConfig
 from transfer.classification.config import ClassificationConfig
 from transfer.detection.config import DetectionConfig
+from transfer.probes.config import KNNConfig, SVMConfig
 from transfer.segmentation.config import SegmentationConfig
 
 
@@ -61,6 +63,9 @@ TRANSFER_TASKS: dict[str, Stage] = {
     "segmentation": Stage(
         SegmentationConfig, segmentation.main, segmentation.default_name, segmentation.check
     ),
+    # frozen-feature probes (Goyal et al. 2019): linear SVMs per layer, weighted k-NN
+    "svm": Stage(SVMConfig, probes.main_svm, probes.default_name_svm, probes.check_svm),
+    "knn": Stage(KNNConfig, probes.main_knn, probes.default_name_knn, probes.check_knn),
 }
 
 INPAINT_EVAL = Stage(

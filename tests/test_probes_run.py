@@ -11,15 +11,8 @@ from benchmark.config import from_dict, to_dict
 from benchmark.datasets.voc import VOC_CLASSES
 from benchmark.errors import ConfigError, DatasetError
 from benchmark.runs import open_run
-from transfer.probes import (
-    KNNConfig,
-    SVMConfig,
-    default_name_knn,
-    default_name_svm,
-    main_knn,
-    main_svm,
-)
-from transfer.probes.config import REFERENCE_COSTS
+from transfer.probes.config import REFERENCE_COSTS, KNNConfig, SVMConfig
+from transfer.probes.train import default_name_knn, default_name_svm, main_knn, main_svm
 
 
 def small_svm(synth_root, tmp_path, **over):

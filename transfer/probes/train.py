@@ -86,6 +86,16 @@ def check_svm_config(cfg: SVMConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return layers, shot_layers
 
 
+def check_svm(cfg: SVMConfig) -> None:
+    """The stage table's check: every setting no run can use is a one-line error."""
+    check_svm_config(cfg)
+
+
+def check_knn(cfg: KNNConfig) -> None:
+    """The stage table's check: every setting no run can use is a one-line error."""
+    check_knn_config(cfg)
+
+
 def _extract(
     cfg: SVMConfig | KNNConfig, run: Run, layers: tuple[str, ...], device: torch.device
 ) -> tuple[Any, dict[str, Any], SplitImages, SplitImages, Features, Features]:
