@@ -96,10 +96,10 @@ from transfer.detection.proposals import attach_proposals
 
 STAGE = "transfer/detection/detectron2"
 INSTALL_HINT = (
-    "backend: detectron2 is not installed (or its C++ ops are not built); it is not on PyPI: "
-    "build it from source, e.g. pip install --no-build-isolation "
-    "'git+https://github.com/facebookresearch/detectron2.git' (see "
-    "https://detectron2.readthedocs.io/en/latest/tutorials/install.html), or use backend: native"
+    "backend: detectron2 is not installed (or its C++ ops are not built); it is not on PyPI, "
+    "see https://detectron2.readthedocs.io/en/latest/tutorials/install.html (e.g. pip install "
+    "--no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git' where torch "
+    "is installed), or use backend: native"
 )
 BACKBONE_PREFIX = "BenchAlexNet_"
 HEAD_PREFIX = "BenchAlexNetFCHead_dropout"
