@@ -160,14 +160,40 @@ def collect_runs(paths: Sequence[Path]) -> pd.DataFrame:
                     "mask": metrics.get("mask") or linked.get("mask"),
                     "seed": metrics.get("seed", config.get("seed")),
                     "pretrain_seconds": _seconds(metrics, linked),
+                    "provenance": "released" if metrics.get("imported") else "bench",
+                    "data_kind": _data_kind(metrics, config),
+                    "comparable": comparable(metrics),
+                    "arch": metrics.get("arch") or linked.get("arch") or "",
                     "config_key": json.dumps(kept, sort_keys=True, default=str),
                     "config": config,
                     "metrics": metrics,
                 }
             )
-    columns = ["run", "stage", "task", "method", "mask", "seed", "pretrain_seconds"]
+    columns = ["run", "stage", "task", "method", "mask", "seed", "pretrain_seconds",
+               "provenance", "data_kind", "comparable", "arch"]  # fmt: skip
     df = pd.DataFrame(rows, columns=[*columns, "config_key", "config", "metrics"])
     return df.drop_duplicates(subset="run").reset_index(drop=True)
+
+
+def _data_kind(metrics: dict[str, Any], config: dict[str, Any]) -> str:
+    """ "synthetic" for runs on the embedded synthetic data, "real" otherwise. Runs written
+    before metrics recorded it count as synthetic when their config gave no data path."""
+    if "synthetic" in metrics:
+        return "synthetic" if metrics["synthetic"] else "real"
+    return "synthetic" if not config.get("data") else "real"
+
+
+def comparable(metrics: dict[str, Any]) -> bool:
+    """Whether a transfer run may be set against the paper's number: real data, the transfer
+    protocol's settings, and an encoder that is either released weights or pretrained by
+    bench on real data with the protocol's settings."""
+    if metrics.get("stage") != "transfer" or metrics.get("synthetic", True):
+        return False
+    if metrics.get("departures") != []:
+        return False
+    if metrics.get("imported") or metrics.get("method") in ("random", "imagenet"):
+        return metrics.get("pretrain_departures") in ([], None)
+    return metrics.get("pretrain_departures") == [] and metrics.get("pretrain_synthetic") is False
 
 
 def _seconds(metrics: dict[str, Any], linked: dict[str, Any]) -> float:
@@ -238,16 +264,28 @@ def _number(x: Any) -> float:
 
 @dataclass
 class OurRow:
-    """One row of ours: a method (and mask / setting variant) with its runs' metrics."""
+    """One row of ours: a method (and mask / setting variant), where its encoder came from
+    (bench pretraining or released weights) and its data, with its runs' metrics."""
 
     method: str
     variant: str
     results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # key -> metrics
     pretrain_seconds: list[float] = field(default_factory=list)
+    provenance: str = "bench"  # "bench" (pretrained here) or "released" (imported weights)
+    data_kind: str = "real"  # "real" or "synthetic"
+    comparable: bool = False  # every run on real data with the paper's settings
+    arch: str = ""
 
     @property
     def label(self) -> str:
         return f"{self.method} [{self.variant}]" if self.variant else self.method
+
+    @property
+    def source(self) -> str:
+        """What the row is: "released weights" or "ours (bench)", and on which data."""
+        who = "released weights" if self.provenance == "released" else "ours (bench)"
+        data = "synthetic data" if self.data_kind == "synthetic" else "VOC"
+        return f"{who}, {data}"
 
     def stat(self, key: str, metric: str) -> Stat:
         vals = [_number(m.get(metric)) for m in self.results.get(key, [])]
@@ -280,10 +318,28 @@ def _our_rows(df: pd.DataFrame, stage: str) -> list[OurRow]:
     shown in every row of its method.
     """
     by_task = stage == "transfer"
-    runs = df[df["stage"] == stage]
+    stage_runs = df[df["stage"] == stage]
     pretrains = df[df["stage"] == "pretrain"] if by_task else df.iloc[0:0]
     out: list[OurRow] = []
-    for method in sorted(set(runs["method"]) | set(pretrains["method"])):
+    kinds = sorted(set(zip(stage_runs["provenance"], stage_runs["data_kind"])), reverse=True)
+    for provenance, data_kind in kinds or [("bench", "real")]:
+        runs = stage_runs[(stage_runs["provenance"] == provenance)
+                          & (stage_runs["data_kind"] == data_kind)]  # fmt: skip
+        for row in _method_rows(runs, pretrains, by_task):
+            if not row.results:
+                continue
+            mine = [m for ms in row.results.values() for m in ms]
+            row.provenance, row.data_kind = provenance, data_kind
+            row.comparable = bool(mine) and all(comparable(m) for m in mine)
+            row.arch = ", ".join(sorted({str(m.get("arch")) for m in mine if m.get("arch")}))
+            out.append(row)
+    return out
+
+
+def _method_rows(runs: pd.DataFrame, pretrains: pd.DataFrame, by_task: bool) -> list[OurRow]:
+    """`_our_rows` for one provenance and data kind."""
+    out: list[OurRow] = []
+    for method in sorted(set(runs["method"])):
         mine = runs[runs["method"] == method]
         pre_all = pretrains[pretrains["method"] == method]
         run_masks, pre_masks = _masks(mine), _masks(pre_all)
@@ -391,35 +447,93 @@ def table2(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
         for row in by_method.get(method, []) if method else []:
             used.add(method)
             name = f"{label} [{row.variant}]" if row.variant else label
-            seconds = Stat(row.pretrain_seconds).mean
-            records.append(
-                [
-                    name,
-                    f"ours ({row.method})",
-                    _text(ref.get("supervision")),
-                    format_duration(seconds),
-                ]
-                + [_cell(row.stat(t, TASK_METRIC[t]), 100.0, 1) for t in TASKS]
-            )
-            if any(row.stat(t, TASK_METRIC[t]).n and not math.isnan(ref[t]) for t in TASKS):
+            records.append(_table2_record(row, name, ref.get("supervision")))
+            if row.comparable and any(
+                row.stat(t, TASK_METRIC[t]).n and not math.isnan(ref[t]) for t in TASKS
+            ):
                 records.append(
                     [name, "ours - paper", MISSING, MISSING]
                     + [_diff_cell(row.stat(t, TASK_METRIC[t]), 100.0, ref[t], 1) for t in TASKS]
                 )
     for method in sorted(set(by_method) - used):
         for row in by_method[method]:
-            if not any(row.results.get(t) for t in TASKS):
-                continue  # a pretraining method without any transfer run (e.g. inpainting)
-            records.append(
-                [
-                    row.label,
-                    f"ours ({row.method})",
-                    MISSING,
-                    format_duration(Stat(row.pretrain_seconds).mean),
-                ]
-                + [_cell(row.stat(t, TASK_METRIC[t]), 100.0, 1) for t in TASKS]
-            )
+            if any(row.results.get(t) for t in TASKS):  # (not a probe-only method)
+                records.append(_table2_record(row, row.label, None))
     return pd.DataFrame(records, columns=TABLE2_COLUMNS)
+
+
+def _table2_record(row: OurRow, name: str, supervision: Any) -> list[str]:
+    seconds = Stat(row.pretrain_seconds).mean if row.provenance == "bench" else float("nan")
+    return [name, row.source, _text(supervision), format_duration(seconds)] + [
+        _cell(row.stat(t, TASK_METRIC[t]), 100.0, 1) for t in TASKS
+    ]
+
+
+def table2_extended(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """Table 2 with the encoder's architecture and the frozen-feature probes: the best layer's
+    linear-SVM mAP (Goyal et al.) and the k-NN mAP on pool5, for the same rows."""
+    base = table2(df, reference)
+    rows = {(r.method, r.variant, r.source): r for r in _our_rows(df, "transfer")}
+    labels = {r["label"]: str(r["method"]).strip() for _, r in reference.iterrows()}
+    arch, svm, knn = [], [], []
+    current = ""
+    for _, rec in base.iterrows():
+        current = labels.get(rec["Pretraining"].split(" [")[0], current)
+        row = _find_row(rows, rec, current)
+        arch.append(row.arch if row is not None else MISSING)
+        svm.append(_best_layer_cell(row) if row is not None else MISSING)
+        knn.append(_cell(row.stat("knn", "map"), 100.0, 1) if row is not None else MISSING)
+    out = base.copy()
+    out.insert(2, "Encoder", arch)
+    out["SVM, best layer"] = svm
+    out["k-NN"] = knn
+    return out
+
+
+def _find_row(
+    rows: dict[tuple[str, str, str], OurRow], rec: pd.Series, paper_method: str
+) -> OurRow | None:
+    if rec["Source"] in ("paper", "ours - paper"):
+        return None
+    variant = rec["Pretraining"].split(" [", 1)[1][:-1] if " [" in rec["Pretraining"] else ""
+    for (method, var, source), row in rows.items():
+        if (
+            source == rec["Source"]
+            and var == variant
+            and (method == paper_method or row.label == rec["Pretraining"])
+        ):
+            return row
+    return None
+
+
+def _best_layer_cell(row: OurRow) -> str:
+    runs = row.results.get("svm", [])
+    if not runs:
+        return MISSING
+    best = Stat([_number(m.get("map")) for m in runs])
+    layers = sorted({str(m.get("best_layer")) for m in runs if m.get("best_layer")})
+    return f"{_cell(best, 100.0, 1)} ({'/'.join(layers)})" if layers else _cell(best, 100.0, 1)
+
+
+PROBE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")
+
+
+def probe_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Frozen-feature probes per method: the linear-SVM mAP of every layer (Goyal et al.'s
+    VOC07 protocol), the best layer, and the weighted k-NN mAP. Empty without probe runs."""
+    records = []
+    for row in _our_rows(df, "transfer"):
+        runs, knn = row.results.get("svm", []), row.stat("knn", "map")
+        if not runs and not knn.n:
+            continue
+        cells = []
+        for layer in PROBE_LAYERS:
+            values = [_number((m.get("per_layer") or {}).get(layer, {}).get("map")) for m in runs]
+            cells.append(_cell(Stat([v for v in values if not math.isnan(v)]), 100.0, 1))
+        records.append([row.label, row.source, row.arch or MISSING, *cells,
+                        _best_layer_cell(row), _cell(knn, 100.0, 1)])  # fmt: skip
+    columns = ["Pretraining", "Source", "Encoder", *PROBE_LAYERS, "Best", "k-NN"]
+    return pd.DataFrame(records, columns=columns)
 
 
 def per_class_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
@@ -621,9 +735,19 @@ def to_csv(table: pd.DataFrame) -> str:
 
 
 TABLE2_NOTE = (
-    "Percent. Classification: VOC2007 test mAP; Detection: VOC2007 test mAP (11-point); "
-    "Segmentation: mean IU. Several seeds: mean ± sample std (n runs). "
-    "'ours - paper' in percentage points; '-' = no run / not reported."
+    "Percent. Classification: VOC2007 test mAP (scikit-learn AP, as Krähenbühl et al.'s code "
+    "computes it; the devkit's 11-point VOCevalcls with `ap: voc07`); Detection: VOC2007 "
+    "test mAP (11-point, devkit rules); Segmentation: mean IU. Several seeds of one encoder "
+    "recipe: mean ± sample std (n runs). 'ours - paper' (percentage points) appears only "
+    "for runs on the real datasets whose transfer and pretraining settings are the "
+    "paper's; rows on the embedded synthetic data say so in 'Source' and are not "
+    "comparable with the paper's numbers. '-' = no run / not reported."
+)
+PROBE_NOTE = (
+    "Percent mAP on VOC2007 test of frozen features: one-vs-all linear SVMs per layer "
+    "(Goyal et al. 2019: average-pooled to ~9k dimensions, cost by 3-fold cross-validation "
+    "on trainval, their all-points AP); k-NN: weighted votes of the 20 nearest pool5 "
+    "neighbours (cosine, temperature 0.07)."
 )
 TABLE1_NOTE = (
     "Mean L1 / L2 over the centre patch with pixels in [-1, 1], in percent; PSNR per image on "
@@ -677,6 +801,18 @@ def main(
     files.update(
         {"table2.csv": to_csv(t2), "table2.tex": to_latex(t2, "Pretraining"), "table2.md": md2}
     )
+    t2x = table2_extended(df, ref2)
+    files.update({
+        "table2_extended.csv": to_csv(t2x), "table2_extended.tex": to_latex(t2x, "Pretraining"),
+        "table2_extended.md": "## Table 2, extended: encoder and frozen-feature probes\n\n"
+        f"{to_markdown(t2x)}\n{TABLE2_NOTE}\n{PROBE_NOTE}\n",
+    })  # fmt: skip
+    probes = probe_table(df)
+    if not probes.empty:
+        mdp = f"## Frozen-feature probes (VOC2007)\n\n{to_markdown(probes)}\n{PROBE_NOTE}\n"
+        files.update({"probes.csv": to_csv(probes), "probes.tex": to_latex(probes),
+                      "probes.md": mdp})  # fmt: skip
+        md2 += "\n" + mdp
     for task in TASKS:
         pc = per_class_table(df, task)
         if pc.empty:

@@ -24,6 +24,7 @@ from benchmark.datasets.preflight import checked_image_folder, skipped_field
 from benchmark.datasets.resolve import resolve_data
 from benchmark.distributed import DistEnv
 from benchmark.errors import BenchError, ConfigError, printable
+from benchmark.protocol import departures, is_synthetic
 from benchmark.runs import Run
 from pretrain.adversarial import Adversary, DCGANDiscriminator, discriminator_lr
 from pretrain.alexnet import ARCHS, AlexNetEncoder, gaussian_init_, pool5_size
@@ -131,6 +132,8 @@ def _card(cfg: PretrainConfig, **fields: Any) -> dict[str, Any]:
         "pool_free": cfg.model.pool_free,
         "pretrain_seconds": None,
         "seed": cfg.seed,
+        "departures": departures(cfg),
+        "synthetic": cfg.method in ("context-encoder", "autoencoder") and is_synthetic(cfg.data),
     }
     card.update(fields)
     return card
@@ -161,6 +164,8 @@ def _finish(
         "initial_loss": losses[0],
         "final_loss": losses[1],
         "precision": precision,
+        "departures": card["departures"],
+        "synthetic": card["synthetic"],
         "skipped": skipped_field(skipped),
         "export": NATIVE_FILE,
     }

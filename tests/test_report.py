@@ -52,6 +52,11 @@ def transfer(task: str, method: str, value: float, seed: int = 0, **extra) -> di
         "backend": "native",
         key: value,
         "per_class": per_class,
+        # a run on real VOC data at the paper's settings, from a protocol-faithful encoder
+        "synthetic": False,
+        "departures": [],
+        "pretrain_departures": [],
+        "pretrain_synthetic": False,
         **extra,
     }
 
@@ -128,7 +133,7 @@ def _row(t: pd.DataFrame, pretraining: str, source: str) -> pd.Series:
 def test_table2_seeds_missing_cells_and_differences(runs: Path) -> None:
     ref = reference()
     t = table2(collect_runs([runs]), ref)
-    ours = _row(t, "Context encoder (ours)", "ours (context-encoder)")
+    ours = _row(t, "Context encoder (ours)", "ours (bench), VOC")
     values = [0.50 * 100, 0.54 * 100]
     expected = f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f} (n=2)"
     assert ours["Classification"] == expected == "52.0 ± 2.8 (n=2)"
@@ -144,9 +149,9 @@ def test_table2_seeds_missing_cells_and_differences(runs: Path) -> None:
     # every paper row is present, with '-' where the paper has none
     assert (t["Source"] == "paper").sum() == len(ref)
     assert _row(t, "Wang et al.", "paper")["Segmentation"] == "-"
-    assert _row(t, "Random Gaussian", "ours (random)")["Classification"] == "40.0"
+    assert _row(t, "Random Gaussian", "ours (bench), VOC")["Classification"] == "40.0"
     # a method without a paper row is listed after the paper's
-    other = _row(t, "jigsaw", "ours (jigsaw)")
+    other = _row(t, "jigsaw", "ours (bench), VOC")
     assert other["Classification"] == "45.0" and t.index[-1] == other.name
     assert _row(t, "ImageNet", "paper")["Classification"] == f"{ref.iloc[0]['classification']:.1f}"
 
@@ -161,9 +166,40 @@ def test_table2_splits_rows_by_differing_settings(tmp_path: Path) -> None:
                 cfg(f"{frm}-{seed}", seed, train_from=frm),
             )
     t = table2(collect_runs([tmp_path]), reference())
-    a = _row(t, "Autoencoder [train_from=all]", "ours (autoencoder)")
-    b = _row(t, "Autoencoder [train_from=pool5]", "ours (autoencoder)")
+    a = _row(t, "Autoencoder [train_from=all]", "ours (bench), VOC")
+    b = _row(t, "Autoencoder [train_from=pool5]", "ours (bench), VOC")
     assert a["Classification"] == b["Classification"] == "31.0 ± 1.4 (n=2)"
+
+
+def test_synthetic_or_off_protocol_runs_get_no_difference_to_the_paper(tmp_path: Path) -> None:
+    make_run(tmp_path, "syn", transfer("classification", "random", 0.4, synthetic=True),
+             cfg("syn", 0))  # fmt: skip
+    make_run(tmp_path, "short", transfer("detection", "random", 0.1, departures=["train.iterations"]),
+             cfg("short", 0))  # fmt: skip
+    make_run(tmp_path, "voc", transfer("segmentation", "random", 0.2), cfg("voc", 0))
+    t = table2(collect_runs([tmp_path]), reference())
+    assert _row(t, "Random Gaussian", "ours (bench), synthetic data")["Classification"] == "40.0"
+    # the VOC row mixes a protocol run (segmentation) and a shortened one (detection)
+    voc = _row(t, "Random Gaussian", "ours (bench), VOC")
+    assert voc["Detection"] == "10.0" and voc["Segmentation"] == "20.0"
+    assert not (t["Source"] == "ours - paper").any()
+
+
+def test_released_weights_rows_sit_beside_the_paper_number(tmp_path: Path) -> None:
+    make_run(tmp_path, "ce-released",
+             transfer("classification", "context-encoder", 0.55, imported=True,
+                      pretrain_departures=None, pretrain_synthetic=None, arch="caffenet"),
+             cfg("ce-released", 0, weights="ce_features.safetensors"))  # fmt: skip
+    t = table2(collect_runs([tmp_path]), reference())
+    row = _row(t, "Context encoder (ours)", "released weights, VOC")
+    assert row["Classification"] == "55.0" and row["Pretraining time"] == "-"
+    diff = _row(t, "Context encoder (ours)", "ours - paper")
+    assert diff["Classification"] == f"{55.0 - 56.5:+.1f}"
+    from benchmark.report import table2_extended
+
+    x = table2_extended(collect_runs([tmp_path]), reference())
+    assert "Encoder" in x.columns and "SVM, best layer" in x.columns
+    assert x[x["Source"] == "released weights, VOC"].iloc[0]["Encoder"] == "caffenet"
 
 
 def test_per_class_table_and_markdown(runs: Path) -> None:

@@ -12,6 +12,7 @@ from benchmark.datasets.preflight import (  # noqa: F401 - the tasks call them a
     checked_voc_ids,
     skipped_field,
 )
+from benchmark.protocol import departures, is_synthetic
 from benchmark.runs import Run
 from transfer.backbone import peek_card
 
@@ -42,7 +43,10 @@ def metrics_head(
     arch: str | None,
 ) -> dict[str, Any]:
     """The first keys of a transfer metrics.json: stage, task, seed, command, method, mask,
-    pretrain_seconds, weights, backend, arch, and the weights' pretraining identity."""
+    pretrain_seconds, weights, backend, arch, the weights' pretraining identity, and how the
+    run relates to the protocol (`departures` from the paper's settings, of this run and of
+    the encoder's pretraining; `synthetic` data)."""
+    data = getattr(cfg, "data", None)
     return {
         "stage": "transfer",
         "task": task,
@@ -56,4 +60,9 @@ def metrics_head(
         "weights": cfg.weights,
         "backend": backend,
         "arch": arch,
+        "data": data,
+        "synthetic": is_synthetic(data),
+        "departures": departures(cfg),
+        "pretrain_departures": card.get("departures"),
+        "pretrain_synthetic": card.get("synthetic"),
     }

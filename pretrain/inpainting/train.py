@@ -39,6 +39,7 @@ from benchmark.datasets.preflight import checked_image_folder, skipped_field
 from benchmark.datasets.resolve import resolve_data
 from benchmark.distributed import DistEnv
 from benchmark.errors import ConfigError
+from benchmark.protocol import departures, is_synthetic
 from benchmark.runs import Run
 from pretrain.adversarial import Adversary, DCGANDiscriminator
 from pretrain.inpainting.config import InpaintingConfig, InpaintLossConfig
@@ -286,6 +287,8 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
         "pretrain_key": identity_hash(cfg),
         "pretrain_seconds": result.seconds,
         "precision": result.precision,
+        "departures": departures(cfg),
+        "synthetic": is_synthetic(cfg.data),
     }
     if run.is_main:
         write_generator(run.file(GENERATOR_FILE), generator, card)
@@ -304,6 +307,8 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
         "initial_loss": first,
         "final_loss": last,
         "precision": result.precision,
+        "departures": card["departures"],
+        "synthetic": card["synthetic"],
         "skipped": skipped_field(skipped),
         "export": GENERATOR_FILE,
     }
