@@ -443,3 +443,63 @@ def test_run_killed_with_sigkill_resumes_bit_identical(d2, tmp_path, synth_root,
     assert all(torch.equal(a[k], b[k]) for k in a)
     for key in SAME_METRICS:
         assert resumed[key] == reference[key], key
+
+
+def _inputs(n: int = 2, size: int = 96) -> list[dict]:
+    """Mapped detectron2 inputs: an image, 16 proposals and 2 ground-truth boxes each."""
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        xy = torch.randint(0, size // 2, (16, 2), generator=g).float()
+        props = Instances((size, size))
+        props.proposal_boxes = Boxes(torch.cat([xy, xy + size // 3], 1))
+        props.objectness_logits = -torch.arange(16).float()
+        gt = Instances((size, size))
+        gt.gt_boxes = Boxes(torch.tensor([[4.0, 4.0, 40.0, 50.0], [30.0, 20.0, 90.0, 80.0]]))
+        gt.gt_classes = torch.tensor([3, 11])
+        image = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+        out.append({"image": image, "proposals": props, "instances": gt})
+    return out
+
+
+@pytest.mark.detectron2
+def test_bf16_autocast_trains_and_infers_on_cpu(d2, tmp_path):
+    model = backend.build_fast_rcnn(_d2cfg(DetectionConfig(fc_dim=32), tmp_path, "caffenet", False))
+    with backend_storage(), torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(_inputs())
+    assert set(losses) == {"loss_cls", "loss_box_reg"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(_inputs(1))
+    assert "instances" in out[0]
+
+
+def backend_storage():
+    from detectron2.utils.events import EventStorage
+
+    return EventStorage(0)
+
+
+@pytest.mark.detectron2
+def test_nan_loss_stops_with_one_line_naming_the_iteration(
+    d2, tmp_path, synth_root, results, monkeypatch
+):
+    from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers
+
+    real = FastRCNNOutputLayers.losses
+
+    def nan_losses(self, predictions, proposals):
+        return {k: v * float("nan") for k, v in real(self, predictions, proposals).items()}
+
+    monkeypatch.setattr(FastRCNNOutputLayers, "losses", nan_losses)
+    cfg = tiny_config(synth_root)
+    run = open_run(tmp_path / "run", cfg)
+    with pytest.raises(BenchError) as err:
+        main(cfg, run)
+    run.close()
+    msg = one_line_error(err)
+    assert msg.startswith("iteration 1: loss is nan") and "before the update" in msg
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()

@@ -174,8 +174,8 @@ def test_table2_splits_rows_by_differing_settings(tmp_path: Path) -> None:
 def test_synthetic_or_off_protocol_runs_get_no_difference_to_the_paper(tmp_path: Path) -> None:
     make_run(tmp_path, "syn", transfer("classification", "random", 0.4, synthetic=True),
              cfg("syn", 0))  # fmt: skip
-    make_run(tmp_path, "short", transfer("detection", "random", 0.1, departures=["train.iterations"]),
-             cfg("short", 0))  # fmt: skip
+    short = transfer("detection", "random", 0.1, departures=["train.iterations"])
+    make_run(tmp_path, "short", short, cfg("short", 0))
     make_run(tmp_path, "voc", transfer("segmentation", "random", 0.2), cfg("voc", 0))
     t = table2(collect_runs([tmp_path]), reference())
     assert _row(t, "Random Gaussian", "ours (bench), synthetic data")["Classification"] == "40.0"

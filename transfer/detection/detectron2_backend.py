@@ -177,7 +177,9 @@ def register_components(d2cfg: Any = None) -> None:
                         p.requires_grad_(False)
 
             def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-                return {"conv5": self.features(x)}
+                # float32 out: torchvision's CPU roi_pool has no autocast rule and refuses
+                # bf16 features with float32 boxes (a no-op without autocast).
+                return {"conv5": self.features(x).float()}
 
             def output_shape(self) -> dict[str, ShapeSpec]:
                 return {"conv5": ShapeSpec(channels=self._channels, stride=16)}
