@@ -183,10 +183,22 @@ def _data_kind(metrics: dict[str, Any], config: dict[str, Any]) -> str:
     return "synthetic" if not config.get("data") else "real"
 
 
+def comparable_inpainting(metrics: dict[str, Any]) -> bool:
+    """Whether a Table 1 row may be set against the paper's: real held-out images, Table 1's
+    evaluation settings, and (for a trained model) the paper's training settings."""
+    return (
+        metrics.get("synthetic") is False
+        and metrics.get("departures") == []
+        and metrics.get("pretrain_departures") == []
+    )
+
+
 def comparable(metrics: dict[str, Any]) -> bool:
     """Whether a transfer run may be set against the paper's number: real data, the transfer
     protocol's settings, and an encoder that is either released weights or pretrained by
     bench on real data with the protocol's settings."""
+    if metrics.get("stage") == "inpaint-eval":
+        return comparable_inpainting(metrics)
     if metrics.get("stage") != "transfer" or metrics.get("synthetic", True):
         return False
     if metrics.get("departures") != []:
@@ -600,7 +612,8 @@ def per_class_chart(table: pd.DataFrame, title: str) -> bytes:
 # Table 1
 # ---------------------------------------------------------------------------------------------
 
-TABLE1_COLUMNS = ["Method", "Source", *INPAINT_COLUMNS.values(), "Images"]
+TABLE1_COLUMNS = ["Method", "Source", *INPAINT_COLUMNS.values(), "Images", "Evaluation"]
+EVAL_NAMES = {"resize": "resize 128 + centre crop", "centre": "centre crop, native size"}
 
 
 def table1(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
@@ -614,30 +627,38 @@ def table1(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
 
     def our_record(name: str, row: OurRow) -> list[str]:
         cells = [_cell(row.stat(ALL, k), scale[k], 2) for k in INPAINT_COLUMNS]
-        images = Stat([_number(m.get("images")) for m in row.results.get(ALL, [])]).mean
+        runs = row.results.get(ALL, [])
+        images = Stat([_number(m.get("images")) for m in runs]).mean
+        how = sorted({EVAL_NAMES.get(str(m.get("eval_crop")), "centre crop, native size")
+                      for m in runs})  # fmt: skip
         return [
             name,
-            f"ours ({row.method})",
+            f"ours ({row.method}), {'synthetic data' if row.data_kind == 'synthetic' else 'real'}",
             *cells,
             MISSING if math.isnan(images) else f"{images:.0f}",
+            "; ".join(how) or MISSING,
         ]
 
     records: list[list[str]] = []
     used: set[str] = set()
     for _, ref in reference.iterrows():
         records.append(
-            [ref["label"], "paper", *(_paper_cell(ref[k], 2) for k in INPAINT_COLUMNS), MISSING]
-        )
+            [ref["label"], "paper", *(_paper_cell(ref[k], 2) for k in INPAINT_COLUMNS), "100",
+             "not stated (the public evaluation: resize 128 + centre crop)"]
+        )  # fmt: skip
         method = ref["method"].strip()
         for row in by_method.get(method, []) if method else []:
             used.add(method)
             name = f"{ref['label']} [{row.variant}]" if row.variant else ref["label"]
             records.append(our_record(name, row))
+            if not row.comparable:
+                continue
             records.append(
                 [
                     name,
                     "ours - paper",
                     *(_diff_cell(row.stat(ALL, k), scale[k], ref[k], 2) for k in INPAINT_COLUMNS),
+                    MISSING,
                     MISSING,
                 ]
             )

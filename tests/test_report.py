@@ -258,6 +258,10 @@ def inpaint(method: str, l1: float, l2: float, p: float, seed: int = 0) -> dict:
         "mean_l2": l2,
         "psnr": p,
         "images": 20,
+        "synthetic": False,
+        "departures": [],
+        "pretrain_departures": [],
+        "eval_crop": "resize",
     }
 
 
@@ -270,15 +274,16 @@ def test_table1_rows_and_differences(tmp_path: Path) -> None:
     make_run(tmp_path, "l2", inpaint("context-encoder-l2", 0.11, 0.019, 18.5))
     ref = load_reference(REFERENCE_DIR / "table1.csv", ("mean_l1", "mean_l2", "psnr"))
     t = table1(collect_runs([tmp_path]), ref)
-    hog = t[t["Source"] == "ours (nn-hog)"].iloc[0]
+    hog = t[t["Source"] == "ours (nn-hog), real"].iloc[0]
+    assert hog["Evaluation"] == "resize 128 + centre crop"
     assert hog["Mean L1 (%)"] == "20.00" and hog["PSNR (dB)"] == "12.50" and hog["Images"] == "20"
     hog_ref = ref[ref["method"] == "nn-hog"].iloc[0]
     diff = t[(t["Method"] == hog["Method"]) & (t["Source"] == "ours - paper")].iloc[0]
     assert diff["PSNR (dB)"] == f"{12.5 - hog_ref['psnr']:+.2f}"
-    joint = t[t["Source"] == "ours (context-encoder-joint)"].iloc[0]
+    joint = t[t["Source"] == "ours (context-encoder-joint), real"].iloc[0]
     assert joint["PSNR (dB)"] == "18.50 ± 0.71 (n=2)"
-    assert t[t["Source"] == "ours (nn-ce)"].empty  # no run: only the paper row
-    assert t.iloc[-1]["Source"] == "ours (context-encoder-l2)"  # no paper row: listed last
+    assert t[t["Source"] == "ours (nn-ce), real"].empty  # no run: only the paper row
+    assert t.iloc[-1]["Source"] == "ours (context-encoder-l2), real"  # no paper row: last
     text = main([tmp_path], tmp_path / "out")
     assert "Table 1" in text and (tmp_path / "out" / "table1.tex").is_file()
 

@@ -141,3 +141,27 @@ def test_resample_is_linear_interpolation_between_cells() -> None:
     assert out.flatten().tolist() == pytest.approx([0.0, 5.0, 20.0, 30.0, 30.0])
     out = resample(x, Grid(5.0, 10.0), row + 5, torch.tensor([0.0, 5.0, 10.0, 20.0, 30.0]))
     assert out.flatten().tolist() == pytest.approx([0.0, 0.0, 5.0, 20.0, 30.0])
+
+
+def test_deconv_upsampling_is_fcn_alexnets_upscore_and_crop():
+    """`upsample: deconv` equals FCN-AlexNet's fixed bilinear ConvTranspose2d (kernel 63,
+    stride 32, one filter per class) followed by its Crop at offset 18, borders included."""
+    from transfer.segmentation.model import FCN_PAD
+
+    model = FCN(AlexNetEncoder("caffenet"), 21, "fcn32s", fc_dim=4)
+    grid = model.grid_32.shifted(-FCN_PAD)
+    assert (grid.offset, grid.stride) == (13.0, 32.0)  # 31 - 18: FCN's crop
+    torch.manual_seed(0)
+    n, size = 5, 150
+    score = torch.randn(1, 3, n, n, dtype=torch.float64)
+    t = torch.arange(63, dtype=torch.float64)
+    tent = 1 - (t - 31).abs() / 32  # Caffe's bilinear filler for factor 32, kernel 63
+    up = torch.nn.ConvTranspose2d(3, 3, 63, stride=32, groups=3, bias=False).double()
+    with torch.no_grad():
+        up.weight.copy_((tent[:, None] * tent[None, :]).expand(3, 1, 63, 63))
+        reference = up(score)[..., 18 : 18 + size, 18 : 18 + size]
+    coords = torch.arange(size, dtype=torch.float64)
+    ours = resample(score, grid, coords, coords, edge="zero")
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    held = resample(score, grid, coords, coords, edge="hold")
+    assert not torch.allclose(held[..., -1, -1], reference[..., -1, -1])  # edges differ

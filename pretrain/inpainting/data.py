@@ -4,7 +4,8 @@ Training (the released `donkey_folder.lua`): shorter side resized to 350 (aspect
 random 128x128 crop, a random horizontal flip, pixels mapped to [-1, 1]. Evaluation: the
 centre 128x128 crop of each held-out image at its own resolution (Paris StreetView's
 evaluation images are 227x227; the public evaluation crops their centre 128 px), upsampled
-first only when the shorter side is below 128.
+first only when the shorter side is below 128 (`eval_crop: centre`); by default the public
+evaluation's resize to 128 then centre crop (`resized_centre_crop`).
 
 Samples are indexed by (index, sample number) keys from the loop's sampler, so the crop,
 flip and hole depend only on the seed and the iteration (resume gives the same
@@ -79,9 +80,23 @@ def centre_crop(im: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(im)[top : top + size, left : left + size]
 
 
-def load_eval_images(paths: Sequence[Path], size: int = IMAGE_SIZE) -> torch.Tensor:
-    """Centre crops of `paths` in [-1, 1]: (N, 3, size, size)."""
-    return torch.stack([to_unit_range(centre_crop(load_rgb(p), size)) for p in paths])
+def resized_centre_crop(im: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
+    """The public evaluation's loading: shorter side resized to `size`, then the centre
+    size^2 crop (BoyuanJiang/context_encoder_pytorch@01cbf96 test.py L52-55:
+    transforms.Scale(128) + CenterCrop(128)); a 227x227 Paris image becomes all of it at 128."""
+    return centre_crop(resize_shorter(im, size), size)
+
+
+EVAL_LOADERS = {"resize": resized_centre_crop, "centre": centre_crop}
+
+
+def load_eval_images(
+    paths: Sequence[Path], size: int = IMAGE_SIZE, mode: str = "resize"
+) -> torch.Tensor:
+    """Held-out images in [-1, 1]: (N, 3, size, size). mode "resize": the public evaluation's
+    resize + centre crop; "centre": the centre crop at native resolution."""
+    load = EVAL_LOADERS[mode]
+    return torch.stack([to_unit_range(load(load_rgb(p), size)) for p in paths])
 
 
 class InpaintingImages(SeededImages):

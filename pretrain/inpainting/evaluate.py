@@ -26,6 +26,7 @@ from benchmark.datasets.resolve import resolve_data
 from benchmark.distributed import pick_device
 from benchmark.errors import ConfigError
 from benchmark.metrics import inpainting_errors, mean_inpainting_errors
+from benchmark.protocol import departures, is_synthetic
 from benchmark.runs import Run, atomic_write_text
 from pretrain.inpainting.data import load_eval_images
 from pretrain.inpainting.model import (
@@ -39,7 +40,10 @@ from pretrain.inpainting.weights import load_generator
 from pretrain.losses import OVERLAP_PAPER
 
 PER_IMAGE_FILE = "per_image.csv"
-EVAL_CROP = "centre 128x128 crop at native resolution"
+EVAL_CROPS = {
+    "resize": "shorter side resized to 128, centre 128x128 crop (the public evaluation)",
+    "centre": "centre 128x128 crop at native resolution",
+}
 
 
 @dataclass
@@ -54,6 +58,10 @@ class InpaintEvalConfig:
     baseline: Literal["nn-hog", "nn-ce"] | None = None  # nn-ce also needs weights
     train_data: str | None = None  # images the NN baselines search (None: synthetic pool)
     max_images: int = 100  # Table 1 uses 100 held-out Paris StreetView images
+    # resize: the public evaluation's loading of the 227x227 Paris images (resize to 128,
+    # centre crop: BoyuanJiang/context_encoder_pytorch@01cbf96 test.py L52-55); centre: the
+    # centre 128x128 crop at native resolution.
+    eval_crop: Literal["resize", "centre"] = "resize"
     overlap: int | None = None  # hole = 64 - 2 overlap; None: the weights' card (else 7)
     train_load_size: int = 0  # NN database: shorter side before the centre crop (0: native)
     train_crops: int = 1  # NN database crops per training image (1: the centre crop only)
@@ -104,7 +112,7 @@ def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     paths = held_out_paths(cfg.data, cfg.max_images)
-    images = load_eval_images(paths)
+    images = load_eval_images(paths, mode=cfg.eval_crop)
     generator, card = load_generator(cfg.weights) if cfg.weights else (None, {})
     overlap = cfg.overlap if cfg.overlap is not None else int(card.get("overlap", OVERLAP_PAPER))
     if cfg.baseline is None:
@@ -130,17 +138,22 @@ def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
         atomic_write_text(run.file(PER_IMAGE_FILE), buf.getvalue())
     means = mean_inpainting_errors(errors)
     run.logger.info(
-        f"{method} on {means['images']} images ({EVAL_CROP}): L1 {100 * means['mean_l1']:.2f}% "
+        f"{method} on {means['images']} images ({EVAL_CROPS[cfg.eval_crop]}): "
+        f"L1 {100 * means['mean_l1']:.2f}% "
         f"L2 {100 * means['mean_l2']:.2f}% PSNR {means['psnr']:.2f} dB"
     )
-    command = run.file("command.txt")
     metrics = {
         "stage": "inpaint-eval",
         "seed": cfg.seed,
-        "command": command.read_text().strip() if command.is_file() else None,
+        "command": run.command(),
         "method": method,
         **means,
-        "crop": EVAL_CROP,
+        # how the row relates to Table 1's protocol (benchmark.protocol)
+        "synthetic": is_synthetic(paths[0].parent if paths else cfg.data),
+        "departures": departures(cfg),
+        "pretrain_departures": card.get("departures") if cfg.weights else [],
+        "crop": EVAL_CROPS[cfg.eval_crop],
+        "eval_crop": cfg.eval_crop,
         "overlap": overlap,
         "weights": cfg.weights,
         "data": str(paths[0].parent) if paths else cfg.data,

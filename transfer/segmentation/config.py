@@ -44,7 +44,10 @@ class SegmentationConfig:
     backend: Backend = "native"
     on_bad_data: Literal["error", "skip"] = "error"  # a file `bench data check` flags
     variant: Variant = "fcn32s"
-    train_split: str = "train"  # ImageSets/Segmentation/<train_split>.txt (+ SBD train/val)
+    # sbd-train: SBD's train split, as FCN-AlexNet trained (the paper: "using the additional
+    # training data" of Hariharan et al.); voc+sbd: VOC2012 `train_split` + SBD train and val.
+    train_set: Literal["sbd-train", "voc+sbd"] = "sbd-train"
+    train_split: str = "train"  # ImageSets/Segmentation/<train_split>.txt (train_set voc+sbd)
     # seg11valid = VOC2011 val minus SBD train (derived from the split files the user has);
     # any other name is ImageSets/Segmentation/<split>.txt. The split actually used is
     # recorded in metrics.json under an honest name.
@@ -56,6 +59,11 @@ class SegmentationConfig:
     fc_dim: int = 4096  # fc6/fc7 width (AlexNet's)
     dropout: float = 0.5
     pad: int = 100  # FCN's conv1 padding, so every input size yields scores
+    # deconv: FCN-AlexNet's fixed bilinear up-convolution (kernel 63, stride 32) and crop,
+    # which fades to zero past the outermost score centres (voc-fcn-alexnet/train.prototxt
+    # upscore + score Crop offset 18); interpolate: the same interpolation holding the edge
+    # scores instead (bench's earlier choice).
+    upsample: Literal["deconv", "interpolate"] = "deconv"
     max_size: int | None = None  # resize the longer image side to at most this (None: as is)
     normalize_loss: bool = True  # softmax loss averaged over non-ignored pixels (PROTOCOL)
     mirror: bool = False  # FCN trains without augmentation

@@ -118,12 +118,32 @@ def eval_split(voc_root: Path, sbd_root: Path | None, split: str) -> tuple[list[
 
 
 def build_data(
-    voc_root: Path, sbd_root: Path | None, train_split: str, split: str
+    voc_root: Path,
+    sbd_root: Path | None,
+    train_split: str,
+    split: str,
+    train_set: str = "sbd-train",
 ) -> SegmentationData:
-    """Training and evaluation samples; evaluation images never enter training."""
+    """Training and evaluation samples; evaluation images never enter training.
+
+    train_set "sbd-train": SBD's train split alone, FCN-AlexNet's training set
+    (shelhamer/fcn.berkeleyvision.org@1305c73 voc-fcn-alexnet/train.prototxt: SBDDSegDataLayer,
+    split train; data/pascal/README.md: "the 8,498 images of SBD train"); "voc+sbd": VOC2012
+    `train_split` plus SBD train and val (the larger set of later FCN papers).
+    """
     evaluation, name = eval_split(voc_root, sbd_root, split)
     held_out = {s.image_id for s in evaluation}
     notes = []
+    if train_set == "sbd-train":
+        if sbd_root is None:
+            raise DatasetError(
+                f"{voc_root}: train_set sbd-train needs SBD's cls/*.mat annotations (give them "
+                "with --set sbd=<benchmark_RELEASE/dataset>, or choose train_set: voc+sbd)"
+            )
+        train = [s for s in load_sbd(sbd_root, "train") if s.image_id not in held_out]
+        if not train:
+            raise DatasetError(f"{sbd_root}: no SBD train image left after removing {name}")
+        return SegmentationData(train, evaluation, name, voc_root, sbd_root, notes)
     train = [
         s
         for s in _voc_samples(voc_root, read_split(voc_root, train_split, "Segmentation"))
@@ -198,7 +218,7 @@ def prepare_data(cfg: Any, run: Run) -> tuple[SegmentationData, list[str]]:
     and label map they name (before training), log what was found; also the skipped ids."""
     voc = Path(resolve_data(cfg.data, "voc2012"))
     sbd = find_sbd(cfg.data, cfg.sbd, voc, cfg.use_sbd)
-    data = build_data(voc, sbd, cfg.train_split, cfg.split)
+    data = build_data(voc, sbd, cfg.train_split, cfg.split, cfg.train_set)
     if cfg.eval_images is not None:
         data.eval = data.eval[: cfg.eval_images]
     data.train, skip_train = common.checked_segmentation(
@@ -211,8 +231,8 @@ def prepare_data(cfg: Any, run: Run) -> tuple[SegmentationData, list[str]]:
         run.logger.info(note)
     src = data.train_sources
     run.logger.info(
-        f"segmentation data: train {len(data.train)} images ({src['voc']} VOC2012 "
-        f"{cfg.train_split}, {src['sbd']} SBD) from {voc}"
+        f"segmentation data ({cfg.train_set}): train {len(data.train)} images ({src['voc']} "
+        f"VOC2012 {cfg.train_split}, {src['sbd']} SBD) from {voc}"
         + (f" + {sbd}" if sbd else "")
         + f"; evaluation on {data.split} ({len(data.eval)} images)"
     )

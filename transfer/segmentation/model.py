@@ -70,22 +70,39 @@ def feature_grids(features: nn.Sequential, pad: int) -> list[Grid]:
 
 
 def _axis_weights(
-    coords: torch.Tensor, grid: Grid, size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Neighbouring cell indices and the weight of the upper one for each coordinate."""
-    t = ((coords - grid.offset) / grid.stride).clamp(0, size - 1)
-    i0 = t.floor().long().clamp(max=size - 1)
-    i1 = (i0 + 1).clamp(max=size - 1)
-    return i0, i1, (t - i0.to(t.dtype))
+    coords: torch.Tensor, grid: Grid, size: int, edge: str = "hold"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Neighbouring cell indices (i0, i1) and their weights (w0, w1) for each coordinate.
+
+    edge "hold": past the outermost cells their value is held (clamped coordinates);
+    "zero": a tent of half-width `stride` around each cell centre and nothing beyond, i.e.
+    exactly what a fixed bilinear up-convolution (kernel 2 stride - 1) and crop computes, so
+    the scores fade to zero past the outermost centres as in FCN.
+    """
+    t = (coords - grid.offset) / grid.stride
+    if edge == "hold":
+        t = t.clamp(0, size - 1)
+    f = t.floor()
+    w1 = t - f
+    i0 = f.long()
+    i1 = i0 + 1
+    w0 = 1 - w1
+    if edge == "zero":
+        w0 = torch.where((i0 >= 0) & (i0 < size), w0, torch.zeros_like(w0))
+        w1 = torch.where((i1 >= 0) & (i1 < size), w1, torch.zeros_like(w1))
+    return i0.clamp(0, size - 1), i1.clamp(0, size - 1), w0, w1
 
 
-def resample(x: torch.Tensor, grid: Grid, ys: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-    """Bilinear interpolation of map `x` (B, C, h, w) on `grid` at image coords ys x xs."""
+def resample(
+    x: torch.Tensor, grid: Grid, ys: torch.Tensor, xs: torch.Tensor, edge: str = "hold"
+) -> torch.Tensor:
+    """Bilinear interpolation of map `x` (B, C, h, w) on `grid` at image coords ys x xs
+    (edges as `_axis_weights` says)."""
     h, w = x.shape[-2:]
-    y0, y1, wy = _axis_weights(ys.to(x.dtype), grid, h)
-    x0, x1, wx = _axis_weights(xs.to(x.dtype), grid, w)
-    rows = x.index_select(-2, y0) * (1 - wy)[:, None] + x.index_select(-2, y1) * wy[:, None]
-    return rows.index_select(-1, x0) * (1 - wx) + rows.index_select(-1, x1) * wx
+    y0, y1, wy0, wy1 = _axis_weights(ys.to(x.dtype), grid, h, edge)
+    x0, x1, wx0, wx1 = _axis_weights(xs.to(x.dtype), grid, w, edge)
+    rows = x.index_select(-2, y0) * wy0[:, None] + x.index_select(-2, y1) * wy1[:, None]
+    return rows.index_select(-1, x0) * wx0 + rows.index_select(-1, x1) * wx1
 
 
 def pixel_coords(n_out: int, n_in: int, device: torch.device) -> torch.Tensor:
@@ -107,6 +124,7 @@ class FCN(nn.Module):
         fc_dim: int = 4096,
         dropout: float = 0.5,
         pad: int = FCN_PAD,
+        upsample: str = "deconv",
     ) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -114,6 +132,9 @@ class FCN(nn.Module):
         self.encoder = encoder
         self.variant = variant
         self.pad = pad
+        if upsample not in ("deconv", "interpolate"):
+            raise ValueError(f"upsample {upsample!r} is not deconv or interpolate")
+        self.edge = "zero" if upsample == "deconv" else "hold"
         self.num_classes = num_classes
         feats = encoder.features
         self.fc6 = nn.Conv2d(encoder.out_channels, fc_dim, kernel_size=6)
@@ -176,7 +197,7 @@ class FCN(nn.Module):
             sh, sw = skip.shape[-2:]
             ys = tgrid.offset + tgrid.stride * torch.arange(sh, device=x.device)
             xs = tgrid.offset + tgrid.stride * torch.arange(sw, device=x.device)
-            score, grid = resample(score, grid, ys, xs) + skip, tgrid
+            score, grid = resample(score, grid, ys, xs, self.edge) + skip, tgrid
         ys = pixel_coords(out_h, h, x.device)
         xs = pixel_coords(out_w, w, x.device)
-        return resample(score, grid, ys, xs)
+        return resample(score, grid, ys, xs, self.edge)

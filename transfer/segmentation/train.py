@@ -87,12 +87,17 @@ def rescale_(model: FCN, samples: list, pretrained_encoder: bool) -> list[tuple[
 
 
 def make_optimizer(model: nn.Module, t: SegmentationTrainConfig) -> torch.optim.Optimizer:
-    """SGD with FCN's parameter groups: weights (lr, decay), biases (2 lr, no decay)."""
-    weights = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight")]
-    biases = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")]
+    """SGD with FCN-AlexNet's per-layer multipliers: the score layers' biases learn at 2x the
+    lr without decay; every other parameter (conv1-fc7 biases included) at 1x with decay,
+    Caffe's defaults where the prototxt sets no `param` (voc-fcn-alexnet/train.prototxt
+    score_fr L223-230; conv1-fc7 have none)."""
+    score_bias, rest = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (score_bias if n.startswith("score_") and n.endswith("bias") else rest).append(p)
     groups = [
-        {"params": weights, "lr": t.lr, "weight_decay": t.weight_decay},
-        {"params": biases, "lr": t.lr * BIAS_LR_MULT, "weight_decay": 0.0},
+        {"params": rest, "lr": t.lr, "weight_decay": t.weight_decay},
+        {"params": score_bias, "lr": t.lr * BIAS_LR_MULT, "weight_decay": 0.0},
     ]
     if t.solver == "adam":
         return torch.optim.Adam(groups, lr=t.lr, betas=(t.momentum, 0.999))
@@ -156,7 +161,9 @@ def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     data, skipped = prepare_data(cfg, run)
 
     encoder, card = load_encoder(cfg.weights, cfg.arch)
-    model = FCN(encoder, len(CLASSES), cfg.variant, cfg.fc_dim, cfg.dropout, cfg.pad)
+    model = FCN(
+        encoder, len(CLASSES), cfg.variant, cfg.fc_dim, cfg.dropout, cfg.pad, cfg.upsample
+    )
     model.to(env.device)
     if cfg.rescale and run.checkpoint is None:
         scales = rescale_(model, data.train[: cfg.rescale_images], card["method"] != "random")
