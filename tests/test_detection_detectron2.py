@@ -22,6 +22,7 @@ import yaml
 
 from benchmark.errors import BenchError, ConfigError
 from benchmark.runs import open_run
+from transfer import common
 from transfer.detection import detectron2_backend as backend
 from transfer.detection.config import DetectionConfig, DetectionTrainConfig
 from transfer.detection.train import main
@@ -298,12 +299,12 @@ def test_config_yaml_loads_with_plain_detectron2(d2, tmp_path):
     assert model.roi_heads.box_head.fc7.out_features == 128
 
 
+# Beyond `transfer.common.metrics_head`'s keys: what the native backend writes, and detectron2's.
 METRIC_KEYS = {
-    "stage", "task", "seed", "command", "method", "mask", "pretrain_seconds", "pretrain_key",
-    "imported", "weights", "backend", "arch", "map", "coco_ap", "per_class", "bbox_normalize",
-    "rescale", "iterations", "train_seconds", "test_seconds", "precision", "device",
-    "initial_loss", "final_loss", "train_images", "test_images", "skipped", "mean_proposals",
-    "detectron2_ap50", "detectron2_ap75", "detectron2_ap", "detectron2_version",
+    "map", "coco_ap", "per_class", "bbox_normalize", "rescale", "iterations", "train_seconds",
+    "test_seconds", "precision", "device", "initial_loss", "final_loss", "train_images",
+    "test_images", "skipped", "mean_proposals", "detectron2_ap50", "detectron2_ap75",
+    "detectron2_ap", "detectron2_version",
 }  # fmt: skip
 
 
@@ -316,7 +317,11 @@ def test_tiny_detectron2_run(d2, tmp_path, synth_root, results):
     run = open_run(tmp_path / "run", cfg)
     metrics = main(cfg, run)
     run.close()
-    assert set(metrics) == METRIC_KEYS
+    _, card = backend.load_weights(str(pkl), "caffenet")
+    head = common.metrics_head("detection", "detectron2", cfg, run, card, "caffenet")
+    assert set(metrics) == set(head) | METRIC_KEYS
+    assert {k: metrics[k] for k in head} == head
+    assert "bbox_normalize" in metrics["departures"]  # detectron2 cannot run 'data'
     assert metrics["backend"] == "detectron2" and metrics["method"] == "context-encoder"
     assert metrics["arch"] == "caffenet" and metrics["pretrain_seconds"] == 12.5
     assert metrics["iterations"] == 4 and metrics["device"] == "cpu"
@@ -466,8 +471,11 @@ def _inputs(n: int = 2, size: int = 96) -> list[dict]:
 
 @pytest.mark.detectron2
 def test_bf16_autocast_trains_and_infers_on_cpu(d2, tmp_path):
+    """`train.precision: auto` is bf16 on CPUs with AMX / AVX-512 BF16."""
+    from detectron2.utils.events import EventStorage
+
     model = backend.build_fast_rcnn(_d2cfg(DetectionConfig(fc_dim=32), tmp_path, "caffenet", False))
-    with backend_storage(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with EventStorage(0), torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(_inputs())
     assert set(losses) == {"loss_cls", "loss_box_reg"}
     assert all(torch.isfinite(v) for v in losses.values())
@@ -475,12 +483,6 @@ def test_bf16_autocast_trains_and_infers_on_cpu(d2, tmp_path):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(_inputs(1))
     assert "instances" in out[0]
-
-
-def backend_storage():
-    from detectron2.utils.events import EventStorage
-
-    return EventStorage(0)
 
 
 @pytest.mark.detectron2
