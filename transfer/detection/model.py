@@ -63,7 +63,8 @@ class FastRCNN(nn.Module):
         self, images: torch.Tensor, rois: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         conv5 = self.features(images)
-        x = self.roi_pool(conv5, rois).flatten(1)
+        # torchvision's CPU roi_pool has no autocast rule: pool in the RoIs' dtype (fp32)
+        x = self.roi_pool(conv5.to(rois.dtype), rois).flatten(1)
         x = self.dropout(F.relu(self.fc6(x)))
         x = self.dropout(F.relu(self.fc7(x)))
         return self.cls_score(x), self.bbox_pred(x)

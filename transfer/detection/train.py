@@ -31,7 +31,7 @@ from transfer.detection.data import (
     load_records,
     usable_for_training,
 )
-from transfer.detection.detectron2_backend import run_detectron2
+from transfer.detection.detectron2_backend import check_supported, run_detectron2
 from transfer.detection.evaluate import coco_ap, score_fields, voc07_scores, write_results_files
 from transfer.detection.inference import detect
 from transfer.detection.model import (
@@ -81,6 +81,8 @@ def check(cfg: DetectionConfig) -> None:
         raise ConfigError("fc_dim and roi_size must be >= 1 and dropout in [0, 1)")
     if min(cfg.bbox_stds) <= 0:
         raise ConfigError(f"bbox_stds: must be > 0, got {list(cfg.bbox_stds)}")
+    if cfg.backend == "detectron2":
+        check_supported(cfg)  # what detectron2 cannot honour, before any folder is made
 
 
 def lr_at(train: DetectionTrainConfig, iteration: int) -> float:
