@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a suite key, e.g. --set seeds=[0,1]",
     )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every step's resolved config (and how it departs from the paper) and exit",
+    )
 
     p = sub.add_parser("inpaint", help="semantic inpainting: Table 1 evaluation and figures")
     isub = p.add_subparsers(dest="inpaint_command", required=True, metavar="ACTION")
@@ -282,8 +287,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchmark.suite import run_suite
+    from benchmark.suite import print_plan, run_suite
 
+    if args.print_config:
+        print(print_plan(args.suite, out=args.out, overrides=args.overrides), end="")
+        return 0
     print(run_suite(args.suite, out=args.out, force=args.force, overrides=args.overrides))
     return 0
 

@@ -26,11 +26,16 @@ SYNTH_MARKER = "synth.json"  # benchmark.datasets.synth writes it at a synthetic
 
 def departures(cfg: Any) -> list[str]:
     """Dotted config keys whose values differ from the config class's defaults (the paper's
-    values), leaving out locations, seeds and runtime settings."""
+    values), leaving out locations, seeds, runtime settings and the keys that choose which
+    of the paper's experiments a run is (a config class's `EXPERIMENT_KEYS`, e.g. `method`,
+    or the loss of a Table 1 row)."""
     default = to_dict(type(cfg)())
+    chosen = frozenset(getattr(type(cfg), "EXPERIMENT_KEYS", ()))
     found: list[str] = []
 
     def walk(a: Any, b: Any, prefix: str) -> None:
+        if prefix.rstrip(".") in chosen:
+            return
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b), key=str):
                 if str(k) in LOCATION_KEYS or str(k) in RUNTIME_KEYS:

@@ -131,6 +131,24 @@ def load_suite(
     return suite, results, plan(suite, root)
 
 
+def print_plan(
+    suite_path: Path, out: Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> str:
+    """YAML of every planned step: its stage, dependencies, departures from the paper's
+    settings and resolved config (what `bench run --print-config` prints)."""
+    import yaml
+
+    from benchmark.protocol import departures
+
+    _, _, steps = load_suite(suite_path, out, overrides)
+    docs = [
+        {"step": s.name, "needs": list(s.needs), "departures": departures(s.cfg),
+         "config": to_dict(s.cfg)}
+        for s in steps
+    ]  # fmt: skip
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
 def run_suite(
     suite_path: Path,
     out: Path | None = None,

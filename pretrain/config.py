@@ -4,7 +4,7 @@ code's values are named options (`mask: noise-region`, `loss.overlap: 4`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from benchmark.loop import LoopConfig
 
@@ -50,6 +50,9 @@ class LossConfig:
 
 @dataclass
 class PretrainConfig:
+    # which of the paper's experiments a run is, not a departure from it (benchmark.protocol)
+    EXPERIMENT_KEYS: ClassVar[frozenset[str]] = frozenset({"method"})
+
     name: str | None = None
     seed: int = 0
     data: str | None = None  # image folder; None = the embedded synthetic dataset

@@ -4,7 +4,7 @@ Section 5.1, with the paper's values as defaults (PROTOCOL.md "Inpainting contex
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from benchmark.loop import LoopConfig
 from pretrain.inpainting.data import LOAD_SIZE
@@ -44,6 +44,9 @@ class InpaintTrainConfig(LoopConfig):
 
 @dataclass
 class InpaintingConfig:
+    # which of the paper's experiments a run is, not a departure from it (benchmark.protocol)
+    EXPERIMENT_KEYS: ClassVar[frozenset[str]] = frozenset({"method", "loss.kind"})
+
     name: str | None = None
     seed: int = 0
     data: str | None = None  # image folder; None = the embedded synthetic unlabelled pool

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -48,6 +48,9 @@ EVAL_CROPS = {
 
 @dataclass
 class InpaintEvalConfig:
+    # which of Table 1's rows a run is, not a departure from it (benchmark.protocol)
+    EXPERIMENT_KEYS: ClassVar[frozenset[str]] = frozenset({"baseline"})
+
     name: str | None = None
     seed: int = 0
     # Held-out images. None: the synthetic VOC2007 images, which the default training pool
