@@ -19,7 +19,7 @@ from benchmark.config import RUNTIME_KEYS, to_dict
 LOCATION_KEYS = frozenset(
     {"name", "seed", "data", "weights", "sbd", "shapes", "proposals_train", "proposals_test",
      "train_data", "on_bad_data", "cache_dir", "backend", "precision", "compile",
-     "channels_last"}
+     "channels_last", "save_overlays"}
 )  # fmt: skip
 SYNTH_MARKER = "synth.json"  # benchmark.datasets.synth writes it at a synthetic tree's root
 
