@@ -30,8 +30,6 @@ from transfer.classification.evaluate import evaluate
 from transfer.classification.model import (
     FROZEN_PREFIXES,
     ClassificationNet,
-    _preactivation_stats,
-    data_dependent_init_,
     sigmoid_cross_entropy,
 )
 from transfer.classification.presets import (
@@ -227,35 +225,34 @@ def test_head_is_reinitialised_and_sized_to_the_crop():
         ClassificationNet(load_encoder(None)[0], crop=20)
 
 
-def test_data_dependent_init():
+def test_rescale_is_magic_init_on_the_new_layers_and_calibrates_all():
+    """`rescale: true` (transfer.rescale.rescale_for_transfer_): the new fc6-fc8 are drawn
+    again, a pretrained encoder's layers are only scaled (directions unchanged), and the
+    between-layer step runs over every layer."""
+    from transfer.rescale import rescale_for_transfer_
+
     x = torch.randn(16, 3, SMALL, SMALL)
-    # random encoder: every layer gets zero-mean, unit-variance channels
-    net = tiny_net()
-    data_dependent_init_(net, x, pretrained_encoder=False)
+    net = tiny_net(seed=1, arch="alexnet-plain")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    report = rescale_for_transfer_(net, lambda: net(x), "encoder.", True, seed=0)
     assert net.training  # left as it was found
-    net.eval()  # measure without dropout, as the init does
-    for layer in (net.encoder.features[0], net.encoder.features[10], net.fc6, net.fc8):
-        mean, var = _preactivation_stats(net, layer, x)
-        assert mean.abs().max() < 1e-4
-        live = var > 0  # dead channels (always zero input) are left alone
-        assert torch.allclose(var[live], torch.ones_like(var[live]), atol=1e-3)
-    # "pretrained" encoder: one scale per layer, the encoder's function kept up to a factor
-    # (exactly so only without LRN, which is not positively homogeneous)
-    net = tiny_net(seed=1, arch="alexnet-plain").eval()
-    with torch.no_grad():
-        for m in net.encoder.features:
-            if isinstance(m, torch.nn.Conv2d):
-                m.bias.normal_(0, 0.01)  # pretrained layers have non-zero biases
-        ref = net.encoder(x).clone()
-        data_dependent_init_(net, x, pretrained_encoder=True)
-        out = net.encoder(x)
-    factor = (out * ref).sum() / (ref * ref).sum()
-    assert factor > 0
-    assert torch.allclose(out, factor * ref, rtol=1e-4, atol=1e-5 * out.abs().max().item())
+    steps = {e["name"]: e["step"] for e in report}
+    assert steps["encoder.features.0"] == "pretrained" and steps["fc6"] == "gaussian"
+    assert report[-1]["step"] == "summary" and report[-1]["iterations"] >= 1
+    after = net.state_dict()
     for i in (0, 3, 6, 8, 10):
-        _, var = _preactivation_stats(net, net.encoder.features[i], x)
-        assert var.mean().item() == pytest.approx(1.0, rel=1e-3)
-        assert var.std() > 0  # within-layer structure not flattened
+        w0, w1 = before[f"encoder.features.{i}.weight"], after[f"encoder.features.{i}.weight"]
+        cos = torch.nn.functional.cosine_similarity(w0.flatten(), w1.flatten(), dim=0)
+        assert cos > 1 - 1e-5  # only scaled
+    assert not torch.equal(before["fc6.weight"], after["fc6.weight"])
+    # the same seed gives the same network; a random encoder is drawn again as well
+    again = tiny_net(seed=1, arch="alexnet-plain")
+    rescale_for_transfer_(again, lambda: again(x), "encoder.", True, seed=0)
+    assert all(torch.equal(after[k], again.state_dict()[k]) for k in after)
+    rand = tiny_net(seed=1)
+    report = rescale_for_transfer_(rand, lambda: rand(x), "encoder.", False, seed=0)
+    steps = {e["name"]: e["step"] for e in report}
+    assert steps["encoder.features.0"] == "gaussian"
 
 
 # ---------------------------------------------------------------------- main, end to end

@@ -199,32 +199,22 @@ def test_nms_and_per_image_cap():
     assert sorted(np.concatenate([d[:, 4] for d in capped]).tolist()) == pytest.approx([0.5, 0.9])
 
 
-def test_data_dependent_init_normalises_random_and_keeps_pretrained_function():
-    from transfer.detection.model import data_dependent_init_
+def test_rescale_keeps_fast_rcnns_output_layers_and_frozen_conv1():
+    from transfer.rescale import rescale_for_transfer_
 
     torch.manual_seed(0)
     images = torch.randn(2, 3, 128, 128)
     rois = torch.tensor([[0, 0, 0, 100, 90], [0, 30, 20, 127, 127], [1, 5, 5, 60, 60]] * 8).float()
-    model = FastRCNN(AlexNetEncoder(), fc_dim=32)
-    data_dependent_init_(model, images, rois, pretrained_encoder=False)
-    model.eval()
-    with torch.no_grad():
-        pre6 = model.fc6(model.roi_pool(model.features(images), rois).flatten(1))
-    assert pre6.mean(0).abs().max() < 1e-3 and pre6.std(0, unbiased=False).mean() == pytest.approx(
-        1.0, abs=1e-3
+    model = FastRCNN(AlexNetEncoder(), fc_dim=32, freeze_at=1)
+    kept = ("cls", "bbox", "features.0.")
+    heads = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(kept)}
+    report = rescale_for_transfer_(
+        model, lambda: model(images, rois), "features.", True, 0, exclude=("cls_score", "bbox_pred")
     )
-
-    # "pretrained": the encoder's function kept up to one factor, exactly so only without
-    # LRN (CaffeNet's LRN is not positively homogeneous), hence the LRN-free arch here.
-    torch.manual_seed(1)
-    model = FastRCNN(AlexNetEncoder("alexnet-plain"), fc_dim=32)
-    with torch.no_grad():
-        before = model.features(images)
-    applied = dict(data_dependent_init_(model, images, rois, pretrained_encoder=True))
-    with torch.no_grad():
-        after = model.features(images)
-    scale = float(np.prod([applied[f"features.{i}"] for i in (0, 3, 6, 8, 10)]))
-    assert torch.allclose(after, before * scale, rtol=1e-3, atol=1e-5 * scale)
+    names = {e["name"] for e in report}
+    assert {"features.3", "fc6", "fc7"} <= names and not names & {"features.0", "cls_score"}
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in heads.items())
 
 
 def test_bbox_normalisation_fixed_and_data():

@@ -754,3 +754,30 @@ def format_report(report: list[dict[str, Any]]) -> str:
                 f"{e['name']} {e['step']} x{e['within_scale']:.3g} | x{e['between_scale']:.3g}"
             )
     return ", ".join(parts) + tail
+
+
+# ---------------------------------------------------------------- the transfer tasks' entry
+
+
+def rescale_for_transfer_(
+    model: nn.Module,
+    forward: Callable[[], Any],
+    prefix: str,
+    pretrained_encoder: bool,
+    seed: int,
+    exclude: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """`rescale: true` of the three transfer tasks: `magic_init_` with the reference's
+    defaults (gaussian within-layer draw of the new layers, bias 0.1, between-layer
+    calibration of every layer) on all learned Conv/Linear layers of `model` that require a
+    gradient, in forward order, minus `exclude` (layers whose own initialisation the protocol
+    keeps, e.g. Fast R-CNN's output layers). Layers under `prefix` (the encoder) are the
+    pretrained ones unless the encoder is the random baseline. Deterministic per seed."""
+    layers = [
+        (n, m)
+        for n, m in layers_in_forward_order(model, forward)
+        if n not in exclude and all(p.requires_grad for p in m.parameters())
+    ]
+    pretrained = {n for n, _ in layers if n.startswith(prefix)} if pretrained_encoder else set()
+    generator = torch.Generator().manual_seed(int(seed))
+    return magic_init_(model, layers, forward, pretrained, generator=generator)

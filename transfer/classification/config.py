@@ -70,7 +70,9 @@ class ClassificationConfig:
     # sklearn: scikit-learn's AP, as philkr/voc-classification computes it (train_cls.py
     # L151-157); voc07: the VOC2007 devkit's 11-point VOCevalcls.
     ap: Literal["sklearn", "voc07"] = "sklearn"
-    rescale: bool = False  # Krähenbühl et al. 2015 data-dependent init (see model.py)
+    # Krähenbühl et al.'s data-dependent init as philkr/magic_init does it (transfer/rescale.py:
+    # within-layer for new layers, between-layer calibration of all); not in the paper's runs.
+    rescale: bool = False
     rescale_images: int = 64  # training crops used to measure the statistics
     train_split: str = "trainval"
     test_split: str = "test"

@@ -1,12 +1,6 @@
-"""AlexNet for VOC classification: the transferred encoder up to pool5, new fc6-fc8.
-
-Also the data-dependent initialisation of Krähenbühl et al. 2015 (`--rescale`), see
-`data_dependent_init_`.
-"""
+"""AlexNet for VOC classification: the transferred encoder up to pool5, new fc6-fc8."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -97,91 +91,3 @@ def sigmoid_cross_entropy(
     """
     loss = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
     return (loss * keep).sum() / logits.shape[0]
-
-
-# ------------------------------------------------------------- data-dependent initialisation
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the measured layer has run."""
-
-
-def _learned_layers(model: ClassificationNet) -> list[nn.Module]:
-    """Convolutions (pool-free ones included) and fc layers, in forward order."""
-    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
-@torch.no_grad()
-def _preactivation_stats(
-    model: nn.Module, layer: nn.Module, images: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and variance of `layer`'s output (before its ReLU) on `images`."""
-    stats: dict[str, torch.Tensor] = {}
-
-    def hook(_m: nn.Module, _inp: object, out: torch.Tensor) -> None:
-        # Read now: the encoder's in-place ReLU overwrites `out` right after this hook.
-        dims = [0, 2, 3] if out.dim() == 4 else [0]
-        z = out.double()
-        stats["mean"], stats["var"] = z.mean(dims), z.var(dims, unbiased=False)
-        raise _Stop
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        model(images)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return stats["mean"], stats["var"]
-
-
-@torch.no_grad()
-def data_dependent_init_(
-    model: ClassificationNet, images: torch.Tensor, pretrained_encoder: bool, eps: float = 1e-8
-) -> list[tuple[str, float]]:
-    """Krähenbühl et al. 2015 within-layer initialisation, layer by layer on a data batch.
-
-    images: normalised (B, 3, crop, crop) training crops. Layers are visited in forward
-    order, each measured with every earlier layer already adjusted:
-
-    - a new layer (fc6-fc8; the encoder too when it is random) gets, for each output channel
-      c with pre-activation mean mu_c and std sigma_c on the batch,
-      W_c <- W_c / sigma_c and b_c <- (b_c - mu_c) / sigma_c: zero mean, unit variance;
-    - a pretrained layer keeps its learned within-layer structure and only gets one scale:
-      alpha = 1 / sqrt(mean_c var_c), the same for all its channels, so the average
-      channel variance is 1 in every layer (equalised scale). Its bias is also multiplied by
-      the product C of the scales of the pretrained layers before it, which keeps the
-      encoder's function exactly: ReLU and max pooling are positively homogeneous, so each
-      pretrained layer's output is C times the original one.
-
-    Not implemented: the paper's between-layer adjustment (iteratively matching the ratio
-    of gradient to weight norms across layers). Returns (layer, applied scale) pairs.
-    """
-    was_training = model.training
-    model.eval()  # no dropout while measuring
-    pretrained = {id(m) for m in model.encoder.modules()} if pretrained_encoder else set()
-    names = {id(m): n for n, m in model.named_modules()}
-    cumulative = 1.0
-    applied: list[tuple[str, float]] = []
-    for layer in _learned_layers(model):
-        assert isinstance(layer, (nn.Conv2d, nn.Linear)) and layer.bias is not None
-        if id(layer) in pretrained:
-            layer.bias.mul_(cumulative)
-            _, var = _preactivation_stats(model, layer, images)
-            sigma = math.sqrt(float(var.mean()))
-            alpha = 1.0 / sigma if sigma > eps else 1.0
-            layer.weight.mul_(alpha)
-            layer.bias.mul_(alpha)
-            cumulative *= alpha
-            applied.append((names[id(layer)], alpha))
-        else:
-            mean, var = _preactivation_stats(model, layer, images)
-            sigma = var.sqrt()
-            sigma = torch.where(sigma > eps, sigma, torch.ones_like(sigma))
-            shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-            layer.weight.div_(sigma.view(shape).to(layer.weight.dtype))
-            layer.bias.sub_(mean.to(layer.bias.dtype)).div_(sigma.to(layer.bias.dtype))
-            cumulative = 1.0  # downstream inputs are no longer a rescaled original
-            applied.append((names[id(layer)], float((1.0 / sigma).mean())))
-    model.train(was_training)
-    return applied

@@ -28,11 +28,12 @@ from transfer.backbone import (
     load_encoder,
     snapshot_frozen,
 )
+from transfer.rescale import format_report, rescale_for_transfer_
 
 from .config import ClassificationConfig, TrainConfig
 from .data import EvalCrops, TrainCrops, VOCImages, rescale_batch
 from .evaluate import evaluate, to_input
-from .model import FROZEN_PREFIXES, ClassificationNet, data_dependent_init_, sigmoid_cross_entropy
+from .model import FROZEN_PREFIXES, ClassificationNet, sigmoid_cross_entropy
 
 SCORES_FILE = "scores.csv"
 STAGE = "transfer/classification"
@@ -153,12 +154,14 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     model = ClassificationNet(
         encoder, crop=cfg.augment.crop, dropout=cfg.dropout, hidden=cfg.hidden
     ).to(env.device)
+    rescaled = None
     if run.checkpoint is None and cfg.rescale:  # a resumed run has its rescaled weights
-        batch = rescale_batch(train_images, cfg.augment, cfg.seed, cfg.rescale_images)
-        scales = data_dependent_init_(
-            model, to_input(batch, env.device), pretrained_encoder=card["method"] != "random"
+        x = to_input(rescale_batch(train_images, cfg.augment, cfg.seed, cfg.rescale_images),
+                     env.device)  # fmt: skip
+        rescaled = rescale_for_transfer_(
+            model, lambda: model(x), "encoder.", card["method"] != "random", cfg.seed
         )
-        run.logger.info("data-dependent init: " + ", ".join(f"{n} x{s:.3g}" for n, s in scales))
+        run.logger.info("data-dependent init: " + format_report(rescaled))
 
     prefixes = FROZEN_PREFIXES[cfg.train_from]
     freeze(model, prefixes)

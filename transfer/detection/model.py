@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -110,68 +108,3 @@ def param_groups(
         {"params": weights, "lr": lr, "weight_decay": weight_decay, "lr_mult": 1.0},
         {"params": biases, "lr": lr * bias_lr_mult, "weight_decay": 0.0, "lr_mult": bias_lr_mult},
     ]
-
-
-@torch.no_grad()
-def data_dependent_init_(
-    model: FastRCNN,
-    images: torch.Tensor,
-    rois: torch.Tensor,
-    pretrained_encoder: bool,
-    eps: float = 1e-8,
-) -> list[tuple[str, float]]:
-    """Krähenbühl et al. 2015's within-layer initialisation (option `rescale`), layer by layer
-    on one batch of training images and RoIs, fc6 and fc7 included, heads left as Fast R-CNN's.
-
-    A random layer gets zero-mean, unit-variance pre-activations per output channel; a
-    pretrained conv layer keeps its structure and gets one scale making its mean channel
-    variance 1, its bias multiplied by the scales before it so the encoder's function is
-    unchanged up to scale (ReLU and max pooling are positively homogeneous). Without it a
-    N(0, 0.01) AlexNet's conv5 is ~1e-3 of its input and fc6 sees mostly its bias.
-    Returns (layer, mean applied scale) pairs.
-    """
-    was_training = model.training
-    model.eval()
-    convs = [(f"features.{i}", m) for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
-    layers = convs + [("fc6", model.fc6), ("fc7", model.fc7)]
-    cumulative, applied = 1.0, []
-    for name, layer in layers:
-        stats: dict[str, torch.Tensor] = {}
-
-        def hook(_m: nn.Module, _i: object, out: torch.Tensor, stats: dict = stats) -> None:
-            dims = [0, 2, 3] if out.dim() == 4 else [0]
-            z = out.double()  # read before the in-place ReLU overwrites it
-            stats["mean"], stats["var"] = z.mean(dims), z.var(dims, unbiased=False)
-            raise _Stop
-
-        keep_structure = pretrained_encoder and name.startswith("features.")
-        if keep_structure:
-            layer.bias.mul_(cumulative)  # input is `cumulative` x the original: keep the function
-        handle = layer.register_forward_hook(hook)
-        try:
-            model(images, rois)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if keep_structure:
-            sigma = math.sqrt(float(stats["var"].mean()))
-            alpha = 1.0 / sigma if sigma > eps else 1.0
-            layer.weight.mul_(alpha)
-            layer.bias.mul_(alpha)
-            cumulative *= alpha
-            applied.append((name, alpha))
-        else:
-            sigma = stats["var"].sqrt()
-            sigma = torch.where(sigma > eps, sigma, torch.ones_like(sigma))
-            shape = (-1,) + (1,) * (layer.weight.dim() - 1)
-            layer.weight.div_(sigma.view(shape).to(layer.weight.dtype))
-            layer.bias.sub_(stats["mean"].to(layer.bias.dtype)).div_(sigma.to(layer.bias.dtype))
-            cumulative = 1.0
-            applied.append((name, float((1.0 / sigma).mean())))
-    model.train(was_training)
-    return applied
-
-
-class _Stop(Exception):
-    """Ends a forward pass once the measured layer has run."""

@@ -36,12 +36,12 @@ from transfer.detection.evaluate import coco_ap, score_fields, voc07_scores, wri
 from transfer.detection.inference import detect
 from transfer.detection.model import (
     FastRCNN,
-    data_dependent_init_,
     fast_rcnn_loss,
     fold_box_normalisation_,
     param_groups,
 )
 from transfer.detection.proposals import attach_proposals
+from transfer.rescale import format_report, rescale_for_transfer_
 
 STAGE = "transfer/detection"
 
@@ -186,13 +186,13 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path, env: DistEnv) -> 
     )  # fmt: skip
     if cfg.rescale and run.checkpoint is None:
         batch = init_batch(dataset, cfg)
-        applied = data_dependent_init_(
-            model, batch["images"].to(env.device), batch["rois"].to(env.device),
-            card["method"] != "random",
+        images, rois = batch["images"].to(env.device), batch["rois"].to(env.device)
+        # Fast R-CNN's output layers keep their own initialisation (N(0, 0.01), N(0, 0.001))
+        report = rescale_for_transfer_(
+            model, lambda: model(images, rois), "features.", card["method"] != "random",
+            cfg.seed, exclude=("cls_score", "bbox_pred"),
         )  # fmt: skip
-        run.logger.info(
-            "data-dependent init scales: " + ", ".join(f"{n} {a:.3g}" for n, a in applied)
-        )
+        run.logger.info("data-dependent init: " + format_report(report))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     describe_transfer(model, (), run.logger)
     run.logger.info(f"fast r-cnn: {len(train_records)} train images, {len(test_records)} test")
