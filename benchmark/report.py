@@ -293,6 +293,11 @@ class OurRow:
         return f"{self.method} [{self.variant}]" if self.variant else self.method
 
     @property
+    def rescaled(self) -> bool:
+        """Whether any run of the row used Krähenbühl et al.'s data-dependent init."""
+        return any(m.get("rescale") for ms in self.results.values() for m in ms)
+
+    @property
     def source(self) -> str:
         """What the row is: "released weights" or "ours (bench)", and on which data."""
         who = "released weights" if self.provenance == "released" else "ours (bench)"
@@ -476,6 +481,7 @@ def table2(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
 
 def _table2_record(row: OurRow, name: str, supervision: Any) -> list[str]:
     seconds = Stat(row.pretrain_seconds).mean if row.provenance == "bench" else float("nan")
+    name = f"{name} (rescaled)" if row.rescaled else name
     return [name, row.source, _text(supervision), format_duration(seconds)] + [
         _cell(row.stat(t, TASK_METRIC[t]), 100.0, 1) for t in TASKS
     ]
@@ -490,7 +496,7 @@ def table2_extended(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     arch, svm, knn = [], [], []
     current = ""
     for _, rec in base.iterrows():
-        current = labels.get(rec["Pretraining"].split(" [")[0], current)
+        current = labels.get(rec["Pretraining"].removesuffix(" (rescaled)").split(" [")[0], current)
         row = _find_row(rows, rec, current)
         arch.append(row.arch if row is not None else MISSING)
         svm.append(_best_layer_cell(row) if row is not None else MISSING)
@@ -507,7 +513,8 @@ def _find_row(
 ) -> OurRow | None:
     if rec["Source"] in ("paper", "ours - paper"):
         return None
-    variant = rec["Pretraining"].split(" [", 1)[1][:-1] if " [" in rec["Pretraining"] else ""
+    name = rec["Pretraining"].removesuffix(" (rescaled)")
+    variant = name.split(" [", 1)[1][:-1] if " [" in name else ""
     for (method, var, source), row in rows.items():
         if (
             source == rec["Source"]
