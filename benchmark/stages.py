@@ -41,6 +41,7 @@ class Stage:
     main: Callable[[Any, Any], dict[str, Any]]
     default_name: Callable[[Any], str]
     check: Callable[[Any], None]
+    distributed: bool = True  # runs under torchrun (else refused there with a one-line error)
 
 
 _PRETRAIN = Stage(PretrainConfig, pretraining.main, pretraining.default_name, pretraining.check)
@@ -64,12 +65,16 @@ TRANSFER_TASKS: dict[str, Stage] = {
         SegmentationConfig, segmentation.main, segmentation.default_name, segmentation.check
     ),
     # frozen-feature probes (Goyal et al. 2019): linear SVMs per layer, weighted k-NN
-    "svm": Stage(SVMConfig, probes.main_svm, probes.default_name_svm, probes.check_svm),
-    "knn": Stage(KNNConfig, probes.main_knn, probes.default_name_knn, probes.check_knn),
+    "svm": Stage(SVMConfig, probes.main_svm, probes.default_name_svm, probes.check_svm, False),
+    "knn": Stage(KNNConfig, probes.main_knn, probes.default_name_knn, probes.check_knn, False),
 }
 
 INPAINT_EVAL = Stage(
-    inpaint_eval.InpaintEvalConfig, inpaint_eval.main, inpaint_eval.default_name, inpaint_eval.check
+    inpaint_eval.InpaintEvalConfig,
+    inpaint_eval.main,
+    inpaint_eval.default_name,
+    inpaint_eval.check,
+    distributed=False,
 )
 
 
@@ -108,6 +113,11 @@ def run_stage(
     """
     stage.check(cfg)
     distributed.pick_device(getattr(cfg, "device", "auto"))  # no folder for a device we lack
+    if not stage.distributed and distributed.torchrun_world() > 1:
+        raise BenchError(
+            f"{type(cfg).__name__}: this stage runs in one process (its work is not split "
+            "over GPUs); run it without torchrun"
+        )
     path = Path(runs_root) / run_name(stage, cfg)
     # Rank 0 prepares the folder (lock, rewind, start over) first; the others then attach.
     run = open_run(path, cfg, force=force, resume=resume, command=command) if _main() else None
