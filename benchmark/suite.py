@@ -40,6 +40,9 @@ class SuiteConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     # method name -> overrides of its pretraining config (e.g. {train: {iterations: 300}})
     pretrain: dict[str, Any] = field(default_factory=dict)
+    # name -> a weights file or folder made elsewhere (e.g. `bench import caffe` of released
+    # weights): transferred like a pretraining method's encoder, with no pretraining step
+    weights: dict[str, str] = field(default_factory=dict)
     # task name -> overrides of its transfer config, applied for every pretraining method
     transfer: dict[str, Any] = field(default_factory=dict)
     inpainting: InpaintingSuite | None = None
@@ -85,6 +88,12 @@ def plan(suite: SuiteConfig, root: Path) -> list[Step]:
                 base = merge(to_dict(t_over or {}), {**common, "seed": seed, "name": name,
                                                      "weights": str(root / pre_name)})  # fmt: skip
                 steps.append(_make(transfer_stage(task), base, name, (pre_name,)))
+        for label, path in suite.weights.items():
+            for task, t_over in suite.transfer.items():
+                name = f"{task}-{label}-s{seed}"
+                base = merge(to_dict(t_over or {}), {**common, "seed": seed, "name": name,
+                                                     "weights": str(path)})  # fmt: skip
+                steps.append(_make(transfer_stage(task), base, name, ()))
         if suite.inpainting is not None:
             steps += _inpainting_steps(suite.inpainting, common, seed, root)
     names = [s.name for s in steps]

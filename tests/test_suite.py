@@ -149,3 +149,12 @@ def test_the_paper_suite_is_the_paper_protocol(tmp_path, capsys):
     assert all(d["departures"] == [] for d in docs)
     ce = next(d for d in docs if d["step"] == "pretrain-context-encoder-s0")["config"]
     assert ce["mask"] == "random-region" and ce["train"]["iterations"] == 100_000
+
+
+def test_a_suite_can_transfer_imported_weights_as_a_method(tmp_path, synth_root):
+    path = _suite(tmp_path, synth_root, weights={"ce-released": "imported/ce.safetensors"})
+    _, _, steps = load_suite(path, out=tmp_path / "out")
+    released = [s for s in steps if s.name == "classification-ce-released-s0"]
+    assert len(released) == 1 and released[0].needs == ()
+    assert released[0].cfg.weights == "imported/ce.safetensors"
+    assert not any(s.name.startswith("pretrain-ce-released") for s in steps)
