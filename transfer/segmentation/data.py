@@ -30,7 +30,7 @@ from benchmark.datasets.resolve import resolve_data
 from benchmark.datasets.voc import VOC_CLASSES, SegSample, load_sbd, read_label, read_split
 from benchmark.errors import DatasetError
 from benchmark.runs import Run
-from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD
+from pretrain.alexnet import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD
 from transfer import common
 
 log = logging.getLogger("bench")
@@ -237,3 +237,12 @@ def prepare_data(cfg: Any, run: Run) -> tuple[SegmentationData, list[str]]:
         + f"; evaluation on {data.split} ({len(data.eval)} images)"
     )
     return data, [*skip_train, *skip_eval]
+
+
+def rescale_batch(samples: list, device: torch.device) -> torch.Tensor:
+    """Training images resized to the encoder's 227x227 input, normalised as every stage:
+    the batch the data-dependent init measures (magic_init warps images to the net's input)."""
+    size = (INPUT_SIZE, INPUT_SIZE)
+    return torch.cat(
+        [to_input(np.asarray(load_rgb(s.image_path).resize(size)), device) for s in samples]
+    )

@@ -75,7 +75,7 @@ from benchmark.distributed import DistEnv, torchrun_world
 from benchmark.errors import BenchError, ConfigError, DatasetError, printable
 from benchmark.metrics import confusion_matrix
 from benchmark.runs import Run
-from pretrain.alexnet import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
+from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
 
 from .config import SegmentationConfig, SegmentationTrainConfig
 from .model import FCN_PAD, Grid, feature_grids, resample, smallest_pad
@@ -436,44 +436,20 @@ def check_supported(cfg: SegmentationConfig) -> None:
         )
 
 
-class _ForwardOrder(nn.Module):
-    """The segmentor's learned layers in forward order (backbone, fc6, fc7, conv_seg) for
-    `data_dependent_init_`, which visits `modules()` in order and reads `encoder`;
-    mmseg's head registers conv_seg before fc6."""
+def rescale_(segmentor: nn.Module, samples: Sequence[SegSample], pretrained_encoder: bool,
+             seed: int = 0) -> list[dict]:  # fmt: skip
+    """Krähenbühl et al.'s data-dependent init exactly as the native backend applies it
+    (transfer.rescale on training images resized to 227x227, normalised as every stage), on
+    the backbone, fc6, fc7 and conv_seg."""
+    from transfer.rescale import rescale_for_transfer_
 
-    def __init__(self, segmentor: nn.Module) -> None:
-        super().__init__()
-        head = segmentor.decode_head
-        self.encoder = segmentor.backbone
-        self.fc6, self.fc7, self.conv_seg = head.fc6, head.fc7, head.conv_seg
-        self._segmentor = [segmentor]  # not a child: only the layers above are visited
+    from .data import rescale_batch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        seg = self._segmentor[0]
-        return seg.decode_head(seg.backbone(x))
-
-
-def rescale_(segmentor: nn.Module, samples: Sequence[SegSample],
-             pretrained_encoder: bool) -> list[tuple[str, float]]:  # fmt: skip
-    """Krähenbühl et al.'s data-dependent init, exactly as the native backend applies it
-    (`transfer.classification.model.data_dependent_init_` on training images resized to
-    227x227, normalised as every stage), on the backbone, fc6, fc7 and conv_seg."""
-    from benchmark.datasets.folder import load_rgb
-    from transfer.classification.model import data_dependent_init_
-
-    from .data import to_input
-
-    size = (INPUT_SIZE, INPUT_SIZE)
-    device = next(segmentor.parameters()).device
-    batch = torch.cat(
-        [to_input(np.asarray(load_rgb(s.image_path).resize(size)), device) for s in samples]
-    )
-    was_training = segmentor.training
-    segmentor.eval()  # the head's dropout too
-    try:
-        return data_dependent_init_(_ForwardOrder(segmentor), batch, pretrained_encoder)  # type: ignore[arg-type]
-    finally:
-        segmentor.train(was_training)
+    x = rescale_batch(list(samples), next(segmentor.parameters()).device)
+    return rescale_for_transfer_(
+        segmentor, lambda: segmentor.decode_head(segmentor.backbone(x)), "backbone.",
+        pretrained_encoder, seed,
+    )  # fmt: skip
 
 
 def make_optimizer(model: nn.Module, t: SegmentationTrainConfig) -> torch.optim.Optimizer:
@@ -646,8 +622,12 @@ def run_mmseg(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     del encoder
     model.to(env.device)
     if cfg.rescale and run.checkpoint is None:
-        scales = rescale_(model, data.train[: cfg.rescale_images], card["method"] != "random")
-        run.logger.info("data-dependent init: " + ", ".join(f"{n} x{s:.3g}" for n, s in scales))
+        from transfer.rescale import format_report
+
+        report = rescale_(
+            model, data.train[: cfg.rescale_images], card["method"] != "random", cfg.seed
+        )
+        run.logger.info("data-dependent init: " + format_report(report))
     describe_transfer(model, (), run.logger)
     net = loop.prepare_model(model, env, t, ddp=False)
     model.train()

@@ -23,17 +23,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark import loop
-from benchmark.datasets.folder import load_rgb
 from benchmark.datasets.voc import IGNORE_INDEX
 from benchmark.errors import ConfigError
 from benchmark.runs import Run
-from pretrain.alexnet import INPUT_SIZE
 from transfer import common
 from transfer.backbone import describe_transfer, load_encoder
-from transfer.classification.model import data_dependent_init_
+from transfer.rescale import format_report, rescale_for_transfer_
 
 from .config import SegmentationConfig, SegmentationTrainConfig
-from .data import CLASSES, SegTrainSet, prepare_data, to_input
+from .data import CLASSES, SegTrainSet, prepare_data, rescale_batch, to_input
 from .evaluate import OVERLAY_DIR, evaluate, save_overlays, scores_from_hist
 from .mmseg_backend import run_mmseg
 from .model import FCN
@@ -75,15 +73,11 @@ def check(cfg: SegmentationConfig) -> None:
             raise ConfigError(f"{key}: invalid value {value!r}")
 
 
-def rescale_(model: FCN, samples: list, pretrained_encoder: bool) -> list[tuple[str, float]]:
-    """Krähenbühl et al.'s data-dependent init (shared with classification) measured on
-    training images resized to the encoder's 227x227 input."""
-    size = (INPUT_SIZE, INPUT_SIZE)
-    device = next(model.parameters()).device
-    batch = torch.cat(
-        [to_input(np.asarray(load_rgb(s.image_path).resize(size)), device) for s in samples]
-    )
-    return data_dependent_init_(model, batch, pretrained_encoder)  # type: ignore[arg-type]
+def rescale_(model: FCN, samples: list, pretrained_encoder: bool, seed: int = 0) -> list[dict]:
+    """Krähenbühl et al.'s data-dependent init (transfer.rescale, as for every task) of the
+    encoder, fc6, fc7 and the score layers."""
+    x = rescale_batch(samples, next(model.parameters()).device)
+    return rescale_for_transfer_(model, lambda: model(x), "encoder.", pretrained_encoder, seed)
 
 
 def make_optimizer(model: nn.Module, t: SegmentationTrainConfig) -> torch.optim.Optimizer:
@@ -166,8 +160,10 @@ def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     )
     model.to(env.device)
     if cfg.rescale and run.checkpoint is None:
-        scales = rescale_(model, data.train[: cfg.rescale_images], card["method"] != "random")
-        run.logger.info("data-dependent init: " + ", ".join(f"{n} x{s:.3g}" for n, s in scales))
+        report = rescale_(
+            model, data.train[: cfg.rescale_images], card["method"] != "random", cfg.seed
+        )
+        run.logger.info("data-dependent init: " + format_report(report))
     describe_transfer(model, (), run.logger)
     net = loop.prepare_model(model, env, t)
     optimizer = make_optimizer(model, t)
