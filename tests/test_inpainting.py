@@ -15,13 +15,19 @@ from pretrain.inpainting.config import InpaintingConfig, InpaintLossConfig
 from pretrain.inpainting.data import centre_crop, train_crop
 from pretrain.inpainting.model import (
     FILL,
+    Box,
     ContextEncoderGenerator,
-    central_hole,
+    HoleGeometry,
     centre_patch,
     mask_context,
 )
 from pretrain.inpainting.train import build_nets, make_step
 from pretrain.losses import masked_l2
+
+
+def central_hole(overlap: int, mode: str = "code") -> torch.Tensor:
+    return HoleGeometry(mode, overlap).hole_mask()
+
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"))
 
@@ -35,7 +41,7 @@ def nets_and_step(cfg: InpaintingConfig, channels_last: bool = True):
     precision = fp32()
     g, opt_g, adversary = build_nets(cfg, CPU, precision)
     step = make_step(g, opt_g, adversary, precision, CPU.device, cfg.loss,
-                     channels_last=channels_last)  # fmt: skip
+                     channels_last=channels_last, geometry=cfg.geometry())  # fmt: skip
     return g, adversary, step
 
 
@@ -148,6 +154,109 @@ def test_data_pipeline_crops():
     assert np.array_equal(c, full[49:177, 49:177])  # (227 - 128) // 2 = 49
 
 
+# ---------------------------------------------------------------- hole geometry
+
+
+@pytest.mark.parametrize(
+    "mode, overlap, hole, pred",
+    [
+        ("code", 4, (36, 56), (32, 64)),  # released code: 64x64 prediction, inner 56x56 hole
+        ("code", 7, (39, 50), (32, 64)),
+        ("paper", 4, (32, 64), (28, 72)),  # paper: 64x64 hole, prediction 4 px larger
+        ("paper", 7, (32, 64), (25, 78)),
+        ("code", 0, (32, 64), (32, 64)),
+        ("paper", 0, (32, 64), (32, 64)),
+    ],
+)
+def test_geometry_hand_cases(mode, overlap, hole, pred):
+    g = HoleGeometry(mode, overlap)
+    assert g.hole == Box(*hole) and g.prediction == Box(*pred)
+    assert g.scored == Box(32, 64)  # Table 1 always scores the central 64x64
+    assert g.scored_region == ("prediction" if mode == "code" else "hole")
+    mask = g.hole_mask()
+    assert mask.shape == (1, 1, 128, 128) and mask.dtype == torch.bool
+    assert mask.sum() == hole[1] ** 2
+    s, e = hole[0], hole[0] + hole[1]
+    assert mask[0, 0, s:e, s:e].all()
+    assert g.predicted(torch.zeros(2, 3, 128, 128)).shape == (2, 3, pred[1], pred[1])
+    assert g.score_crop_of_prediction(torch.zeros(2, 3, pred[1], pred[1])).shape[-1] == 64
+
+
+def test_geometry_rejects_bad_settings():
+    with pytest.raises(ValueError, match="hole mode"):
+        HoleGeometry("bogus", 4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="overlap"):
+        HoleGeometry("paper", 32)
+
+
+@pytest.mark.parametrize("mode", ["code", "paper"])
+@pytest.mark.parametrize("overlap", [4, 7])
+def test_loss_weights_one_in_hole_ten_on_ring_zero_elsewhere(mode, overlap):
+    g = HoleGeometry(mode, overlap)
+    w = g.loss_weights()[0, 0]
+    expected = torch.zeros(128, 128)
+    p, h = g.prediction, g.hole
+    expected[p.start : p.stop, p.start : p.stop] = 10.0
+    expected[h.start : h.stop, h.start : h.stop] = 1.0
+    assert torch.equal(w, expected)
+    # the ring is exactly `overlap` px wide on each side of the hole
+    assert p.start == h.start - overlap and p.stop == h.stop + overlap
+    assert (w == 1).sum() == h.size**2 and (w == 10).sum() == p.size**2 - h.size**2
+
+
+@pytest.mark.parametrize("mode", ["code", "paper"])
+def test_random_hole_weights_stay_in_the_prediction(mode):
+    g = HoleGeometry(mode, 7)
+    region = torch.zeros(g.hole.size, g.hole.size)
+    region[:5, -3:] = 1  # a corner blob: its ring reaches the prediction's border
+    hole = g.place(region)[None]
+    w = g.loss_weights(hole)
+    assert w.sum() == g.predicted(w).sum()  # nothing outside the prediction box
+    assert g.predicted(w)[0, 0, 7, -8] == 1 and g.predicted(w)[0, 0, 0, -1] == 10
+
+
+@pytest.mark.parametrize("mode", ["code", "paper"])
+def test_paste_keeps_the_real_context_outside_the_hole(mode):
+    g = HoleGeometry(mode, 7)
+    image = torch.rand(2, 3, 128, 128) * 2 - 1
+    context = mask_context(image, g.hole_mask())
+    pred = torch.full((2, 3, g.prediction.size, g.prediction.size), 0.5)
+    out = g.paste(context, pred)
+    hole = g.hole_mask().expand_as(out)
+    assert torch.equal(out[~hole], image[~hole])  # context (ring included) is the real image
+    assert (out[hole] == 0.5).all()
+
+
+def test_paper_generator_and_discriminator_take_the_larger_patch():
+    cfg = InpaintingConfig(hole="paper", loss=InpaintLossConfig(kind="joint", overlap=7))
+    cfg.bottleneck = 32
+    g, _, adversary = build_nets(cfg, CPU, fp32())
+    out = g(torch.randn(2, 3, 128, 128))
+    assert out.shape == (2, 3, 78, 78) and out.abs().max() <= 1.0
+    # the resize is parameter-free: the same state dict as the 64x64 generator
+    ref = ContextEncoderGenerator(32)
+    assert {k: v.shape for k, v in g.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()
+    }
+    assert adversary.discriminator(out).shape == (2,)
+
+
+def test_paper_step_lowers_loss_and_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    cfg = InpaintingConfig(
+        hole="paper", loss=InpaintLossConfig(kind="joint", overlap=7), bottleneck=64
+    )
+    g, adversary, step = nets_and_step(cfg)
+    batch = {"image": torch.rand(8, 3, 128, 128) * 2 - 1}
+    losses = [step(batch, i)["loss"].item() for i in range(6)]
+    assert losses[-1] < losses[0]
+    nets = [("G", g), ("D", adversary.discriminator)]
+    for tag, net in nets:
+        for name, p in net.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), (tag, name)
+            assert p.grad.abs().sum() > 0, (tag, name)
+
+
 @pytest.mark.parametrize("kind", ["l2", "adversarial", "joint"])
 def test_step_runs_every_loss(kind):
     torch.manual_seed(0)
@@ -170,20 +279,25 @@ def test_step_runs_every_loss(kind):
         assert any(not torch.equal(a, b) for a, b in zip(d_before, after))
 
 
-def test_fixed_hole_loss_equals_masked_l2():
+@pytest.mark.parametrize("mode", ["code", "paper"])
+def test_fixed_hole_loss_equals_masked_l2(mode):
     """The step's precomputed central weights give exactly losses.masked_l2."""
     torch.manual_seed(0)
-    cfg = InpaintingConfig(loss=InpaintLossConfig(kind="l2", overlap=4), bottleneck=64)
+    cfg = InpaintingConfig(hole=mode, loss=InpaintLossConfig(kind="l2", overlap=4), bottleneck=64)
+    geo = cfg.geometry()
+    size = geo.prediction.size  # code 64, paper 72
     g, _, step = nets_and_step(cfg)
     image = torch.rand(4, 3, 128, 128) * 2 - 1
     with torch.no_grad():
-        fake = g(mask_context(image, central_hole(4)))
-    hole = centre_patch(central_hole(4).float()).expand(4, 1, 64, 64)
-    expected = masked_l2(fake, centre_patch(image), hole, 4, 10.0)
-    # port formula: mean over the 64x64 patch of d^2 weighted 10 on the 4-px band, 1 inside
-    w = torch.full((1, 1, 64, 64), 10.0)
-    w[..., 4:60, 4:60] = 1.0
-    port = ((fake - centre_patch(image)).square() * w).mean()
+        fake = g(mask_context(image, geo.hole_mask()))
+    assert fake.shape == (4, 3, size, size)
+    hole = geo.predicted(geo.hole_mask().float()).expand(4, 1, size, size)
+    real = geo.predicted(image)
+    expected = masked_l2(fake, real, hole, 4, 10.0)
+    # port formula: mean over the predicted patch of d^2 weighted 10 on the 4-px band, 1 inside
+    w = torch.full((1, 1, size, size), 10.0)
+    w[..., 4:-4, 4:-4] = 1.0
+    port = ((fake - real).square() * w).mean()
     torch.testing.assert_close(expected, port)
     out = step({"image": image}, 0)
     torch.testing.assert_close(out["loss"], expected, rtol=1e-4, atol=1e-6)

@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+import pretrain.inpainting.evaluate as inpaint_eval
 from benchmark.errors import ConfigError
 from benchmark.runs import open_run
 from pretrain.inpainting.evaluate import InpaintEvalConfig, main
 from pretrain.inpainting.figures import make_figures
-from pretrain.inpainting.model import FILL, ContextEncoderGenerator
-from pretrain.inpainting.weights import load_generator, write_generator
+from pretrain.inpainting.model import FILL, ContextEncoderGenerator, HoleGeometry
+from pretrain.inpainting.weights import card_geometry, load_generator, write_generator
 
 
 def evaluate(path: Path, cfg: InpaintEvalConfig) -> dict:
@@ -27,16 +28,18 @@ def evaluate(path: Path, cfg: InpaintEvalConfig) -> dict:
         run.close()
 
 
-def _weights(folder: Path, loss: str, bottleneck: int = 32, seed: int = 0) -> Path:
+def _weights(
+    folder: Path, loss: str, bottleneck: int = 32, seed: int = 0, hole: str | None = None
+) -> Path:
+    """A generator file; hole None writes a card from before `hole` existed (overlap 4)."""
     torch.manual_seed(seed)
-    g = ContextEncoderGenerator(bottleneck)
+    card = {"method": "inpainting", "loss": loss, "overlap": 4, "iterations": 1}
+    if hole is not None:
+        card["hole"] = hole
+    g = ContextEncoderGenerator(bottleneck, card_geometry(card).prediction.size)
     g(torch.rand(4, 3, 128, 128) * 2 - 1)  # move the BatchNorm running statistics
     folder.mkdir(parents=True)
-    write_generator(
-        folder / "generator.safetensors",
-        g,
-        {"method": "inpainting", "loss": loss, "overlap": 4, "iterations": 1},
-    )
+    write_generator(folder / "generator.safetensors", g, card)
     return folder
 
 
@@ -67,12 +70,15 @@ def _independent(weights: Path, image: Path) -> tuple[float, float, float]:
 
 
 def test_evaluate_matches_independent_computation(tmp_path):
+    """An old generator file (card without `hole`) loads and evaluates as hole "code"."""
     weights = _weights(tmp_path / "w", "joint")
     data = _held_out(tmp_path / "held", 3)
-    cfg = InpaintEvalConfig(data=str(data), weights=str(weights), device="cpu")
+    cfg = InpaintEvalConfig(data=str(data), weights=str(weights), device="cpu", eval_crop="centre")
     metrics = evaluate(tmp_path / "eval", cfg)
     assert metrics["stage"] == "inpaint-eval" and metrics["method"] == "context-encoder-joint"
     assert metrics["images"] == 3 and "centre 128" in metrics["crop"]
+    assert metrics["hole"] == "code" and metrics["scored_region"] == "prediction"
+    assert metrics["overlap"] == 4 and metrics["prediction_size"] == 64
     rows = list(csv.DictReader(open(tmp_path / "eval" / "per_image.csv")))
     assert [r["image"] for r in rows] == ["000.png", "001.png", "002.png"]
     ref = np.array([_independent(weights, data / r["image"]) for r in rows])
@@ -84,13 +90,55 @@ def test_evaluate_matches_independent_computation(tmp_path):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 3
 
 
-def test_nn_hog_on_its_own_training_images_is_perfect(tmp_path):
+def test_old_generator_file_loads_as_code_and_a_paper_card_as_paper(tmp_path):
+    old, _ = load_generator(_weights(tmp_path / "old", "l2"))
+    assert old.output_size == 64 and old(torch.zeros(1, 3, 128, 128)).shape[-1] == 64
+    paper, card = load_generator(_weights(tmp_path / "paper", "l2", hole="paper"))
+    assert card["hole"] == "paper" and paper(torch.zeros(1, 3, 128, 128)).shape[-1] == 72
+    assert card_geometry({}) == HoleGeometry("code", 7)
+    assert card_geometry({"hole": "paper", "overlap": 4}, overlap=7) == HoleGeometry("paper", 7)
+
+
+@pytest.mark.parametrize("hole", ["code", "paper"])
+def test_evaluation_scores_the_stated_region(tmp_path, monkeypatch, hole):
+    """Predictions equal to the truth inside the 64x64 hole, wrong on the ring: the paper's
+    reading scores the hole only (zero error); the code's scores its 64x64 prediction, whose
+    ring is the 4-px band around its 56x56 hole (nonzero error)."""
+    weights = _weights(tmp_path / "w", "joint", hole=hole)
+    data = _held_out(tmp_path / "held", 2)
+    geometry = HoleGeometry("paper", 4)  # the 64x64 hole; its ring lies outside [32, 96)
+    if hole == "code":
+        geometry = HoleGeometry("code", 4)  # the ring [32, 36) etc. lies inside [32, 96)
+
+    def perfect_in_the_hole(generator, images, geo, batch_size=32, device="cpu"):
+        assert geo == geometry
+        pred = geo.predicted(images).clone()
+        ring = ~geo.predicted(geo.hole_mask()).expand_as(pred)
+        pred[ring] = -pred[ring]  # wrong everywhere but in the hole
+        return pred
+
+    monkeypatch.setattr(inpaint_eval, "predict", perfect_in_the_hole)
+    cfg = InpaintEvalConfig(data=str(data), weights=str(weights), device="cpu")
+    metrics = evaluate(tmp_path / "eval", cfg)
+    assert metrics["hole"] == hole
+    if hole == "paper":
+        assert metrics["scored_region"] == "hole" and metrics["prediction_size"] == 72
+        assert metrics["mean_l1"] == 0.0 and metrics["mean_l2"] == 0.0
+        assert metrics["psnr"] == 100.0
+    else:
+        assert metrics["scored_region"] == "prediction" and metrics["prediction_size"] == 64
+        assert metrics["mean_l1"] > 0.01 and metrics["psnr"] < 100.0
+
+
+@pytest.mark.parametrize("hole", ["code", "paper"])
+def test_nn_hog_on_its_own_training_images_is_perfect(tmp_path, hole):
     data = _held_out(tmp_path / "held", 3, size=128)
     cfg = InpaintEvalConfig(
-        data=str(data), baseline="nn-hog", train_data=str(data), device="cpu", overlap=7
-    )
+        data=str(data), baseline="nn-hog", train_data=str(data), device="cpu", overlap=7,
+        hole=hole,
+    )  # fmt: skip
     metrics = evaluate(tmp_path / "eval", cfg)
-    assert metrics["method"] == "nn-hog"
+    assert metrics["method"] == "nn-hog" and metrics["hole"] == hole
     assert metrics["mean_l1"] == 0.0 and metrics["mean_l2"] == 0.0 and metrics["psnr"] == 100.0
 
 
@@ -112,7 +160,11 @@ def test_paris_streetview_evaluation(tmp_path, shared_data):
 
 
 def test_figures_open_with_expected_grid(tmp_path):
-    runs = [_weights(tmp_path / k, k, seed=i) for i, k in enumerate(("joint", "l2"))]
+    # a paper-hole joint run (its geometry also drives the baselines) and an old l2 card
+    runs = [
+        _weights(tmp_path / "joint", "joint", hole="paper"),
+        _weights(tmp_path / "l2", "l2", seed=1),
+    ]
     held = _held_out(tmp_path / "held", 3)
     train = _held_out(tmp_path / "train", 7, size=130)
     paths = make_figures(runs, str(held), str(train), None, images=2, out=tmp_path / "fig", k=3)

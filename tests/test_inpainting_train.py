@@ -38,11 +38,13 @@ def _small_folder(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
-def test_training_run_lowers_masked_l2_and_writes_generator(tmp_path, synth_root):
+@pytest.mark.parametrize("hole, size", [("code", 64), ("paper", 72)])
+def test_training_run_lowers_masked_l2_and_writes_generator(tmp_path, synth_root, hole, size):
     torch.manual_seed(0)
     cfg = InpaintingConfig(
         data=str(synth_root / "unlabelled"),
         device="cpu",
+        hole=hole,
         bottleneck=64,
         loss=InpaintLossConfig(kind="l2", overlap=4),
         train=InpaintTrainConfig(
@@ -62,9 +64,11 @@ def test_training_run_lowers_masked_l2_and_writes_generator(tmp_path, synth_root
     assert (run / "samples" / "iter_0000012.png").is_file()
     gen, card = load_generator(run)
     assert card["loss"] == "l2" and card["overlap"] == 4 and card["iterations"] == 12
-    assert card["bottleneck"] == 64
-    assert json.loads((run / "metrics.json").read_text())["export"] == "generator.safetensors"
-    assert gen(torch.zeros(1, 3, 128, 128)).shape == (1, 3, 64, 64)
+    assert card["bottleneck"] == 64 and card["hole"] == hole and card["prediction_size"] == size
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["export"] == "generator.safetensors" and saved["hole"] == hole
+    assert gen(torch.zeros(1, 3, 128, 128)).shape == (1, 3, size, size)
+    assert ("hole" in saved["departures"]) == (hole != "code")
 
 
 def test_joint_run_on_real_images_lowers_masked_l2(tmp_path, shared_data):
@@ -89,9 +93,15 @@ def test_joint_run_on_real_images_lowers_masked_l2(tmp_path, shared_data):
     assert metrics["final_loss"] < metrics["initial_loss"]
 
 
-def test_random_region_holes_stay_in_the_patch(tmp_path, synth_root):
+@pytest.mark.parametrize(
+    "mask, hole_mode, box", [("random-region", "code", (36, 92)),
+                             ("random-region", "paper", (32, 96)),
+                             ("noise-region", "paper", (32, 96))]
+)  # fmt: skip
+def test_random_holes_stay_in_the_hole_box(tmp_path, synth_root, mask, hole_mode, box):
     cfg = InpaintingConfig(
-        mask="random-region",
+        mask=mask,
+        hole=hole_mode,
         shapes=str(synth_root / "VOCdevkit/VOC2012"),
         loss=InpaintLossConfig(kind="l2", overlap=4),
         bottleneck=32,
@@ -100,12 +110,12 @@ def test_random_region_holes_stay_in_the_patch(tmp_path, synth_root):
     hole = fn(np.random.default_rng(0))
     assert hole.shape == (1, 128, 128) and hole.sum() > 0
     outside = hole.clone()
-    outside[:, 36:92, 36:92] = 0
+    outside[:, box[0] : box[1], box[0] : box[1]] = 0
     assert outside.sum() == 0
     precision = Precision("fp32", CPU.device)
     g, opt_g, adversary = build_nets(cfg, CPU, precision)
     assert adversary is None  # l2: no discriminator
-    step = make_step(g, opt_g, adversary, precision, CPU.device, cfg.loss)
+    step = make_step(g, opt_g, adversary, precision, CPU.device, cfg.loss, geometry=cfg.geometry())
     holes = torch.stack([fn(np.random.default_rng(i)) for i in range(4)])
     out = step({"image": torch.rand(4, 3, 128, 128) * 2 - 1, "hole": holes}, 0)
     assert torch.isfinite(out["loss"])

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 
 from benchmark.loop import LoopConfig
 from pretrain.inpainting.data import LOAD_SIZE
-from pretrain.inpainting.model import BOTTLENECK
+from pretrain.inpainting.model import BOTTLENECK, HoleGeometry, HoleMode
 from pretrain.losses import ADV_WEIGHT, OVERLAP_PAPER, OVERLAP_WEIGHT, REC_WEIGHT
 
 LossKind = Literal["l2", "adversarial", "joint"]
@@ -53,10 +53,21 @@ class InpaintingConfig:
     on_bad_data: Literal["error", "skip"] = "error"  # an image `bench data check` flags
     device: str = "auto"
     method: Literal["inpainting"] = "inpainting"
-    mask: HoleName = "central"  # random-region / noise-region: random holes in the patch
+    mask: HoleName = "central"  # random-region / noise-region: random holes in the hole box
+    # Where the hole and the predicted patch lie (`model.HoleGeometry`). "code": the
+    # released code's, a 64x64 prediction whose inner (64 - 2 overlap)^2 is the hole
+    # (pathak22/context-encoder train.lua L282-285, L380-389; the public PyTorch port);
+    # "paper": a 64x64 hole and a (64 + 2 overlap)^2 prediction overlapping the context by
+    # `loss.overlap` px ("we predict a slightly larger patch that overlaps the context by
+    # 7px", Sections 3.2 and 5.1). Either way the overlap ring weighs loss.overlap_weight.
+    hole: HoleMode = "code"
     # VOC2012 folder for random-region (None: the synthetic VOC2012 when `data` is None too;
     # with a user's image folder it must be given)
     shapes: str | None = None
     bottleneck: int = BOTTLENECK  # the paper's 4000-d code; smaller only for quick tests
     loss: InpaintLossConfig = field(default_factory=InpaintLossConfig)
     train: InpaintTrainConfig = field(default_factory=InpaintTrainConfig)
+
+    def geometry(self) -> HoleGeometry:
+        """The hole and prediction boxes of this run (hole mode, loss.overlap)."""
+        return HoleGeometry(self.hole, self.loss.overlap)

@@ -1,13 +1,18 @@
 """`bench inpaint evaluate`: Table 1's metrics on held-out images.
 
-Each held-out image is reduced to its centre 128x128 crop at its own resolution (Paris
-StreetView's evaluation images are 227x227; the public evaluation crops their centre, and
-so do we), the centre hole is filled with the mean colour, and the 64x64 centre patch is
-predicted by a trained inpainting generator (`--weights RUN`) or by a nearest-neighbour
-baseline (`--baseline nn-hog | nn-ce`, searching `train_data`). Errors are taken over the
-whole predicted 64x64 patch with pixels in [-1, 1] (`benchmark.metrics.inpainting_errors`:
-mean L1, mean L2, PSNR per image on 0-255), averaged over images; per-image values go to
-`per_image.csv`.
+Each held-out image is reduced to 128x128 (`eval_crop`: by default the public evaluation's
+resize to 128 + centre crop, which takes all of a 227x227 Paris StreetView image; or the
+centre 128 crop at native resolution), the centre hole is filled with the mean colour, and
+the centre patch is predicted by a trained inpainting generator (`--weights RUN`) or by a
+nearest-neighbour baseline (`--baseline nn-hog | nn-ce`, searching `train_data`).
+
+Where the hole and the prediction lie is the generator card's `hole` / `overlap`
+(`model.HoleGeometry`; `hole` and `overlap` here override them). Errors are taken over the
+64x64 region Table 1 scores (`scored_region` in metrics.json): for hole "code" the whole
+64x64 prediction, ring of visible context included, as the public port's test.py L107-109
+does; for "paper" the 64x64 hole, i.e. the centre of the (64 + 2 overlap)^2 prediction.
+Pixels in [-1, 1] (`benchmark.metrics.inpainting_errors`: mean L1, mean L2, PSNR per image
+on 0-255), averaged over images; per-image values go to `per_image.csv`.
 """
 
 from __future__ import annotations
@@ -24,20 +29,19 @@ import torch
 from benchmark.datasets.folder import list_images
 from benchmark.datasets.resolve import resolve_data
 from benchmark.distributed import pick_device
-from benchmark.errors import ConfigError
+from benchmark.errors import BenchError, ConfigError
 from benchmark.metrics import inpainting_errors, mean_inpainting_errors
 from benchmark.protocol import departures, is_synthetic
 from benchmark.runs import Run, atomic_write_text
 from pretrain.inpainting.data import load_eval_images
 from pretrain.inpainting.model import (
     ContextEncoderGenerator,
-    central_hole,
-    centre_patch,
+    HoleGeometry,
+    HoleMode,
     mask_context,
 )
 from pretrain.inpainting.nearest import build_index, nn_inpaint, training_crops
-from pretrain.inpainting.weights import load_generator
-from pretrain.losses import OVERLAP_PAPER
+from pretrain.inpainting.weights import card_geometry, load_generator
 
 PER_IMAGE_FILE = "per_image.csv"
 EVAL_CROPS = {
@@ -65,7 +69,10 @@ class InpaintEvalConfig:
     # centre crop: BoyuanJiang/context_encoder_pytorch@01cbf96 test.py L52-55); centre: the
     # centre 128x128 crop at native resolution.
     eval_crop: Literal["resize", "centre"] = "resize"
-    overlap: int | None = None  # hole = 64 - 2 overlap; None: the weights' card (else 7)
+    # hole geometry (see pretrain.inpainting.config): None: the weights' card (a card without
+    # `hole`, and the baselines without weights: "code"); overlap None: the card's (else 7)
+    hole: HoleMode | None = None
+    overlap: int | None = None
     train_load_size: int = 0  # NN database: shorter side before the centre crop (0: native)
     train_crops: int = 1  # NN database crops per training image (1: the centre crop only)
     batch_size: int = 32
@@ -87,13 +94,19 @@ def held_out_paths(data: str | None, max_images: int) -> list[Path]:
 def predict(
     generator: ContextEncoderGenerator,
     images: torch.Tensor,
-    overlap: int,
+    geometry: HoleGeometry,
     batch_size: int = 32,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """(N, 3, 128, 128) in [-1, 1] -> predicted centre patches (N, 3, 64, 64), eval mode."""
+    """(N, 3, 128, 128) in [-1, 1] -> predicted patches (N, 3, P, P) (the geometry's
+    prediction box), eval mode."""
     generator = generator.to(device).eval()
-    hole = central_hole(overlap).to(device)
+    if generator.output_size != geometry.prediction.size:
+        raise ValueError(
+            f"generator outputs {generator.output_size} px, {geometry.describe()} needs "
+            f"{geometry.prediction.size}"
+        )
+    hole = geometry.hole_mask(device)
     out = [generator(mask_context(b.to(device), hole)).cpu() for b in images.split(batch_size)]
     return torch.cat(out)
 
@@ -107,6 +120,8 @@ def check(cfg: InpaintEvalConfig) -> None:
         raise ConfigError("max_images, batch_size and train_crops must be >= 1")
     if cfg.overlap is not None and not 0 <= cfg.overlap < 32:
         raise ConfigError(f"overlap: must be in [0, 31], got {cfg.overlap}")
+    if cfg.hole is not None and cfg.hole not in ("code", "paper"):
+        raise ConfigError(f"hole: must be code or paper, got {cfg.hole!r}")
 
 
 def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
@@ -117,10 +132,19 @@ def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
     paths = held_out_paths(cfg.data, cfg.max_images)
     images = load_eval_images(paths, mode=cfg.eval_crop)
     generator, card = load_generator(cfg.weights) if cfg.weights else (None, {})
-    overlap = cfg.overlap if cfg.overlap is not None else int(card.get("overlap", OVERLAP_PAPER))
+    try:
+        geometry = card_geometry(card, cfg.hole, cfg.overlap)
+    except BenchError as exc:
+        raise ConfigError(str(exc)) from None
+    if generator is not None and generator.output_size != geometry.prediction.size:
+        # hole / overlap set against the card: the parameter-free output resize follows
+        run.logger.info(f"generator card {card_geometry(card).describe()}; evaluating as "
+                        f"{geometry.describe()}")  # fmt: skip
+        generator.output_size = geometry.prediction.size
+    run.logger.info(f"{geometry.describe()}; scoring the 64x64 {geometry.scored_region}")
     if cfg.baseline is None:
         method = f"context-encoder-{card.get('loss', 'joint')}"
-        pred = predict(generator, images, overlap, cfg.batch_size, device)
+        pred = predict(generator, images, geometry, cfg.batch_size, device)
     else:
         method = cfg.baseline
         train_root = Path(resolve_data(cfg.train_data, "images"))
@@ -128,10 +152,11 @@ def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
             list_images(train_root), cfg.train_load_size, cfg.train_crops, cfg.seed
         )
         kind = "hog" if cfg.baseline == "nn-hog" else "ce"
-        index = build_index(pool, kind, overlap, generator)
-        pred = nn_inpaint(index, images, kind, overlap, generator)
+        index = build_index(pool, kind, geometry, generator)
+        pred = nn_inpaint(index, images, kind, geometry, generator)
         run.logger.info(f"{cfg.baseline}: searched {len(pool)} contexts from {train_root}")
-    errors = inpainting_errors(pred.numpy(), centre_patch(images).numpy())
+    scored = geometry.score_crop_of_prediction(pred)
+    errors = inpainting_errors(scored.numpy(), geometry.score_crop(images).numpy())
     table = pd.DataFrame(
         {"image": [p.name for p in paths], **{k: np.asarray(v) for k, v in errors.items()}}
     )
@@ -157,7 +182,10 @@ def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
         "pretrain_departures": card.get("departures") if cfg.weights else [],
         "crop": EVAL_CROPS[cfg.eval_crop],
         "eval_crop": cfg.eval_crop,
-        "overlap": overlap,
+        "hole": geometry.mode,
+        "overlap": geometry.overlap,
+        "prediction_size": geometry.prediction.size,
+        "scored_region": geometry.scored_region,
         "weights": cfg.weights,
         "data": str(paths[0].parent) if paths else cfg.data,
         "per_image": PER_IMAGE_FILE,

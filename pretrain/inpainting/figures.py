@@ -2,12 +2,14 @@
 
 - `figure6.png`: one row per held-out image; columns: input (hole filled with the mean),
   then each run's inpainting (sorted L2, adversarial, joint), then NN-HOG and NN-CE (the
-  joint run's features, else the last run's). Predictions are pasted into the context.
-  `figure6.json` names the columns.
+  joint run's features, else the last run's). Predictions are pasted into the hole of
+  each run's own geometry (`model.HoleGeometry`, from its card), the ring keeping the real
+  context; the input column and the baselines use the NN-CE run's geometry. `figure6.json`
+  names the columns.
 - `figure8_<feature>.png`: context nearest neighbours: one row per query; column 0 is the
-  query's true centre patch, then the centre patches of the k training images whose
-  contexts are closest under that feature (ce, hog, and alexnet when a supervised AlexNet
-  state dict is given).
+  query's true 64x64 scored patch, then that patch of the k training images whose contexts
+  are closest under that feature (ce, hog, and alexnet when a supervised AlexNet state dict
+  is given).
 """
 
 from __future__ import annotations
@@ -23,11 +25,9 @@ from benchmark.errors import BenchError
 from benchmark.runs import atomic_write_json
 from pretrain.inpainting.data import load_eval_images, to_pixels
 from pretrain.inpainting.evaluate import held_out_paths, predict
-from pretrain.inpainting.model import central_hole, centre_patch, mask_context
+from pretrain.inpainting.model import mask_context
 from pretrain.inpainting.nearest import build_index, context_features, load_alexnet, training_crops
-from pretrain.inpainting.train import paste
-from pretrain.inpainting.weights import load_generator
-from pretrain.losses import OVERLAP_PAPER
+from pretrain.inpainting.weights import card_geometry, load_generator
 from pretrain.samples import save_grid
 
 LOSS_ORDER = {"l2": 0, "adversarial": 1, "joint": 2}
@@ -51,26 +51,25 @@ def make_figures(
     loaded = [(Path(r), *load_generator(r)) for r in runs]
     loaded.sort(key=lambda t: LOSS_ORDER.get(t[2].get("loss"), 9))
     ce_run = next((t for t in loaded if t[2].get("loss") == "joint"), loaded[-1])
-    overlap = int(ce_run[2].get("overlap", OVERLAP_PAPER))
+    geometry = card_geometry(ce_run[2])
     queries = load_eval_images(held_out_paths(data, images))
     pool = training_crops(list_images(Path(resolve_data(train_data, "images"))))
-    hole = central_hole(overlap)
-    context = mask_context(queries, hole)
+    context = mask_context(queries, geometry.hole_mask())
     out = Path(out)
     written = []
 
     columns = ["input"]
     cells = [context]
     for path, gen, card in loaded:
-        ov = int(card.get("overlap", overlap))
-        pred = predict(gen, queries, ov)
-        cells.append(paste(mask_context(queries, central_hole(ov)), pred, central_hole(ov)))
+        geo = card_geometry(card)
+        pred = predict(gen, queries, geo)
+        cells.append(geo.paste(mask_context(queries, geo.hole_mask()), pred))
         columns.append(f"{card.get('loss', '?')} ({path.name})")
     for kind in ("hog", "ce"):
-        index = build_index(pool, kind, overlap, ce_run[1])
-        q = context_features(kind, queries, overlap, ce_run[1])
+        index = build_index(pool, kind, geometry, ce_run[1])
+        q = context_features(kind, queries, geometry, ce_run[1])
         fill = index.centres[index.nearest(q, 1)[:, 0]]
-        cells.append(paste(context, fill, hole))
+        cells.append(geometry.paste(context, fill))
         columns.append(f"nn-{kind}")
     rows = [to_pixels(torch.stack([c[i] for c in cells])) for i in range(len(queries))]
     written.append(save_grid(out / "figure6.png", rows))
@@ -79,12 +78,13 @@ def make_figures(
     features: dict[str, dict] = {"ce": {"generator": ce_run[1]}, "hog": {}}
     if alexnet is not None:
         features["alexnet"] = {"alexnet": load_alexnet(alexnet)}
-    truth = centre_patch(queries)
+    truth = geometry.score_crop(queries)
     for kind, extra in features.items():
-        index = build_index(pool, kind, overlap, **extra)
-        nearest = index.nearest(context_features(kind, queries, overlap, **extra), k)
+        index = build_index(pool, kind, geometry, **extra)
+        nearest = index.nearest(context_features(kind, queries, geometry, **extra), k)
+        centres = geometry.score_crop_of_prediction(index.centres)
         rows = [
-            to_pixels(torch.cat([truth[i : i + 1], index.centres[nearest[i]]]))
+            to_pixels(torch.cat([truth[i : i + 1], centres[nearest[i]]]))
             for i in range(len(queries))
         ]
         written.append(save_grid(out / f"figure8_{kind}.png", rows))

@@ -1,24 +1,42 @@
 """The inpainting context encoder of Section 5.1 (Table 1, Figures 4 and 6).
 
-A DCGAN-style encoder-decoder that sees a 128x128 image whose centre is filled with the
-dataset mean and predicts the 64x64 centre patch; the discriminator that judges 64x64
-patches alone (not conditioned on the context) is `pretrain.adversarial.DCGANDiscriminator`.
-Layer widths, kernel sizes and the N(0, 0.02) initialisation follow PROTOCOL.md
-"Inpainting context encoder"; like the released code, the 4000-d bottleneck is followed by
-BatchNorm and LeakyReLU before the decoder.
+A DCGAN-style encoder-decoder that sees a 128x128 image whose centre hole is filled with
+the dataset mean and predicts a centre patch slightly larger than the hole; the
+discriminator that judges predicted patches alone (not conditioned on the context) is
+`pretrain.adversarial.DCGANDiscriminator`. Layer widths, kernel sizes and the N(0, 0.02)
+initialisation follow PROTOCOL.md "Inpainting context encoder"; like the released code, the
+4000-d bottleneck is followed by BatchNorm and LeakyReLU before the decoder.
+
+Where the hole and the predicted patch lie (`HoleGeometry`, two readings of "we predict a
+slightly larger patch that overlaps the context by 7px"):
+
+- "code" (the released code, pathak22/context-encoder train.lua L282-285, L380-389, and
+  the public PyTorch port): the prediction is the 64x64 centre patch; the mean-filled hole
+  is its inner (64 - 2 overlap)^2 square, so the prediction's `overlap`-px ring is visible
+  context, weighted 10x in the loss.
+- "paper" (Sections 3.2 and 5.1): the hole is the 64x64 centre; the prediction extends
+  `overlap` px past it into the context, a (64 + 2 overlap)^2 patch whose ring is weighted
+  10x. The DCGAN decoder still ends at 64x64 and a parameter-free bilinear resize brings
+  its output to the prediction size (see `ContextEncoderGenerator`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pretrain.adversarial import dcgan_init_
+from pretrain.losses import OVERLAP_WEIGHT, loss_weights
 
 IMAGE_SIZE = 128
 PATCH_SIZE = 64
 PATCH_START = (IMAGE_SIZE - PATCH_SIZE) // 2  # 32: the centre patch is [32, 96) x [32, 96)
+HoleMode = Literal["code", "paper"]
+HOLE_MODES: tuple[HoleMode, ...] = ("code", "paper")
 BOTTLENECK = 4000
 # The released code fills dropped pixels with the training mean (117, 104, 123) in [-1, 1].
 FILL_RGB = (117.0, 104.0, 123.0)
@@ -115,16 +133,35 @@ class InpaintingDecoder(nn.Module):
 
 
 class ContextEncoderGenerator(nn.Module):
-    """Context (B, 3, 128, 128), hole filled, -> predicted centre patch (B, 3, 64, 64)."""
+    """Context (B, 3, 128, 128), hole filled, -> predicted centre patch (B, 3, S, S).
 
-    def __init__(self, bottleneck: int = BOTTLENECK) -> None:
+    S = `output_size`: 64 for the released code's geometry, 64 + 2 overlap for the paper's
+    (`HoleGeometry.prediction`). The decoder always ends at 64x64, as the paper describes
+    it; any other size is reached by a parameter-free bilinear resize of the tanh output,
+    like the final resize of the feature-learning context encoder's decoder
+    (`pretrain.context_encoder.Decoder`). That is the least invasive way to a 78x78 patch:
+    the layers, their shapes and the state dict stay exactly the paper's (one generator
+    file format for both geometries, the parameter count of PROTOCOL.md), no layer is added
+    that neither the paper nor the code has, and a convex combination of tanh outputs stays
+    in [-1, 1]. (A 64 + 2 overlap side is no power of two, so the stride-2 up-convolutions
+    cannot reach it themselves.)
+    """
+
+    def __init__(self, bottleneck: int = BOTTLENECK, output_size: int = PATCH_SIZE) -> None:
         super().__init__()
+        if output_size < 1:
+            raise ValueError(f"output_size must be >= 1, got {output_size}")
+        self.output_size = output_size
         self.encoder = InpaintingEncoder(bottleneck)
         self.decoder = InpaintingDecoder(bottleneck)
         dcgan_init_(self)
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(context))
+        y = self.decoder(self.encoder(context))
+        if y.shape[-1] != self.output_size or y.shape[-2] != self.output_size:
+            size = (self.output_size, self.output_size)
+            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return y
 
     @torch.no_grad()
     def features(self, context: torch.Tensor) -> torch.Tensor:
@@ -132,8 +169,142 @@ class ContextEncoderGenerator(nn.Module):
         return self.encoder(context).flatten(1)
 
 
+# ---------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class Box:
+    """A square [start, start + size)^2 of the image."""
+
+    start: int
+    size: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.size
+
+    def crop(self, images: torch.Tensor) -> torch.Tensor:
+        """(..., H, W) -> the box (..., size, size) (a view)."""
+        return images[..., self.start : self.stop, self.start : self.stop]
+
+    def within(self, outer: Box) -> Box:
+        """This box in the coordinates of `outer` (which must contain it)."""
+        if self.start < outer.start or self.stop > outer.stop:
+            raise ValueError(f"{self} is not inside {outer}")
+        return Box(self.start - outer.start, self.size)
+
+
+@dataclass(frozen=True)
+class HoleGeometry:
+    """Where the hole and the predicted patch lie in the 128x128 image, for a hole mode
+    ("code" or "paper", see the module docstring) and an overlap in px.
+
+    hole: the central box filled with the mean (random holes are drawn inside it);
+    prediction: the patch the generator outputs and the discriminator judges, the hole box
+    grown by `overlap` on each side; its ring outside the hole is context weighted
+    `overlap_weight` in the loss. scored: the 64x64 region Table 1 scores (code: the whole
+    prediction, ring included, as the public port's test.py L107-109; paper: the hole).
+    """
+
+    mode: HoleMode = "code"
+    overlap: int = 0
+    image_size: int = IMAGE_SIZE
+
+    def __post_init__(self) -> None:
+        if self.mode not in HOLE_MODES:
+            raise ValueError(f"hole mode must be one of {HOLE_MODES}, got {self.mode!r}")
+        if not 0 <= self.overlap < PATCH_SIZE // 2:
+            raise ValueError(f"overlap must be in [0, {PATCH_SIZE // 2 - 1}], got {self.overlap}")
+        if self.prediction.start < 0 or self.prediction.stop > self.image_size:
+            raise ValueError(f"prediction {self.prediction} does not fit a {self.image_size} image")
+
+    @property
+    def _centre(self) -> int:
+        return (self.image_size - PATCH_SIZE) // 2
+
+    @property
+    def hole(self) -> Box:
+        if self.mode == "code":
+            return Box(self._centre + self.overlap, PATCH_SIZE - 2 * self.overlap)
+        return Box(self._centre, PATCH_SIZE)
+
+    @property
+    def prediction(self) -> Box:
+        if self.mode == "code":
+            return Box(self._centre, PATCH_SIZE)
+        return Box(self._centre - self.overlap, PATCH_SIZE + 2 * self.overlap)
+
+    @property
+    def scored(self) -> Box:
+        return self.prediction if self.mode == "code" else self.hole
+
+    @property
+    def scored_region(self) -> str:
+        """Which region Table 1 scores, by name: "prediction" (code) or "hole" (paper)."""
+        return "prediction" if self.mode == "code" else "hole"
+
+    def describe(self) -> str:
+        h, p = self.hole, self.prediction
+        return (
+            f"hole {self.mode}: {h.size}x{h.size} hole at {h.start}, {p.size}x{p.size} "
+            f"prediction at {p.start} (overlap {self.overlap}px)"
+        )
+
+    # -- masks and crops
+
+    def hole_mask(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(1, 1, H, W) bool, True on the central hole (the dropped pixels)."""
+        mask = torch.zeros(1, 1, self.image_size, self.image_size, dtype=torch.bool)
+        self.hole.crop(mask).fill_(True)
+        return mask.to(device)
+
+    def place(self, region: torch.Tensor) -> torch.Tensor:
+        """A (w, w) hole shape, w = the hole box's side, placed in the hole box:
+        (1, H, W) float 0/1 (random-region and noise-region holes)."""
+        w = self.hole.size
+        if tuple(region.shape) != (w, w):
+            raise ValueError(f"hole region must be {w}x{w}, got {tuple(region.shape)}")
+        hole = torch.zeros(1, self.image_size, self.image_size)
+        self.hole.crop(hole)[0] = region.float()
+        return hole
+
+    def predicted(self, images: torch.Tensor) -> torch.Tensor:
+        """(..., H, W) image-sized tensor -> its prediction box (a view): the real patch
+        the generator is trained to output (and the discriminator's real input)."""
+        return self.prediction.crop(images)
+
+    def score_crop(self, images: torch.Tensor) -> torch.Tensor:
+        """(..., H, W) image-sized tensor -> the scored 64x64 box (a view)."""
+        return self.scored.crop(images)
+
+    def score_crop_of_prediction(self, pred: torch.Tensor) -> torch.Tensor:
+        """(..., P, P) predictions -> the scored 64x64 box within them (a view)."""
+        return self.scored.within(self.prediction).crop(pred)
+
+    def loss_weights(
+        self, hole: torch.Tensor | None = None, overlap_weight: float = OVERLAP_WEIGHT
+    ) -> torch.Tensor:
+        """Per-pixel loss weights over the whole image (B|1, 1, H, W): 1 on the dropped
+        pixels, `overlap_weight` on the `overlap`-px ring of context around them, 0 elsewhere.
+        `hole`: (B, 1, H, W) dropped pixels (default: the central hole). For the central hole
+        the ring is exactly the prediction box minus the hole box; random holes lie inside
+        the hole box, so their ring stays inside the prediction box too."""
+        mask = self.hole_mask() if hole is None else hole
+        return loss_weights(mask.float(), self.overlap, overlap_weight)
+
+    def paste(self, context: torch.Tensor, pred: torch.Tensor, hole: torch.Tensor | None = None):
+        """The prediction (B, 3, P, P) written into the dropped pixels of the context
+        (B, 3, H, W); the ring (and any context outside the hole) keeps the real context,
+        as in the paper's figures. Returns a new tensor."""
+        mask = self.hole_mask(context.device) if hole is None else hole.bool()
+        full = context.clone()
+        self.predicted(full).copy_(pred)
+        return torch.where(mask, full, context)
+
+
 def centre_patch(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, 128, 128) -> the (B, C, 64, 64) centre patch the generator predicts (a view)."""
+    """(B, C, 128, 128) -> the (B, C, 64, 64) centre patch (a view): the released code's
+    prediction, the paper's hole, and in both the region Table 1 scores."""
     s, e = PATCH_START, PATCH_START + PATCH_SIZE
     return images[..., s:e, s:e]
 
@@ -141,29 +312,6 @@ def centre_patch(images: torch.Tensor) -> torch.Tensor:
 def fill_value(device: torch.device | str = "cpu") -> torch.Tensor:
     """(1, 3, 1, 1) mean colour in [-1, 1] written into dropped pixels."""
     return torch.tensor(FILL, device=device).view(1, 3, 1, 1)
-
-
-def central_hole(overlap: int = 0, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """(1, 1, size, size) bool, True on the dropped centre: the 64x64 patch shrunk by
-    `overlap` px on each side, so that the predicted patch overlaps the context by `overlap`.
-    """
-    hole = torch.zeros(1, 1, size, size, dtype=torch.bool)
-    s, e = PATCH_START + overlap, PATCH_START + PATCH_SIZE - overlap
-    hole[..., s:e, s:e] = True
-    return hole
-
-
-def place_hole(region: torch.Tensor, overlap: int = 0, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """A (w, w) hole shape, w = 64 - 2 * overlap, placed where the central hole would be:
-    (1, size, size) float 0/1. Random-region holes stay inside the predicted patch, with
-    `overlap` px of context around them that the network also predicts."""
-    w = PATCH_SIZE - 2 * overlap
-    if tuple(region.shape) != (w, w):
-        raise ValueError(f"hole region must be {w}x{w}, got {tuple(region.shape)}")
-    hole = torch.zeros(1, size, size)
-    s = PATCH_START + overlap
-    hole[0, s : s + w, s : s + w] = region.float()
-    return hole
 
 
 def mask_context(images: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:

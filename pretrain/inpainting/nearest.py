@@ -1,10 +1,12 @@
 """Nearest-neighbour inpainting (Table 1's baselines) and context nearest neighbours (Fig. 8).
 
-A query's hole is filled with the centre 64x64 patch of the training image whose *context*
-(the image with the hole masked out) is closest. Context features:
+A query's hole is filled with the centre patch (the geometry's prediction box, as the
+generator would predict it) of the training image whose *context* (the image with the hole
+masked out) is closest. The hole and prediction boxes come from a `model.HoleGeometry`.
+Context features:
 
 - `hog`: scikit-image HOG of the grey image (8x8 cells, 2x2 blocks, 9 orientations), keeping
-  only the blocks that do not touch the hole, so the hole's content never counts;
+  only the blocks that do not touch the hole box, so the hole's content never counts;
 - `ce`: the context encoder's own 4000-d bottleneck of the hole-filled context;
 - `alexnet`: pool5 of a user-supplied supervised AlexNet (torchvision state dict) on the
   hole-filled context resized to 227 (Figure 8's comparison).
@@ -30,11 +32,8 @@ from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
 from pretrain.inpainting.data import resize_shorter, to_unit_range, train_crop
 from pretrain.inpainting.model import (
     IMAGE_SIZE,
-    PATCH_SIZE,
-    PATCH_START,
     ContextEncoderGenerator,
-    central_hole,
-    centre_patch,
+    HoleGeometry,
     mask_context,
 )
 
@@ -43,15 +42,18 @@ HOG_CELL = 8
 HOG_BLOCK = 2
 
 
-def hog_features(images: torch.Tensor, overlap: int = 0) -> torch.Tensor:
+def hog_features(images: torch.Tensor, geometry: HoleGeometry) -> torch.Tensor:
     """(N, 3, 128, 128) in [-1, 1] -> (N, D) HOG of the context: blocks touching the hole
-    [32 + overlap, 96 - overlap) are dropped."""
-    grey = ((images.detach().float().cpu() + 1.0) / 2.0).clamp(0, 1)
+    box (code: [32 + overlap, 96 - overlap); paper: [32, 96)) are dropped. The hole is
+    mean-filled first: HOG's central-difference gradients at a kept cell's edge read one
+    pixel past it, which for a hole on the 8-px cell grid (paper, overlap 0) is a hole pixel."""
+    context = mask_context(images.detach().float().cpu(), geometry.hole_mask())
+    grey = ((context + 1.0) / 2.0).clamp(0, 1)
     grey = (0.299 * grey[:, 0] + 0.587 * grey[:, 1] + 0.114 * grey[:, 2]).numpy()
     size = images.shape[-1]
     blocks = size // HOG_CELL - HOG_BLOCK + 1
     start = np.arange(blocks) * HOG_CELL  # first pixel of each block
-    lo, hi = PATCH_START + overlap, PATCH_START + PATCH_SIZE - overlap
+    lo, hi = geometry.hole.start, geometry.hole.stop
     touches = (start + HOG_BLOCK * HOG_CELL > lo) & (start < hi)
     keep = ~(touches[:, None] & touches[None, :])  # (blocks, blocks)
     out = []
@@ -72,11 +74,11 @@ def hog_features(images: torch.Tensor, overlap: int = 0) -> torch.Tensor:
 def ce_features(
     generator: ContextEncoderGenerator,
     images: torch.Tensor,
-    overlap: int = 0,
+    geometry: HoleGeometry,
     batch_size: int = 32,
 ) -> torch.Tensor:
     """(N, 4000) bottleneck of the hole-filled contexts (generator in eval mode)."""
-    hole = central_hole(overlap)
+    hole = geometry.hole_mask()
     was_training = generator.training
     generator.eval()
     device = next(generator.parameters()).device
@@ -90,11 +92,11 @@ def ce_features(
 
 @torch.no_grad()
 def alexnet_features(
-    encoder: AlexNetEncoder, images: torch.Tensor, overlap: int = 0, batch_size: int = 32
+    encoder: AlexNetEncoder, images: torch.Tensor, geometry: HoleGeometry, batch_size: int = 32
 ) -> torch.Tensor:
     """(N, 9216) pool5 of the hole-filled contexts, upsampled to 227 and normalised with
     the ImageNet statistics torchvision's AlexNet was trained with."""
-    hole = central_hole(overlap)
+    hole = geometry.hole_mask()
     mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
     encoder.eval()
@@ -117,21 +119,21 @@ def load_alexnet(path: str | Path) -> AlexNetEncoder:
 def context_features(
     kind: FeatureName,
     images: torch.Tensor,
-    overlap: int = 0,
+    geometry: HoleGeometry,
     generator: ContextEncoderGenerator | None = None,
     alexnet: AlexNetEncoder | None = None,
 ) -> torch.Tensor:
     """L2-normalised (N, D) context features of one kind."""
     if kind == "hog":
-        feats = hog_features(images, overlap)
+        feats = hog_features(images, geometry)
     elif kind == "ce":
         if generator is None:
             raise ValueError("ce features need the context encoder (generator)")
-        feats = ce_features(generator, images, overlap)
+        feats = ce_features(generator, images, geometry)
     elif kind == "alexnet":
         if alexnet is None:
             raise ValueError("alexnet features need a supervised AlexNet")
-        feats = alexnet_features(alexnet, images, overlap)
+        feats = alexnet_features(alexnet, images, geometry)
     else:
         raise ValueError(f"unknown feature {kind!r}")
     return F.normalize(feats.float(), dim=1)
@@ -142,7 +144,7 @@ class ContextIndex:
     """Training contexts' features and their centre patches, searched by distance."""
 
     features: torch.Tensor  # (N, D), L2-normalised
-    centres: torch.Tensor  # (N, 3, 64, 64) in [-1, 1]
+    centres: torch.Tensor  # (N, 3, P, P) in [-1, 1]: the prediction box of each image
 
     def nearest(self, query: torch.Tensor, k: int = 1) -> torch.Tensor:
         """(M, D) normalised query features -> (M, k) indices, closest first."""
@@ -154,25 +156,26 @@ class ContextIndex:
 def build_index(
     train_images: torch.Tensor,
     kind: FeatureName,
-    overlap: int = 0,
+    geometry: HoleGeometry,
     generator: ContextEncoderGenerator | None = None,
     alexnet: AlexNetEncoder | None = None,
 ) -> ContextIndex:
-    """Index (N, 3, 128, 128) training images by their context features."""
-    feats = context_features(kind, train_images, overlap, generator, alexnet)
-    return ContextIndex(feats, centre_patch(train_images).clone())
+    """Index (N, 3, 128, 128) training images by their context features; each keeps its
+    prediction box (64x64 for hole "code", (64 + 2 overlap)^2 for "paper")."""
+    feats = context_features(kind, train_images, geometry, generator, alexnet)
+    return ContextIndex(feats, geometry.predicted(train_images).clone())
 
 
 def nn_inpaint(
     index: ContextIndex,
     queries: torch.Tensor,
     kind: FeatureName,
-    overlap: int = 0,
+    geometry: HoleGeometry,
     generator: ContextEncoderGenerator | None = None,
     alexnet: AlexNetEncoder | None = None,
 ) -> torch.Tensor:
-    """(M, 3, 128, 128) queries -> (M, 3, 64, 64): each nearest context's centre patch."""
-    q = context_features(kind, queries, overlap, generator, alexnet)
+    """(M, 3, 128, 128) queries -> (M, 3, P, P): each nearest context's prediction box."""
+    q = context_features(kind, queries, geometry, generator, alexnet)
     return index.centres[index.nearest(q, 1)[:, 0]]
 
 

@@ -2,15 +2,17 @@
 
 Losses (`loss.kind`): `l2` (masked reconstruction only, no discriminator), `adversarial`
 (the generator is trained by the discriminator alone) and `joint` (0.999 L2 + 0.001 adv).
-The predicted 64x64 patch overlaps the context by `loss.overlap` px (paper 7, released code
-4) whose errors weigh 10x. Adam, generator 2e-3 and discriminator 2e-4 (the 10x ratio),
-beta1 0.5, batch 64, N(0, 0.02) weights.
+The predicted patch overlaps the context by `loss.overlap` px (paper 7, released code 4)
+whose errors weigh 10x; `hole` says where (`model.HoleGeometry`): "code", the released
+code's 64x64 prediction around a (64 - 2 overlap)^2 hole, or "paper", a 64x64 hole inside a
+(64 + 2 overlap)^2 prediction, which the discriminator then judges. Adam, generator 2e-3
+and discriminator 2e-4 (the 10x ratio), beta1 0.5, batch 64, N(0, 0.02) weights.
 
 One iteration is the sequential update of the released code and its PyTorch port
-(`pretrain.adversarial.Adversary`): a discriminator step on the real centre patches and on
-the (detached) predictions, each in its own batch (so its BatchNorm statistics are per
-batch, as there); then a generator step whose adversarial term evaluates the *updated*
-discriminator on the same predictions.
+(`pretrain.adversarial.Adversary`): a discriminator step on the real patches (the
+prediction box) and on the (detached) predictions, each in its own batch (so its BatchNorm
+statistics are per batch, as there); then a generator step whose adversarial term
+evaluates the *updated* discriminator on the same predictions.
 
 Speed without changing the update: the bottleneck's 4x4 conv and up-conv run as matrix
 products (`model.py`), Adam is the fused kernel, the discriminator's weight gradients are
@@ -45,15 +47,14 @@ from pretrain.adversarial import Adversary, DCGANDiscriminator
 from pretrain.inpainting.config import InpaintingConfig, InpaintLossConfig
 from pretrain.inpainting.data import InpaintingImages, to_pixels
 from pretrain.inpainting.model import (
+    HOLE_MODES,
     PATCH_SIZE,
     ContextEncoderGenerator,
-    central_hole,
-    centre_patch,
+    HoleGeometry,
     mask_context,
-    place_hole,
 )
 from pretrain.inpainting.weights import GENERATOR_FILE, write_generator
-from pretrain.losses import loss_weights, masked_l2
+from pretrain.losses import masked_l2
 from pretrain.masks import load_voc_shapes, make_mask_fn, random_region_mask
 from pretrain.samples import save_grid
 
@@ -73,6 +74,8 @@ def check(cfg: InpaintingConfig) -> None:
     loop.check_loop(tc)
     if not 0 <= lc.overlap < PATCH_SIZE // 2:
         raise ConfigError(f"loss.overlap: must be in [0, {PATCH_SIZE // 2 - 1}], got {lc.overlap}")
+    if cfg.hole not in HOLE_MODES:
+        raise ConfigError(f"hole: must be one of {', '.join(HOLE_MODES)}, got {cfg.hole!r}")
     if lc.overlap_weight < 0 or lc.rec_weight < 0 or lc.adv_weight < 0:
         raise ConfigError("loss: overlap_weight, rec_weight and adv_weight must be >= 0")
     if tc.batch_size < 2:
@@ -93,15 +96,17 @@ def check(cfg: InpaintingConfig) -> None:
 def make_hole_fn(
     cfg: InpaintingConfig, run: Run | None = None
 ) -> Callable[[np.random.Generator], torch.Tensor] | None:
-    """None for the fixed central hole; else rng -> (1, 128, 128) hole inside the patch.
+    """None for the fixed central hole; else rng -> (1, 128, 128) hole in the hole box.
 
-    Random holes are drawn in the (64 - 2 overlap)^2 square the central hole would fill,
+    Random holes are drawn in the square the central hole would fill (the geometry's hole
+    box: (64 - 2 overlap)^2 for hole "code", 64^2 for "paper"),
     covering up to 1/4 of the 128x128 image like Section 3.3's masks (so up to all of that
     square); noise-region uses the released code's thresholded-noise windows (20-30%).
     """
     if cfg.mask == "central":
         return None
-    w = PATCH_SIZE - 2 * cfg.loss.overlap
+    geometry = cfg.geometry()
+    w = geometry.hole.size
     if cfg.mask == "random-region":
         if cfg.shapes is None and cfg.data is not None:
             raise ConfigError(
@@ -115,11 +120,11 @@ def make_hole_fn(
         region = functools.partial(random_region_mask, (w, w), shapes=shapes, max_coverage=coverage)
     else:
         region = make_mask_fn("noise-region", (w, w), seed=cfg.seed)
-    return functools.partial(_hole, region, cfg.loss.overlap)
+    return functools.partial(_hole, region, geometry)
 
 
-def _hole(region: Callable[..., np.ndarray], overlap: int, rng: np.random.Generator):
-    return place_hole(torch.from_numpy(np.ascontiguousarray(region(rng))), overlap)
+def _hole(region: Callable[..., np.ndarray], geometry: HoleGeometry, rng: np.random.Generator):
+    return geometry.place(torch.from_numpy(np.ascontiguousarray(region(rng))))
 
 
 # ---------------------------------------------------------------- one iteration
@@ -139,12 +144,12 @@ def build_nets(
 
     On CPU the weights stay NCHW even with channels_last inputs: fused Adam is ~5x slower
     on NHWC weights."""
-    tc = cfg.train
-    g = loop.prepare_model(ContextEncoderGenerator(cfg.bottleneck), env, tc)
+    tc, size = cfg.train, cfg.geometry().prediction.size
+    g = loop.prepare_model(ContextEncoderGenerator(cfg.bottleneck, size), env, tc)
     opt_g = _adam(g.parameters(), tc.lr_g, tc.beta1, env.device)
     if cfg.loss.kind == "l2":
         return g, opt_g, None
-    d = loop.prepare_model(DCGANDiscriminator(PATCH_SIZE), env, tc)
+    d = loop.prepare_model(DCGANDiscriminator(size), env, tc)
     opt_d = _adam(d.parameters(), tc.lr_d, tc.beta1, env.device)
     return g, opt_g, Adversary(d, opt_d, precision, fused=tc.fused_discriminator)
 
@@ -158,32 +163,39 @@ def make_step(
     loss: InpaintLossConfig,
     *,
     channels_last: bool = True,
+    geometry: HoleGeometry | None = None,
 ) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
     """One iteration on a batch {"image": (B, 3, 128, 128) in [-1, 1], optional "hole"}.
 
+    geometry: the hole and prediction boxes (default: hole "code" at `loss.overlap`).
     Returns scalars: "loss" (the masked L2 of the prediction, also for adversarial-only
     training, so every run logs the same quantity), "d_loss", "adv_loss", "loss_g".
     """
     overlap = loss.overlap
-    fixed_hole = central_hole(overlap).to(device)
+    geometry = geometry or HoleGeometry("code", overlap)
+    if geometry.overlap != overlap:
+        raise ValueError(f"geometry overlap {geometry.overlap} != loss.overlap {overlap}")
+    fixed_hole = geometry.hole_mask(device)
     if loss.kind in ("adversarial", "joint") and adversary is None:
         raise ValueError(f"loss {loss.kind} needs a discriminator")
     # The central hole's per-pixel loss weights never change: computed once, not dilated
     # again every step; the weighted mean is masked_l2's (tests check they agree).
-    fixed_weights = loss_weights(centre_patch(fixed_hole), overlap, loss.overlap_weight)
+    fixed_weights = geometry.predicted(geometry.loss_weights(None, loss.overlap_weight))
+    fixed_weights = fixed_weights.to(device)
     fixed_count = int((fixed_weights > 0).sum()) * 3
 
     def reconstruction(fake: torch.Tensor, real: torch.Tensor, hole: torch.Tensor):
         if hole is fixed_hole:
             d2 = (fake.float() - real.float()).square()
             return (d2 * fixed_weights).sum() / (fixed_count * len(fake))
-        return masked_l2(fake, real, centre_patch(hole.float()), overlap, loss.overlap_weight)
+        dropped = geometry.predicted(hole.float())
+        return masked_l2(fake, real, dropped, overlap, loss.overlap_weight)
 
     def step(batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
         image = loop.to_device(batch["image"], device)
         hole = batch["hole"].to(device).bool() if "hole" in batch else fixed_hole
         context = mask_context(image, hole)
-        real = centre_patch(image)
+        real = geometry.predicted(image)
         if channels_last:
             context = context.contiguous(memory_format=torch.channels_last)
             real = real.contiguous(memory_format=torch.channels_last)
@@ -212,14 +224,6 @@ def make_step(
     return step
 
 
-def paste(context: torch.Tensor, pred: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
-    """The prediction (B, 3, 64, 64) written into the dropped pixels of the context
-    (B, 3, 128, 128); the overlap band keeps the real context, as in the paper's figures."""
-    full = context.clone()
-    centre_patch(full).copy_(pred)
-    return torch.where(hole, full, context)
-
-
 # ---------------------------------------------------------------- the stage
 
 
@@ -236,8 +240,9 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
     )
     hole_fn = make_hole_fn(cfg, run)
     dataset = InpaintingImages(paths, tc.load_size, hole_fn, seed=cfg.seed)
+    geometry = cfg.geometry()
     run.logger.info(
-        f"{len(paths)} images from {root}; loss {lc.kind}; mask {cfg.mask}; overlap {lc.overlap}px"
+        f"{len(paths)} images from {root}; loss {lc.kind}; mask {cfg.mask}; {geometry.describe()}"
     )
     precision = loop.Precision(tc.precision, env.device)
     g, opt_g, adversary = build_nets(cfg, env, precision)
@@ -245,8 +250,9 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
     if adversary is not None:
         state.update(discriminator=adversary.discriminator, opt_d=adversary.optimizer)
     step = make_step(
-        g, opt_g, adversary, precision, env.device, lc, channels_last=tc.channels_last
-    )
+        g, opt_g, adversary, precision, env.device, lc, channels_last=tc.channels_last,
+        geometry=geometry,
+    )  # fmt: skip
     generator = loop.unwrap(g)
 
     samples = [dataset[(i % len(dataset), SAMPLE_KEY + i)] for i in range(SAMPLE_IMAGES)]
@@ -257,14 +263,14 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
             return
         image = sample_batch["image"].to(env.device)
         hole = sample_batch.get("hole")
-        hole = hole.bool() if hole is not None else central_hole(lc.overlap)
+        hole = hole.bool() if hole is not None else geometry.hole_mask()
         hole = hole.to(env.device)
         context = mask_context(image, hole)
         generator.eval()
         with torch.no_grad(), precision.autocast():
             pred = generator(context).float()
         generator.train()
-        pasted = paste(context, pred, hole)
+        pasted = geometry.paste(context, pred, hole)
         rows = [to_pixels(context), to_pixels(pasted), to_pixels(image)]
         save_grid(run.file(f"samples/iter_{iteration:07d}.png"), rows)
 
@@ -278,7 +284,9 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
         "method": "inpainting",
         "loss": lc.kind,
         "mask": cfg.mask,
+        "hole": cfg.hole,
         "overlap": lc.overlap,
+        "prediction_size": geometry.prediction.size,
         "bottleneck": cfg.bottleneck,
         "iterations": result.iterations,
         "data": cfg.data,
@@ -301,6 +309,8 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
         "method": "inpainting",
         "loss": lc.kind,
         "mask": cfg.mask,
+        "hole": cfg.hole,
+        "overlap": lc.overlap,
         "pretrain_key": card["pretrain_key"],
         "iterations": result.iterations,
         "train_seconds": result.seconds,

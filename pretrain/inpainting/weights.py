@@ -1,7 +1,8 @@
 """The inpainting generator's weights file: `generator.safetensors` with its card.
 
 Safetensors holds only tensors (and a JSON card in its metadata), so a shared generator file
-can never run code when it is loaded.
+can never run code when it is loaded. The card records the hole geometry the generator was
+trained with (`hole`, `overlap`); cards written before `hole` existed mean "code".
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch import nn
 
 from benchmark.errors import BenchError, printable
 from benchmark.runs import atomic_write_bytes, atomic_write_json
-from pretrain.inpainting.model import ContextEncoderGenerator
+from pretrain.inpainting.model import HOLE_MODES, ContextEncoderGenerator, HoleGeometry
+from pretrain.losses import OVERLAP_PAPER
 
 GENERATOR_FILE = "generator.safetensors"
 BOTTLENECK_KEY = "encoder.net.14.weight"  # (bottleneck, 512, 4, 4)
@@ -44,8 +46,26 @@ def generator_file(weights: str | Path) -> Path:
     return path
 
 
-def load_generator(weights: str | Path) -> tuple[ContextEncoderGenerator, dict[str, Any]]:
-    """(generator in eval mode on CPU, card) from a run folder or generator file."""
+def card_geometry(
+    card: dict[str, Any], hole: str | None = None, overlap: int | None = None
+) -> HoleGeometry:
+    """The hole geometry of a generator card, `hole` / `overlap` overriding it where given.
+    A card without `hole` (written before it existed) is "code"; without `overlap`, 7."""
+    mode = hole if hole is not None else str(card.get("hole", "code"))
+    if mode not in HOLE_MODES:
+        raise BenchError(f"hole: {printable(mode)} is not one of {', '.join(HOLE_MODES)}")
+    ov = overlap if overlap is not None else int(card.get("overlap", OVERLAP_PAPER))
+    try:
+        return HoleGeometry(mode, ov)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise BenchError(f"generator card: {exc}") from None
+
+
+def load_generator(
+    weights: str | Path, geometry: HoleGeometry | None = None
+) -> tuple[ContextEncoderGenerator, dict[str, Any]]:
+    """(generator in eval mode on CPU, card) from a run folder or generator file. The
+    generator outputs the prediction box of `geometry` (default: the card's)."""
     path = generator_file(weights)
     try:
         state = load_file(str(path))
@@ -56,7 +76,8 @@ def load_generator(weights: str | Path) -> tuple[ContextEncoderGenerator, dict[s
     code = state.get(BOTTLENECK_KEY)
     if code is None:
         raise BenchError(f"{printable(path)}: not an inpainting generator (no {BOTTLENECK_KEY})")
-    net = ContextEncoderGenerator(code.shape[0])
+    geometry = geometry or card_geometry(card)
+    net = ContextEncoderGenerator(code.shape[0], geometry.prediction.size)
     expected = net.state_dict()
     bad = sorted(set(expected) ^ set(state)) or [
         k for k in expected if tuple(expected[k].shape) != tuple(state[k].shape)
