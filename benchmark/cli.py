@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default=None,
-        help="context-encoder (default), autoencoder, random, imagenet, inpainting",
+        help="context-encoder (default), autoencoder, random, imagenet, inpainting, "
+        "relative-position, rotation, jigsaw",
     )
     p.add_argument("--mask", help="central, random-block, random-region, noise-region")
     p.add_argument("--weights", help="for --method imagenet: a torchvision AlexNet state dict")

@@ -16,6 +16,7 @@ from typing import Any
 
 import pretrain.inpainting.evaluate as inpaint_eval
 import pretrain.inpainting.train as inpainting
+import pretrain.pretext.train as pretext
 import pretrain.train as pretraining
 import transfer.classification.train as classification
 import transfer.detection.train as detection
@@ -27,6 +28,7 @@ from benchmark.errors import BenchError
 from benchmark.runs import check_run_name, open_run
 from pretrain.config import PretrainConfig
 from pretrain.inpainting.config import InpaintingConfig
+from pretrain.pretext.config import STAGE_CONFIGS as PRETEXT_CONFIGS
 from transfer.classification.config import ClassificationConfig
 from transfer.detection.config import DetectionConfig
 from transfer.probes.config import KNNConfig, SVMConfig
@@ -54,6 +56,11 @@ PRETRAIN_METHODS: dict[str, Stage] = {
     "inpainting": Stage(
         InpaintingConfig, inpainting.main, inpainting.default_name, inpainting.check
     ),
+    # other pretext methods on the same encoder, data and protocols (pretrain/pretext/)
+    **{
+        name: Stage(cls, pretext.main, pretext.default_name, pretext.check)
+        for name, cls in PRETEXT_CONFIGS.items()
+    },
 }
 
 TRANSFER_TASKS: dict[str, Stage] = {

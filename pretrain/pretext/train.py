@@ -1,0 +1,123 @@
+"""`bench pretrain --method relative-position|rotation|jigsaw`: train a pretext task on the
+shared AlexNet encoder through the one loop, then export the encoder like every method.
+
+The method's parts (dataset, model, step, optimiser, lr schedule, figure) come from
+`pretrain.pretext.PRETEXT_METHODS`; this module only wires them to the loop, the run folder
+and the export. The exported encoder is the plain `AlexNetEncoder` state dict (conv1's
+pretraining-only padding or stride changes, jigsaw's and relative position's, do not change
+its keys or shapes), so it transfers and probes as any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmark import loop
+from benchmark.config import config_hash, identity_hash
+from benchmark.datasets.folder import list_images
+from benchmark.datasets.preflight import checked_image_folder, skipped_field
+from benchmark.datasets.resolve import resolve_data
+from benchmark.errors import ConfigError
+from benchmark.protocol import departures, is_synthetic
+from benchmark.runs import Run
+from pretrain.alexnet import ARCHS
+from pretrain.export import NATIVE_FILE, write_native
+from pretrain.pretext import PRETEXT_METHODS, set_learning_rate
+from pretrain.pretext.config import _PretextStage
+
+SAMPLE_ITEMS = 6
+SAMPLE_KEY = 10**12  # sample numbers of the figure batch, far from any training sample
+
+
+def default_name(cfg: _PretextStage) -> str:
+    """e.g. `pretrain-rotation-s0`."""
+    return f"pretrain-{cfg.method}-s{cfg.seed}"
+
+
+def check(cfg: _PretextStage) -> None:
+    """Every setting no run can use is a one-line error before anything runs."""
+    t = cfg.train
+    loop.check_loop(dataclasses.replace(t, iterations=t.iterations or 0))
+    if cfg.model.arch not in ARCHS:
+        raise ConfigError(f"model.arch: {cfg.model.arch!r} is not one of {', '.join(ARCHS)}")
+    if t.sample_every < 0:
+        raise ConfigError(f"train.sample_every: must be >= 0, got {t.sample_every}")
+    batch = getattr(cfg.pretext, "batch_size", 1)
+    if batch < 1:
+        raise ConfigError(f"pretext.batch_size: must be >= 1, got {batch}")
+
+
+def main(cfg: _PretextStage, run: Run) -> dict[str, Any]:
+    """Train the pretext task into `run`; writes encoder.safetensors (+ card), metrics.json."""
+    check(cfg)
+    parts = PRETEXT_METHODS[cfg.method]
+    env = loop.setup(cfg.device, cfg.train)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    root = Path(resolve_data(cfg.data, "images"))
+    paths, skipped = checked_image_folder(
+        list_images(root), cfg.on_bad_data, run.logger, f"{root} images"
+    )
+    dataset = parts.dataset(paths, cfg.pretext, seed=cfg.seed)
+    batch_size = cfg.pretext.batch_size
+    iterations = cfg.train.iterations or parts.total_iterations(cfg.pretext, len(paths))
+    per_epoch = max(1, math.ceil(len(paths) / batch_size))
+    tc = dataclasses.replace(cfg.train, iterations=iterations)
+    run.logger.info(
+        f"{cfg.method}: {len(paths)} images from {root}; {iterations} iterations of "
+        f"{batch_size} ({per_epoch} per epoch)"
+    )
+    net = parts.model(cfg.model.arch, cfg.model.pool_free, cfg.pretext)  # type: ignore[call-arg]
+    model = loop.prepare_model(net, env, tc)
+    optimizer = parts.make_optimizer(net, cfg.pretext)
+    precision = loop.Precision(tc.precision, env.device)
+    inner = parts.make_step(model, optimizer, env.device, precision=precision)
+
+    def step(batch: Any, iteration: int) -> dict[str, torch.Tensor]:
+        set_learning_rate(optimizer, parts.learning_rate(cfg.pretext, iteration, per_epoch))
+        return inner(batch, iteration)
+
+    items = [dataset[(i % len(dataset), SAMPLE_KEY + i)] for i in range(SAMPLE_ITEMS)]
+    sample_batch = torch.utils.data.default_collate(items)
+
+    def on_sample(iteration: int) -> None:
+        if not run.is_main:
+            return
+        net.eval()
+        with torch.no_grad(), precision.autocast():
+            logits, _ = parts.forward_batch(net, sample_batch, env.device)
+        net.train()
+        path = run.file(f"samples/iter_{iteration:07d}.png")
+        parts.sample_figure(sample_batch, logits.float(), path, cfg=cfg.pretext)
+
+    result = loop.fit(
+        run, env, tc, stage=f"pretrain/{cfg.method}", config=cfg, seed=cfg.seed, step=step,
+        batches=loop.loader_batches(dataset, batch_size, cfg.seed, env, tc.workers),
+        state={"model": model, "optimizer": optimizer}, precision=precision,
+        hooks=[loop.Hook(tc.sample_every, on_sample)], desc=f"pretrain {cfg.method}",
+    )  # fmt: skip
+    card = {
+        "method": cfg.method, "mask": None, "iterations": result.iterations,
+        "data": str(root), "config_hash": config_hash(cfg), "pretrain_key": identity_hash(cfg),
+        "arch": cfg.model.arch, "pool_free": cfg.model.pool_free,
+        "pretrain_seconds": result.seconds, "seed": cfg.seed, "precision": result.precision,
+        "departures": departures(cfg), "synthetic": is_synthetic(cfg.data),
+    }  # fmt: skip
+    if run.is_main:
+        write_native(run.file(NATIVE_FILE), net.encoder.state_dict(), card)
+    first, last = result.first, result.last
+    metrics = {
+        "stage": "pretrain", "seed": cfg.seed, "command": run.command(), "method": cfg.method,
+        "mask": None, "arch": cfg.model.arch, "pretrain_key": card["pretrain_key"],
+        "iterations": result.iterations, "train_seconds": result.seconds,
+        "initial_loss": first.get("loss"), "final_loss": last.get("loss"),
+        "initial_accuracy": first.get("accuracy"), "final_accuracy": last.get("accuracy"),
+        "precision": result.precision, "departures": card["departures"],
+        "synthetic": card["synthetic"], "skipped": skipped_field(skipped), "export": NATIVE_FILE,
+    }  # fmt: skip
+    run.write_metrics(metrics)
+    return metrics
