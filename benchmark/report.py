@@ -456,8 +456,9 @@ def table2(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     used: set[str] = set()
     for _, ref in reference.iterrows():
         label = ref["label"]
+        kind = "published" if str(ref.get("source", "")).strip() else "paper"
         records.append(
-            [label, "paper", _text(ref.get("supervision")), _text(ref.get("pretraining_time"))]
+            [label, kind, _text(ref.get("supervision")), _text(ref.get("pretraining_time"))]
             + [_paper_cell(ref[t], 1) for t in TASKS]
         )
         method = ref["method"].strip()
@@ -469,7 +470,7 @@ def table2(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
                 row.stat(t, TASK_METRIC[t]).n and not math.isnan(ref[t]) for t in TASKS
             ):
                 records.append(
-                    [name, "ours - paper", MISSING, MISSING]
+                    [name, f"ours - {kind}", MISSING, MISSING]
                     + [_diff_cell(row.stat(t, TASK_METRIC[t]), 100.0, ref[t], 1) for t in TASKS]
                 )
     for method in sorted(set(by_method) - used):
@@ -487,9 +488,14 @@ def _table2_record(row: OurRow, name: str, supervision: Any) -> list[str]:
     ]
 
 
-def table2_extended(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+def table2_extended(
+    df: pd.DataFrame, reference: pd.DataFrame, others: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Table 2 with the encoder's architecture and the frozen-feature probes: the best layer's
-    linear-SVM mAP (Goyal et al.) and the k-NN mAP on pool5, for the same rows."""
+    linear-SVM mAP (Goyal et al.) and the k-NN mAP on pool5, for the same rows; `others`
+    adds published rows of methods the paper's table does not have (Source "published")."""
+    if others is not None and not others.empty:
+        reference = pd.concat([reference, others], ignore_index=True)
     base = table2(df, reference)
     rows = {(r.method, r.variant, r.source): r for r in _our_rows(df, "transfer")}
     labels = {r["label"]: str(r["method"]).strip() for _, r in reference.iterrows()}
@@ -511,7 +517,7 @@ def table2_extended(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
 def _find_row(
     rows: dict[tuple[str, str, str], OurRow], rec: pd.Series, paper_method: str
 ) -> OurRow | None:
-    if rec["Source"] in ("paper", "ours - paper"):
+    if rec["Source"] in ("paper", "published", "ours - paper", "ours - published"):
         return None
     name = rec["Pretraining"].removesuffix(" (rescaled)")
     variant = name.split(" [", 1)[1][:-1] if " [" in name else ""
@@ -829,7 +835,9 @@ def main(
     files.update(
         {"table2.csv": to_csv(t2), "table2.tex": to_latex(t2, "Pretraining"), "table2.md": md2}
     )
-    t2x = table2_extended(df, ref2)
+    others_path = reference_dir / "other_methods.csv"
+    others = load_reference(others_path, TASKS) if others_path.is_file() else None
+    t2x = table2_extended(df, ref2, others)
     files.update({
         "table2_extended.csv": to_csv(t2x), "table2_extended.tex": to_latex(t2x, "Pretraining"),
         "table2_extended.md": "## Table 2, extended: encoder and frozen-feature probes\n\n"
