@@ -642,8 +642,12 @@ def table1(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
         cells = [_cell(row.stat(ALL, k), scale[k], 2) for k in INPAINT_COLUMNS]
         runs = row.results.get(ALL, [])
         images = Stat([_number(m.get("images")) for m in runs]).mean
-        how = sorted({EVAL_NAMES.get(str(m.get("eval_crop")), "centre crop, native size")
-                      for m in runs})  # fmt: skip
+        how = sorted({
+            EVAL_NAMES.get(str(m.get("eval_crop")), "centre crop, native size")
+            + f"; {m.get('hole') or 'code'} hole, scored on the 64x64 "
+            + ("hole" if m.get("scored_region") == "hole" else "prediction")
+            for m in runs
+        })  # fmt: skip
         return [
             name,
             f"ours ({row.method}), {'synthetic data' if row.data_kind == 'synthetic' else 'real'}",
