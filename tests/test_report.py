@@ -275,7 +275,8 @@ def test_table1_rows_and_differences(tmp_path: Path) -> None:
     ref = load_reference(REFERENCE_DIR / "table1.csv", ("mean_l1", "mean_l2", "psnr"))
     t = table1(collect_runs([tmp_path]), ref)
     hog = t[t["Source"] == "ours (nn-hog), real"].iloc[0]
-    assert hog["Evaluation"] == "resize 128 + centre crop; code hole, scored on the 64x64 prediction"
+    expected = "resize 128 + centre crop; code hole, scored on the 64x64 prediction"
+    assert hog["Evaluation"] == expected
     assert hog["Mean L1 (%)"] == "20.00" and hog["PSNR (dB)"] == "12.50" and hog["Images"] == "20"
     hog_ref = ref[ref["method"] == "nn-hog"].iloc[0]
     diff = t[(t["Method"] == hog["Method"]) & (t["Source"] == "ours - paper")].iloc[0]
