@@ -11,6 +11,11 @@
 # with mmcv ops is left alone.
 set -euo pipefail
 
+# The whole script is one function, parsed before any of it runs: bash reads a script as it
+# executes it, so editing this file during a (long) build would otherwise make the running
+# shell read garbage at a shifted offset.
+main() {
+
 VENV="${1:-/work/main/.venv}"
 PY="$VENV/bin/python"
 MMCV_VERSION="2.1.0"
@@ -94,3 +99,7 @@ else
     "$PY" -c "import mmseg; from mmcv.ops import nms" || true
     exit 1
 fi
+}
+
+main "$@"
+exit $?

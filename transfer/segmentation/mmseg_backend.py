@@ -23,7 +23,9 @@ data pipeline (`LoadImageFromFile`, `RandomFlip`, `PackSegInputs`) and the evalu
   initialised as the native FCN's (He-normal fc6 / fc7, zero score layer);
 - alignment: the backbone pads the image by FCN's 100 pixels (more for tiny images) and
   returns pool5 with its grid (`model.Grid`: image coordinate of every cell); the head
-  linearly interpolates its stride-32 scores at every pixel of the network input. mmseg then
+  linearly interpolates its stride-32 scores at every pixel of the network input, with the
+  native `upsample` edge rule (deconv: FCN's fixed bilinear up-convolution and crop, fading
+  past the outermost scores; interpolate: edge scores held). mmseg then
   resizes those per-pixel scores to the label (bilinear, align_corners=False). Where the image
   was not shrunk that resize is the identity and scores and loss are the native FCN's on the
   same weights (tested); on a shrunk image the label's pixels get an interpolation of the
@@ -33,11 +35,12 @@ data pipeline (`LoadImageFromFile`, `RandomFlip`, `PackSegInputs`) and the evalu
   only ever makes an image smaller: mmcv's `Resize(keep_ratio=True)` would scale small
   images up. Labels keep their full resolution, as in the native backend;
 - the optimisation step: one forward / backward per image (images differ in size), each
-  weighted 1/(iter_size x batch_size), then one SGD (or Adam) update with FCN's parameter
-  groups (weights: lr and weight decay; biases: 2 lr, no decay), as the native step does.
+  weighted 1/(iter_size x batch_size), then one SGD (or Adam) update with the native
+  backend's multipliers (the score layer's bias at 2x lr without decay, everything else at
+  lr with weight decay), as the native step does.
   `normalize_loss: false` sums the loss over pixels (CrossEntropyLoss reduction "sum");
-- `rescale`: the native function (`data_dependent_init_`, Krähenbühl et al.) on the same
-  227x227 batch, visiting backbone, fc6, fc7 and conv_seg in forward order;
+- `rescale`: the native call (`transfer.rescale.rescale_for_transfer_`, Krähenbühl et al.'s
+  data-dependent init) on the same 227x227 batch, on backbone, fc6, fc7 and conv_seg;
 - evaluation: mmseg's predictions in eval mode, scored by mmseg's `IoUMetric` and by our
   confusion matrix (`benchmark.metrics`) on the same predictions; metrics.json has the native
   backend's keys (from the confusion matrix) plus `mmseg_iou_metric` (IoUMetric's own
@@ -87,9 +90,13 @@ INSTALL_HINT = (
 STAGE = "transfer/segmentation/mmseg"
 NUM_CLASSES = 21
 FC6_KERNEL = 6  # FCN-AlexNet's fc6: AlexNet's 6x6 fc6 as a convolution
-BIAS_LR_MULT = 2.0
+BIAS_LR_MULT = 2.0  # the score layer's bias (FCN-AlexNet's score_fr)
+SCORE_BIAS = "decode_head.conv_seg.bias"
 SAMPLE_STREAM = 31  # keyed_seed(seed, 31, sample): a training sample's random choices
 HEAD = "BenchFCNHead (fc6 6x6, fc7 1x1, conv_seg 1x1)"
+# `upsample` -> the edge rule of model.resample: deconv is FCN's fixed bilinear up-convolution
+# and crop (scores fade to zero past the outermost score centres), interpolate holds them.
+UPSAMPLE_EDGES = {"deconv": "zero", "interpolate": "hold"}
 
 
 def require_mmseg() -> None:
@@ -165,9 +172,12 @@ def register() -> None:
         (1x1), ReLU, dropout, conv_seg (1x1); scores interpolated at every input pixel."""
 
         def __init__(self, in_channels: int, channels: int, *, dropout: float = 0.5,
-                     **kwargs: Any) -> None:  # fmt: skip
+                     upsample: str = "deconv", **kwargs: Any) -> None:  # fmt: skip
             kwargs.update(dropout_ratio=0.0, init_cfg=None, norm_cfg=None, in_index=0)
             super().__init__(in_channels, channels, **kwargs)
+            if upsample not in UPSAMPLE_EDGES:
+                raise ValueError(f"upsample {upsample!r} is not one of {sorted(UPSAMPLE_EDGES)}")
+            self.edge = UPSAMPLE_EDGES[upsample]
             self.fc6 = nn.Conv2d(in_channels, channels, kernel_size=FC6_KERNEL)
             self.fc7 = nn.Conv2d(channels, channels, kernel_size=1)
             # Caffe's (element-wise) dropout, as FCN and the native head; BaseDecodeHead's
@@ -187,7 +197,7 @@ def register() -> None:
             grid = grid.after(FC6_KERNEL, 1, 0)  # fc7 and conv_seg are 1x1
             ys = torch.arange(h, device=score.device, dtype=score.dtype)
             xs = torch.arange(w, device=score.device, dtype=score.dtype)
-            return resample(score, grid, ys, xs)
+            return resample(score, grid, ys, xs, self.edge)
 
     class BenchLoadLabel(BaseTransform):
         """gt_seg_map at full resolution from a palette PNG or an SBD cls/*.mat (255: ignore),
@@ -264,6 +274,7 @@ def model_config(cfg: SegmentationConfig, arch: str, pool_free: bool) -> dict[st
             in_channels=AlexNetEncoder(arch, pool_free).out_channels,  # type: ignore[arg-type]
             channels=cfg.fc_dim,
             dropout=cfg.dropout,
+            upsample=cfg.upsample,
             num_classes=NUM_CLASSES,
             ignore_index=IGNORE_INDEX,
             align_corners=False,
@@ -453,13 +464,16 @@ def rescale_(segmentor: nn.Module, samples: Sequence[SegSample], pretrained_enco
 
 
 def make_optimizer(model: nn.Module, t: SegmentationTrainConfig) -> torch.optim.Optimizer:
-    """SGD (or Adam) with FCN's parameter groups: weights (lr, decay), biases (2 lr, none)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    weights = [p for n, p in named if not n.endswith("bias")]
-    biases = [p for n, p in named if n.endswith("bias")]
+    """SGD (or Adam) with the native backend's (FCN-AlexNet's) multipliers: the score layer's
+    bias (conv_seg, native score_fr) at 2x lr without decay, every other parameter at 1x with
+    decay (Caffe's defaults where voc-fcn-alexnet/train.prototxt sets no `param`)."""
+    score_bias, rest = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (score_bias if n == SCORE_BIAS else rest).append(p)
     groups = [
-        {"params": weights, "lr": t.lr, "weight_decay": t.weight_decay},
-        {"params": biases, "lr": t.lr * BIAS_LR_MULT, "weight_decay": 0.0},
+        {"params": rest, "lr": t.lr, "weight_decay": t.weight_decay},
+        {"params": score_bias, "lr": t.lr * BIAS_LR_MULT, "weight_decay": 0.0},
     ]
     if t.solver == "adam":
         return torch.optim.Adam(groups, lr=t.lr, betas=(t.momentum, 0.999))
