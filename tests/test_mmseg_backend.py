@@ -13,6 +13,8 @@ import builtins
 import importlib.util
 import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -469,6 +471,52 @@ def test_interrupted_run_resumes_bit_identically(synth_root, tmp_path, monkeypat
     assert m_straight["final_loss"] == m_resumed["final_loss"]
     assert a["scalars"]["history"] == b["scalars"]["history"]
     assert "resumed from iteration 2" in (tmp_path / "resumed" / "log.txt").read_text()
+
+
+KILLED = """
+import sys
+from benchmark.runs import open_run
+from transfer.segmentation.config import SegmentationConfig, SegmentationTrainConfig
+from transfer.segmentation.train import main
+top, train = eval(sys.argv[2]), eval(sys.argv[3])
+cfg = SegmentationConfig(**top, train=SegmentationTrainConfig(**train))
+main(cfg, open_run(sys.argv[1], cfg))
+"""
+
+
+@pytest.mark.mmseg
+@pytest.mark.slow
+@needs_mmseg
+def test_kill_9_then_resume_is_bit_identical(synth_root, tmp_path) -> None:
+    """A real SIGKILL right after step 3 (benchmark.faults; the checkpoint is at 2), in a
+    process with one DataLoader worker, then resumed here: the straight run's weights and
+    metrics. (A process import of torch + mmseg takes seconds: hence `slow`.)"""
+    torch.set_num_threads(1)
+    train = dict(iterations=4, checkpoint_every=2)
+    cfg = tiny(synth_root, train=train, mirror=True)
+    run = open_run(tmp_path / "straight", cfg)
+    reference = main(cfg, run)
+    run.close()
+    top = dict(data=str(synth_root), backend="mmseg", device="cpu", fc_dim=16, max_size=64,
+               eval_images=3, mirror=True)  # fmt: skip
+    assert tiny(synth_root, train=train, **top) == cfg
+    killed_train = {**cfg.train.__dict__, "workers": 1}
+    env = {**os.environ, "BENCH_FAULT": "step:3", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", KILLED, str(tmp_path / "killed"), repr(top), repr(killed_train)],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    run = open_run(tmp_path / "killed", cfg, resume=True)
+    resumed = main(cfg, run)
+    run.close()
+    assert "resumed from iteration 2" in (tmp_path / "killed" / "log.txt").read_text()
+    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "killed")
+    assert all(torch.equal(v, b["state"]["model"][k]) for k, v in a["state"]["model"].items())
+    for key in ("mean_iu", "confusion_matrix", "initial_loss", "final_loss"):
+        assert resumed[key] == reference[key], key
 
 
 @pytest.mark.mmseg
