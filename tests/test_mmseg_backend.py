@@ -275,7 +275,7 @@ def test_scores_and_losses_are_the_native_fcn32s(synth_root, tmp_path, arch, ups
         native = fcn(to_input(image, torch.device("cpu")), out_size=label.shape)
         assert ours.shape == native.shape == (1, NUM_CLASSES, *label.shape)
         torch.testing.assert_close(ours, native, rtol=1e-4, atol=1e-4)
-        y = torch.from_numpy(label).long()[None]
+        y = torch.from_numpy(label.copy()).long()[None]
         mean = model.parse_losses(model(**data, mode="loss"))[0]
         torch.testing.assert_close(mean, pixel_loss(native, y, True), rtol=1e-4, atol=0)
         total_model = mmseg_backend.build_model(

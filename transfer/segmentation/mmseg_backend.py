@@ -545,7 +545,7 @@ def evaluate(
 
     model.eval()
     pipeline = build_pipeline(pipeline_config(max_size, False, train=False))
-    metric = IoUMetric(ignore_index=IGNORE_INDEX, iou_metrics=["mIoU"])
+    metric = IoUMetric(ignore_index=IGNORE_INDEX, iou_metrics=["mIoU"], prefix="mmseg")
     metric.dataset_meta = {"classes": CLASSES}
     hist = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
     kept = []
