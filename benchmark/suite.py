@@ -6,20 +6,38 @@ after hours. Every step is an ordinary run folder under `<out>/runs/<suite>/`, o
 `resume`, so a finished step is skipped and an interrupted one continues from its last
 checkpoint; running the same suite twice redoes nothing. A step whose config changed since it
 ran is an error (use --force to redo everything).
+
+`bench run --launcher sequential` (the default) runs the steps here, one after another;
+`--launcher local|slurm` hands them to `benchmark.launch` (a dependency graph, submitit jobs).
+Either way the suite folder is locked (`<out>/runs/<suite>/.launcher.lock`), so two launchers
+of one suite never run side by side, and `bench run SUITE --step NAME` runs one planned step
+(what a launcher's job calls).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchmark.config import dump_yaml, load_config, merge, to_dict
-from benchmark.errors import ConfigError
+from benchmark.errors import BenchError, ConfigError, printable
 from benchmark.runs import atomic_write_text, check_run_name, default_results_root
 from benchmark.stages import INPAINT_EVAL, Stage, pretrain_stage, run_stage, transfer_stage
+
+try:  # POSIX advisory locks, as for run folders
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+LAUNCHER_LOCK = ".launcher.lock"
+# resources keys that are not a method, task or step name: every step, then one kind of step
+RESOURCE_KINDS = ("default", "pretrain", "transfer", "inpaint-eval")
 
 
 @dataclass
@@ -47,6 +65,12 @@ class SuiteConfig:
     transfer: dict[str, Any] = field(default_factory=dict)
     inpainting: InpaintingSuite | None = None
     report: bool = True
+    # what each step's job asks for under `bench run --launcher local|slurm` (ignored by the
+    # sequential launcher): key -> submitit parameters, merged from the general to the
+    # particular: default < pretrain|transfer|inpaint-eval < a method or task name < a step
+    # name. E.g. {pretrain: {gpus_per_node: 1, cpus_per_task: 8, timeout_min: 1440,
+    # partition: gpu}, transfer: {gpus_per_node: 1, timeout_min: 240}}
+    resources: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -57,20 +81,29 @@ class Step:
     stage: Stage
     cfg: Any
     needs: tuple[str, ...] = ()
+    kind: str = ""  # pretrain, transfer or inpaint-eval (a `resources` key)
+    key: str = ""  # its method or task (a `resources` key)
 
 
 def _log(msg: str) -> None:
     print(f"[bench run] {msg}", file=sys.stderr, flush=True)
 
 
-def _make(stage: Stage, overrides: dict[str, Any], name: str, needs: tuple[str, ...]) -> Step:
+def _make(
+    stage: Stage,
+    overrides: dict[str, Any],
+    name: str,
+    needs: tuple[str, ...],
+    kind: str = "",
+    key: str = "",
+) -> Step:
     """Build, type-check and stage-check one step's config (a ConfigError names the step)."""
     try:
         cfg = load_config(stage.config_cls, base=overrides)
         stage.check(cfg)
     except ConfigError as exc:
         raise ConfigError(f"suite step {name}: {exc}") from None
-    return Step(check_run_name(name), stage, cfg, needs)
+    return Step(check_run_name(name), stage, cfg, needs, kind, key)
 
 
 def plan(suite: SuiteConfig, root: Path) -> list[Step]:
@@ -82,24 +115,49 @@ def plan(suite: SuiteConfig, root: Path) -> list[Step]:
             pre_name = f"pretrain-{method}-s{seed}"
             base = merge(to_dict(pre_over or {}), {**common, "method": method, "seed": seed,
                                                    "name": pre_name})  # fmt: skip
-            steps.append(_make(pretrain_stage(method), base, pre_name, ()))
+            steps.append(_make(pretrain_stage(method), base, pre_name, (), "pretrain", method))
             for task, t_over in suite.transfer.items():
                 name = f"{task}-{method}-s{seed}"
                 base = merge(to_dict(t_over or {}), {**common, "seed": seed, "name": name,
                                                      "weights": str(root / pre_name)})  # fmt: skip
-                steps.append(_make(transfer_stage(task), base, name, (pre_name,)))
+                steps.append(
+                    _make(transfer_stage(task), base, name, (pre_name,), "transfer", task)
+                )
         for label, path in suite.weights.items():
             for task, t_over in suite.transfer.items():
                 name = f"{task}-{label}-s{seed}"
                 base = merge(to_dict(t_over or {}), {**common, "seed": seed, "name": name,
                                                      "weights": str(path)})  # fmt: skip
-                steps.append(_make(transfer_stage(task), base, name, ()))
+                steps.append(_make(transfer_stage(task), base, name, (), "transfer", task))
         if suite.inpainting is not None:
             steps += _inpainting_steps(suite.inpainting, common, seed, root)
     names = [s.name for s in steps]
     if len(set(names)) != len(names):
         raise ConfigError("suite: two steps have the same run name")
+    _check_resources(suite.resources, steps)
     return steps
+
+
+def _check_resources(resources: dict[str, Any], steps: list[Step]) -> None:
+    """Every `resources` key names something the suite has, and holds a mapping."""
+    known = set(RESOURCE_KINDS) | {s.key for s in steps} | {s.name for s in steps}
+    for key, value in resources.items():
+        if key not in known:
+            raise ConfigError(
+                f"resources.{key}: not a step kind ({', '.join(RESOURCE_KINDS)}), method, "
+                "task or step name of this suite"
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"resources.{key}: must be a mapping of job parameters")
+
+
+def step_resources(suite: SuiteConfig, step: Step) -> dict[str, Any]:
+    """The job parameters of one step: `resources` merged from `default` to its name."""
+    out: dict[str, Any] = {}
+    for key in ("default", step.kind, step.key, step.name):
+        if key and key in suite.resources:
+            out.update(to_dict(suite.resources[key]) or {})
+    return out
 
 
 def _inpainting_steps(
@@ -110,11 +168,11 @@ def _inpainting_steps(
         name = f"inpainting-{loss}-s{seed}"
         base = merge(to_dict(cfg.train), {**common, "method": "inpainting", "seed": seed,
                                           "loss": {"kind": loss}, "name": name})  # fmt: skip
-        steps.append(_make(pretrain_stage("inpainting"), base, name, ()))
+        steps.append(_make(pretrain_stage("inpainting"), base, name, (), "pretrain", "inpainting"))
         ename = f"inpaint-eval-{loss}-s{seed}"
         base = merge(to_dict(cfg.evaluate), {**common, "seed": seed, "weights": str(root / name),
                                              "name": ename})  # fmt: skip
-        steps.append(_make(INPAINT_EVAL, base, ename, (name,)))
+        steps.append(_make(INPAINT_EVAL, base, ename, (name,), "inpaint-eval", "inpaint-eval"))
     for baseline in cfg.baselines:
         ename = f"inpaint-eval-{baseline}-s{seed}"
         base = merge(to_dict(cfg.evaluate), {**common, "seed": seed, "baseline": baseline,
@@ -125,7 +183,7 @@ def _inpainting_steps(
                 raise ConfigError("suite inpainting: baseline nn-ce needs the joint loss run")
             base["weights"] = str(root / f"inpainting-joint-s{seed}")
             needs = (f"inpainting-joint-s{seed}",)
-        steps.append(_make(INPAINT_EVAL, base, ename, needs))
+        steps.append(_make(INPAINT_EVAL, base, ename, needs, "inpaint-eval", "inpaint-eval"))
     return steps
 
 
@@ -158,6 +216,50 @@ def print_plan(
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 
+@contextlib.contextmanager
+def suite_lock(root: Path, launcher: str = "sequential") -> Iterator[None]:
+    """Hold `<root>/.launcher.lock` while a launcher runs the suite; a second launcher of the
+    same suite fails at once with a one-line error (the kernel drops the lock of a dead one)."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LAUNCHER_LOCK
+    f = open(path, "a+")  # noqa: SIM115 - held for the launcher's lifetime
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = " ".join(f.read().split())[:120] or "unknown"
+                raise BenchError(
+                    f"{printable(root)}: this suite is being run by another launcher "
+                    f"({holder}); wait for it or stop it, then rerun"
+                ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} launcher {launcher} since {time.strftime('%H:%M:%S')}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the flock
+
+
+def prepare_root(suite: SuiteConfig, results: Path) -> Path:
+    """The suite folder, with the resolved suite (what every step of it was planned from)."""
+    root = results / "runs" / suite.name
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "suite.yaml", dump_yaml(suite))
+    return root
+
+
+def write_report(suite: SuiteConfig, results: Path) -> tuple[Path, str]:
+    """The suite's report from every finished run folder: (report folder, Markdown)."""
+    from benchmark.report import main as report_main
+
+    root = results / "runs" / suite.name
+    report_dir = results / "reports" / suite.name
+    return report_dir, report_main([root], report_dir, force=True, overlays=4)
+
+
 def run_suite(
     suite_path: Path,
     out: Path | None = None,
@@ -167,18 +269,39 @@ def run_suite(
     """Run every step of the suite; returns the report's Markdown."""
     suite, results, steps = load_suite(suite_path, out, overrides)
     root = results / "runs" / suite.name
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "suite.yaml", dump_yaml(suite))
-    _log(f"suite {suite.name}: {len(steps)} steps, every config checked")
-    for step in steps:
-        _log(f"step {step.name}")
-        start = time.time()
-        run_stage(step.stage, step.cfg, root, force=force, resume=not force, command=None)
-        _log(f"step {step.name} done in {time.time() - start:.0f}s")
-    if not suite.report:
-        return f"suite {suite.name}: runs in {root}"
-    from benchmark.report import main as report_main
-
-    report_dir = results / "reports" / suite.name
-    text = report_main([root], report_dir, force=True, overlays=4)
+    with suite_lock(root, "sequential"):
+        prepare_root(suite, results)
+        _log(f"suite {suite.name}: {len(steps)} steps, every config checked")
+        for step in steps:
+            _log(f"step {step.name}")
+            start = time.time()
+            run_stage(step.stage, step.cfg, root, force=force, resume=not force, command=None)
+            _log(f"step {step.name} done in {time.time() - start:.0f}s")
+        if not suite.report:
+            return f"suite {suite.name}: runs in {root}"
+        report_dir, text = write_report(suite, results)
     return f"{text}\nreport files in {report_dir}\nruns in {root}"
+
+
+def find_step(steps: list[Step], name: str) -> Step:
+    for step in steps:
+        if step.name == name:
+            return step
+    shown = ", ".join(s.name for s in steps[:8]) + (" ..." if len(steps) > 8 else "")
+    raise BenchError(f"--step {printable(name)}: not a step of this suite (steps: {shown})")
+
+
+def run_step(
+    suite_path: Path,
+    name: str,
+    out: Path | None = None,
+    force: bool = False,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> tuple[Path, dict[str, Any]]:
+    """Run exactly one planned step (`bench run SUITE --step NAME`, a launcher's job): the
+    suite is planned in full, then the step's run folder is opened as a sequential run opens
+    it (resumed, or redone with `force`). Runs under torchrun like any stage."""
+    suite, results, steps = load_suite(suite_path, out, overrides)
+    step = find_step(steps, name)
+    root = results / "runs" / suite.name
+    return run_stage(step.stage, step.cfg, root, force=force, resume=not force, command=None)
