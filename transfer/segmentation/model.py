@@ -99,8 +99,10 @@ def resample(
     """Bilinear interpolation of map `x` (B, C, h, w) on `grid` at image coords ys x xs
     (edges as `_axis_weights` says)."""
     h, w = x.shape[-2:]
-    y0, y1, wy0, wy1 = _axis_weights(ys.to(x.dtype), grid, h, edge)
-    x0, x1, wx0, wx1 = _axis_weights(xs.to(x.dtype), grid, w, edge)
+    # coordinates in float32 even under bf16 autocast, which would snap pixels above 256
+    # to steps of 2; the scores are promoted to float32 with the weights
+    y0, y1, wy0, wy1 = _axis_weights(ys.float(), grid, h, edge)
+    x0, x1, wx0, wx1 = _axis_weights(xs.float(), grid, w, edge)
     rows = x.index_select(-2, y0) * wy0[:, None] + x.index_select(-2, y1) * wy1[:, None]
     return rows.index_select(-1, x0) * wx0 + rows.index_select(-1, x1) * wx1
 

@@ -170,6 +170,8 @@ def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     precision = loop.Precision(t.precision, env.device)
 
     def interim(iteration: int) -> None:
+        if iteration == t.iterations:
+            return  # the final evaluation below covers the last iteration
         hist, _ = evaluate(model, data.eval, cfg.max_size, env, precision=precision)
         scores = scores_from_hist(hist, CLASSES)
         run.log_scalars(iteration, {k: scores[k] or 0.0 for k in ("mean_iu", "pixel_acc")},
