@@ -139,6 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print every step's resolved config (and how it departs from the paper) and exit",
     )
+    p.add_argument(
+        "--launcher",
+        choices=["sequential", "local", "slurm"],
+        default="sequential",
+        help="sequential (default): one step after another in this process; local: submitit "
+        "jobs on this machine, one per free GPU (or --max-parallel CPU jobs); slurm: one "
+        "SLURM job per step, with the suite's `resources`",
+    )
+    p.add_argument(
+        "--max-parallel",
+        type=int,
+        metavar="N",
+        help="at most N steps at a time (local: default one per visible GPU, else a quarter "
+        "of the CPU cores; slurm: default no limit)",
+    )
+    p.add_argument(
+        "--step",
+        metavar="NAME",
+        help="run exactly one planned step here and exit (a launcher job's entry point; "
+        "works under torchrun)",
+    )
 
     p = sub.add_parser("inpaint", help="semantic inpainting: Table 1 evaluation and figures")
     isub = p.add_subparsers(dest="inpaint_command", required=True, metavar="ACTION")
@@ -288,13 +309,46 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchmark.suite import print_plan, run_suite
+    from benchmark.suite import print_plan, run_step, run_suite
 
     if args.print_config:
         print(print_plan(args.suite, out=args.out, overrides=args.overrides), end="")
         return 0
-    print(run_suite(args.suite, out=args.out, force=args.force, overrides=args.overrides))
-    return 0
+    if args.max_parallel is not None and args.max_parallel < 1:
+        raise BenchError(f"--max-parallel: must be >= 1, got {args.max_parallel}")
+    if args.step is not None:
+        if args.launcher != "sequential" or args.max_parallel is not None:
+            raise BenchError("--step runs one step in this process: it takes no --launcher "
+                             "or --max-parallel")  # fmt: skip
+        path, metrics = run_step(
+            args.suite, args.step, out=args.out, force=args.force, overrides=args.overrides
+        )
+        print(f"run folder: {path}")
+        _print_metrics(metrics)
+        return 0
+    if args.launcher == "sequential":
+        if args.max_parallel not in (None, 1):
+            raise BenchError("--max-parallel: the sequential launcher runs one step at a "
+                             "time (use --launcher local or slurm)")  # fmt: skip
+        print(run_suite(args.suite, out=args.out, force=args.force, overrides=args.overrides))
+        return 0
+    try:
+        from benchmark.launch import launch
+    except ImportError as exc:
+        if getattr(exc, "name", "") != "submitit":
+            raise
+        raise BenchError(f"--launcher {args.launcher} needs submitit (pip install "
+                         "'submitit>=1.5')") from None  # fmt: skip
+    text, ok = launch(
+        args.suite,
+        out=args.out,
+        force=args.force,
+        overrides=args.overrides,
+        launcher=args.launcher,
+        max_parallel=args.max_parallel,
+    )
+    print(text)
+    return 0 if ok else 1
 
 
 def cmd_inpaint(args: argparse.Namespace) -> int:

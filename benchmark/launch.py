@@ -491,19 +491,21 @@ class View:
             self.live = None
 
     def _table(self) -> Any:
+        from rich.console import Group
         from rich.table import Table
+        from rich.text import Text
 
         colour = {DONE: "green", RUNNING: "cyan", WAITING: "white", FAILED: "red",
                   BLOCKED: "yellow"}  # fmt: skip
-        table = Table(title=counts(self.states), title_justify="left", box=None, pad_edge=False)
+        table = Table(box=None, pad_edge=False)
         for col in ("step", "status", "time", ""):
             table.add_column(col, no_wrap=True)
         now = time.time()
         for st in self.states.values():
             c = colour[st.status]
             table.add_row(st.name, f"[{c}]{st.status}[/{c}]", _duration(st.seconds(now)),
-                          (st.error or st.note)[:80], )  # fmt: skip
-        return table
+                          (st.error or st.note)[:80])  # fmt: skip
+        return Group(Text(counts(self.states), style="bold"), table)
 
 
 def counts(states: dict[str, StepState]) -> str:
@@ -877,7 +879,7 @@ def launch(
         raise BenchError(f"--max-parallel: must be >= 1, got {max_parallel}")
     suite, results, steps = load_suite(suite_path, out, overrides)
     root = results / "runs" / suite.name
-    jobs = root / ".launcher" / "jobs" / "%j"
+    jobs = root / ".launcher" / "jobs"  # submitit's files, named by job id
     if launcher == "local":
         backend: Any = LocalBackend(jobs, max_parallel, gpus)
     else:
