@@ -94,11 +94,27 @@ def _table(out: Path) -> list[dict]:
 
 def _metrics(out: Path, name: str) -> dict:
     m = json.loads((out / "runs" / "tiny" / name / "metrics.json").read_text())
-    return {k: v for k, v in m.items() if not k.endswith("_seconds") and k != "command"}
+    # without wall times, the command line and the weights' path (another results root)
+    return {k: v for k, v in m.items()
+            if not k.endswith("_seconds") and k not in ("command", "weights")}  # fmt: skip
 
 
 def _status(out: Path) -> dict:
     return json.loads((out / "runs" / "tiny" / ".launcher" / "status.json").read_text())["steps"]
+
+
+def _locked(root: Path) -> list[str]:
+    """Run folders of `root` whose lock some process holds."""
+    import fcntl
+
+    held = []
+    for lock in root.glob("*/.lock"):
+        with open(lock, "a+") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                held.append(lock.parent.name)
+    return held
 
 
 def _names(seeds=(0, 1)) -> list[str]:
@@ -171,6 +187,23 @@ def test_slurm_launcher_refuses_steps_without_a_time_limit_before_any_folder(
     if not any((Path(d) / "sbatch").exists() for d in os.environ["PATH"].split(os.pathsep)):
         with pytest.raises(BenchError, match="no sbatch"):
             SlurmBackend(tmp_path / "jobs", None, "tiny")
+
+
+def test_a_rerun_follows_slurm_jobs_that_still_run(tmp_path):
+    """A SLURM launcher that died left jobs behind: the rerun follows those sacct still calls
+    pending or running (status.json has their ids) and submits the rest anew."""
+    states = {"123_0": "RUNNING", "124": "PENDING", "125": "COMPLETED", "126": "FAILED"}
+
+    class Job:
+        def __init__(self, folder, job_id):
+            self.job_id, self.state = job_id, states[job_id]
+
+    backend = SlurmBackend(tmp_path, None, "tiny", executor_factory=object, job_class=Job)
+    st = StepState(None, tmp_path, {})  # type: ignore[arg-type]
+    for job_id, follows in (("123_0", True), ("124", True), ("125", False), ("126", False)):
+        assert backend.adopt(st, {"launcher": "slurm", "job_id": job_id}) is follows, job_id
+    assert not backend.adopt(st, {"launcher": "local", "job_id": "124"})
+    assert not backend.adopt(st, {})
 
 
 def test_a_second_launcher_of_the_suite_stops_at_once(tmp_path, synth_root, capsys):
@@ -309,6 +342,11 @@ def test_sigkill_the_launcher_while_a_step_runs_then_rerun(sequential, tmp_path,
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not all((root / n / "metrics.json").is_file() for n in _names([0]))
+    # its jobs die with it (within a second): no run folder stays locked
+    deadline = time.time() + 20
+    while _locked(root) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _locked(root), "a job outlived its launcher"
     rc, stdout, stderr = _run(["run", str(path), "--launcher", "local", "--max-parallel", "2"],
                               out)  # fmt: skip
     assert rc == 0, stderr[-3000:]
