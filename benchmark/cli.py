@@ -330,7 +330,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.max_parallel not in (None, 1):
             raise BenchError("--max-parallel: the sequential launcher runs one step at a "
                              "time (use --launcher local or slurm)")  # fmt: skip
-        print(run_suite(args.suite, out=args.out, force=args.force, overrides=args.overrides))
+        try:
+            print(run_suite(args.suite, out=args.out, force=args.force, overrides=args.overrides))
+        except KeyboardInterrupt:
+            return _suite_interrupted()
         return 0
     try:
         from benchmark.launch import launch
@@ -339,16 +342,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         raise BenchError(f"--launcher {args.launcher} needs submitit (pip install "
                          "'submitit>=1.5')") from None  # fmt: skip
-    text, ok = launch(
-        args.suite,
-        out=args.out,
-        force=args.force,
-        overrides=args.overrides,
-        launcher=args.launcher,
-        max_parallel=args.max_parallel,
-    )
+    try:
+        text, ok = launch(
+            args.suite,
+            out=args.out,
+            force=args.force,
+            overrides=args.overrides,
+            launcher=args.launcher,
+            max_parallel=args.max_parallel,
+        )
+    except KeyboardInterrupt:
+        return _suite_interrupted()
     print(text)
     return 0 if ok else 1
+
+
+def _suite_interrupted() -> int:
+    print("bench: interrupted; rerun the same command to continue (finished steps are kept, "
+          "interrupted ones resume)", file=sys.stderr)  # fmt: skip
+    return 130
 
 
 def cmd_inpaint(args: argparse.Namespace) -> int:

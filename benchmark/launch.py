@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -563,9 +564,13 @@ class Launcher:
     def _write_status(self) -> None:
         steps = {}
         for st in self.states.values():
+            job_id, launcher = st.job_id, self.backend.name
+            old = self.records.get(st.name) or {}
+            if st.status == WAITING and not job_id and old.get("job_id"):
+                job_id, launcher = old["job_id"], old.get("launcher", "")  # still to follow
             steps[st.name] = {
-                "status": st.status, "note": st.note, "launcher": self.backend.name,
-                "job_id": st.job_id, "gpus": list(st.devices) or st.gpus,
+                "status": st.status, "note": st.note, "launcher": launcher,
+                "job_id": job_id, "gpus": list(st.devices) or st.gpus,
                 "started": st.started, "ended": st.ended,
                 "seconds": st.seconds(), "error": st.error,
                 "log": st.log, "skipped": st.skipped,
@@ -606,8 +611,9 @@ class Launcher:
                         self._ready(self.states[name], sorter, queue)
                 changed |= self._start(queue)
                 changed |= self._poll(sorter)
-                if self._new_results and time.time() - self._last_report >= self.report_every:
-                    self._report(final=False)
+                if (self._new_results and time.time() - self._last_report >= self.report_every
+                        and any(st.status in (RUNNING, WAITING) for st in self.states.values())):
+                    self._report(final=False)  # the final one follows the last step anyway
                 if changed:
                     self._write_status()
                 self.view.refresh()
@@ -705,8 +711,6 @@ class Launcher:
         for st in group:
             st.status, st.started = RUNNING, now
             st.job_id = str(st.job.job_id)
-            if isinstance(st.job, submitit.LocalJob):
-                st.job._results_timeout_s = self.backend.result_wait_s
             where = f" on GPU {','.join(st.devices)}" if st.devices else ""
             st.note = f"job {st.job_id}{where}"
             self.view.event(st, f"running (job {st.job_id}{where})")
@@ -832,27 +836,35 @@ def _outcome(job: Any, wait_s: float) -> tuple[bool, str]:
         return True, ""
     lines = [line for line in str(payload).strip().splitlines() if line.strip()]
     last = lines[-1].strip() if lines else "unknown error"
-    for prefix in ("benchmark.errors.BenchError: ", "benchmark.errors.ConfigError: "):
-        if last.startswith(prefix):
-            return False, last[len(prefix) :]
-    return False, last
+    # bench's own errors are one-line messages: show them as `bench` prints them
+    return False, re.sub(r"^benchmark\.errors\.\w+: ", "", last)
 
 
 def _tail(st: StepState) -> tuple[list[str], str]:
-    """The last lines of the step's log (its run folder's log.txt, else the job's stderr)."""
-    candidates = [st.path / "log.txt"]
+    """The last lines of the step's log and where its full log is: the run folder's log.txt,
+    else what the job printed before its traceback, else the traceback's last lines."""
+    stderr = None
     if st.job is not None:
         with contextlib.suppress(Exception):
-            candidates.append(Path(st.job.paths.stderr))
-    for path in candidates:
+            stderr = Path(st.job.paths.stderr)
+    full = str(stderr or st.path / "log.txt")
+
+    def lines(path: Path | None) -> list[str]:
         try:
-            text = path.read_text(errors="replace")
+            text = path.read_text(errors="replace") if path else ""
         except OSError:
-            continue
-        lines = [printable(line.rstrip())[:200] for line in text.splitlines() if line.strip()]
-        if lines:
-            return lines[-TAIL_LINES:], str(candidates[-1])
-    return [], str(candidates[-1])
+            return []
+        return [printable(line.rstrip())[:200] for line in text.splitlines() if line.strip()]
+
+    log = lines(st.path / "log.txt")
+    if log:
+        return log[-TAIL_LINES:], full
+    err = lines(stderr)
+    cut = max((i for i, line in enumerate(err) if line.startswith("Traceback (")), default=None)
+    before = [line for line in err[:cut] if not line.startswith("submitit ")]
+    if before:
+        return before[-TAIL_LINES:], full
+    return (err[cut:] if cut is not None else err)[-4:], full
 
 
 def launch(
