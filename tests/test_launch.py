@@ -386,3 +386,21 @@ def test_a_failed_step_blocks_only_its_dependents_and_the_fix_reruns_only_them(
     assert all(s["status"] == "done" for s in status.values())
     assert (out / "runs" / "tiny" / "classification-random-s0" / "metrics.json").stat(
     ).st_mtime == mtime  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_step_given_two_gpus_runs_under_torchrun(tmp_path, synth_root, monkeypatch):
+    """The job of a step with gpus_per_node 2 runs `torchrun --nproc_per_node 2 -m
+    benchmark.cli run SUITE --step NAME` (here on CPU: two gloo processes, one writer)."""
+    from benchmark.launch import StepJob
+    from benchmark.suite import run_step
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = _suite(tmp_path, synth_root, seeds=[0])
+    out = tmp_path / "out"
+    run_step(path, "pretrain-random-s0", out)
+    result = StepJob(suite=str(path), step="classification-random-s0", out=str(out), gpus=2)()
+    assert result["step"] == "classification-random-s0"
+    run = out / "runs" / "tiny" / "classification-random-s0"
+    assert json.loads((run / "metrics.json").read_text())["iterations"] == 2
+    assert (run / "log.txt").read_text().count(" it 2/2 ") == 1
