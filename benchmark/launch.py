@@ -782,7 +782,7 @@ class Launcher:
             + (f" ({skipped} already complete)" if skipped else "")
             + "".join(f", {n[s]} {s}" for s in (FAILED, BLOCKED) if n[s])
         )
-        width = max(len(st.name) for st in states)
+        width = max((len(st.name) for st in states), default=4)
         lines = [head, f"  {'step':<{width}}  {'status':<7}  {'time':>6}  job"]
         for st in states:
             job = st.job_id or ("-" if not st.skipped else "(already complete)")
