@@ -57,14 +57,18 @@ class FastRCNN(nn.Module):
             for p in self.features[idx].parameters():
                 p.requires_grad_(False)
 
-    def forward(
-        self, images: torch.Tensor, rois: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def head(self, images: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """fc7 of every RoI: the input of both output layers."""
         conv5 = self.features(images)
         # torchvision's CPU roi_pool has no autocast rule: pool in the RoIs' dtype (fp32)
         x = self.roi_pool(conv5.to(rois.dtype), rois).flatten(1)
         x = self.dropout(F.relu(self.fc6(x)))
-        x = self.dropout(F.relu(self.fc7(x)))
+        return self.dropout(F.relu(self.fc7(x)))
+
+    def forward(
+        self, images: torch.Tensor, rois: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.head(images, rois)
         return self.cls_score(x), self.bbox_pred(x)
 
 

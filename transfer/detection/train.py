@@ -187,10 +187,13 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path, env: DistEnv) -> 
     if cfg.rescale and run.checkpoint is None:
         batch = init_batch(dataset, cfg)
         images, rois = batch["images"].to(env.device), batch["rois"].to(env.device)
-        # Fast R-CNN's output layers keep their own initialisation (N(0, 0.01), N(0, 0.001))
+        # Fast R-CNN's output layers keep their own initialisation (N(0, 0.01), N(0, 0.001)),
+        # so the calibration's top is fc7, the last layer it scales: calibrated against the
+        # logits, it would grow fc7 until N(0, 0.01) scores had unit std, ~100x too large
+        # (the fine-tuning then diverges at Fast R-CNN's learning rate).
         report = rescale_for_transfer_(
-            model, lambda: model(images, rois), "features.", card["method"] != "random",
-            cfg.seed, exclude=("cls_score", "bbox_pred"),
+            model, lambda: model.head(images, rois), "features.", card["method"] != "random",
+            cfg.seed,
         )  # fmt: skip
         run.logger.info("data-dependent init: " + format_report(report))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

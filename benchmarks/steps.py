@@ -1,0 +1,397 @@
+"""Images per second of every training step, in fp32 and bf16, beside the machine's matmul
+rate of the same precision measured in the same run.
+
+    python -m benchmarks.steps                                  # every step, fp32 and bf16
+    python -m benchmarks.steps --steps inpainting --port        # + the public port's step
+    python -m benchmarks.steps --port-model ../context_encoder_pytorch/model.py
+    python -m benchmarks.steps --pipeline                       # + the data pipelines
+
+Each step is built exactly as its stage builds it (the same model, `make_step`, optimiser
+and `benchmark.loop.Precision`) at the protocol's sizes, on random inputs. A row: ms/step,
+img/s, GFLOP per step as torch's counter sees it (convolutions and matrix products, a
+multiply-add counted as 2), the achieved GFLOP/s and its share of a 2048^2 matmul of the same
+precision, CPU seconds per step (on a shared machine wall time also counts other people's
+work). `--port` adds the public PyTorch port's inpainting step rebuilt on our modules with
+its kernels and update (NCHW, plain convolutions for the bottleneck, per-op Adam, sigmoid +
+BCELoss, D's weight gradients computed in the G step, the L2 weighted as its train.py does);
+`--port-model` runs it from the port's own `model.py` (BoyuanJiang/context_encoder_pytorch:
+not part of bench, give its path). `--pipeline` times each stage's data pipeline (the
+dataset and workers the stage uses) on the synthetic dataset, to compare with its step.
+Benchmarks print numbers; they never assert wall times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmark.distributed import DistEnv, pick_device
+from benchmark.loop import Precision, cpu_has_fast_bf16, resolve_precision
+from benchmarks.common import count_flops, markdown_table, matmul_gflops, sync
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------- the steps
+
+
+def context_encoder(env: DistEnv, prec: Precision, batch: int, masked: bool = True):
+    """Section 3's feature learner at 227 px: Adam on the masked L2."""
+    from pretrain.context_encoder import ContextEncoder
+    from pretrain.data import fill_value
+    from pretrain.train import _adam, make_step
+
+    net = ContextEncoder("caffenet", False, 227).to(env.device)
+    opt = _adam(net.parameters(), 1e-4, 0.9, env.device)
+    fill = fill_value([0.48, 0.46, 0.41]).to(env.device)
+    step = make_step(net, opt, prec, env.device, fill=fill if masked else None)
+    mask = torch.zeros(batch, 1, 227, 227)
+    mask[..., 57:170, 57:170] = 1
+    data = {"image": torch.randn(batch, 3, 227, 227), "mask": mask}
+    return lambda: step(data, 0), batch
+
+
+def autoencoder(env: DistEnv, prec: Precision, batch: int):
+    return context_encoder(env, prec, batch, masked=False)
+
+
+def inpainting(env: DistEnv, prec: Precision, batch: int):
+    """Section 5.1's joint-loss iteration: a D step, then G through the updated D."""
+    from pretrain.inpainting.config import InpaintingConfig
+    from pretrain.inpainting.train import build_nets, make_step
+
+    cfg = InpaintingConfig()
+    g, opt_g, adversary = build_nets(cfg, env, prec)
+    step = make_step(
+        g,
+        opt_g,
+        adversary,
+        prec,
+        env.device,
+        cfg.loss,
+        channels_last=cfg.train.channels_last,
+        geometry=cfg.geometry(),
+    )
+    data = {"image": torch.rand(batch, 3, 128, 128) * 2 - 1}
+    return lambda: step(data, 0), batch
+
+
+def classification(env: DistEnv, prec: Precision, batch: int):
+    from pretrain.alexnet import AlexNetEncoder
+    from transfer.classification.config import TrainConfig
+    from transfer.classification.model import ClassificationNet
+    from transfer.classification.train import make_optimizer, make_step
+
+    model = ClassificationNet(AlexNetEncoder("caffenet")).to(env.device)
+    t = TrainConfig()
+    step = make_step(model, make_optimizer(model, t), t, prec, env.device)
+    data = (
+        torch.randint(0, 256, (batch, 3, 227, 227), dtype=torch.uint8),
+        (torch.rand(batch, 20) < 0.2).float(),
+        torch.ones(batch, 20, dtype=torch.bool),
+    )
+    return lambda: step(data, 0), batch
+
+
+def detection(env: DistEnv, prec: Precision, batch: int):
+    """Fast R-CNN: 2 images of 600 x 800 with 64 RoIs each."""
+    from pretrain.alexnet import AlexNetEncoder
+    from transfer.detection.config import DetectionTrainConfig
+    from transfer.detection.model import FastRCNN, param_groups
+    from transfer.detection.train import make_step
+
+    model = FastRCNN(AlexNetEncoder("caffenet"), freeze_at=1).to(env.device)
+    t = DetectionTrainConfig()
+    opt = torch.optim.SGD(
+        param_groups(model, t.lr, t.weight_decay, t.bias_lr_mult), lr=t.lr, momentum=t.momentum
+    )
+    step = make_step(model, opt, t, prec, env.device)
+    n = t.rois_per_batch
+    xy = torch.rand(n, 2) * torch.tensor([600.0, 400.0])
+    wh = torch.rand(n, 2) * 180 + 20
+    rois = torch.cat([torch.arange(n)[:, None].float() % 2, xy, xy + wh], dim=1)
+    data = {
+        "images": torch.randn(2, 3, 600, 800),
+        "rois": rois,
+        "labels": torch.randint(0, 21, (n,)),
+        "targets": torch.randn(n, 4) * 0.1,
+    }
+    return lambda: step(data, 0), 2
+
+
+def segmentation(env: DistEnv, prec: Precision, batch: int):
+    """FCN-32s: one 500 x 375 VOC-sized image per pass (an update accumulates 20 of them)."""
+    import numpy as np
+
+    from pretrain.alexnet import AlexNetEncoder
+    from transfer.segmentation.config import SegmentationTrainConfig
+    from transfer.segmentation.model import FCN
+    from transfer.segmentation.train import make_optimizer, make_step
+
+    model = FCN(AlexNetEncoder("caffenet")).to(env.device)
+    t = SegmentationTrainConfig(iter_size=1)
+    step = make_step(model, make_optimizer(model, t), t, True, prec, env.device)
+    rng = np.random.default_rng(0)
+    data = [
+        (
+            rng.integers(0, 256, (375, 500, 3), dtype=np.uint8),
+            rng.integers(0, 21, (375, 500), dtype=np.uint8),
+        )
+    ]
+    return lambda: step(data, 0), 1
+
+
+def probe_features(env: DistEnv, prec: Precision, batch: int):
+    """The probes' feature extraction: the frozen encoder, forward only, at 227 px."""
+    from pretrain.alexnet import AlexNetEncoder
+
+    enc = AlexNetEncoder("caffenet").to(env.device).eval()
+    x = torch.randn(batch, 3, 227, 227, device=env.device)
+
+    def step() -> torch.Tensor:
+        with torch.no_grad(), prec.autocast():
+            return enc(x)
+
+    return step, batch
+
+
+STEPS: dict[str, tuple[Callable[..., Any], int]] = {
+    "context-encoder": (context_encoder, 32),
+    "autoencoder": (autoencoder, 32),
+    "inpainting": (inpainting, 64),
+    "classification": (classification, 16),
+    "detection": (detection, 2),
+    "segmentation": (segmentation, 1),
+    "probe-features": (probe_features, 64),
+}
+
+
+# ---------------------------------------------------------------- the public port
+
+
+def port_step(device: torch.device, batch: int, model_file: Path | None = None):
+    """The public PyTorch port's iteration (BoyuanJiang/context_encoder_pytorch train.py):
+    its nets from its own model.py when given, else rebuilt on our modules with its kernels."""
+    from pretrain.adversarial import DCGANDiscriminator
+    from pretrain.inpainting.model import ContextEncoderGenerator, mask_context
+
+    if model_file is not None:
+        spec = importlib.util.spec_from_file_location("port_model", model_file)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        opt = SimpleNamespace(ngpu=1, nc=3, nef=64, ngf=64, ndf=64, nBottleneck=4000)
+        g, d = module._netG(opt), module._netlocalD(opt)
+    else:
+        g = ContextEncoderGenerator()
+        for seq, i, cls in ((g.encoder.net, -1, nn.Conv2d), (g.decoder.net, 2, nn.ConvTranspose2d)):
+            old = seq[i]
+            plain = cls(old.in_channels, old.out_channels, 4, 1, 0, bias=False)
+            plain.weight.data.copy_(old.weight.data)
+            seq[i] = plain
+        d = nn.Sequential(DCGANDiscriminator(64), nn.Sigmoid())
+    g, d = g.to(device), d.to(device)
+    opt_g = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))  # the port's lr
+    opt_d = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    bce = nn.BCELoss()
+    overlap, wtl2 = 4, 0.998  # the port's defaults (train.py)
+    hole = torch.zeros(1, 1, 128, 128, dtype=torch.bool, device=device)
+    hole[..., 32 + overlap : 96 - overlap, 32 + overlap : 96 - overlap] = True
+    w = torch.full((1, 3, 64, 64), wtl2 * 10.0, device=device)
+    w[..., overlap : 64 - overlap, overlap : 64 - overlap] = wtl2
+    image = torch.rand(batch, 3, 128, 128, device=device) * 2 - 1
+
+    def step() -> None:
+        real = image[..., 32:96, 32:96].clone()
+        fake = g(mask_context(image, hole))
+        ones = torch.ones(batch, device=device)
+        zeros = torch.zeros(batch, device=device)
+        d.zero_grad()
+        bce(d(real).view(-1), ones).backward()
+        bce(d(fake.detach()).view(-1), zeros).backward()
+        opt_d.step()
+        g.zero_grad()
+        l2 = ((fake - real).pow(2) * w).mean()
+        err = (1 - wtl2) * bce(d(fake).view(-1), ones) + wtl2 * l2
+        err.backward()
+        opt_g.step()
+
+    return step, batch
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def measure(
+    name: str,
+    precision: str,
+    step: Callable[[], Any],
+    images: int,
+    device: torch.device,
+    peak: float,
+    repeats: int,
+    warmup: int,
+) -> dict[str, Any]:
+    flops = count_flops(step)
+    for _ in range(warmup):
+        step()
+    sync(device)
+    walls, cpus = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        step()
+        sync(device)
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    wall = sorted(walls)[len(walls) // 2]
+    gflops = flops / wall / 1e9
+    return {
+        "step": name,
+        "precision": precision,
+        "ms/step": wall * 1e3,
+        "img/s": images / wall,
+        "cpu s/step": sorted(cpus)[len(cpus) // 2],
+        "GFLOP/step": flops / 1e9,
+        "GFLOP/s": gflops,
+        "% of matmul": 100.0 * gflops / peak,
+    }
+
+
+def pipelines(workers: int, seconds: float = 10.0) -> list[dict[str, Any]]:
+    """img/s of each stage's training data pipeline on the synthetic dataset."""
+    from benchmark.datasets.folder import list_images
+    from benchmark.datasets.resolve import resolve_data
+    from benchmark.loop import list_collate, loader_batches
+    from pretrain.data import PretrainImages
+    from pretrain.inpainting.data import InpaintingImages
+    from pretrain.masks import load_voc_shapes, make_mask_fn
+    from transfer.classification.config import AugmentConfig
+    from transfer.classification.data import TrainCrops, VOCImages
+    from transfer.segmentation.data import SegTrainSet, build_data, find_sbd
+
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    images = list_images(resolve_data(None, "images"))
+    voc07, voc12 = resolve_data(None, "voc2007"), resolve_data(None, "voc2012")
+    shapes = load_voc_shapes(voc12)
+    mask = make_mask_fn("random-region", (227, 227), shapes=shapes)
+    seg = build_data(voc12, find_sbd(None, None, voc12, True), "train", "seg11valid")
+    sets = {
+        "context-encoder": (PretrainImages(images, 227, mask), 32, None),
+        "inpainting": (InpaintingImages(images, 350), 64, None),
+        "classification": (TrainCrops(VOCImages(voc07, "trainval"), AugmentConfig(), 0), 16, None),
+        "segmentation": (SegTrainSet(seg.train, None, False, 0), 1, list_collate),
+    }
+    rows = []
+    for name, (ds, batch, collate) in sets.items():
+        it = loader_batches(ds, batch, 0, env, workers, collate)(0)
+        next(it)  # workers started
+        n, tic = 0, time.perf_counter()
+        while time.perf_counter() - tic < seconds:
+            next(it)
+            n += batch
+        rows.append(
+            {"pipeline": name, "workers": workers, "img/s": n / (time.perf_counter() - tic)}
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", default=",".join(STEPS), help=",".join(STEPS))
+    p.add_argument(
+        "--precisions",
+        default="auto",
+        help="comma list of fp32,bf16,fp16; auto: fp32 and, where the device runs "
+        "it natively, the low precision `train.precision: auto` picks",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--batch", type=int, default=0, help="override every step's batch size")
+    p.add_argument("--port", action="store_true", help="the port's inpainting step, rebuilt")
+    p.add_argument("--port-model", type=Path, help="the port's own model.py (runs it)")
+    p.add_argument("--pipeline", action="store_true", help="also time the data pipelines")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    env = DistEnv(0, 1, 0, device)
+    torch.manual_seed(0)
+    rows, peaks = [], {}
+    precisions = args.precisions.split(",")
+    if precisions == ["auto"]:
+        precisions = sorted({"fp32", resolve_precision("auto", device)}, key="fp32".__ne__)
+    native = device.type == "cuda" or cpu_has_fast_bf16()
+    for precision in precisions:
+        # Emulated bf16 (no AMX / AVX-512 BF16) runs a 2048^2 matmul in minutes: a smaller one.
+        size = 2048 if precision == "fp32" or native else 1024
+        peaks[precision] = matmul_gflops(
+            device, size, DTYPES[precision], repeats=1 if size < 2048 else 5
+        )
+        prec = Precision(precision, device)
+        for name in args.steps.split(","):
+            build, default_batch = STEPS[name]
+            step, images = build(env, prec, args.batch or default_batch)
+            rows.append(
+                measure(
+                    name,
+                    precision,
+                    step,
+                    images,
+                    device,
+                    peaks[precision],
+                    args.repeats,
+                    args.warmup,
+                )
+            )
+        if precision == "fp32" and (args.port or args.port_model):
+            batch = args.batch or 64
+            if args.port:
+                step, n = port_step(device, batch)
+                rows.append(
+                    measure(
+                        "inpainting: public port (rebuilt)",
+                        "fp32",
+                        step,
+                        n,
+                        device,
+                        peaks["fp32"],
+                        args.repeats,
+                        args.warmup,
+                    )
+                )
+            if args.port_model:
+                step, n = port_step(device, batch, args.port_model)
+                rows.append(
+                    measure(
+                        "inpainting: public port (its model.py)",
+                        "fp32",
+                        step,
+                        n,
+                        device,
+                        peaks["fp32"],
+                        args.repeats,
+                        args.warmup,
+                    )
+                )
+    cpu = "" if device.type == "cuda" else f" (native bf16: {cpu_has_fast_bf16()})"
+    head = f"device {device}{cpu}, {torch.get_num_threads()} threads; matmul: " + ", ".join(
+        f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()
+    )
+    out = head + "\n\n" + markdown_table(rows)
+    if args.pipeline:
+        out += "\n\n" + markdown_table(pipelines(args.workers))
+    return out
+
+
+if __name__ == "__main__":
+    print(main())
