@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 import pretrain.train as train
+from benchmark.distributed import DistEnv
 from benchmark.errors import BenchError, ConfigError
+from benchmark.loop import IterationSampler, LoopConfig, Precision, fit
 from benchmark.runs import open_run
 from pretrain.config import LossConfig, ModelConfig, PretrainConfig, TrainConfig
-from benchmark.distributed import DistEnv
-from benchmark.loop import IterationSampler, LoopConfig, Precision, fit
 from pretrain.export import load_native
 
 SIZE = 67  # the smallest input AlexNet takes (pool5 is 1 x 1): seconds per test on CPU
