@@ -43,13 +43,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # ---------------------------------------------------------------- the steps
 
 
-def context_encoder(env: DistEnv, prec: Precision, batch: int, masked: bool = True):
+def _maybe_compile(net: nn.Module, compile: bool) -> nn.Module:
+    return torch.compile(net) if compile else net  # type: ignore[return-value]
+
+
+def context_encoder(
+    env: DistEnv, prec: Precision, batch: int, compile: bool = False, masked: bool = True
+):
     """Section 3's feature learner at 227 px: Adam on the masked L2."""
     from pretrain.context_encoder import ContextEncoder
     from pretrain.data import fill_value
     from pretrain.train import _adam, make_step
 
-    net = ContextEncoder("caffenet", False, 227).to(env.device)
+    net = _maybe_compile(ContextEncoder("caffenet", False, 227).to(env.device), compile)
     opt = _adam(net.parameters(), 1e-4, 0.9, env.device)
     fill = fill_value([0.48, 0.46, 0.41]).to(env.device)
     step = make_step(net, opt, prec, env.device, fill=fill if masked else None)
@@ -59,16 +65,17 @@ def context_encoder(env: DistEnv, prec: Precision, batch: int, masked: bool = Tr
     return lambda: step(data, 0), batch
 
 
-def autoencoder(env: DistEnv, prec: Precision, batch: int):
-    return context_encoder(env, prec, batch, masked=False)
+def autoencoder(env: DistEnv, prec: Precision, batch: int, compile: bool = False):
+    return context_encoder(env, prec, batch, compile, masked=False)
 
 
-def inpainting(env: DistEnv, prec: Precision, batch: int):
+def inpainting(env: DistEnv, prec: Precision, batch: int, compile: bool = False):
     """Section 5.1's joint-loss iteration: a D step, then G through the updated D."""
     from pretrain.inpainting.config import InpaintingConfig
     from pretrain.inpainting.train import build_nets, make_step
 
     cfg = InpaintingConfig()
+    cfg.train.compile = compile  # the stage's own switch: loop.prepare_model compiles G and D
     g, opt_g, adversary = build_nets(cfg, env, prec)
     step = make_step(
         g,
@@ -84,13 +91,13 @@ def inpainting(env: DistEnv, prec: Precision, batch: int):
     return lambda: step(data, 0), batch
 
 
-def classification(env: DistEnv, prec: Precision, batch: int):
+def classification(env: DistEnv, prec: Precision, batch: int, compile: bool = False):
     from pretrain.alexnet import AlexNetEncoder
     from transfer.classification.config import TrainConfig
     from transfer.classification.model import ClassificationNet
     from transfer.classification.train import make_optimizer, make_step
 
-    model = ClassificationNet(AlexNetEncoder("caffenet")).to(env.device)
+    model = _maybe_compile(ClassificationNet(AlexNetEncoder("caffenet")).to(env.device), compile)
     t = TrainConfig()
     step = make_step(model, make_optimizer(model, t), t, prec, env.device)
     data = (
@@ -101,7 +108,7 @@ def classification(env: DistEnv, prec: Precision, batch: int):
     return lambda: step(data, 0), batch
 
 
-def detection(env: DistEnv, prec: Precision, batch: int):
+def detection(env: DistEnv, prec: Precision, batch: int, compile: bool = False):
     """Fast R-CNN: 2 images of 600 x 800 with 64 RoIs each."""
     from pretrain.alexnet import AlexNetEncoder
     from transfer.detection.config import DetectionTrainConfig
@@ -109,6 +116,7 @@ def detection(env: DistEnv, prec: Precision, batch: int):
     from transfer.detection.train import make_step
 
     model = FastRCNN(AlexNetEncoder("caffenet"), freeze_at=1).to(env.device)
+    model = _maybe_compile(model, compile)
     t = DetectionTrainConfig()
     opt = torch.optim.SGD(
         param_groups(model, t.lr, t.weight_decay, t.bias_lr_mult), lr=t.lr, momentum=t.momentum
@@ -127,7 +135,7 @@ def detection(env: DistEnv, prec: Precision, batch: int):
     return lambda: step(data, 0), 2
 
 
-def segmentation(env: DistEnv, prec: Precision, batch: int):
+def segmentation(env: DistEnv, prec: Precision, batch: int, compile: bool = False):
     """FCN-32s: one 500 x 375 VOC-sized image per pass (an update accumulates 20 of them)."""
     import numpy as np
 
@@ -136,7 +144,7 @@ def segmentation(env: DistEnv, prec: Precision, batch: int):
     from transfer.segmentation.model import FCN
     from transfer.segmentation.train import make_optimizer, make_step
 
-    model = FCN(AlexNetEncoder("caffenet")).to(env.device)
+    model = _maybe_compile(FCN(AlexNetEncoder("caffenet")).to(env.device), compile)
     t = SegmentationTrainConfig(iter_size=1)
     step = make_step(model, make_optimizer(model, t), t, True, prec, env.device)
     rng = np.random.default_rng(0)
@@ -149,11 +157,11 @@ def segmentation(env: DistEnv, prec: Precision, batch: int):
     return lambda: step(data, 0), 1
 
 
-def probe_features(env: DistEnv, prec: Precision, batch: int):
+def probe_features(env: DistEnv, prec: Precision, batch: int, compile: bool = False):
     """The probes' feature extraction: the frozen encoder, forward only, at 227 px."""
     from pretrain.alexnet import AlexNetEncoder
 
-    enc = AlexNetEncoder("caffenet").to(env.device).eval()
+    enc = _maybe_compile(AlexNetEncoder("caffenet").to(env.device).eval(), compile)
     x = torch.randn(batch, 3, 227, 227, device=env.device)
 
     def step() -> torch.Tensor:
@@ -239,6 +247,10 @@ def measure(
     repeats: int,
     warmup: int,
 ) -> dict[str, Any]:
+    tic = time.perf_counter()
+    step()  # first call: torch.compile compiles here; eager kernels warm up
+    sync(device)
+    first = time.perf_counter() - tic
     flops = count_flops(step)
     for _ in range(warmup):
         step()
@@ -261,6 +273,7 @@ def measure(
         "GFLOP/step": flops / 1e9,
         "GFLOP/s": gflops,
         "% of matmul": 100.0 * gflops / peak,
+        "first step s": first,
     }
 
 
@@ -320,6 +333,12 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also each step with torch.compile (train.compile: true); 'first step s' "
+        "is then its compile time",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -340,19 +359,21 @@ def main(argv: list[str] | None = None) -> str:
         prec = Precision(precision, device)
         for name in args.steps.split(","):
             build, default_batch = STEPS[name]
-            step, images = build(env, prec, args.batch or default_batch)
-            rows.append(
-                measure(
-                    name,
-                    precision,
-                    step,
-                    images,
-                    device,
-                    peaks[precision],
-                    args.repeats,
-                    args.warmup,
+            for compiled in (False, True) if args.compile else (False,):
+                step, images = build(env, prec, args.batch or default_batch, compiled)
+                label = name + (" (compiled)" if compiled else "")
+                rows.append(
+                    measure(
+                        label,
+                        precision,
+                        step,
+                        images,
+                        device,
+                        peaks[precision],
+                        args.repeats,
+                        args.warmup,
+                    )
                 )
-            )
         if precision == "fp32" and (args.port or args.port_model):
             batch = args.batch or 64
             if args.port:

@@ -146,6 +146,25 @@ def test_lrn_matches_caffe_formula(spec):
     assert not torch.allclose(x.double(), want, rtol=1e-2)  # the normalisation did something
 
 
+@pytest.mark.parametrize("spec", [LRNSpec(), LRNSpec(3, 2e-3, 0.5, 2.0), LRNSpec(7, 1.0, 1.0, 1.0)])
+def test_lrn_backward_matches_autograd_of_the_formula(spec):
+    """The hand-written backward (Caffe's) equals autograd through the formula in float64,
+    and torch's own LRN's gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 11, 4, 5) * 3
+    grad = torch.randn(2, 11, 4, 5)
+    a = x.clone().requires_grad_()
+    CaffeLRN(spec)(a).backward(grad)
+    b = x.double().requires_grad_()
+    _lrn_by_hand(b, spec.local_size, spec.alpha, spec.beta, spec.k).backward(grad.double())
+    assert torch.allclose(a.grad.double(), b.grad, rtol=1e-4, atol=1e-5)
+    c = x.clone().requires_grad_()
+    torch.nn.functional.local_response_norm(
+        c, spec.local_size, spec.alpha, spec.beta, spec.k
+    ).backward(grad)
+    assert torch.allclose(a.grad, c.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_lrn_half_precision_does_not_overflow():
     x = torch.full((1, 5, 2, 2), 400.0)  # 400^2 overflows float16
     y = CaffeLRN(LRNSpec())(x.half())
