@@ -282,7 +282,7 @@ def test_local_launcher_two_workers_gives_the_sequential_tables(sequential, tmp_
 
 @pytest.mark.slow
 def test_slurm_path_runs_its_jobs_through_a_local_executor(
-    sequential, tmp_path, synth_root, monkeypatch, capsys
+    sequential, tmp_path, synth_root, monkeypatch
 ):
     """The SLURM launcher end to end, with its executor factory swapped: each group's
     SlurmExecutor is built from the resources (and its sbatch script kept), the jobs run
@@ -321,7 +321,8 @@ def test_slurm_path_runs_its_jobs_through_a_local_executor(
     assert sum(batches) == 4
     for name in _names([0]):
         assert _metrics(out, name) == _metrics(sequential, name), name
-    assert "partial report written" in capsys.readouterr().err
+    # (no check of a partial report here: the two transfers often end in the same poll, and
+    # then, rightly, only the final report is written)
     assert (out / "reports" / "tiny" / "table2.csv").is_file()
 
 
