@@ -25,7 +25,7 @@ def _ids(path: Path) -> list[str]:
 
 def test_voc_plus_sbd_training_and_val_minus_sbd_train(synth_root: Path) -> None:
     voc, sbd = _roots(synth_root)
-    data = build_data(voc, sbd, "train", "seg11valid")
+    data = build_data(voc, sbd, "train", "seg11valid", train_set="voc+sbd")
     sbd_train = set(_ids(sbd / "train.txt"))
     val = read_split(voc, "val", "Segmentation")
     assert data.split == "voc2012-val-minus-sbd-train"  # no VOC2011 here: named honestly
@@ -41,12 +41,24 @@ def test_voc_plus_sbd_training_and_val_minus_sbd_train(synth_root: Path) -> None
     assert label.shape == image.shape[:2] and label.max() <= 20
 
 
+def test_sbd_train_is_the_default_training_set(synth_root: Path) -> None:
+    """FCN-AlexNet trained on SBD train alone; without SBD that default names the fix."""
+    voc, sbd = _roots(synth_root)
+    data = build_data(voc, sbd, "train", "seg11valid")
+    assert data.train and all(s.mask_path.suffix == ".mat" for s in data.train)
+    sbd_train = set(_ids(sbd / "train.txt"))
+    assert {s.image_id for s in data.train} <= sbd_train
+    assert not {s.image_id for s in data.train} & {s.image_id for s in data.eval}
+    with pytest.raises(DatasetError, match="train_set sbd-train needs SBD"):
+        build_data(voc, None, "train", "seg11valid")
+
+
 def test_named_split_and_no_sbd(synth_root: Path) -> None:
     voc, _ = _roots(synth_root)
-    data = build_data(voc, None, "train", "seg11valid")
+    data = build_data(voc, None, "train", "seg11valid", train_set="voc+sbd")
     assert data.split == "voc2012-val" and data.train_sources["sbd"] == 0
     assert any("no SBD" in n for n in data.notes)
-    assert build_data(voc, None, "train", "val").split == "voc2012-val"
+    assert build_data(voc, None, "train", "val", train_set="voc+sbd").split == "voc2012-val"
 
 
 def test_sbd_is_found_beside_the_vocdevkit_or_absent(synth_root: Path, tmp_path: Path) -> None:
@@ -85,9 +97,9 @@ def test_seg11valid_from_voc2011_or_its_own_list(synth_root: Path, tmp_path: Pat
 def test_real_sample_without_val_split_fails_cleanly(shared_data: Path) -> None:
     voc = shared_data / "VOCdevkit" / "VOC2012"
     with pytest.raises(DatasetError, match=r"val\.txt: split file not found"):
-        build_data(voc, None, "train", "seg11valid")
+        build_data(voc, None, "train", "seg11valid", train_set="voc+sbd")
     with pytest.raises(DatasetError, match="no training images left"):
-        build_data(voc, None, "train", "train")
+        build_data(voc, None, "train", "train", train_set="voc+sbd")
 
 
 def test_missing_mask_is_named(synth_root: Path, tmp_path: Path) -> None:
@@ -97,7 +109,7 @@ def test_missing_mask_is_named(synth_root: Path, tmp_path: Path) -> None:
     first = read_split(copy, "train", "Segmentation")[0]
     (copy / "SegmentationClass" / f"{first}.png").unlink()
     with pytest.raises(DatasetError, match=f"{first}.png: segmentation mask not found"):
-        build_data(copy, None, "train", "val")
+        build_data(copy, None, "train", "val", train_set="voc+sbd")
 
 
 def test_training_order_is_a_seeded_shuffle_per_epoch() -> None:
@@ -119,7 +131,7 @@ def test_training_order_is_a_seeded_shuffle_per_epoch() -> None:
 
 def test_train_set_mirrors_by_sample_number(synth_root: Path) -> None:
     voc, _ = _roots(synth_root)
-    data = build_data(voc, None, "train", "val")
+    data = build_data(voc, None, "train", "val", train_set="voc+sbd")
     sample = data.train[0]
     image, label = load_pair(sample, 48)
     plain = SegTrainSet(data.train, 48, mirror=False, seed=0)

@@ -165,3 +165,26 @@ def test_deconv_upsampling_is_fcn_alexnets_upscore_and_crop():
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
     held = resample(score, grid, coords, coords, edge="hold")
     assert not torch.allclose(held[..., -1, -1], reference[..., -1, -1])  # edges differ
+
+
+def test_rescale_of_fcn8s_keeps_the_skip_scores_at_zero_and_converges():
+    """magic_init's calibration assumes a chain: FCN-8s' skip scores stay at FCN's zero init
+    (re-drawn, the calibration diverged: output std 1.2 -> 2e13, NaN by iteration 3)."""
+    from transfer.rescale import rescale_for_transfer_
+    from transfer.segmentation.train import SKIP_SCORES
+
+    torch.manual_seed(0)
+    model = FCN(AlexNetEncoder("caffenet"), 21, "fcn8s", fc_dim=16, dropout=0.0, pad=0)
+    x = torch.randn(4, 3, 131, 131)
+    report = rescale_for_transfer_(model, lambda: model(x), "encoder.", False, 0, SKIP_SCORES)
+    summary = report[-1]
+    assert summary["step"] == "summary"
+    assert summary["ratio_log_std_after"] < 0.1 < 1.0 < summary["ratio_log_std_before"], summary
+    assert 0.1 < summary["output_std_after"] < 3, summary
+    torch.manual_seed(0)  # the same net with its skip scores re-drawn: far from equalised
+    other = FCN(AlexNetEncoder("caffenet"), 21, "fcn8s", fc_dim=16, dropout=0.0, pad=0)
+    worse = rescale_for_transfer_(other, lambda: other(x), "encoder.", False, 0)[-1]
+    assert worse["ratio_log_std_after"] > 0.5, worse
+    assert worse["kept_iteration"] < worse["iterations"]  # the guard kept a better iteration
+    assert not model.score_16.weight.any() and not model.score_8.weight.any()
+    assert model.score_fr.weight.any()  # re-drawn by the within-layer step

@@ -155,7 +155,7 @@ def test_bad_mask_stops_the_run_before_training(
     root, train_ids = _copy(synth_root, tmp_path)
     mask = _plant_bad_mask(root, train_ids[1], kind)
     monkeypatch.setattr(seg_train, "make_step", lambda *a, **k: pytest.fail("trained"))
-    cfg = config(root, {"iterations": 1})
+    cfg = config(root, {"iterations": 1}, train_set="voc+sbd")  # the planted VOC masks train
     with pytest.raises(DatasetError) as err:
         main(cfg, open_run(tmp_path / "run", cfg))
     msg = str(err.value)
@@ -171,8 +171,8 @@ def test_bad_masks_are_skipped_and_counted(synth_root: Path, tmp_path: Path) -> 
     _plant_bad_mask(root, train_ids[0], "rgb")
     _plant_bad_mask(root, train_ids[1], "value-100")
     voc, sbd = root / "VOCdevkit" / "VOC2012", root / "SBD" / "dataset"
-    everything = build_data(voc, sbd, "train", "seg11valid")
-    cfg = config(root, {"iterations": 1}, on_bad_data="skip")
+    everything = build_data(voc, sbd, "train", "seg11valid", train_set="voc+sbd")
+    cfg = config(root, {"iterations": 1}, on_bad_data="skip", train_set="voc+sbd")
     m = main(cfg, open_run(tmp_path / "run", cfg))
     assert m["skipped"] == {"count": 2, "items": bad}
     assert m["iterations"] == 1 and m["train_images"] == len(everything.train) - 2
@@ -193,7 +193,9 @@ def constant_background_mean_iu(hist: np.ndarray) -> float:
 # minimum padding; one image per update (iter_size 1), as these settings were tuned before
 # FCN's iter_size. CaffeNet's grouped convolutions and LRN take about twice the old LRN-free
 # network's time per step on CPU: 5-6 minutes with the two cores shared at load 8-9.
-DEMO = dict(variant="fcn8s", rescale=True, fc_dim=64, dropout=0.0, pad=0, device="cpu")
+# voc+sbd: the session's 24-image dataset leaves SBD train alone only a handful of images.
+DEMO = dict(variant="fcn8s", rescale=True, fc_dim=64, dropout=0.0, pad=0, device="cpu",
+            train_set="voc+sbd")  # fmt: skip
 DEMO_TRAIN = dict(lr=3e-3, iterations=150, log_every=50, iter_size=1, workers=0)
 
 

@@ -103,6 +103,11 @@ What differs here, and why
   zero row of the whitened data stays zero instead of becoming NaN; a layer with no gradient
   raises ValueError instead of producing NaN; log(target) == 0 falls back to an absolute test.
 - 'zca' without `fast=True` raises ValueError (the reference crashes on the reshape).
+- The between-layer step keeps the iteration whose log-ratios were most equal when the last
+  one is worse or its output not finite (the summary's `kept_iteration`). The reference's
+  update assumes a chain of positively homogeneous layers; FCN-8s' skip branches break that
+  and its iteration diverges (a random CaffeNet FCN-8s on the synthetic data: log-ratio std
+  1.35 -> 12.4, output std 1.2 -> 2e13, the first training loss 1.6e13, NaN at iteration 2).
 - `pretrained_within="scalar"` (not the default) adds the project's earlier behaviour: one
   scale per pretrained layer making its mean channel variance 1, bias tracked so that the
   function is kept up to scale.
@@ -679,6 +684,20 @@ def _between_layer_(
         output_std = std_before = _output_std(outs[0])
         ratios = _ratios(outs, layers, generator)
         before, done = dict(ratios), 0
+
+        def snapshot() -> dict[str, Any]:
+            return {
+                "params": [p.detach().clone() for p in params],
+                "report": {n: dict(report[n]) for n, _ in layers},
+                "k": {n: float(m.k) for n, m in lrns},
+                "ratios": dict(ratios),
+                "output_std": output_std,
+                "out": outs[0].detach().double().clone(),
+                "iteration": done,
+                "bottom": dict(bottom),
+            }
+
+        best = snapshot()
         for _ in range(iterations):
             converged, log_target = _converged(ratios, output_std, tolerance)
             if converged:
@@ -698,6 +717,21 @@ def _between_layer_(
                 warnings += 1
             output_std = new_std
             ratios = _ratios(outs, layers, generator)
+            if math.isfinite(new_std) and _log_std(ratios) < _log_std(best["ratios"]):
+                best = snapshot()
+        kept = done
+        if not (math.isfinite(output_std) and _log_std(ratios) <= _log_std(best["ratios"])):
+            # Diverged (e.g. FCN-8s: skip branches break the chain the update assumes):
+            # keep the iteration whose ratios were most equal, not the reference's last one.
+            with torch.no_grad():
+                for p, v in zip(params, best["params"]):
+                    p.copy_(v)
+            for n, _ in layers:
+                report[n].update(best["report"][n])
+            for n, m in lrns:
+                m.k = best["k"][n]
+            ratios, output_std, kept = best["ratios"], best["output_std"], best["iteration"]
+            outs = [best["out"]]
         last = outs[0].detach().double()
         converged, _ = _converged(ratios, output_std, tolerance)
     finally:
@@ -719,6 +753,7 @@ def _between_layer_(
         "output_scale": a,
         "output_residual": residual,
         "warnings": warnings,
+        "kept_iteration": kept,
     }
 
 
@@ -747,6 +782,8 @@ def format_report(report: list[dict[str, Any]]) -> str:
                 f"{e['ratio_log_std_before']:.3g} -> {e['ratio_log_std_after']:.3g}, output std "
                 f"{e['output_std_before']:.3g} -> {e['output_std_after']:.3g}"
             )
+            if e.get("kept_iteration", e["iterations"]) != e["iterations"]:
+                tail += f" (diverged: kept iteration {e['kept_iteration']})"
         elif e["step"] == "lrn_fold":
             parts.append(f"{e['name']} LRN k {e['k_before']:.3g} -> {e['k_after']:.3g}")
         else:

@@ -73,11 +73,18 @@ def check(cfg: SegmentationConfig) -> None:
             raise ConfigError(f"{key}: invalid value {value!r}")
 
 
+SKIP_SCORES = ("score_16", "score_8")  # FCN-16s / 8s skip score layers (zero-initialised)
+
+
 def rescale_(model: FCN, samples: list, pretrained_encoder: bool, seed: int = 0) -> list[dict]:
     """Krähenbühl et al.'s data-dependent init (transfer.rescale, as for every task) of the
-    encoder, fc6, fc7 and the score layers."""
+    encoder, fc6, fc7 and score_fr. FCN-16s/8s's skip scores keep FCN's zero init (the
+    reference's surgery): with them at zero the net is the chain magic_init's calibration
+    assumes; re-drawn, the skip branches made it diverge (NaN within a few steps)."""
     x = rescale_batch(samples, next(model.parameters()).device)
-    return rescale_for_transfer_(model, lambda: model(x), "encoder.", pretrained_encoder, seed)
+    return rescale_for_transfer_(
+        model, lambda: model(x), "encoder.", pretrained_encoder, seed, exclude=SKIP_SCORES
+    )
 
 
 def make_optimizer(model: nn.Module, t: SegmentationTrainConfig) -> torch.optim.Optimizer:
@@ -155,9 +162,7 @@ def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     data, skipped = prepare_data(cfg, run)
 
     encoder, card = load_encoder(cfg.weights, cfg.arch)
-    model = FCN(
-        encoder, len(CLASSES), cfg.variant, cfg.fc_dim, cfg.dropout, cfg.pad, cfg.upsample
-    )
+    model = FCN(encoder, len(CLASSES), cfg.variant, cfg.fc_dim, cfg.dropout, cfg.pad, cfg.upsample)
     model.to(env.device)
     if cfg.rescale and run.checkpoint is None:
         report = rescale_(
