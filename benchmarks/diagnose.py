@@ -87,8 +87,38 @@ def main() -> None:
     for weights in args.runs or [None]:
         rows += diagnose(weights, x, args.crop, args.seed)
     print(markdown_table(rows))
-    print(f"\ntransfer inputs: mean {float(x.mean()):.3f}, std {float(x.std()):.3f} "
-          f"(normalised pixels of {args.images} crops of {args.crop} px)")  # fmt: skip
+    print()
+    print(markdown_table(input_stats(x, args.images, args.seed)))
+
+
+def _stats(label: str, x: torch.Tensor) -> dict[str, float | str]:
+    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+    return {"input": label, "size": x.shape[-1],
+            **{f"mean {c}": float(m) for c, m in zip("RGB", mean)},
+            **{f"std {c}": float(v) for c, v in zip("RGB", std)}}  # fmt: skip
+
+
+def input_stats(transfer_x: torch.Tensor, n: int, seed: int) -> list[dict[str, float | str]]:
+    """Normalised pixels per channel: what pretraining fed the encoder (the pipeline of the
+    main job's context encoder: synthetic unlabelled images, 99 px, random-region masks
+    filled with the dataset's mean colour) against what classification fine-tuning feeds."""
+    from benchmark.datasets.folder import list_images
+    from pretrain.data import PretrainImages, dataset_mean, fill_value
+    from pretrain.masks import apply_mask, load_voc_shapes, make_mask_fn
+
+    paths = list_images(resolve_data(None, "images"))
+    shapes = load_voc_shapes(resolve_data(None, "voc2012"))
+    ds = PretrainImages(paths, 99, make_mask_fn("random-region", (99, 99), shapes=shapes),
+                        seed=seed)  # fmt: skip
+    items = [ds[(i % len(paths), i)] for i in range(n)]
+    image = torch.stack([it["image"] for it in items])
+    mask = torch.stack([it["mask"] for it in items])
+    masked = apply_mask(image, mask, fill_value(dataset_mean(paths)))
+    return [
+        _stats("pretraining crop (as the autoencoder sees it)", image),
+        _stats("pretraining crop, masked region filled (context encoder)", masked),
+        _stats("classification fine-tuning crop", transfer_x),
+    ]
 
 
 if __name__ == "__main__":

@@ -158,3 +158,22 @@ def test_a_suite_can_transfer_imported_weights_as_a_method(tmp_path, synth_root)
     assert len(released) == 1 and released[0].needs == ()
     assert released[0].cfg.weights == "imported/ce.safetensors"
     assert not any(s.name.startswith("pretrain-ce-released") for s in steps)
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo-full.yaml"])
+def test_the_demo_suites_plan_and_name_their_departures(name, tmp_path):
+    """The main job and its one-seed full version load, pass every step's check, and every
+    step that changes a setting says so (the README's departure table)."""
+    from benchmark.protocol import departures
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    suite, _, steps = load_suite(path, out=tmp_path)
+    tasks = {s.name.split("-")[0] for s in steps}
+    assert {"pretrain", "svm", "knn", "classification"} <= tasks
+    if name == "demo.yaml":
+        assert suite.seeds == [0, 1, 2] and not {"detection", "segmentation"} & tasks
+    else:
+        assert {"detection", "segmentation", "inpainting"} <= tasks
+    for step in steps:
+        if not step.name.startswith(("pretrain-random", "inpaint-eval")):  # nothing to change
+            assert departures(step.cfg), step.name
