@@ -138,6 +138,8 @@ def stage_commands(out: Path, device: str, iterations: int) -> list[tuple[str, l
     for task in TRANSFER:
         probe = task in ("svm", "knn")  # no training loop: nothing to shorten
         argv = ["transfer", "--task", task, "--weights", weights, "--name", f"tr-{task}"]
+        if task == "svm":  # the path, not the numbers: three costs, no low-shot draws (CPU-bound)
+            argv += ["--set", "low_shot=false", "--set", "costs=[0.1,1.0,10.0]"]
         cmds.append((f"transfer {task}", [*argv, *common, *([] if probe else its)]))
     return cmds
 

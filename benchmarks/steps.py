@@ -375,26 +375,13 @@ def main(argv: list[str] | None = None) -> str:
                     )
                 )
         if precision == "fp32" and (args.port or args.port_model):
-            batch = args.batch or 64
-            if args.port:
-                step, n = port_step(device, batch)
+            ports = [("rebuilt", None)] if args.port else []
+            ports += [("its model.py", args.port_model)] if args.port_model else []
+            for label, model_file in ports:
+                step, n = port_step(device, args.batch or 64, model_file)
                 rows.append(
                     measure(
-                        "inpainting: public port (rebuilt)",
-                        "fp32",
-                        step,
-                        n,
-                        device,
-                        peaks["fp32"],
-                        args.repeats,
-                        args.warmup,
-                    )
-                )
-            if args.port_model:
-                step, n = port_step(device, batch, args.port_model)
-                rows.append(
-                    measure(
-                        "inpainting: public port (its model.py)",
+                        f"inpainting: public port ({label})",
                         "fp32",
                         step,
                         n,

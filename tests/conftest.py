@@ -43,3 +43,15 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("real data samples not available (../shared/data is absent)")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: threads fight over a loaded CI machine (10x slower)
+    and a fixed count keeps CPU results bit-stable."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

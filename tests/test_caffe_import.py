@@ -551,3 +551,47 @@ def test_nan_in_a_caffemodel_is_named(tmp_path):
     with pytest.raises(BenchError, match="features.10.bias") as err:
         load_encoder(model)
     _one_line(err)
+
+
+@pytest.mark.slow
+def test_an_imported_caffemodel_transfers_to_every_task_and_exports(tmp_path, synth_root):
+    """`bench import caffe` output is weights like any other: one iteration of
+    classification, detection and segmentation on the synthetic data, and the exports to
+    detectron2 and mmseg, all from the imported file."""
+    import json
+
+    from benchmark import cli
+    from benchmark.safe_pickle import safe_load
+
+    (tmp_path / "src").mkdir()
+    proto, model, _ = write_net(tmp_path / "src", "ce_features")
+    imported = tmp_path / "imported"
+    argv = ["import", "caffe", "--prototxt", str(proto), "--caffemodel", str(model),
+            "--method", "context-encoder", "--out", str(imported)]  # fmt: skip
+    assert cli.main(argv) == 0
+    weights = imported / "encoder.safetensors"
+    small = {
+        "classification": ["--set", "hidden=16", "--set", "augment.crop=67",
+                           "--set", "augment.scale=[0.5,0.7]", "--set", "train.batch_size=2"],
+        "detection": ["--set", "fc_dim=16", "--set", "scales=[160]", "--set", "max_size=256",
+                      "--set", "test_scale=160", "--set", "test_max_size=256",
+                      "--set", "ss_min_box=8", "--set", "train.rois_per_batch=16"],
+        "segmentation": ["--set", "fc_dim=8", "--set", "max_size=48", "--set", "eval_images=2"],
+    }  # fmt: skip
+    for task, extra in small.items():
+        argv = ["transfer", "--task", task, "--weights", str(weights), "--data", str(synth_root),
+                "--iterations", "1", "--device", "cpu", "--name", task, "--set", "train.workers=0",
+                "--out", str(tmp_path / "out"), *extra]  # fmt: skip
+        assert cli.main(argv) == 0, task
+        metrics = json.loads((tmp_path / "out" / "runs" / task / "metrics.json").read_text())
+        assert metrics["method"] == "context-encoder" and metrics["imported"] is True, task
+    encoder = load_encoder(weights)[0].state_dict()
+    for fmt, suffix in (("detectron2", "pkl"), ("mmseg", "pth")):
+        out = tmp_path / f"encoder.{fmt}.{suffix}"
+        assert cli.main(["export", str(imported), "--format", fmt, "--out", str(out)]) == 0
+        if fmt == "detectron2":
+            model = safe_load(out)["model"]  # detectron2's pickle: numpy arrays only
+            got = torch.from_numpy(model["backbone.features.0.weight"])
+        else:
+            got = torch.load(out, weights_only=True)["state_dict"]["backbone.features.0.weight"]
+        assert torch.equal(got, encoder["features.0.weight"]), fmt

@@ -16,11 +16,8 @@ TOLERANCE = 0.05
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here on one intra-op thread (conftest's `one_thread`)."""
 
 
 def _stages(synth):

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from benchmark import cli
 from benchmark.stages import PRETRAIN_METHODS
@@ -27,11 +26,8 @@ TINY = {
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here on one intra-op thread (conftest's `one_thread`)."""
 
 
 def test_the_pretext_methods_are_pretraining_stages():

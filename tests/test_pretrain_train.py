@@ -20,12 +20,8 @@ SIZE = 67  # the smallest input AlexNet takes (pool5 is 1 x 1): seconds per test
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Intra-op threads fight over a loaded CI machine (10x slower); tests need one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here on one intra-op thread (conftest's `one_thread`)."""
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +167,18 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
 
     loop = LoopConfig(iterations=10, checkpoint_every=2)
     with pytest.raises(BenchError, match="iteration 3: loss is nan; stopped before the update"):
-        fit(run, env, loop, stage="test", config=cfg, seed=0, step=step,
-            batches=lambda start: itertools.repeat(None), state={"w": opt}, precision=prec)
+        fit(
+            run,
+            env,
+            loop,
+            stage="test",
+            config=cfg,
+            seed=0,
+            step=step,
+            batches=lambda start: itertools.repeat(None),
+            state={"w": opt},
+            precision=prec,
+        )
     assert torch.allclose(w.detach(), torch.full((2,), 0.8))  # two updates, not three
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from benchmark.loop import Precision
@@ -38,6 +39,36 @@ def images_to(x: torch.Tensor, device: torch.device, channels_last: bool) -> tor
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Top-1 accuracy as a 0-d float tensor (detached)."""
     return (logits.detach().argmax(dim=1) == labels).float().mean()
+
+
+ForwardBatch = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def cross_entropy_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    forward_batch: ForwardBatch,
+    precision: Precision | None = None,
+    channels_last: bool = False,
+    reduction: str = "mean",
+) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
+    """The step every pretext method trains with: forward under the precision's autocast,
+    softmax cross-entropy in fp32 (`reduction` over the samples), backward and update.
+    Returns {"loss": mean cross-entropy per sample, "accuracy"} (detached)."""
+    prec = precision or Precision("fp32", device)
+
+    def step(batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
+        optimizer.zero_grad(set_to_none=True)
+        with prec.autocast():
+            logits, labels = forward_batch(model, batch, device, channels_last)
+        logits = logits.float()
+        loss = F.cross_entropy(logits, labels, reduction=reduction)
+        optimise(loss, optimizer, prec)
+        mean = loss.detach() / labels.numel() if reduction == "sum" else loss.detach()
+        return {"loss": mean, "accuracy": accuracy(logits, labels)}
+
+    return step
 
 
 @torch.no_grad()

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -39,11 +38,10 @@ from benchmark.loop import Precision
 from pretrain.alexnet import CONV_INDICES, AlexNetEncoder, Arch
 from pretrain.data import SeededImages, normalise
 from pretrain.pretext.common import (
-    accuracy,
     chw,
+    cross_entropy_step,
     display,
     images_to,
-    optimise,
     pool5_shape,
     save_captioned_grid,
     set_learning_rate,
@@ -293,18 +291,7 @@ def make_step(
 ) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
     """One step: softmax cross-entropy over the permutations, averaged over the batch
     (SoftmaxWithLoss). Returns {"loss", "accuracy"} (detached)."""
-    prec = precision or Precision("fp32", device)
-
-    def step(batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        optimizer.zero_grad(set_to_none=True)
-        with prec.autocast():
-            logits, labels = forward_batch(model, batch, device, channels_last)
-        logits = logits.float()
-        loss = F.cross_entropy(logits, labels)
-        optimise(loss, optimizer, prec)
-        return {"loss": loss.detach(), "accuracy": accuracy(logits, labels)}
-
-    return step
+    return cross_entropy_step(model, optimizer, device, forward_batch, precision, channels_last)
 
 
 def make_optimizer(model: nn.Module, cfg: JigsawConfig) -> torch.optim.SGD:

@@ -30,7 +30,6 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -38,12 +37,11 @@ from benchmark.loop import Precision
 from pretrain.alexnet import AlexNetEncoder, Arch
 from pretrain.data import SeededImages, normalise
 from pretrain.pretext.common import (
-    accuracy,
     caffe_xavier_,
     chw,
+    cross_entropy_step,
     display,
     images_to,
-    optimise,
     pool5_shape,
     save_captioned_grid,
     set_learning_rate,
@@ -337,19 +335,9 @@ def make_step(
 
     Returns {"loss": mean cross-entropy per pair, "accuracy"} (detached).
     """
-    prec = precision or Precision("fp32", device)
-
-    def step(batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        optimizer.zero_grad(set_to_none=True)
-        with prec.autocast():
-            logits, labels = forward_batch(model, batch, device, channels_last)
-        logits = logits.float()
-        loss = F.cross_entropy(logits, labels, reduction=loss_reduction)
-        optimise(loss, optimizer, prec)
-        mean = loss.detach() / labels.numel() if loss_reduction == "sum" else loss.detach()
-        return {"loss": mean, "accuracy": accuracy(logits, labels)}
-
-    return step
+    return cross_entropy_step(
+        model, optimizer, device, forward_batch, precision, channels_last, loss_reduction
+    )
 
 
 def make_optimizer(model: nn.Module, cfg: RelativePositionConfig) -> torch.optim.SGD:

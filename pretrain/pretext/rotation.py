@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
@@ -30,9 +29,8 @@ from benchmark.loop import Precision
 from pretrain.alexnet import AlexNetEncoder, Arch
 from pretrain.data import SeededImages, denormalise, normalise
 from pretrain.pretext.common import (
-    accuracy,
+    cross_entropy_step,
     images_to,
-    optimise,
     pool5_shape,
     save_captioned_grid,
     sgd_groups,
@@ -223,18 +221,7 @@ def make_step(
 ) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
     """One step on all four rotations of every image: mean cross-entropy (RotNet's
     CrossEntropyLoss). Returns {"loss", "accuracy"} (detached)."""
-    prec = precision or Precision("fp32", device)
-
-    def step(batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        optimizer.zero_grad(set_to_none=True)
-        with prec.autocast():
-            logits, labels = forward_batch(model, batch, device, channels_last)
-        logits = logits.float()
-        loss = F.cross_entropy(logits, labels)
-        optimise(loss, optimizer, prec)
-        return {"loss": loss.detach(), "accuracy": accuracy(logits, labels)}
-
-    return step
+    return cross_entropy_step(model, optimizer, device, forward_batch, precision, channels_last)
 
 
 def make_optimizer(model: nn.Module, cfg: RotationConfig) -> torch.optim.SGD:
