@@ -27,7 +27,12 @@ from typing import Any
 
 from benchmark.config import dump_yaml, load_config, merge, to_dict
 from benchmark.errors import BenchError, ConfigError, printable
-from benchmark.runs import atomic_write_text, check_run_name, default_results_root
+from benchmark.runs import (
+    METRICS_FILE,
+    atomic_write_text,
+    check_run_name,
+    default_results_root,
+)
 from benchmark.stages import INPAINT_EVAL, Stage, pretrain_stage, run_stage, transfer_stage
 
 try:  # POSIX advisory locks, as for run folders
@@ -120,9 +125,7 @@ def plan(suite: SuiteConfig, root: Path) -> list[Step]:
                 name = f"{task}-{method}-s{seed}"
                 base = merge(to_dict(t_over or {}), {**common, "seed": seed, "name": name,
                                                      "weights": str(root / pre_name)})  # fmt: skip
-                steps.append(
-                    _make(transfer_stage(task), base, name, (pre_name,), "transfer", task)
-                )
+                steps.append(_make(transfer_stage(task), base, name, (pre_name,), "transfer", task))
         for label, path in suite.weights.items():
             for task, t_over in suite.transfer.items():
                 name = f"{task}-{label}-s{seed}"
@@ -273,10 +276,12 @@ def run_suite(
         prepare_root(suite, results)
         _log(f"suite {suite.name}: {len(steps)} steps, every config checked")
         for step in steps:
-            _log(f"step {step.name}")
+            done = not force and (root / step.name / METRICS_FILE).is_file()
+            _log(f"step {step.name}" + (": already complete, skipped" if done else ""))
             start = time.time()
             run_stage(step.stage, step.cfg, root, force=force, resume=not force, command=None)
-            _log(f"step {step.name} done in {time.time() - start:.0f}s")
+            if not done:
+                _log(f"step {step.name} done in {time.time() - start:.0f}s")
         if not suite.report:
             return f"suite {suite.name}: runs in {root}"
         report_dir, text = write_report(suite, results)
