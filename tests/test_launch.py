@@ -137,9 +137,16 @@ def test_resources_merge_from_default_to_step_name(tmp_path, synth_root):
     suite, _, steps = load_suite(_suite(tmp_path, synth_root, resources=RESOURCES))
     by = {s.name: s for s in steps}
     assert step_resources(suite, by["pretrain-context-encoder-s0"]) == {
-        "timeout_min": 1440, "gpus_per_node": 1, "cpus_per_task": 8, "partition": "gpu"}
+        "timeout_min": 1440,
+        "gpus_per_node": 1,
+        "cpus_per_task": 8,
+        "partition": "gpu",
+    }
     assert step_resources(suite, by["classification-random-s0"]) == {
-        "timeout_min": 60, "cpus_per_task": 2, "mem_gb": 16}
+        "timeout_min": 60,
+        "cpus_per_task": 2,
+        "mem_gb": 16,
+    }
     assert step_resources(suite, by["classification-random-s1"])["partition"] == "debug"
     bad = _suite(tmp_path, synth_root, resources={"pretrian": {"timeout_min": 5}})
     with pytest.raises(ConfigError, match="resources.pretrian: not a step kind"):
@@ -177,9 +184,7 @@ def test_slurm_parameters_and_sbatch_script(tmp_path, synth_root, monkeypatch):
         slurm_parameters({"timeout_min": 5, "nodes": 2}, "x")
 
 
-def test_slurm_launcher_refuses_steps_without_a_time_limit_before_any_folder(
-    tmp_path, synth_root
-):
+def test_slurm_launcher_refuses_steps_without_a_time_limit_before_any_folder(tmp_path, synth_root):
     path = _suite(tmp_path, synth_root, resources={"pretrain": {"timeout_min": 10}})
     with pytest.raises(BenchError, match="classification-random-s0: no timeout_min"):
         launch(path, out=tmp_path / "out", launcher="slurm", executor_factory=lambda f, p: None)
@@ -369,8 +374,10 @@ def test_a_failed_step_blocks_only_its_dependents_and_the_fix_reruns_only_them(
     assert "failed: pretrain-context-encoder-s0" in stdout
     assert "missing: dataset folder not found" in stdout
     assert "  | " in stdout and "full log: " in stdout  # the log's tail and where it is
-    assert "blocked: classification-context-encoder-s0 (needs pretrain-context-encoder-s0, " \
+    assert (
+        "blocked: classification-context-encoder-s0 (needs pretrain-context-encoder-s0, "
         "which failed)" in stdout
+    )
     status = _status(out)
     assert status["classification-random-s0"]["status"] == "done"  # the others went on
     assert status["pretrain-context-encoder-s0"]["status"] == "failed"
