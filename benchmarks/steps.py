@@ -147,13 +147,14 @@ def segmentation(env: DistEnv, prec: Precision, batch: int, compile: bool = Fals
     model = _maybe_compile(FCN(AlexNetEncoder("caffenet")).to(env.device), compile)
     t = SegmentationTrainConfig(iter_size=1)
     step = make_step(model, make_optimizer(model, t), t, True, prec, env.device)
+    # Labels in blocks and each class its own colour (plus noise), so that the loss of a
+    # fixed batch can fall (uniform random labels have a zero expected gradient).
     rng = np.random.default_rng(0)
-    data = [
-        (
-            rng.integers(0, 256, (375, 500, 3), dtype=np.uint8),
-            rng.integers(0, 21, (375, 500), dtype=np.uint8),
-        )
-    ]
+    label = ((np.arange(375)[:, None] // 75) * 5 + np.arange(500)[None, :] // 100) % 21
+    colours = rng.integers(0, 256, (21, 3))
+    noise = rng.integers(-20, 21, (375, 500, 3))
+    image = np.clip(colours[label] + noise, 0, 255).astype(np.uint8)
+    data = [(image, label.astype(np.uint8))]
     return lambda: step(data, 0), 1
 
 
