@@ -173,8 +173,12 @@ class TrainSet(Dataset):
 
 
 def bbox_normalisation(
-    records: Sequence[DetRecord], mode: str, stds: Sequence[float], flip: bool,
-    use_difficult: bool, fg_thresh: float,
+    records: Sequence[DetRecord],
+    mode: str,
+    stds: Sequence[float],
+    flip: bool,
+    use_difficult: bool,
+    fg_thresh: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(21, 4) means and stds of the regression targets: fixed (means 0, `stds`) or, with
     mode "data", measured on the training RoIs as Fast R-CNN's roidb code does."""

@@ -82,7 +82,7 @@ from transfer.backbone import (
     snapshot_frozen,
 )
 from transfer.detection.config import DetectionConfig, DetectionTrainConfig
-from transfer.detection.data import DetRecord, load_records, usable_for_training
+from transfer.detection.data import DetRecord
 from transfer.detection.evaluate import (
     Detections,
     coco_ap,
@@ -92,7 +92,7 @@ from transfer.detection.evaluate import (
     write_results_files,
 )
 from transfer.detection.model import param_groups
-from transfer.detection.proposals import attach_proposals
+from transfer.detection.records import prepare_records
 
 STAGE = "transfer/detection/detectron2"
 INSTALL_HINT = (
@@ -589,32 +589,6 @@ def dataset_name(voc_root: Path, split: str) -> str:
     """bench_voc2007_<split>_<hash of the folder>: stable across processes."""
     digest = hashlib.sha1(str(Path(voc_root).resolve()).encode()).hexdigest()[:8]
     return f"bench_voc2007_{split}_{digest}"
-
-
-def prepare_records(
-    cfg: DetectionConfig, run: Run, voc_root: Path
-) -> tuple[list[DetRecord], list[DetRecord], list[str], list[str]]:
-    """(train records, test records, skipped train ids, skipped test ids), as the native
-    backend prepares them: every file checked first, proposals attached, training images
-    without a usable RoI dropped."""
-    train_ids, skip_train = common.checked_voc_ids(
-        voc_root, cfg.train_split, cfg.on_bad_data, run.logger, boxes=True
-    )
-    test_ids, skip_test = common.checked_voc_ids(
-        voc_root, cfg.test_split, cfg.on_bad_data, run.logger, boxes=True
-    )
-    train_records = load_records(voc_root, cfg.train_split, train_ids)
-    test_records = load_records(voc_root, cfg.test_split, test_ids)
-    attach_proposals(train_records, cfg.proposals_train, cfg, cfg.train_split)
-    attach_proposals(test_records, cfg.proposals_test, cfg, cfg.test_split)
-    usable = [
-        r for r in train_records
-        if usable_for_training(r, cfg.train_difficult, cfg.fg_thresh, cfg.bg_thresh_hi,
-                               cfg.bg_thresh_lo)
-    ]  # fmt: skip
-    if not usable:
-        raise BenchError(f"{voc_root}: no {cfg.train_split} image has a usable object for training")
-    return usable, test_records, skip_train, skip_test
 
 
 # ------------------------------------------------------------------ training step

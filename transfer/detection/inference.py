@@ -112,7 +112,12 @@ def detect(
             continue
         with autocast():
             probs, boxes = im_detect(
-                model, item["image"], item["proposals"], item["scale"], rec.height, rec.width,
+                model,
+                item["image"],
+                item["proposals"],
+                item["scale"],
+                rec.height,
+                rec.width,
                 env.device,
             )
         per_class = postprocess(probs, boxes, cfg.score_thresh, cfg.nms, cfg.max_per_image)

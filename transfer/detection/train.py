@@ -18,18 +18,15 @@ import torch
 from benchmark import loop
 from benchmark.datasets.resolve import resolve_data
 from benchmark.distributed import DistEnv
-from benchmark.errors import BenchError, ConfigError
+from benchmark.errors import ConfigError
 from benchmark.runs import Run
 from transfer import common
 from transfer.backbone import describe_transfer, load_encoder
 from transfer.detection.config import DetectionConfig, DetectionTrainConfig
 from transfer.detection.data import (
-    DetRecord,
     TrainSet,
     bbox_normalisation,
     collate_train,
-    load_records,
-    usable_for_training,
 )
 from transfer.detection.detectron2_backend import check_supported, run_detectron2
 from transfer.detection.evaluate import coco_ap, score_fields, voc07_scores, write_results_files
@@ -40,7 +37,7 @@ from transfer.detection.model import (
     fold_box_normalisation_,
     param_groups,
 )
-from transfer.detection.proposals import attach_proposals
+from transfer.detection.records import prepare_records
 from transfer.rescale import format_report, rescale_for_transfer_
 
 STAGE = "transfer/detection"
@@ -130,31 +127,6 @@ def init_batch(dataset: TrainSet, cfg: DetectionConfig) -> dict[str, torch.Tenso
     return collate_train([dataset[(int(e), 10**12 + i)] for i, e in enumerate(order)])
 
 
-def prepare_records(
-    cfg: DetectionConfig, run: Run, voc_root: Path
-) -> tuple[list[DetRecord], list[DetRecord], list[str]]:
-    """(train records, test records, skipped ids): every annotation and image checked before
-    training, proposals attached, training images without a usable RoI dropped."""
-    train_ids, skip_train = common.checked_voc_ids(
-        voc_root, cfg.train_split, cfg.on_bad_data, run.logger, boxes=True
-    )
-    test_ids, skip_test = common.checked_voc_ids(
-        voc_root, cfg.test_split, cfg.on_bad_data, run.logger, boxes=True
-    )
-    train_records = load_records(voc_root, cfg.train_split, train_ids)
-    test_records = load_records(voc_root, cfg.test_split, test_ids)
-    attach_proposals(train_records, cfg.proposals_train, cfg, cfg.train_split)
-    attach_proposals(test_records, cfg.proposals_test, cfg, cfg.test_split)
-    usable = [
-        r for r in train_records
-        if usable_for_training(r, cfg.train_difficult, cfg.fg_thresh, cfg.bg_thresh_hi,
-                               cfg.bg_thresh_lo)
-    ]  # fmt: skip
-    if not usable:
-        raise BenchError(f"{voc_root}: no {cfg.train_split} image has a usable object for training")
-    return usable, test_records, [*skip_train, *skip_test]
-
-
 def main(cfg: DetectionConfig, run: Run) -> dict[str, Any]:
     """Train Fast R-CNN on train_split, detect on test_split, write detections and metrics."""
     check(cfg)
@@ -169,7 +141,8 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path, env: DistEnv) -> 
     t = cfg.train
     torch.manual_seed(cfg.seed)
     encoder, card = load_encoder(cfg.weights, cfg.arch)
-    train_records, test_records, skipped = prepare_records(cfg, run, voc_root)
+    train_records, test_records, skip_train, skip_test = prepare_records(cfg, run, voc_root)
+    skipped = [*skip_train, *skip_test]
     means, stds = bbox_normalisation(
         train_records, cfg.bbox_normalize, cfg.bbox_stds, cfg.flip, cfg.train_difficult,
         cfg.fg_thresh,
