@@ -102,7 +102,8 @@ def check_step(
     }
     if losses:
         finite = all(math.isfinite(v) for v in losses)
-        falls = finite and sum(losses[-3:]) / len(losses[-3:]) < losses[0]
+        tail = losses[-max(1, len(losses) // 3) :]  # the last third of the steps
+        falls = finite and sum(tail) / len(tail) < losses[0]
         row.update(
             {
                 "loss first": losses[0],
