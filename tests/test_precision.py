@@ -15,9 +15,7 @@ from benchmark.runs import open_run
 TOLERANCE = 0.05
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Every test here on one intra-op thread (conftest's `one_thread`)."""
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here on one thread
 
 
 def _stages(synth):

@@ -13,7 +13,7 @@ from benchmark import cli
 from benchmark.stages import PRETRAIN_METHODS
 from pretrain.export import load_native
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # one thread each
 
 TINY = {
     "rotation": ["--set", "pretext.crop_size=64", "--set", "pretext.fc=64",
@@ -23,11 +23,6 @@ TINY = {
     "relative-position": ["--set", "pretext.fc6=64", "--set", "pretext.fc7=64",
                           "--set", "pretext.fc8=64", "--set", "pretext.lr=0.0001"],
 }  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Every test here on one intra-op thread (conftest's `one_thread`)."""
 
 
 def test_the_pretext_methods_are_pretraining_stages():

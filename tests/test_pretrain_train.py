@@ -19,9 +19,7 @@ from pretrain.export import load_native
 SIZE = 67  # the smallest input AlexNet takes (pool5 is 1 x 1): seconds per test on CPU
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(one_thread):
-    """Every test here on one intra-op thread (conftest's `one_thread`)."""
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here on one thread
 
 
 @pytest.fixture(scope="module")

@@ -694,7 +694,6 @@ def _between_layer_(
                 "output_std": output_std,
                 "out": outs[0].detach().double().clone(),
                 "iteration": done,
-                "bottom": dict(bottom),
             }
 
         best = snapshot()
