@@ -36,14 +36,33 @@ def time_per_call(
     return times[len(times) // 2]
 
 
-def matmul_gflops(
-    device: torch.device, size: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 5
-) -> float:
-    """The machine's practical peak: GFLOP/s of a big square matmul (2 n^3 FLOPs)."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = time_per_call(lambda: a @ b, device, warmup=2, repeats=repeats)
-    return 2.0 * size**3 / seconds / 1e9
+class MatmulRate:
+    """The matmul rate measured beside a workload: `once()` times one square matmul (2 n^3
+    FLOPs) and keeps it; `gflops` is the median so far. Why interleaved: on a shared or
+    frequency-scaled machine the rate drifts by tens of percent within a minute, so a step's
+    share of it means something only against matmuls timed between its own repeats."""
+
+    def __init__(self, device: torch.device, size: int = 2048, dtype: torch.dtype = torch.float32):
+        self.device, self.size = device, size
+        self.a = torch.randn(size, size, device=device, dtype=dtype)
+        self.b = torch.randn(size, size, device=device, dtype=dtype)
+        self.rates: list[float] = []
+        for _ in range(2):
+            self.a @ self.b  # warm-up
+        sync(device)
+
+    def once(self) -> float:
+        tic = time.perf_counter()
+        self.a @ self.b
+        sync(self.device)
+        rate = 2.0 * self.size**3 / (time.perf_counter() - tic) / 1e9
+        self.rates.append(rate)
+        return rate
+
+    @property
+    def gflops(self) -> float:
+        rates = sorted(self.rates)
+        return rates[len(rates) // 2]
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

@@ -5,12 +5,14 @@ rate of the same precision measured in the same run.
     python -m benchmarks.steps --steps inpainting --port        # + the public port's step
     python -m benchmarks.steps --port-model ../context_encoder_pytorch/model.py
     python -m benchmarks.steps --pipeline                       # + the data pipelines
+    python -m benchmarks.steps --layouts nhwc,nchw              # channels_last against not
 
 Each step is built exactly as its stage builds it (the same model, `make_step`, optimiser
 and `benchmark.loop.Precision`) at the protocol's sizes, on random inputs. A row: ms/step,
 img/s, GFLOP per step as torch's counter sees it (convolutions and matrix products, a
 multiply-add counted as 2), the achieved GFLOP/s and its share of a 2048^2 matmul of the same
-precision, CPU seconds per step (on a shared machine wall time also counts other people's
+precision timed after each of the row's own repeats (the rate drifts on shared machines), CPU
+seconds per step (on a shared machine wall time also counts other people's
 work). `--port` adds the public PyTorch port's inpainting step rebuilt on our modules with
 its kernels and update (NCHW, plain convolutions for the bottleneck, per-op Adam, sigmoid +
 BCELoss, D's weight gradients computed in the G step, the L2 weighted as its train.py does);
@@ -34,8 +36,8 @@ import torch
 from torch import nn
 
 from benchmark.distributed import DistEnv, pick_device
-from benchmark.loop import Precision, cpu_has_fast_bf16, resolve_precision
-from benchmarks.common import count_flops, markdown_table, matmul_gflops, sync
+from benchmark.loop import Precision, cpu_has_fast_bf16, nhwc, resolve_precision
+from benchmarks.common import MatmulRate, count_flops, markdown_table, sync
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,7 +50,12 @@ def _maybe_compile(net: nn.Module, compile: bool) -> nn.Module:
 
 
 def context_encoder(
-    env: DistEnv, prec: Precision, batch: int, compile: bool = False, masked: bool = True
+    env: DistEnv,
+    prec: Precision,
+    batch: int,
+    compile: bool = False,
+    channels_last: bool = True,
+    masked: bool = True,
 ):
     """Section 3's feature learner at 227 px: Adam on the masked L2."""
     from pretrain.context_encoder import ContextEncoder
@@ -58,24 +65,31 @@ def context_encoder(
     net = _maybe_compile(ContextEncoder("caffenet", False, 227).to(env.device), compile)
     opt = _adam(net.parameters(), 1e-4, 0.9, env.device)
     fill = fill_value([0.48, 0.46, 0.41]).to(env.device)
-    step = make_step(net, opt, prec, env.device, fill=fill if masked else None)
+    step = make_step(
+        net, opt, prec, env.device, fill=fill if masked else None, channels_last=channels_last
+    )
     mask = torch.zeros(batch, 1, 227, 227)
     mask[..., 57:170, 57:170] = 1
     data = {"image": torch.randn(batch, 3, 227, 227), "mask": mask}
     return lambda: step(data, 0), batch
 
 
-def autoencoder(env: DistEnv, prec: Precision, batch: int, compile: bool = False):
-    return context_encoder(env, prec, batch, compile, masked=False)
+def autoencoder(
+    env: DistEnv, prec: Precision, batch: int, compile: bool = False, channels_last: bool = True
+):
+    return context_encoder(env, prec, batch, compile, channels_last, masked=False)
 
 
-def inpainting(env: DistEnv, prec: Precision, batch: int, compile: bool = False):
+def inpainting(
+    env: DistEnv, prec: Precision, batch: int, compile: bool = False, channels_last: bool = True
+):
     """Section 5.1's joint-loss iteration: a D step, then G through the updated D."""
     from pretrain.inpainting.config import InpaintingConfig
     from pretrain.inpainting.train import build_nets, make_step
 
     cfg = InpaintingConfig()
     cfg.train.compile = compile  # the stage's own switch: loop.prepare_model compiles G and D
+    cfg.train.channels_last = channels_last
     g, opt_g, adversary = build_nets(cfg, env, prec)
     step = make_step(
         g,
@@ -91,14 +105,16 @@ def inpainting(env: DistEnv, prec: Precision, batch: int, compile: bool = False)
     return lambda: step(data, 0), batch
 
 
-def classification(env: DistEnv, prec: Precision, batch: int, compile: bool = False):
+def classification(
+    env: DistEnv, prec: Precision, batch: int, compile: bool = False, channels_last: bool = True
+):
     from pretrain.alexnet import AlexNetEncoder
     from transfer.classification.config import TrainConfig
     from transfer.classification.model import ClassificationNet
     from transfer.classification.train import make_optimizer, make_step
 
     model = _maybe_compile(ClassificationNet(AlexNetEncoder("caffenet")).to(env.device), compile)
-    t = TrainConfig()
+    t = TrainConfig(channels_last=channels_last)
     step = make_step(model, make_optimizer(model, t), t, prec, env.device)
     data = (
         torch.randint(0, 256, (batch, 3, 227, 227), dtype=torch.uint8),
@@ -108,7 +124,9 @@ def classification(env: DistEnv, prec: Precision, batch: int, compile: bool = Fa
     return lambda: step(data, 0), batch
 
 
-def detection(env: DistEnv, prec: Precision, batch: int, compile: bool = False):
+def detection(
+    env: DistEnv, prec: Precision, batch: int, compile: bool = False, channels_last: bool = True
+):
     """Fast R-CNN: 2 images of 600 x 800 with 64 RoIs each."""
     from pretrain.alexnet import AlexNetEncoder
     from transfer.detection.config import DetectionTrainConfig
@@ -117,7 +135,7 @@ def detection(env: DistEnv, prec: Precision, batch: int, compile: bool = False):
 
     model = FastRCNN(AlexNetEncoder("caffenet"), freeze_at=1).to(env.device)
     model = _maybe_compile(model, compile)
-    t = DetectionTrainConfig()
+    t = DetectionTrainConfig(channels_last=channels_last)
     opt = torch.optim.SGD(
         param_groups(model, t.lr, t.weight_decay, t.bias_lr_mult), lr=t.lr, momentum=t.momentum
     )
@@ -135,7 +153,9 @@ def detection(env: DistEnv, prec: Precision, batch: int, compile: bool = False):
     return lambda: step(data, 0), 2
 
 
-def segmentation(env: DistEnv, prec: Precision, batch: int, compile: bool = False):
+def segmentation(
+    env: DistEnv, prec: Precision, batch: int, compile: bool = False, channels_last: bool = True
+):
     """FCN-32s: one 500 x 375 VOC-sized image per pass (an update accumulates 20 of them)."""
     import numpy as np
 
@@ -145,7 +165,7 @@ def segmentation(env: DistEnv, prec: Precision, batch: int, compile: bool = Fals
     from transfer.segmentation.train import make_optimizer, make_step
 
     model = _maybe_compile(FCN(AlexNetEncoder("caffenet")).to(env.device), compile)
-    t = SegmentationTrainConfig(iter_size=1)
+    t = SegmentationTrainConfig(iter_size=1, channels_last=channels_last)
     step = make_step(model, make_optimizer(model, t), t, True, prec, env.device)
     # Labels in blocks and each class its own colour (plus noise), so that the loss of a
     # fixed batch can fall (uniform random labels have a zero expected gradient).
@@ -158,12 +178,14 @@ def segmentation(env: DistEnv, prec: Precision, batch: int, compile: bool = Fals
     return lambda: step(data, 0), 1
 
 
-def probe_features(env: DistEnv, prec: Precision, batch: int, compile: bool = False):
+def probe_features(
+    env: DistEnv, prec: Precision, batch: int, compile: bool = False, channels_last: bool = True
+):
     """The probes' feature extraction: the frozen encoder, forward only, at 227 px."""
     from pretrain.alexnet import AlexNetEncoder
 
     enc = _maybe_compile(AlexNetEncoder("caffenet").to(env.device).eval(), compile)
-    x = torch.randn(batch, 3, 227, 227, device=env.device)
+    x = nhwc(torch.randn(batch, 3, 227, 227, device=env.device), channels_last)
 
     def step() -> torch.Tensor:
         with torch.no_grad(), prec.autocast():
@@ -244,10 +266,12 @@ def measure(
     step: Callable[[], Any],
     images: int,
     device: torch.device,
-    peak: float,
+    rate: MatmulRate,
     repeats: int,
     warmup: int,
 ) -> dict[str, Any]:
+    """Median wall and CPU time of `repeats` steps, each followed by a matmul of the same
+    precision: the row's share is of the matmul rate measured between its own steps."""
     tic = time.perf_counter()
     step()  # first call: torch.compile compiles here; eager kernels warm up
     sync(device)
@@ -256,14 +280,16 @@ def measure(
     for _ in range(warmup):
         step()
     sync(device)
-    walls, cpus = [], []
+    walls, cpus, peaks = [], [], []
     for _ in range(repeats):
         w, c = time.perf_counter(), time.process_time()
         step()
         sync(device)
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
+        peaks.append(rate.once())
     wall = sorted(walls)[len(walls) // 2]
+    peak = sorted(peaks)[len(peaks) // 2]
     gflops = flops / wall / 1e9
     return {
         "step": name,
@@ -273,6 +299,7 @@ def measure(
         "cpu s/step": sorted(cpus)[len(cpus) // 2],
         "GFLOP/step": flops / 1e9,
         "GFLOP/s": gflops,
+        "matmul GFLOP/s": peak,
         "% of matmul": 100.0 * gflops / peak,
         "first step s": first,
     }
@@ -331,6 +358,11 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--port", action="store_true", help="the port's inpainting step, rebuilt")
     p.add_argument("--port-model", type=Path, help="the port's own model.py (runs it)")
     p.add_argument("--pipeline", action="store_true", help="also time the data pipelines")
+    p.add_argument(
+        "--layouts",
+        default="nhwc",
+        help="comma list of nhwc (train.channels_last: true, the default), nchw",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -348,21 +380,26 @@ def main(argv: list[str] | None = None) -> str:
     torch.manual_seed(0)
     rows, peaks = [], {}
     precisions = args.precisions.split(",")
+    layouts = args.layouts.split(",")
+    if not set(layouts) <= {"nhwc", "nchw"}:
+        p.error(f"--layouts: {args.layouts!r} is not a comma list of nhwc, nchw")
     if precisions == ["auto"]:
         precisions = sorted({"fp32", resolve_precision("auto", device)}, key="fp32".__ne__)
     native = device.type == "cuda" or cpu_has_fast_bf16()
     for precision in precisions:
         # Emulated bf16 (no AMX / AVX-512 BF16) runs a 2048^2 matmul in minutes: a smaller one.
         size = 2048 if precision == "fp32" or native else 1024
-        peaks[precision] = matmul_gflops(
-            device, size, DTYPES[precision], repeats=1 if size < 2048 else 5
-        )
+        rate = MatmulRate(device, size, DTYPES[precision])
+        peaks[precision] = rate
         prec = Precision(precision, device)
         for name in args.steps.split(","):
             build, default_batch = STEPS[name]
-            for compiled in (False, True) if args.compile else (False,):
-                step, images = build(env, prec, args.batch or default_batch, compiled)
+            variants = [(c, lay) for lay in layouts for c in (False, True)[: 1 + args.compile]]
+            for compiled, layout in variants:
+                batch = args.batch or default_batch
+                step, images = build(env, prec, batch, compiled, layout == "nhwc")
                 label = name + (" (compiled)" if compiled else "")
+                label += f" ({layout})" if len(layouts) > 1 else ""
                 rows.append(
                     measure(
                         label,
@@ -370,7 +407,7 @@ def main(argv: list[str] | None = None) -> str:
                         step,
                         images,
                         device,
-                        peaks[precision],
+                        rate,
                         args.repeats,
                         args.warmup,
                     )
@@ -393,9 +430,8 @@ def main(argv: list[str] | None = None) -> str:
                     )
                 )
     cpu = "" if device.type == "cuda" else f" (native bf16: {cpu_has_fast_bf16()})"
-    head = f"device {device}{cpu}, {torch.get_num_threads()} threads; matmul: " + ", ".join(
-        f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()
-    )
+    head = f"device {device}{cpu}, {torch.get_num_threads()} threads; matmul (median of all "
+    head += "interleaved): " + ", ".join(f"{k} {v.gflops:.1f} GFLOP/s" for k, v in peaks.items())
     out = head + "\n\n" + markdown_table(rows)
     if args.pipeline:
         out += "\n\n" + markdown_table(pipelines(args.workers))

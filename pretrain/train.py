@@ -217,6 +217,7 @@ def make_step(
     overlap_weight: float = 10.0,
     adversary: Adversary | None = None,
     adversarial_weight: float = 0.0,
+    channels_last: bool = False,
 ) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
     """One optimisation step on a batch {"image", "mask"} for `benchmark.loop.fit`.
 
@@ -224,11 +225,12 @@ def make_step(
     unmasked (the autoencoder, whose mask covers everything). With an adversary, first a
     discriminator step on real vs predicted images, then a generator step on the joint
     loss. Returns the reconstruction loss as "loss" (plus "d_loss", "adv_loss").
+    channels_last: the batch in NHWC memory (`loop.nhwc`).
     """
     rec_loss = RECONSTRUCTION_LOSSES[loss]
 
     def step(batch: dict[str, torch.Tensor], iteration: int) -> dict[str, torch.Tensor]:
-        b = loop.to_device(batch, device)
+        b = loop.to_device(batch, device, channels_last)
         image, mask = b["image"], b["mask"]
         inp = apply_mask(image, mask, fill) if fill is not None else image
         scalars: dict[str, torch.Tensor] = {}
@@ -283,7 +285,7 @@ def train_inpainting(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, A
         model, opt, precision, env.device,
         fill=fill if masked else None, loss=lc.kind, overlap=lc.overlap,
         overlap_weight=lc.overlap_weight, adversary=adversary,
-        adversarial_weight=lc.adversarial_weight,
+        adversarial_weight=lc.adversarial_weight, channels_last=tc.channels_last,
     )  # fmt: skip
 
     samples = [dataset[(i % len(dataset), SAMPLE_KEY + i)] for i in range(SAMPLE_IMAGES)]

@@ -35,9 +35,8 @@ class InpaintTrainConfig(LoopConfig):
     load_size: int = LOAD_SIZE  # shorter side before the random 128 crop (0: no resize)
     workers: int = 2
     sample_every: int = 1000
-    # channels_last here also applies on CPU: NHWC activations (oneDNN) run the same
-    # operations ~10% faster on this CPU; its BatchNorm backward sums in another order
-    # (gradients ~3e-3 relative from float64, NCHW ~2e-4).
+    # As in every stage, NHWC activations on CPU too (`loop.nhwc`); oneDNN's BatchNorm
+    # backward then sums in another order (gradients ~3e-3 relative from float64, NCHW ~2e-4).
     channels_last: bool = True
     fused_discriminator: bool = False  # one D batch for real+fake: changes BatchNorm stats
 

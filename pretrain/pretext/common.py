@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmark.loop import Precision
+from benchmark.loop import Precision, nhwc
 from benchmark.runs import atomic_write_bytes
 
 
@@ -28,12 +28,8 @@ def optimise(loss: torch.Tensor, optimizer: torch.optim.Optimizer, precision: Pr
 
 
 def images_to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """A (N, C, H, W) batch on `device`; channels_last only on CUDA (the project's device
-    policy: several CPU kernels are slower in it)."""
-    x = x.to(device, non_blocking=True)
-    if channels_last and x.device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+    """A (N, C, H, W) batch on `device`, channels_last when asked (`loop.nhwc`)."""
+    return nhwc(x.to(device, non_blocking=True), channels_last)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

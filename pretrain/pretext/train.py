@@ -75,7 +75,9 @@ def main(cfg: _PretextStage, run: Run) -> dict[str, Any]:
     model = loop.prepare_model(net, env, tc)
     optimizer = parts.make_optimizer(net, cfg.pretext)
     precision = loop.Precision(tc.precision, env.device)
-    inner = parts.make_step(model, optimizer, env.device, precision=precision)
+    inner = parts.make_step(
+        model, optimizer, env.device, precision=precision, channels_last=tc.channels_last
+    )
 
     def step(batch: Any, iteration: int) -> dict[str, torch.Tensor]:
         set_learning_rate(optimizer, parts.learning_rate(cfg.pretext, iteration, per_epoch))

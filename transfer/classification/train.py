@@ -113,7 +113,7 @@ def make_step(
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         with precision.autocast():
-            logits = model(to_input(images, device))
+            logits = model(loop.nhwc(to_input(images, device), train.channels_last))
         loss = sigmoid_cross_entropy(logits, labels.to(device), keep.to(device))
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)

@@ -100,7 +100,7 @@ def make_step(
         lr = lr_at(train, iteration)
         for g in optimizer.param_groups:
             g["lr"] = lr * g.get("lr_mult", 1.0)
-        b = loop.to_device(batch, device)
+        b = loop.to_device(batch, device, train.channels_last)
         with precision.autocast():
             scores, deltas = model(b["images"], b["rois"])
         labels = b["labels"]

@@ -52,6 +52,7 @@ from torch.utils.data import DataLoader, Dataset
 from benchmark.datasets.folder import load_rgb
 from benchmark.datasets.voc import VOC_CLASSES, classification_targets, load_detection
 from benchmark.errors import BenchError, ConfigError, DatasetError
+from benchmark.loop import nhwc
 from benchmark.runs import default_results_root
 from pretrain.alexnet import CONV_INDICES, PIXEL_MEAN, PIXEL_STD, POOL_INDICES
 
@@ -463,7 +464,7 @@ def _run(
                 for i, m in zip(index.tolist(), messages):
                     if m:
                         ok[i] = False
-            out = taps(x.to(device, non_blocking=True))
+            out = taps(nhwc(x.to(device, non_blocking=True)))  # oneDNN's fast layout
             rows = index.numpy()
             for name, value in out.items():
                 if value.shape[1] != specs[name].dim:

@@ -136,7 +136,7 @@ def make_step(
             sync = not distributed or i == passes - 1
             ctx = contextlib.nullcontext() if sync else model.no_sync()
             with ctx:
-                x = to_input(image, device)
+                x = loop.nhwc(to_input(image, device), t.channels_last)
                 y = torch.from_numpy(label).long().to(device)[None]
                 with precision.autocast():
                     scores = model(x, out_size=tuple(label.shape))
