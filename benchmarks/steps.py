@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmark import loop
 from benchmark.distributed import DistEnv, pick_device
 from benchmark.loop import Precision, cpu_has_fast_bf16, nhwc, resolve_precision
 from benchmarks.common import MatmulRate, count_flops, markdown_table, sync
@@ -60,10 +61,10 @@ def context_encoder(
     """Section 3's feature learner at 227 px: Adam on the masked L2."""
     from pretrain.context_encoder import ContextEncoder
     from pretrain.data import fill_value
-    from pretrain.train import _adam, make_step
+    from pretrain.train import make_step
 
     net = _maybe_compile(ContextEncoder("caffenet", False, 227).to(env.device), compile)
-    opt = _adam(net.parameters(), 1e-4, 0.9, env.device)
+    opt = loop.adam(net.parameters(), 1e-4, (0.9, 0.999))
     fill = fill_value([0.48, 0.46, 0.41]).to(env.device)
     step = make_step(
         net, opt, prec, env.device, fill=fill if masked else None, channels_last=channels_last
@@ -136,9 +137,7 @@ def detection(
     model = FastRCNN(AlexNetEncoder("caffenet"), freeze_at=1).to(env.device)
     model = _maybe_compile(model, compile)
     t = DetectionTrainConfig(channels_last=channels_last)
-    opt = torch.optim.SGD(
-        param_groups(model, t.lr, t.weight_decay, t.bias_lr_mult), lr=t.lr, momentum=t.momentum
-    )
+    opt = loop.sgd(param_groups(model, t.lr, t.weight_decay, t.bias_lr_mult), t.lr, t.momentum)
     step = make_step(model, opt, t, prec, env.device)
     n = t.rois_per_batch
     xy = torch.rand(n, 2) * torch.tensor([600.0, 400.0])

@@ -130,13 +130,6 @@ def _hole(region: Callable[..., np.ndarray], geometry: HoleGeometry, rng: np.ran
 # ---------------------------------------------------------------- one iteration
 
 
-def _adam(params: Any, lr: float, beta1: float, device: torch.device) -> torch.optim.Adam:
-    """Fused Adam: the same update in one pass over the 71M generator parameters (measured
-    ~9x faster than the per-op loop on CPU)."""
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.Adam(params, lr=lr, betas=(beta1, 0.999), fused=fused)
-
-
 def build_nets(
     cfg: InpaintingConfig, env: DistEnv, precision: loop.Precision
 ) -> tuple[nn.Module, torch.optim.Optimizer, Adversary | None]:
@@ -146,11 +139,11 @@ def build_nets(
     on NHWC weights."""
     tc, size = cfg.train, cfg.geometry().prediction.size
     g = loop.prepare_model(ContextEncoderGenerator(cfg.bottleneck, size), env, tc)
-    opt_g = _adam(g.parameters(), tc.lr_g, tc.beta1, env.device)
+    opt_g = loop.adam(g.parameters(), tc.lr_g, (tc.beta1, 0.999))
     if cfg.loss.kind == "l2":
         return g, opt_g, None
     d = loop.prepare_model(DCGANDiscriminator(size), env, tc)
-    opt_d = _adam(d.parameters(), tc.lr_d, tc.beta1, env.device)
+    opt_d = loop.adam(d.parameters(), tc.lr_d, (tc.beta1, 0.999))
     return g, opt_g, Adversary(d, opt_d, precision, fused=tc.fused_discriminator)
 
 

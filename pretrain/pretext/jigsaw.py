@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from benchmark.loop import Precision
+from benchmark.loop import Precision, sgd
 from pretrain.alexnet import CONV_INDICES, AlexNetEncoder, Arch
 from pretrain.data import SeededImages, normalise
 from pretrain.pretext.common import (
@@ -297,7 +297,7 @@ def make_step(
 def make_optimizer(model: nn.Module, cfg: JigsawConfig) -> torch.optim.SGD:
     """SGD with momentum; biases at 2x the rate and without weight decay (the prototxt)."""
     groups = sgd_groups(model, cfg.weight_decay, cfg.bias_lr_mult, cfg.bias_decay)
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    opt = sgd(groups, cfg.lr, cfg.momentum)
     set_learning_rate(opt, cfg.lr)
     return opt
 

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from benchmark.loop import Precision
+from benchmark.loop import Precision, sgd
 from pretrain.alexnet import AlexNetEncoder, Arch
 from pretrain.data import SeededImages, normalise
 from pretrain.pretext.common import (
@@ -343,7 +343,7 @@ def make_step(
 def make_optimizer(model: nn.Module, cfg: RelativePositionConfig) -> torch.optim.SGD:
     """SGD as in solver_mko.prototxt (momentum only if configured)."""
     groups = sgd_groups(model, cfg.weight_decay)
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    opt = sgd(groups, cfg.lr, cfg.momentum)
     set_learning_rate(opt, cfg.lr)
     return opt
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from benchmark.loop import Precision
+from benchmark.loop import Precision, sgd
 from pretrain.alexnet import AlexNetEncoder, Arch
 from pretrain.data import SeededImages, denormalise, normalise
 from pretrain.pretext.common import (
@@ -227,12 +227,7 @@ def make_step(
 def make_optimizer(model: nn.Module, cfg: RotationConfig) -> torch.optim.SGD:
     """SGD with Nesterov momentum, weight decay on every parameter (Algorithm.py)."""
     lr = cfg.lr_schedule[0][1]
-    return torch.optim.SGD(
-        sgd_groups(model, cfg.weight_decay),
-        lr=lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-    )
+    return sgd(sgd_groups(model, cfg.weight_decay), lr, cfg.momentum, nesterov=cfg.nesterov)
 
 
 def learning_rate(

@@ -93,9 +93,7 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.SG
         {"params": biases, "lr_mult": train.bias_lr_mult,
          "weight_decay": train.weight_decay * train.bias_decay_mult},
     ]  # fmt: skip
-    return torch.optim.SGD(
-        [g for g in groups if g["params"]], lr=train.lr, momentum=train.momentum
-    )
+    return loop.sgd([g for g in groups if g["params"]], train.lr, train.momentum)
 
 
 def make_step(

@@ -760,8 +760,8 @@ def run_detectron2(cfg: DetectionConfig, run: Run, voc_root: Path) -> dict[str, 
         f"{len(test_dicts)} test"
     )
     net = loop.prepare_model(model, env, t, ddp=False)
-    optimizer = torch.optim.SGD(
-        param_groups(model, t.lr, t.weight_decay, t.bias_lr_mult), lr=t.lr, momentum=t.momentum
+    optimizer = loop.sgd(
+        param_groups(model, t.lr, t.weight_decay, t.bias_lr_mult), t.lr, t.momentum
     )
     dataset = KeyedMapper(train_dicts, DatasetMapper(d2cfg, is_train=True), cfg.seed)
     net.train()

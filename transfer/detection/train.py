@@ -173,8 +173,8 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path, env: DistEnv) -> 
     describe_transfer(model, (), run.logger)
     run.logger.info(f"fast r-cnn: {len(train_records)} train images, {len(test_records)} test")
     net = loop.prepare_model(model, env, t)
-    optimizer = torch.optim.SGD(
-        param_groups(model, t.lr, t.weight_decay, t.bias_lr_mult), lr=t.lr, momentum=t.momentum
+    optimizer = loop.sgd(
+        param_groups(model, t.lr, t.weight_decay, t.bias_lr_mult), t.lr, t.momentum
     )
     precision = loop.Precision(t.precision, env.device)
     result = loop.fit(

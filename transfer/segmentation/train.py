@@ -101,8 +101,8 @@ def make_optimizer(model: nn.Module, t: SegmentationTrainConfig) -> torch.optim.
         {"params": score_bias, "lr": t.lr * BIAS_LR_MULT, "weight_decay": 0.0},
     ]
     if t.solver == "adam":
-        return torch.optim.Adam(groups, lr=t.lr, betas=(t.momentum, 0.999))
-    return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+        return loop.adam(groups, t.lr, (t.momentum, 0.999))
+    return loop.sgd(groups, t.lr, t.momentum)
 
 
 def pixel_loss(scores: torch.Tensor, label: torch.Tensor, normalize: bool) -> torch.Tensor:
