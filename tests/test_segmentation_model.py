@@ -188,3 +188,27 @@ def test_rescale_of_fcn8s_keeps_the_skip_scores_at_zero_and_converges():
     assert worse["kept_iteration"] < worse["iterations"]  # the guard kept a better iteration
     assert not model.score_16.weight.any() and not model.score_8.weight.any()
     assert model.score_fr.weight.any()  # re-drawn by the within-layer step
+
+
+@pytest.mark.parametrize("kernel, channels_last", [(6, False), (6, True), (1, True), (1, False)])
+def test_dense_conv_is_the_convolution(kernel, channels_last):
+    """fc6 / fc7 / score_fr as a matmul over unfolded windows: the convolution's values and
+    gradients (float64), whatever the input's layout."""
+    from transfer.segmentation.model import DenseConv2d
+
+    torch.manual_seed(0)
+    dense = DenseConv2d(5, 7, kernel).double()
+    conv = torch.nn.Conv2d(5, 7, kernel).double()
+    conv.load_state_dict(dense.state_dict())
+    x = torch.randn(2, 5, 9, 11, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = dense(xa), conv(xb)
+    torch.testing.assert_close(ya, yb)
+    g = torch.randn_like(yb)
+    ya.backward(g)
+    yb.backward(g)
+    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(dense.weight.grad, conv.weight.grad)
+    torch.testing.assert_close(dense.bias.grad, conv.bias.grad)

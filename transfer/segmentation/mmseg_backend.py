@@ -81,7 +81,7 @@ from benchmark.runs import Run
 from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
 
 from .config import SegmentationConfig, SegmentationTrainConfig
-from .model import FCN_PAD, Grid, feature_grids, resample, smallest_pad
+from .model import FCN_PAD, DenseConv2d, Grid, feature_grids, resample, smallest_pad
 
 INSTALL_HINT = (
     "backend mmseg needs mmsegmentation 1.2.2 with mmcv 2.1.0 compiled ops "
@@ -178,8 +178,9 @@ def register() -> None:
             if upsample not in UPSAMPLE_EDGES:
                 raise ValueError(f"upsample {upsample!r} is not one of {sorted(UPSAMPLE_EDGES)}")
             self.edge = UPSAMPLE_EDGES[upsample]
-            self.fc6 = nn.Conv2d(in_channels, channels, kernel_size=FC6_KERNEL)
-            self.fc7 = nn.Conv2d(channels, channels, kernel_size=1)
+            # the native FCN's layers (one matmul each), so that both compute the same
+            self.fc6 = DenseConv2d(in_channels, channels, kernel_size=FC6_KERNEL)
+            self.fc7 = DenseConv2d(channels, channels, kernel_size=1)
             # Caffe's (element-wise) dropout, as FCN and the native head; BaseDecodeHead's
             # own is channel-wise (Dropout2d) and turned off above.
             self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
