@@ -189,9 +189,7 @@ def make_step(
         hole = batch["hole"].to(device).bool() if "hole" in batch else fixed_hole
         context = mask_context(image, hole)
         real = geometry.predicted(image)
-        if channels_last:
-            context = context.contiguous(memory_format=torch.channels_last)
-            real = real.contiguous(memory_format=torch.channels_last)
+        context, real = loop.nhwc(context, channels_last), loop.nhwc(real, channels_last)
         with precision.autocast():
             fake = generator(context)
         out: dict[str, torch.Tensor] = {}
