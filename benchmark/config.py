@@ -206,7 +206,7 @@ def load_config(
 # they never make two runs different experiments.
 RUNTIME_KEYS = frozenset(
     {"name", "device", "workers", "threads", "log_every", "checkpoint_every", "sample_every",
-     "ss_workers", "n_jobs", "progress", "eval_batch_size"}
+     "ss_workers", "n_jobs", "progress", "eval_batch_size", "keep_host_memory"}
 )  # fmt: skip
 
 

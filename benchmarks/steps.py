@@ -6,6 +6,7 @@ rate of the same precision measured in the same run.
     python -m benchmarks.steps --port-model ../context_encoder_pytorch/model.py
     python -m benchmarks.steps --pipeline                       # + the data pipelines
     python -m benchmarks.steps --layouts nhwc,nchw              # channels_last against not
+    python -m benchmarks.steps --system-malloc                  # glibc unmapping freed memory
 
 Each step is built exactly as its stage builds it (the same model, `make_step`, optimiser
 and `benchmark.loop.Precision`) at the protocol's sizes, on random inputs. A row: ms/step,
@@ -35,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmark import loop
+from benchmark import host_memory, loop
 from benchmark.distributed import DistEnv, pick_device
 from benchmark.loop import Precision, cpu_has_fast_bf16, nhwc, resolve_precision
 from benchmarks.common import MatmulRate, count_flops, markdown_table, sync
@@ -362,6 +363,12 @@ def main(argv: list[str] | None = None) -> str:
         default="nhwc",
         help="comma list of nhwc (train.channels_last: true, the default), nchw",
     )
+    p.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (train.keep_host_memory: false); by default "
+        "freed memory is kept for reuse, as the stages do, for the port's step too",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -374,6 +381,8 @@ def main(argv: list[str] | None = None) -> str:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not args.system_malloc:
+        host_memory.keep_freed_memory()
     device = pick_device(args.device)
     env = DistEnv(0, 1, 0, device)
     torch.manual_seed(0)
@@ -429,7 +438,9 @@ def main(argv: list[str] | None = None) -> str:
                     )
                 )
     cpu = "" if device.type == "cuda" else f" (native bf16: {cpu_has_fast_bf16()})"
-    head = f"device {device}{cpu}, {torch.get_num_threads()} threads; matmul (median of all "
+    kept = "kept" if host_memory.applied() else "returned (glibc default)"
+    head = f"device {device}{cpu}, {torch.get_num_threads()} threads, freed host memory {kept}; "
+    head += "matmul (median of all "
     head += "interleaved): " + ", ".join(f"{k} {v.gflops:.1f} GFLOP/s" for k, v in peaks.items())
     out = head + "\n\n" + markdown_table(rows)
     if args.pipeline:

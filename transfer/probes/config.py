@@ -69,6 +69,7 @@ class SVMConfig:
     resize_shorter: int | None = 256  # TRAIN/TEST.SCALE before the global 227x227 resize
     cache_dir: str | None = None  # None = <results root>/cache/features
     on_bad_data: OnBadData = "error"
+    keep_host_memory: bool = True  # as the loop's `train.keep_host_memory`
 
 
 @dataclass
@@ -97,3 +98,4 @@ class KNNConfig:
     resize_shorter: int | None = 256
     cache_dir: str | None = None
     on_bad_data: OnBadData = "error"
+    keep_host_memory: bool = True

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmark import host_memory
 from benchmark.datasets.voc import VOC_CLASSES
 from benchmark.distributed import pick_device
 from benchmark.errors import ConfigError
@@ -123,11 +124,18 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _setup(cfg: SVMConfig | KNNConfig) -> torch.device:
+    """The probe's device; host memory kept for reuse as in the training loop."""
+    if cfg.keep_host_memory:
+        host_memory.keep_freed_memory()
+    return pick_device(cfg.device)
+
+
 def main_svm(cfg: SVMConfig, run: Run) -> dict[str, Any]:
     """Extract (or load) features, train and test the SVMs of every layer, the low-shot
     table, write metrics.json; returns the metrics."""
     layers, shot_layers = check_svm_config(cfg)
-    device = pick_device(cfg.device)
+    device = _setup(cfg)
     encoder, card, train, test, ftrain, ftest = _extract(cfg, run, layers, device)
     del encoder
     params = SVMParams(cfg.positive_weight, cfg.max_iter, cfg.tol, cfg.seed)
@@ -219,7 +227,7 @@ def check_knn_config(cfg: KNNConfig) -> str:
 def main_knn(cfg: KNNConfig, run: Run) -> dict[str, Any]:
     """Weighted k-NN on one layer's features (pool5 by default); writes metrics.json."""
     layer = check_knn_config(cfg)
-    device = pick_device(cfg.device)
+    device = _setup(cfg)
     _, card, train, test, ftrain, ftest = _extract(cfg, run, (layer,), device)
     tick = time.perf_counter()
     scores = knn_scores(ftrain.arrays[layer], train.labels, ftest.arrays[layer], cfg.k,
