@@ -170,7 +170,11 @@ class Precision:
         if clip is not None:
             self.scaler.unscale_(optimizer)
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            norm = grad_norm(params)
+            # clip_grad_norm_ scales every gradient by min(1, clip / (norm + 1e-6)): a pass
+            # over all of them (~5 ms for classification's 57M) that only matters below 1.
+            if not clip / (norm + 1e-6) >= 1.0:
+                norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         self.scaler.step(optimizer)
         return norm
 
@@ -183,6 +187,15 @@ class Precision:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state)
+
+
+def grad_norm(params: list[torch.Tensor]) -> float:
+    """The global L2 norm of the gradients, as `clip_grad_norm_` computes it."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = [torch.linalg.vector_norm(g.detach(), 2.0) for g in grads]
+    return float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
 
 
 # ---------------------------------------------------------------- devices and models

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.alexnet import AlexNetEncoder, Arch, pool5_size
+from pretrain.dropout import Dropout
 
 DECODER_WIDTHS = (128, 64, 64, 32)  # the fifth up-convolution outputs the 3 colour channels
 DROPOUT = 0.5
@@ -104,7 +105,7 @@ class ContextEncoder(nn.Module):
                 nn.init.zeros_(m.bias)
         c, n = self.encoder.out_channels, pool5_size(input_size, arch, pool_free)
         self.channel_fc = ChannelWiseFC(c, n)
-        self.dropout = nn.Dropout(DROPOUT)
+        self.dropout = Dropout(DROPOUT)
         self.mix = nn.Conv2d(c, c, kernel_size=1, stride=1)  # across channels, stride 1
         nn.init.kaiming_normal_(self.mix.weight, nonlinearity="relu")
         nn.init.zeros_(self.mix.bias)

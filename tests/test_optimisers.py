@@ -59,3 +59,21 @@ def test_an_optimiser_state_saved_unfused_resumes_fused():
         opt.step()
     for p, q in zip(a, b):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("clip", [1e-3, 1e6])  # clipped; left as it is
+def test_clipping_equals_clip_grad_norm(clip: float):
+    """Precision.step(clip=...) skips the scaling pass only where it would multiply by 1."""
+    ours, theirs = _params(2), _params(2)
+    for p, q in zip(ours, theirs):
+        p.grad = torch.full_like(p, 0.5)
+        q.grad = torch.full_like(q, 0.5)
+    opt_a = loop.sgd(ours, 0.1, 0.9)
+    opt_b = torch.optim.SGD(theirs, lr=0.1, momentum=0.9, foreach=False)
+    norm = loop.Precision("fp32", torch.device("cpu")).step(opt_a, clip=clip)
+    expected = float(torch.nn.utils.clip_grad_norm_(theirs, clip))
+    opt_b.step()
+    assert norm == expected
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -212,3 +212,30 @@ def test_dense_conv_is_the_convolution(kernel, channels_last):
     torch.testing.assert_close(xa.grad, xb.grad)
     torch.testing.assert_close(dense.weight.grad, conv.weight.grad)
     torch.testing.assert_close(dense.bias.grad, conv.bias.grad)
+
+
+def test_resample_as_matmuls_equals_gathering_in_value_and_gradient() -> None:
+    """The two-matmul resample against the gather it replaced (float64, both edge rules)."""
+    from transfer.segmentation.model import _axis_weights
+
+    def gathered(x, grid, ys, xs, edge):
+        h, w = x.shape[-2:]
+        y0, y1, wy0, wy1 = (t.double() if t.is_floating_point() else t
+                            for t in _axis_weights(ys, grid, h, edge))  # fmt: skip
+        x0, x1, wx0, wx1 = (t.double() if t.is_floating_point() else t
+                            for t in _axis_weights(xs, grid, w, edge))  # fmt: skip
+        rows = x.index_select(-2, y0) * wy0[:, None] + x.index_select(-2, y1) * wy1[:, None]
+        return rows.index_select(-1, x0) * wx0 + rows.index_select(-1, x1) * wx1
+
+    torch.manual_seed(0)
+    grid = Grid(13.0, 32.0)
+    ys, xs = torch.arange(0.0, 170.0, 1.0), torch.arange(0.0, 230.0, 1.5)
+    for edge in ("zero", "hold"):
+        a = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True)
+        b = a.detach().clone().requires_grad_()
+        out, ref = resample(a, grid, ys, xs, edge), gathered(b, grid, ys, xs, edge)
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        g = torch.randn_like(ref)
+        out.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)

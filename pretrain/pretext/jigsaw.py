@@ -37,6 +37,7 @@ from torch import nn
 from benchmark.loop import Precision, sgd
 from pretrain.alexnet import CONV_INDICES, AlexNetEncoder, Arch
 from pretrain.data import SeededImages, normalise
+from pretrain.dropout import Dropout
 from pretrain.pretext.common import (
     chw,
     cross_entropy_step,
@@ -231,10 +232,10 @@ class JigsawNet(nn.Module):
             nn.Flatten(),
             nn.Linear(c * h * w, cfg.fc6),
             nn.ReLU(inplace=True),
-            nn.Dropout(cfg.dropout),
+            Dropout(cfg.dropout),
         )
         self.fc7 = nn.Sequential(
-            nn.Linear(TILES * cfg.fc6, cfg.fc7), nn.ReLU(inplace=True), nn.Dropout(cfg.dropout)
+            nn.Linear(TILES * cfg.fc6, cfg.fc7), nn.ReLU(inplace=True), Dropout(cfg.dropout)
         )
         self.fc8 = nn.Linear(cfg.fc7, cfg.permutations)
         self._init_as_released()

@@ -8,6 +8,7 @@ from torch import nn
 
 from benchmark.errors import ConfigError
 from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
+from pretrain.dropout import Dropout
 
 NUM_CLASSES = 20
 HIDDEN = 4096
@@ -53,7 +54,7 @@ class ClassificationNet(nn.Module):
         self.fc6 = nn.Linear(encoder.out_channels * side * side, hidden)
         self.fc7 = nn.Linear(hidden, hidden)
         self.fc8 = nn.Linear(hidden, num_classes)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         reinit_head_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,7 @@ from benchmark.datasets.voc import VOC_CLASSES
 from benchmark.errors import BenchError, ConfigError, printable
 from benchmark.runs import Run, atomic_write_text
 from pretrain.alexnet import ARCHS, CONV_INDICES, PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
+from pretrain.dropout import Dropout
 from transfer import common
 from transfer.backbone import (
     check_frozen_unchanged,
@@ -219,7 +220,7 @@ def register_box_head(dropout: float) -> str:
             in_dim = input_shape.channels * input_shape.height * input_shape.width
             self.fc6 = nn.Linear(in_dim, dim)
             self.fc7 = nn.Linear(dim, dim)
-            self.dropout = nn.Dropout(dropout)
+            self.dropout = Dropout(dropout)
             for fc in (self.fc6, self.fc7):
                 nn.init.normal_(fc.weight, 0.0, 0.005)
                 nn.init.constant_(fc.bias, 0.1)

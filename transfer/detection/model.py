@@ -10,6 +10,7 @@ from torch import nn
 from torchvision.ops import RoIPool
 
 from pretrain.alexnet import CONV_INDICES, AlexNetEncoder
+from pretrain.dropout import Dropout
 
 NUM_CLASSES = 21  # 20 VOC classes + background
 STRIDE = 16
@@ -36,7 +37,7 @@ class FastRCNN(nn.Module):
         c5 = encoder.out_channels
         self.fc6 = nn.Linear(c5 * roi_size * roi_size, fc_dim)
         self.fc7 = nn.Linear(fc_dim, fc_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.cls_score = nn.Linear(fc_dim, num_classes)
         self.bbox_pred = nn.Linear(fc_dim, 4 * num_classes)
         self.num_classes = num_classes

@@ -79,6 +79,7 @@ from benchmark.errors import BenchError, ConfigError, DatasetError, printable
 from benchmark.metrics import confusion_matrix
 from benchmark.runs import Run
 from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
+from pretrain.dropout import Dropout
 
 from .config import SegmentationConfig, SegmentationTrainConfig
 from .model import FCN_PAD, DenseConv2d, Grid, feature_grids, resample, smallest_pad
@@ -183,7 +184,7 @@ def register() -> None:
             self.fc7 = DenseConv2d(channels, channels, kernel_size=1)
             # Caffe's (element-wise) dropout, as FCN and the native head; BaseDecodeHead's
             # own is channel-wise (Dropout2d) and turned off above.
-            self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+            self.drop = Dropout(dropout) if dropout > 0 else nn.Identity()
             for m in (self.fc6, self.fc7):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.alexnet import AlexNetEncoder, features_output_size, layer_geometry
+from pretrain.dropout import Dropout
 
 Variant = Literal["fcn32s", "fcn16s", "fcn8s"]
 VARIANTS: tuple[str, ...] = ("fcn32s", "fcn16s", "fcn8s")
@@ -93,18 +94,34 @@ def _axis_weights(
     return i0.clamp(0, size - 1), i1.clamp(0, size - 1), w0, w1
 
 
+def _axis_matrix(
+    coords: torch.Tensor, grid: Grid, size: int, edge: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """(len(coords), size) matrix whose row k holds coordinate k's two weights."""
+    i0, i1, w0, w1 = _axis_weights(coords, grid, size, edge)
+    w0, w1 = w0.to(dtype), w1.to(dtype)
+    m = torch.zeros(len(coords), size, device=coords.device, dtype=dtype)
+    return m.scatter_add_(1, i0[:, None], w0[:, None]).scatter_add_(1, i1[:, None], w1[:, None])
+
+
 def resample(
     x: torch.Tensor, grid: Grid, ys: torch.Tensor, xs: torch.Tensor, edge: str = "hold"
 ) -> torch.Tensor:
     """Bilinear interpolation of map `x` (B, C, h, w) on `grid` at image coords ys x xs
-    (edges as `_axis_weights` says)."""
+    (edges as `_axis_weights` says), in float32 (or x's dtype if wider).
+
+    Separable, as two matrix products with the (rows, h) and (w, columns) weight matrices:
+    each output is w0 * x[i0] + w1 * x[i1] as gathering would compute it (the other terms
+    are exact zeros), but the backward is two more matrix products instead of a
+    scatter-add over the full-resolution map (~13 ms of a 260 ms FCN step)."""
     h, w = x.shape[-2:]
     # coordinates in float32 even under bf16 autocast, which would snap pixels above 256
-    # to steps of 2; the scores are promoted to float32 with the weights
-    y0, y1, wy0, wy1 = _axis_weights(ys.float(), grid, h, edge)
-    x0, x1, wx0, wx1 = _axis_weights(xs.float(), grid, w, edge)
-    rows = x.index_select(-2, y0) * wy0[:, None] + x.index_select(-2, y1) * wy1[:, None]
-    return rows.index_select(-1, x0) * wx0 + rows.index_select(-1, x1) * wx1
+    # to steps of 2; the scores too, as the loss takes them
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    my = _axis_matrix(ys.float(), grid, h, edge, dtype)
+    mx = _axis_matrix(xs.float(), grid, w, edge, dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.matmul(torch.matmul(my, x.to(dtype)), mx.T)
 
 
 def pixel_coords(n_out: int, n_in: int, device: torch.device) -> torch.Tensor:
@@ -162,7 +179,7 @@ class FCN(nn.Module):
         feats = encoder.features
         self.fc6 = DenseConv2d(encoder.out_channels, fc_dim, kernel_size=6)
         self.fc7 = DenseConv2d(fc_dim, fc_dim, kernel_size=1)
-        self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # Caffe-style
+        self.drop = Dropout(dropout) if dropout > 0 else nn.Identity()  # Caffe-style
         self.score_fr = nn.Conv2d(fc_dim, num_classes, kernel_size=1)
         self.score_16: nn.Conv2d | None = None
         self.score_8: nn.Conv2d | None = None
