@@ -77,9 +77,18 @@ PIXEL_STD = (0.229, 0.224, 0.225)
 
 def _window_sum(x: torch.Tensor, size: int, before: int) -> torch.Tensor:
     """Sum over `size` neighbouring channels, window [c - before, c - before + size), zeros
-    outside: one cumulative sum and one difference instead of `size` shifted adds."""
+    outside: one cumulative sum and one difference instead of `size` shifted adds.
+
+    A channels_last input is summed as the (N, H, W, C) tensor it is in memory, so that the
+    result stays channels_last: `cumsum(1)` returns NCHW, and every elementwise op of the
+    LRN after it then mixed layouts (~10x slower each; NHWC LRN fwd + bwd 9.0 -> 4 ms)."""
     padded = F.pad(x, (0, 0, 0, 0, before + 1, size - 1 - before))
-    total = padded.cumsum(1)
+    if padded.dim() == 4 and not padded.is_contiguous() and padded.is_contiguous(
+        memory_format=torch.channels_last
+    ):
+        total = padded.permute(0, 2, 3, 1).cumsum(-1).permute(0, 3, 1, 2)
+    else:
+        total = padded.cumsum(1)
     return total[:, size:] - total[:, :-size]
 
 

@@ -136,24 +136,31 @@ def _lrn_by_hand(x: torch.Tensor, n: int, alpha: float, beta: float, k: float) -
     return out
 
 
+LAYOUTS = [torch.contiguous_format, torch.channels_last]  # the window sum has a path for each
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("spec", [LRNSpec(), LRNSpec(3, 2e-3, 0.5, 2.0), LRNSpec(7, 1.0, 1.0, 1.0)])
-def test_lrn_matches_caffe_formula(spec):
+def test_lrn_matches_caffe_formula(spec, layout):
     torch.manual_seed(0)
     x = torch.randn(2, 11, 4, 5) * 30  # edge channels 0, 1, 9, 10 see a clipped window
-    got = CaffeLRN(spec)(x).double()
+    got = CaffeLRN(spec)(x.contiguous(memory_format=layout))
+    assert got.is_contiguous(memory_format=layout)
+    got = got.double()
     want = _lrn_by_hand(x, spec.local_size, spec.alpha, spec.beta, spec.k)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(x.double(), want, rtol=1e-2)  # the normalisation did something
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("spec", [LRNSpec(), LRNSpec(3, 2e-3, 0.5, 2.0), LRNSpec(7, 1.0, 1.0, 1.0)])
-def test_lrn_backward_matches_autograd_of_the_formula(spec):
+def test_lrn_backward_matches_autograd_of_the_formula(spec, layout):
     """The hand-written backward (Caffe's) equals autograd through the formula in float64,
     and torch's own LRN's gradient."""
     torch.manual_seed(0)
     x = torch.randn(2, 11, 4, 5) * 3
     grad = torch.randn(2, 11, 4, 5)
-    a = x.clone().requires_grad_()
+    a = x.clone().contiguous(memory_format=layout).requires_grad_()
     CaffeLRN(spec)(a).backward(grad)
     b = x.double().requires_grad_()
     _lrn_by_hand(b, spec.local_size, spec.alpha, spec.beta, spec.k).backward(grad.double())
