@@ -83,8 +83,10 @@ def _window_sum(x: torch.Tensor, size: int, before: int) -> torch.Tensor:
     result stays channels_last: `cumsum(1)` returns NCHW, and every elementwise op of the
     LRN after it then mixed layouts (~10x slower each; NHWC LRN fwd + bwd 9.0 -> 4 ms)."""
     padded = F.pad(x, (0, 0, 0, 0, before + 1, size - 1 - before))
-    if padded.dim() == 4 and not padded.is_contiguous() and padded.is_contiguous(
-        memory_format=torch.channels_last
+    if (
+        padded.dim() == 4
+        and not padded.is_contiguous()
+        and padded.is_contiguous(memory_format=torch.channels_last)
     ):
         total = padded.permute(0, 2, 3, 1).cumsum(-1).permute(0, 3, 1, 2)
     else:
