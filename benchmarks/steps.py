@@ -18,7 +18,9 @@ work). `--port` adds the public PyTorch port's inpainting step rebuilt on our mo
 its kernels and update (NCHW, plain convolutions for the bottleneck, per-op Adam, sigmoid +
 BCELoss, D's weight gradients computed in the G step, the L2 weighted as its train.py does);
 `--port-model` runs it from the port's own `model.py` (BoyuanJiang/context_encoder_pytorch:
-not part of bench, give its path). `--pipeline` times each stage's data pipeline (the
+not part of bench, give its path), twice: in this process, whose freed host memory is kept
+for reuse as bench's stages keep it (`benchmark.host_memory`, unless `--system-malloc`), and
+in a process of its own with glibc's default malloc, as the port's train.py runs. `--pipeline` times each stage's data pipeline (the
 dataset and workers the stage uses) on the synthetic dataset, to compare with its step.
 Benchmarks print numbers; they never assert wall times.
 """
@@ -27,6 +29,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -257,6 +262,23 @@ def port_step(device: torch.device, batch: int, model_file: Path | None = None):
     return step, batch
 
 
+def port_as_it_runs(args: argparse.Namespace) -> dict[str, Any]:
+    """The port's own step in a fresh process with glibc's default malloc, as its train.py
+    runs (host memory kept for reuse is this project's setting, and speeds the port up too:
+    the in-process row shows by how much)."""
+    cmd = [sys.executable, "-m", "benchmarks.steps", "--steps", "none", "--precisions", "fp32",
+           "--device", args.device, "--port-model", str(args.port_model), "--system-malloc",
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--port-json"]  # fmt: skip
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root).stdout
+    (row,) = json.loads(out.strip().splitlines()[-1])
+    row["step"] = "inpainting: public port (its model.py, own process, glibc malloc)"
+    return row
+
+
 # ---------------------------------------------------------------- measuring
 
 
@@ -369,6 +391,7 @@ def main(argv: list[str] | None = None) -> str:
         help="leave glibc's malloc as it is (train.keep_host_memory: false); by default "
         "freed memory is kept for reuse, as the stages do, for the port's step too",
     )
+    p.add_argument("--port-json", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
@@ -400,7 +423,7 @@ def main(argv: list[str] | None = None) -> str:
         rate = MatmulRate(device, size, DTYPES[precision])
         peaks[precision] = rate
         prec = Precision(precision, device)
-        for name in args.steps.split(","):
+        for name in [n for n in args.steps.split(",") if n not in ("", "none")]:
             build, default_batch = STEPS[name]
             variants = [(c, lay) for lay in layouts for c in (False, True)[: 1 + args.compile]]
             for compiled, layout in variants:
@@ -423,6 +446,8 @@ def main(argv: list[str] | None = None) -> str:
         if precision == "fp32" and (args.port or args.port_model):
             ports = [("rebuilt", None)] if args.port else []
             ports += [("its model.py", args.port_model)] if args.port_model else []
+            if args.port_model and host_memory.applied() and not args.port_json:
+                rows.append(port_as_it_runs(args))
             for label, model_file in ports:
                 step, n = port_step(device, args.batch or 64, model_file)
                 rows.append(
@@ -437,6 +462,8 @@ def main(argv: list[str] | None = None) -> str:
                         args.warmup,
                     )
                 )
+    if args.port_json:
+        return json.dumps(rows)
     cpu = "" if device.type == "cuda" else f" (native bf16: {cpu_has_fast_bf16()})"
     kept = "kept" if host_memory.applied() else "returned (glibc default)"
     head = f"device {device}{cpu}, {torch.get_num_threads()} threads, freed host memory {kept}; "
