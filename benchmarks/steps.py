@@ -20,8 +20,9 @@ BCELoss, D's weight gradients computed in the G step, the L2 weighted as its tra
 `--port-model` runs it from the port's own `model.py` (BoyuanJiang/context_encoder_pytorch:
 not part of bench, give its path), twice: in this process, whose freed host memory is kept
 for reuse as bench's stages keep it (`benchmark.host_memory`, unless `--system-malloc`), and
-in a process of its own with glibc's default malloc, as the port's train.py runs. `--pipeline` times each stage's data pipeline (the
-dataset and workers the stage uses) on the synthetic dataset, to compare with its step.
+in a process of its own with glibc's default malloc, as the port's train.py runs.
+`--pipeline` times each stage's data pipeline (the dataset and workers the stage uses) on the
+synthetic dataset, to compare with its step.
 Benchmarks print numbers; they never assert wall times.
 """
 
