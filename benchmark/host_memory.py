@@ -7,9 +7,9 @@ autocast's bf16 copies of the weights), so each of them is faulted in again page
 a 2-core machine a 150 MB fp32 tensor costs ~80 ms to allocate and ~8 ms to fill, and these
 faults were about a third of the bf16 classification step (261 -> 175 ms without them).
 Turning off mmap for allocations and trimming (`mallopt`) keeps the pages mapped for the next
-step, as a caching allocator
-(jemalloc or tcmalloc tuned for training, or PyTorch's own on CUDA) does. The cost: the
-process's resident memory stays at its peak. Elsewhere than glibc this does nothing.
+step, as a caching allocator (jemalloc or tcmalloc tuned for training, or PyTorch's own on
+CUDA) does. The cost: the process's resident memory stays at its peak. Elsewhere than glibc
+this does nothing.
 """
 
 from __future__ import annotations
