@@ -15,6 +15,7 @@ env: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
+	$(BIN)/python -m pip uninstall --quiet --yes bench 2>/dev/null || true  # the earlier name
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmark import __version__
 from benchmark.errors import BenchError, printable
 
 EXIT_USER_ERROR = 2
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bench",
         description="Self-supervised representation benchmark (Context Encoders, PASCAL VOC).",
     )
+    parser.add_argument("--version", action="version", version=f"bench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pretrain", help="pretrain an encoder (context encoder and baselines)")

@@ -1,7 +1,7 @@
 """`bench report`: the paper's Table 2 (VOC transfer) and Table 1 (inpainting) from run folders.
 
 Tables are built only from the runs' `metrics.json` and `config.yaml` files plus the paper's
-published numbers in `results/reference/*.csv`, never from numbers in this code. Runs of one
+published numbers in `benchmark/reference/*.csv`, never from numbers in this code. Runs of one
 configuration that differ only in seed are averaged (mean ± sample std, with n); runs of one
 method under different transfer settings become separate rows labelled by the settings.
 """
@@ -24,7 +24,8 @@ from benchmark.config import RUNTIME_KEYS
 from benchmark.errors import BenchError
 from benchmark.runs import CONFIG_FILE, METRICS_FILE, atomic_write_bytes, atomic_write_text
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1] / "results" / "reference"
+# Package data, so an installed wheel finds them too (pyproject: tool.setuptools.package-data).
+REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
 
 TASKS = ("classification", "detection", "segmentation")
 TASK_METRIC = {"classification": "map", "detection": "map", "segmentation": "mean_iu"}

@@ -121,7 +121,7 @@ def test_report_never_averages_two_encoder_recipes(tmp_path):
             {"stage": "transfer", "task": "classification", "method": "context-encoder",
              "seed": seed, "weights": str(pre), "map": m, "mask": "random-region"},
         )  # fmt: skip
-    ref = load_ref(Path(__file__).resolve().parents[1] / "results/reference/table2.csv",
+    ref = load_ref(Path(__file__).resolve().parents[1] / "benchmark/reference/table2.csv",
                    ("classification", "detection", "segmentation"))  # fmt: skip
     table = table2(collect_runs([root]), ref)
     ours = table[table["Source"].str.startswith("ours (bench)")]
