@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also copy K prediction overlays of each segmentation run into OUT/overlays",
     )
 
+    p = sub.add_parser("env", help="print what a bug report needs: versions, devices, threads")
+    p.add_argument("--json", action="store_true", help="as one JSON object")
+
     p = sub.add_parser("data", help="make or check datasets")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     q = dsub.add_parser("synth", help="write the synthetic VOCdevkit")
@@ -291,6 +294,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    from benchmark.environment import main as env_main
+
+    print(env_main(as_json=args.json), end="")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "synth":
         from benchmark.datasets.synth import make_synthetic
@@ -396,6 +406,7 @@ COMMANDS = {
     "export": cmd_export,
     "import": cmd_import,
     "report": cmd_report,
+    "env": cmd_env,
     "data": cmd_data,
     "run": cmd_run,
     "inpaint": cmd_inpaint,

@@ -9,7 +9,9 @@ import yaml
 
 from benchmark.cli import main
 
-SUBCOMMANDS = ["pretrain", "transfer", "export", "import", "report", "data", "run", "inpaint"]
+SUBCOMMANDS = [
+    "pretrain", "transfer", "export", "import", "report", "env", "data", "run", "inpaint",
+]  # fmt: skip
 
 
 def test_help_lists_subcommands(capsys):
