@@ -8,7 +8,7 @@ MMSEG_STAMP := $(VENV)/.mmseg-installed
 # The versions CI and the README run; pyproject.toml keeps loose ranges for users.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: env demo demo-full test lint mmseg clean
+.PHONY: env demo demo-full test lint mmseg browser clean
 
 env: $(STAMP)
 
@@ -26,7 +26,7 @@ demo: $(STAMP)
 demo-full: $(STAMP)
 	$(BIN)/bench run configs/demo-full.yaml
 
-test: $(STAMP) $(MMSEG_STAMP)
+test: $(STAMP) $(MMSEG_STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
@@ -34,6 +34,13 @@ test: $(STAMP) $(MMSEG_STAMP)
 $(MMSEG_STAMP): $(STAMP) tools/mmseg-setup.sh
 	bash tools/mmseg-setup.sh $(VENV)
 	touch $(MMSEG_STAMP)
+
+# Debian's headless Chromium for the HTML report's browser test (tests/test_report_html.py);
+# nothing to do where it is installed, and the test skips where it cannot be (no root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) || \
+	  echo "chromium not installed: the report's browser test will be skipped"
 
 mmseg: $(MMSEG_STAMP)
 	$(BIN)/python -m pytest -q -m mmseg tests/test_mmseg_backend.py

@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--force", action="store_true", help="overwrite an existing output")
 
-    p = sub.add_parser("report", help="write Table 1/2 (CSV, LaTeX, Markdown) from run folders")
+    p = sub.add_parser(
+        "report", help="write Table 1/2 (CSV, LaTeX, Markdown) and index.html from run folders"
+    )
     p.add_argument("runs", nargs="*", type=Path, help="run folders or folders of runs")
     p.add_argument("--out", type=Path, help="report folder (default: results/report)")
     p.add_argument("--force", action="store_true", help="overwrite existing report files")
@@ -284,13 +286,14 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from benchmark.report import HTML_FILE
     from benchmark.report import main as report_main
     from benchmark.runs import default_results_root
 
     inputs = args.runs or [default_results_root() / "runs"]
     out = args.out or default_results_root() / "report"
     print(report_main(inputs, out, force=args.force, overlays=args.overlays))
-    print(f"report files in {out}")
+    print(f"report files in {out} (open {out / HTML_FILE})")
     return 0
 
 

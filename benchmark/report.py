@@ -22,6 +22,9 @@ import yaml
 
 from benchmark.config import RUNTIME_KEYS
 from benchmark.errors import BenchError
+from benchmark.report_charts import LowShotCurve, low_shot_chart
+from benchmark.report_html import Table as HtmlTable
+from benchmark.report_html import render as render_html
 from benchmark.runs import CONFIG_FILE, METRICS_FILE, atomic_write_bytes, atomic_write_text
 
 # Package data, so an installed wheel finds them too (pyproject: tool.setuptools.package-data).
@@ -36,6 +39,7 @@ INPAINT_COLUMNS = {"mean_l1": "Mean L1 (%)", "mean_l2": "Mean L2 (%)", "psnr": "
 # the weights path differs between seeds of one pretraining method.
 IGNORED_CONFIG_KEYS = RUNTIME_KEYS | {"seed", "weights", "num_workers", "resume", "force"}
 MISSING = "-"
+HTML_FILE = "index.html"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +292,7 @@ class OurRow:
     data_kind: str = "real"  # "real" or "synthetic"
     comparable: bool = False  # every run on real data with the paper's settings
     arch: str = ""
+    runs: dict[str, list[str]] = field(default_factory=dict)  # key -> run folders, as results
 
     @property
     def label(self) -> str:
@@ -322,6 +327,7 @@ def _variant_labels(groups: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
 
 
 ALL = "all"  # result key of stages without tasks (inpaint-eval)
+PRETRAIN = "pretrain"  # OurRow.runs key of the pretraining runs behind a row's encoder
 
 
 def _masks(runs: pd.DataFrame) -> pd.Series:
@@ -372,24 +378,32 @@ def _method_rows(runs: pd.DataFrame, pretrains: pd.DataFrame, by_task: bool) -> 
                 continue
             shared: dict[str, list[dict[str, Any]]] = {}
             variants: dict[str, dict[str, list[dict[str, Any]]]] = {}
+            folders: dict[tuple[str, str], list[str]] = {}  # (variant, key) -> run folders
             keys = sorted(set(sel["task"].dropna())) if by_task else [ALL]
             for key in keys:
                 part = sel[sel["task"] == key] if by_task else sel
                 groups: dict[str, list[dict[str, Any]]] = {}
-                for ck, m in zip(part["config_key"], part["metrics"]):
+                where: dict[str, list[str]] = {}
+                for ck, m, run in zip(part["config_key"], part["metrics"], part["run"]):
                     groups.setdefault(ck, []).append(m)
+                    where.setdefault(ck, []).append(run)
                 if len(groups) == 1:
                     shared[key] = next(iter(groups.values()))
+                    folders[("", key)] = next(iter(where.values()))
                     continue
                 for ck, label in _variant_labels(groups).items():
                     variants.setdefault(label, {})[key] = groups[ck]
+                    folders[(label, key)] = where[ck]
             seconds = [s for s in pre["pretrain_seconds"] if not math.isnan(s)]
             if not seconds:
                 seconds = [s for s in sel["pretrain_seconds"] if not math.isnan(s)]
             prefix = f"mask={mask}" if mask else ""
             for vlabel, res in (variants or {"": {}}).items():
                 variant = ", ".join(p for p in (prefix, vlabel) if p)
-                out.append(OurRow(method, variant, {**shared, **res}, seconds))
+                row = OurRow(method, variant, {**shared, **res}, seconds)
+                row.runs = {k: folders[(vlabel if k in res else "", k)] for k in row.results}
+                row.runs[PRETRAIN] = list(pre["run"])
+                out.append(row)
     return out
 
 
@@ -454,6 +468,7 @@ def table2(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     for row in ours:
         by_method.setdefault(row.method, []).append(row)
     records: list[list[str]] = []
+    runs: list[list[str]] = []  # the run folders behind each record
     used: set[str] = set()
     for _, ref in reference.iterrows():
         label = ref["label"]
@@ -462,11 +477,13 @@ def table2(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
             [label, kind, _text(ref.get("supervision")), _text(ref.get("pretraining_time"))]
             + [_paper_cell(ref[t], 1) for t in TASKS]
         )
+        runs.append([])
         method = ref["method"].strip()
         for row in by_method.get(method, []) if method else []:
             used.add(method)
             name = f"{label} [{row.variant}]" if row.variant else label
             records.append(_table2_record(row, name, ref.get("supervision")))
+            runs.append(row_runs(row, (PRETRAIN, *TASKS)))
             if row.comparable and any(
                 row.stat(t, TASK_METRIC[t]).n and not math.isnan(ref[t]) for t in TASKS
             ):
@@ -474,11 +491,25 @@ def table2(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
                     [name, f"ours - {kind}", MISSING, MISSING]
                     + [_diff_cell(row.stat(t, TASK_METRIC[t]), 100.0, ref[t], 1) for t in TASKS]
                 )
+                runs.append([])  # (the row above links them)
     for method in sorted(set(by_method) - used):
         for row in by_method[method]:
             if any(row.results.get(t) for t in TASKS):  # (not a probe-only method)
                 records.append(_table2_record(row, row.label, None))
-    return pd.DataFrame(records, columns=TABLE2_COLUMNS)
+                runs.append(row_runs(row, (PRETRAIN, *TASKS)))
+    return _with_runs(pd.DataFrame(records, columns=TABLE2_COLUMNS), runs)
+
+
+def row_runs(row: OurRow, keys: Iterable[str]) -> list[str]:
+    """The run folders behind a row's results for `keys` (tasks, probes or ALL)."""
+    return [run for key in keys for run in row.runs.get(key, [])]
+
+
+def _with_runs(table: pd.DataFrame, runs: list[list[str]]) -> pd.DataFrame:
+    """The table with `attrs["runs"]`: per record, the run folders it was computed from, so
+    the HTML report links every row to its runs without matching labels again."""
+    table.attrs["runs"] = runs
+    return table
 
 
 def _table2_record(row: OurRow, name: str, supervision: Any) -> list[str]:
@@ -547,7 +578,7 @@ PROBE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")
 def probe_table(df: pd.DataFrame) -> pd.DataFrame:
     """Frozen-feature probes per method: the linear-SVM mAP of every layer (Goyal et al.'s
     VOC07 protocol), the best layer, and the weighted k-NN mAP. Empty without probe runs."""
-    records = []
+    records, runs = [], []
     for row in _our_rows(df, "transfer"):
         runs, knn = row.results.get("svm", []), row.stat("knn", "map")
         if not runs and not knn.n:
@@ -558,8 +589,43 @@ def probe_table(df: pd.DataFrame) -> pd.DataFrame:
             cells.append(_cell(Stat([v for v in values if not math.isnan(v)]), 100.0, 1))
         records.append([row.label, row.source, row.arch or MISSING, *cells,
                         _best_layer_cell(row), _cell(knn, 100.0, 1)])  # fmt: skip
+        runs.append(row_runs(row, (PRETRAIN, "svm", "knn")))
     columns = ["Pretraining", "Source", "Encoder", *PROBE_LAYERS, "Best", "k-NN"]
-    return pd.DataFrame(records, columns=columns)
+    return _with_runs(pd.DataFrame(records, columns=columns), runs)
+
+
+def low_shot_curves(df: pd.DataFrame) -> list[LowShotCurve]:
+    """The SVM probes' low-shot results per encoder row and layer. A run's value at k is its
+    test mAP averaged over the draws at the cost best on average (its metrics.json's
+    `low_shot`, as aggregate_low_shot_svm_stats.py reports it); a row's runs are its seeds."""
+    curves = []
+    for row in _our_rows(df, "transfer"):
+        runs = row.results.get("svm", [])
+        tables = [m.get("low_shot") if isinstance(m.get("low_shot"), dict) else {} for m in runs]
+        for layer in PROBE_LAYERS:
+            folders = row_runs(row, (PRETRAIN, "svm"))
+            curve = LowShotCurve(row.label, row.source, layer, runs=folders)
+            for table in tables:
+                for k, entry in (table.get(layer) or {}).items():
+                    value = _number(entry.get("mean")) if isinstance(entry, dict) else math.nan
+                    if str(k).isdigit() and not math.isnan(value):
+                        curve.points.setdefault(int(k), []).append(value)
+            if curve.points:
+                curves.append(curve)
+    return curves
+
+
+def low_shot_table(curves: Sequence[LowShotCurve]) -> pd.DataFrame:
+    """Low-shot mAP in percent: one row per encoder row and layer, one column per number of
+    positives per class ("mean ± std (n=seeds)"). Empty without low-shot runs."""
+    ks = sorted({k for c in curves for k in c.points})
+    records = [
+        [c.label, c.source, c.layer, *(_cell(Stat(c.points.get(k, [])), 100.0, 1) for k in ks)]
+        for c in curves
+    ]
+    columns = ["Pretraining", "Source", "Layer", *(f"k={k}" for k in ks)]
+    table = pd.DataFrame(records, columns=columns)
+    return _with_runs(table, [c.runs for c in curves])
 
 
 def per_class_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
@@ -567,6 +633,7 @@ def per_class_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
     (mean over seeds), plus a last row with the runs' overall metric. Empty if no per_class."""
     rows = [r for r in _our_rows(df, "transfer") if r.results.get(task)]
     columns: dict[str, dict[str, float]] = {}
+    folders: dict[str, list[str]] = {}
     classes: list[str] = []
     for row in rows:
         sums: dict[str, list[float]] = {}
@@ -583,10 +650,12 @@ def per_class_table(df: pd.DataFrame, task: str) -> pd.DataFrame:
         }
         col["mean"] = row.stat(task, TASK_METRIC[task]).mean * 100
         columns[row.label] = col
+        folders[row.label] = row_runs(row, (task,))
     if not columns:
         return pd.DataFrame()
     table = pd.DataFrame(columns, index=[*classes, "mean"])
     table.index.name = "class"
+    table.attrs["column_runs"] = folders  # per method column, its run folders
     return table
 
 
@@ -658,19 +727,23 @@ def table1(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
         ]
 
     records: list[list[str]] = []
+    runs: list[list[str]] = []
     used: set[str] = set()
     for _, ref in reference.iterrows():
         records.append(
             [ref["label"], "paper", *(_paper_cell(ref[k], 2) for k in INPAINT_COLUMNS), "100",
              "not stated (the public evaluation: resize 128 + centre crop)"]
         )  # fmt: skip
+        runs.append([])
         method = ref["method"].strip()
         for row in by_method.get(method, []) if method else []:
             used.add(method)
             name = f"{ref['label']} [{row.variant}]" if row.variant else ref["label"]
             records.append(our_record(name, row))
+            runs.append(row_runs(row, (ALL,)))
             if not row.comparable:
                 continue
+            runs.append([])  # (the row above links them)
             records.append(
                 [
                     name,
@@ -683,7 +756,8 @@ def table1(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     for method in sorted(set(by_method) - used):
         for row in by_method[method]:
             records.append(our_record(row.label, row))
-    return pd.DataFrame(records, columns=TABLE1_COLUMNS)
+            runs.append(row_runs(row, (ALL,)))
+    return _with_runs(pd.DataFrame(records, columns=TABLE1_COLUMNS), runs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -788,6 +862,12 @@ PROBE_NOTE = (
     "on trainval, their all-points AP); k-NN: weighted votes of the 20 nearest pool5 "
     "neighbours (cosine, temperature 0.07)."
 )
+LOW_SHOT_NOTE = (
+    "Percent mAP on VOC2007 test of linear SVMs trained on k positives per class (and 19 "
+    "negatives per positive) drawn from trainval, Goyal et al. 2019's low-shot protocol: each "
+    "run's value is the mean over its independent draws at the cost best on average over them; "
+    "several seeds of one encoder recipe: mean ± sample std (n runs)."
+)
 TABLE1_NOTE = (
     "Mean L1 / L2 over the centre patch with pixels in [-1, 1], in percent; PSNR per image on "
     "0..255, averaged. 'ours - paper' is the difference; '-' = not available."
@@ -818,7 +898,8 @@ def main(
     reference_dir: Path | None = None,
     overlays: int = 0,
 ) -> str:
-    """Write Table 2, per-class tables/charts and (with inpainting runs) Table 1 to out_dir.
+    """Write Table 2, the probe and low-shot tables, per-class tables/charts, (with inpainting
+    runs) Table 1, and index.html showing all of them with the runs' figures, to out_dir.
 
     Refuses to overwrite existing report files unless `force`. Returns the Markdown of
     Table 2 (and Table 1) for printing.
@@ -835,45 +916,66 @@ def main(
         )
     ref2 = load_reference(reference_dir / "table2.csv", TASKS)
     files: dict[str, str | bytes] = {}
+    page: list[HtmlTable] = []  # the same tables, for index.html
     t2 = table2(df, ref2)
-    md2 = f"## Table 2: PASCAL VOC transfer\n\n{to_markdown(t2)}\n{TABLE2_NOTE}\n"
+    title = "Table 2: PASCAL VOC transfer"
+    md2 = f"## {title}\n\n{to_markdown(t2)}\n{TABLE2_NOTE}\n"
     files.update(
         {"table2.csv": to_csv(t2), "table2.tex": to_latex(t2, "Pretraining"), "table2.md": md2}
     )
+    page.append(HtmlTable("table2", title, t2, TABLE2_NOTE))
     others_path = reference_dir / "other_methods.csv"
     others = load_reference(others_path, TASKS) if others_path.is_file() else None
     t2x = table2_extended(df, ref2, others)
+    title = "Table 2, extended: encoder and frozen-feature probes"
     files.update({
         "table2_extended.csv": to_csv(t2x), "table2_extended.tex": to_latex(t2x, "Pretraining"),
-        "table2_extended.md": "## Table 2, extended: encoder and frozen-feature probes\n\n"
-        f"{to_markdown(t2x)}\n{TABLE2_NOTE}\n{PROBE_NOTE}\n",
+        "table2_extended.md": f"## {title}\n\n{to_markdown(t2x)}\n{TABLE2_NOTE}\n{PROBE_NOTE}\n",
     })  # fmt: skip
+    page.append(HtmlTable("table2_extended", title, t2x, f"{TABLE2_NOTE} {PROBE_NOTE}"))
     probes = probe_table(df)
     if not probes.empty:
-        mdp = f"## Frozen-feature probes (VOC2007)\n\n{to_markdown(probes)}\n{PROBE_NOTE}\n"
+        title = "Frozen-feature probes (VOC2007)"
+        mdp = f"## {title}\n\n{to_markdown(probes)}\n{PROBE_NOTE}\n"
         files.update({"probes.csv": to_csv(probes), "probes.tex": to_latex(probes),
                       "probes.md": mdp})  # fmt: skip
         md2 += "\n" + mdp
+        page.append(HtmlTable("probes", title, probes, PROBE_NOTE))
+    curves = low_shot_curves(df)
+    if curves:
+        shots = low_shot_table(curves)
+        title = "Low-shot linear SVMs (VOC2007)"
+        chart = low_shot_chart(curves)
+        files.update({
+            "low_shot.csv": to_csv(shots), "low_shot.tex": to_latex(shots, "Pretraining"),
+            "low_shot.md": f"## {title}\n\n{to_markdown(shots)}\n{LOW_SHOT_NOTE}\n",
+            "low_shot.png": chart,
+        })  # fmt: skip
+        page.append(HtmlTable("low_shot", title, shots, LOW_SHOT_NOTE, chart))
     for task in TASKS:
         pc = per_class_table(df, task)
         if pc.empty:
             continue
         shown = _per_class_display(pc)
         score = "IU" if task == "segmentation" else "AP"
+        title = f"Per-class {task} {score} (percent)"
+        chart = per_class_chart(pc, f"VOC {task}: per-class {score} (%)")
         files[f"per_class_{task}.csv"] = pc.reset_index().to_csv(index=False, float_format="%.4f")
-        files[f"per_class_{task}.md"] = (
-            f"## Per-class {task} {score} (percent)\n\n{to_markdown(shown)}"
-        )
-        files[f"per_class_{task}.png"] = per_class_chart(pc, f"VOC {task}: per-class {score} (%)")
+        files[f"per_class_{task}.md"] = f"## {title}\n\n{to_markdown(shown)}"
+        files[f"per_class_{task}.png"] = chart
+        page.append(HtmlTable(f"per_class_{task}", title, shown, chart=chart))
     printed = md2
     if (df["stage"] == "inpaint-eval").any():
         ref1 = load_reference(reference_dir / "table1.csv", tuple(INPAINT_COLUMNS))
         t1 = table1(df, ref1)
-        md1 = f"## Table 1: inpainting\n\n{to_markdown(t1)}\n{TABLE1_NOTE}\n"
+        title = "Table 1: inpainting"
+        md1 = f"## {title}\n\n{to_markdown(t1)}\n{TABLE1_NOTE}\n"
         files.update(
             {"table1.csv": to_csv(t1), "table1.tex": to_latex(t1, "Method"), "table1.md": md1}
         )
         printed += "\n" + md1
+        page.append(HtmlTable("table1", title, t1, TABLE1_NOTE))
+    files[HTML_FILE] = render_html(page, df, out_dir, inputs)
     if overlays:
         files.update(overlay_files(df, overlays))
     if not force:

@@ -285,7 +285,9 @@ def run_suite(
         if not suite.report:
             return f"suite {suite.name}: runs in {root}"
         report_dir, text = write_report(suite, results)
-    return f"{text}\nreport files in {report_dir}\nruns in {root}"
+    from benchmark.report import HTML_FILE
+
+    return f"{text}\nreport files in {report_dir} (open {report_dir / HTML_FILE})\nruns in {root}"
 
 
 def find_step(steps: list[Step], name: str) -> Step:
