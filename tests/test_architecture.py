@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("benchmark", "pretrain", "transfer")
+PACKAGES = ("benchmark", "encoders", "pretrain", "transfer", "weights")
 
 
 def _modules() -> dict[str, Path]:
