@@ -87,8 +87,10 @@ def _read_torch(path: Path) -> Any:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return printable(f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__)
+    """The exception's first sentence: torch appends paragraphs of advice to its messages."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0].split(". ")[0] if lines else ""
+    return printable(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
 
 
 def _numpy_to_torch(obj: Any) -> Any:

@@ -196,8 +196,8 @@ def check_keys(km: KeyMap, expected: Mapping[str, torch.Tensor]) -> dict[str, to
                          + "; ".join(parts))  # fmt: skip
     out: dict[str, torch.Tensor] = {}
     for key, want in expected.items():
-        if key not in state:  # an optional counter
-            out[key] = want.clone()
+        if key not in state:  # an optional counter: the module's initial value
+            out[key] = torch.zeros_like(want, device="cpu")
             continue
         value = state[key]
         if not isinstance(value, torch.Tensor):

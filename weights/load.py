@@ -25,7 +25,7 @@ from benchmark.errors import BenchError, printable
 from encoders import CONVENTIONS, TORCHVISION_INPUT, Encoder, card_fields, from_card
 
 from .files import read_checkpoint
-from .keymap import ENCODER, HEAD, OTHER, KeyMap, check_keys, format_key_map, map_keys
+from .keymap import ENCODER, HEAD, OTHER, KeyMap, check_keys, few, format_key_map, map_keys
 
 HEAD_WIDTH = 64  # timm's ViTs (and DINO's, MAE's, MMPretrain's DeiT) use 64-d heads
 VIT_S16_FIELDS = {"embed_dim": 384, "depth": 12, "num_heads": 6, "patch_size": 16,
@@ -68,8 +68,14 @@ def import_checkpoint(
     after `branch` are `encoder_spec`'s."""
     km = key_map(path, family, fmt, branch)
     spec = encoder_spec(km, num_heads, input_convention, input_size)
-    encoder: Any = from_card(spec)
-    encoder.load_state_dict(check_keys(km, encoder.state_dict()))
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        encoder: Any = from_card(spec)
+    encoder.load_state_dict(check_keys(km, encoder.state_dict()), assign=True)
+    left = [
+        name for name, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta
+    ]
+    if left:  # a tensor outside the state dict (a non-persistent buffer) would be garbage
+        raise RuntimeError(f"{spec['family']} encoder: {few(left)} not set by its state dict")
     encoder.eval()
     counts = {"encoder": len(km.keys_of(ENCODER)), "head": len(km.keys_of(HEAD)),
               "not_encoder": len(km.keys_of(OTHER))}  # fmt: skip
