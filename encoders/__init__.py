@@ -1,7 +1,7 @@
 """The networks whose representations bench evaluates, behind one contract (`contract.py`).
 
 `resnet.py` holds torchvision's bottleneck ResNet (ResNet-50), `vit.py` timm's ViT-S/16 and
-ViT-B/16. timm is an optional extra (`pip install 'bench[vit]'`): `vit.py` is imported only
+ViT-B/16. timm is an optional extra (`pip install 'bench-ssl[vit]'`): `vit.py` is imported only
 through `vit_module()`, so ResNet users never need it and ViT users get a one-line error
 naming the extra instead of a traceback.
 """
@@ -33,7 +33,7 @@ __all__ = [
     "from_card", "resnet50", "vit_module",
 ]  # fmt: skip
 
-VIT_EXTRA = "ViT encoders need timm, an optional extra: pip install 'bench[vit]'"
+VIT_EXTRA = "ViT encoders need timm, an optional extra: pip install 'bench-ssl[vit]'"
 # The architectures `build` makes (randomly initialised: the "random" baseline rows).
 ARCHS = ("resnet50", "vit_small_patch16_224", "vit_base_patch16_224")
 

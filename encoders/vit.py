@@ -21,7 +21,7 @@ Taps, all read after the final LayerNorm (`norm`), as facebookresearch/dino eval
 eval_linear.py's help: "We use n=4 when evaluating ViT-Small and n=1 with ViT-Base", so
 `default_taps` is (`cls4`,) below ViT-B's width (768) and (`cls+avg`,) from it on.
 Importing this module imports timm; `encoders.vit_module()` turns its absence into a
-one-line error naming the `bench[vit]` extra.
+one-line error naming the `bench-ssl[vit]` extra.
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ def test_missing_timm_is_a_one_line_error_naming_the_extra(monkeypatch):
     for name in [m for m in sys.modules if m.startswith("timm.") or m == "encoders.vit"]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.delattr("encoders.vit", raising=False)
-    with pytest.raises(BenchError, match=r"pip install 'bench\[vit\]'") as err:
+    with pytest.raises(BenchError, match=r"pip install 'bench-ssl\[vit\]'") as err:
         vit_module()
     assert "\n" not in str(err.value)
     with pytest.raises(BenchError, match="timm"):

@@ -26,7 +26,15 @@ import pytest
 from benchmark import __version__
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "benchmark", "pretrain", "transfer")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "benchmark",
+    "encoders",
+    "pretrain",
+    "transfer",
+    "weights",
+)
 DIST = "bench-ssl"
 
 pytestmark = pytest.mark.slow
@@ -90,6 +98,7 @@ def test_wheel_installs_and_runs_in_a_fresh_environment(tmp_path: Path, synth_ro
     assert wheel.name == f"bench_ssl-{__version__}-py3-none-any.whl"
     names = zipfile.ZipFile(wheel).namelist()
     assert "benchmark/reference/table2.csv" in names and "transfer/probes/svm.py" in names
+    assert "encoders/resnet.py" in names and "weights/formats.py" in names
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
 
     home, env = _fresh_env(tmp_path, wheel)
