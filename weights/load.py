@@ -158,7 +158,7 @@ def _vit_config(
     else:
         raise BenchError(f"{km.where}: a ViT {width} wide: pass num_heads (its attention "
                          "heads cannot be read from the tensors)")  # fmt: skip
-    if width % heads:
+    if heads < 1 or width % heads:
         raise BenchError(f"num_heads: {heads} does not divide the ViT's width {width}")
     config = {
         "embed_dim": width, "depth": _blocks(state, "blocks"), "num_heads": heads,
