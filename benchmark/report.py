@@ -468,7 +468,7 @@ def table2(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     for row in ours:
         by_method.setdefault(row.method, []).append(row)
     records: list[list[str]] = []
-    runs: list[list[str]] = []  # the run folders behind each record
+    folders: list[list[str]] = []  # the run folders behind each record
     used: set[str] = set()
     for _, ref in reference.iterrows():
         label = ref["label"]
@@ -477,13 +477,13 @@ def table2(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
             [label, kind, _text(ref.get("supervision")), _text(ref.get("pretraining_time"))]
             + [_paper_cell(ref[t], 1) for t in TASKS]
         )
-        runs.append([])
+        folders.append([])
         method = ref["method"].strip()
         for row in by_method.get(method, []) if method else []:
             used.add(method)
             name = f"{label} [{row.variant}]" if row.variant else label
             records.append(_table2_record(row, name, ref.get("supervision")))
-            runs.append(row_runs(row, (PRETRAIN, *TASKS)))
+            folders.append(row_runs(row, (PRETRAIN, *TASKS)))
             if row.comparable and any(
                 row.stat(t, TASK_METRIC[t]).n and not math.isnan(ref[t]) for t in TASKS
             ):
@@ -491,13 +491,13 @@ def table2(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
                     [name, f"ours - {kind}", MISSING, MISSING]
                     + [_diff_cell(row.stat(t, TASK_METRIC[t]), 100.0, ref[t], 1) for t in TASKS]
                 )
-                runs.append([])  # (the row above links them)
+                folders.append([])  # (the row above links them)
     for method in sorted(set(by_method) - used):
         for row in by_method[method]:
             if any(row.results.get(t) for t in TASKS):  # (not a probe-only method)
                 records.append(_table2_record(row, row.label, None))
-                runs.append(row_runs(row, (PRETRAIN, *TASKS)))
-    return _with_runs(pd.DataFrame(records, columns=TABLE2_COLUMNS), runs)
+                folders.append(row_runs(row, (PRETRAIN, *TASKS)))
+    return _with_runs(pd.DataFrame(records, columns=TABLE2_COLUMNS), folders)
 
 
 def row_runs(row: OurRow, keys: Iterable[str]) -> list[str]:
@@ -532,18 +532,21 @@ def table2_extended(
     rows = {(r.method, r.variant, r.source): r for r in _our_rows(df, "transfer")}
     labels = {r["label"]: str(r["method"]).strip() for _, r in reference.iterrows()}
     arch, svm, knn = [], [], []
+    folders = list(base.attrs["runs"])
     current = ""
-    for _, rec in base.iterrows():
+    for i, rec in base.iterrows():
         current = labels.get(rec["Pretraining"].removesuffix(" (rescaled)").split(" [")[0], current)
         row = _find_row(rows, rec, current)
         arch.append(row.arch if row is not None else MISSING)
         svm.append(_best_layer_cell(row) if row is not None else MISSING)
         knn.append(_cell(row.stat("knn", "map"), 100.0, 1) if row is not None else MISSING)
+        if row is not None:
+            folders[i] = folders[i] + row_runs(row, ("svm", "knn"))
     out = base.copy()
     out.insert(2, "Encoder", arch)
     out["SVM, best layer"] = svm
     out["k-NN"] = knn
-    return out
+    return _with_runs(out, folders)
 
 
 def _find_row(
@@ -578,7 +581,7 @@ PROBE_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")
 def probe_table(df: pd.DataFrame) -> pd.DataFrame:
     """Frozen-feature probes per method: the linear-SVM mAP of every layer (Goyal et al.'s
     VOC07 protocol), the best layer, and the weighted k-NN mAP. Empty without probe runs."""
-    records, runs = [], []
+    records, folders = [], []
     for row in _our_rows(df, "transfer"):
         runs, knn = row.results.get("svm", []), row.stat("knn", "map")
         if not runs and not knn.n:
@@ -589,9 +592,9 @@ def probe_table(df: pd.DataFrame) -> pd.DataFrame:
             cells.append(_cell(Stat([v for v in values if not math.isnan(v)]), 100.0, 1))
         records.append([row.label, row.source, row.arch or MISSING, *cells,
                         _best_layer_cell(row), _cell(knn, 100.0, 1)])  # fmt: skip
-        runs.append(row_runs(row, (PRETRAIN, "svm", "knn")))
+        folders.append(row_runs(row, (PRETRAIN, "svm", "knn")))
     columns = ["Pretraining", "Source", "Encoder", *PROBE_LAYERS, "Best", "k-NN"]
-    return _with_runs(pd.DataFrame(records, columns=columns), runs)
+    return _with_runs(pd.DataFrame(records, columns=columns), folders)
 
 
 def low_shot_curves(df: pd.DataFrame) -> list[LowShotCurve]:
@@ -727,23 +730,23 @@ def table1(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
         ]
 
     records: list[list[str]] = []
-    runs: list[list[str]] = []
+    folders: list[list[str]] = []  # the run folders behind each record
     used: set[str] = set()
     for _, ref in reference.iterrows():
         records.append(
             [ref["label"], "paper", *(_paper_cell(ref[k], 2) for k in INPAINT_COLUMNS), "100",
              "not stated (the public evaluation: resize 128 + centre crop)"]
         )  # fmt: skip
-        runs.append([])
+        folders.append([])
         method = ref["method"].strip()
         for row in by_method.get(method, []) if method else []:
             used.add(method)
             name = f"{ref['label']} [{row.variant}]" if row.variant else ref["label"]
             records.append(our_record(name, row))
-            runs.append(row_runs(row, (ALL,)))
+            folders.append(row_runs(row, (ALL,)))
             if not row.comparable:
                 continue
-            runs.append([])  # (the row above links them)
+            folders.append([])  # (the row above links them)
             records.append(
                 [
                     name,
@@ -756,8 +759,8 @@ def table1(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     for method in sorted(set(by_method) - used):
         for row in by_method[method]:
             records.append(our_record(row.label, row))
-            runs.append(row_runs(row, (ALL,)))
-    return _with_runs(pd.DataFrame(records, columns=TABLE1_COLUMNS), runs)
+            folders.append(row_runs(row, (ALL,)))
+    return _with_runs(pd.DataFrame(records, columns=TABLE1_COLUMNS), folders)
 
 
 # ---------------------------------------------------------------------------------------------

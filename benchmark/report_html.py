@@ -104,6 +104,11 @@ class RunInfo:
         return self.folder.name
 
     @property
+    def kind(self) -> str:
+        """What the run is, in a word: its task (transfer runs) or its stage."""
+        return self.task if self.stage == "transfer" else self.stage
+
+    @property
     def summary(self) -> str:
         n = len(self.departures)
         parts = [self.device, self.precision, f"{n} departure{'s' if n != 1 else ''}"]
@@ -136,8 +141,12 @@ def _setting(metrics: dict[str, Any], config: dict[str, Any], key: str) -> str:
 
 
 def _text(value: Any) -> str:
-    """A cell from collect_runs: None and NaN (no task) as '-'."""
-    return MISSING if value is None or value != value or value == "" else str(value)
+    """A cell from collect_runs: None and NaN (no task) as '-', a float seed as an integer."""
+    if value is None or value != value or value == "":
+        return MISSING
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def run_infos(runs: pd.DataFrame) -> dict[str, RunInfo]:
@@ -164,27 +173,22 @@ def run_infos(runs: pd.DataFrame) -> dict[str, RunInfo]:
 
 
 def _run_links(folders: Sequence[str], infos: dict[str, RunInfo]) -> str:
-    """One line per kind of run (pretrain, a task): its runs as links labelled by seed, and
-    how they ran (device, precision, number of departures)."""
+    """One line per kind of run (pretrain, a task): its runs as links to their entries in the
+    Runs section, labelled by seed; hovering shows how each ran (device, precision,
+    departures)."""
     groups: dict[str, list[RunInfo]] = {}
-    for folder in folders:
-        if folder in infos:
-            info = infos[folder]
-            groups.setdefault(info.task if info.stage == "transfer" else info.stage, []).append(
-                info
-            )
+    for info in (infos[f] for f in folders if f in infos):
+        groups.setdefault(info.kind, []).append(info)
     lines = []
     for kind, known in groups.items():
         by_seed = len({i.seed for i in known}) == len(known)
         links = " ".join(
-            f'<a href="#{i.anchor}" title="{esc(i.name)}">'
+            f'<a href="#{i.anchor}" title="{esc(i.name)}: {esc(i.summary)}">'
             f"{esc('s' + i.seed if by_seed else i.name)}</a>"
             for i in known
         )
-        how = "; ".join(sorted({i.summary for i in known}))
-        lines.append(f'<div><span class="kind">{esc(kind)}</span> {links}<br>'
-                     f'<span class="sub">{esc(how)}</span></div>')  # fmt: skip
-    return "".join(lines)
+        lines.append(f'<span class="kind">{esc(kind)}</span> {links}')
+    return "<br>".join(lines)
 
 
 # ------------------------------------------------------------------------------- tables
@@ -202,12 +206,26 @@ def _is_number(cell: str) -> bool:
     return bool(cell) and (cell[0].isdigit() or (cell[0] in "+-" and cell[1:2].isdigit()))
 
 
+def _is_numeric_column(cells: pd.Series) -> bool:
+    """Right-aligned: every cell a number or '-', at least one a number."""
+    shown = [c for c in cells if c != MISSING]
+    return bool(shown) and all(_is_number(c) for c in shown)
+
+
+def _number_cell(cell: str) -> str:
+    """'17.0 ± 0.7 (n=2) (conv5)' with a line break allowed only before each '(': a narrow
+    window wraps the table's cells instead of scrolling it. The text stays the same."""
+    parts = re.split(r" (?=\()", cell)
+    return " ".join(f'<span class="nw">{esc(p)}</span>' for p in parts)
+
+
 def table_html(table: Table, infos: dict[str, RunInfo]) -> str:
     """The table with a last "Runs" column (per-class tables: a last "Runs" row)."""
     frame = table.frame
     rows_runs = frame.attrs.get("runs")
     col_runs = frame.attrs.get("column_runs")
     head = [esc(c) for c in frame.columns] + (["Runs"] if rows_runs is not None else [])
+    numeric = [_is_numeric_column(frame[c].astype(str)) for c in frame.columns]
     out = [f'<table id="t-{esc(table.key)}"><thead><tr>']
     out += [f"<th>{h}</th>" for h in head]
     out.append("</tr></thead><tbody>")
@@ -215,8 +233,8 @@ def table_html(table: Table, infos: dict[str, RunInfo]) -> str:
         cells = [str(v) for v in row]
         source = cells[list(frame.columns).index("Source")] if "Source" in frame.columns else ""
         out.append(f"<tr{_row_class(source)}>")
-        out += [f'<td class="num">{esc(c)}</td>' if _is_number(c) else f"<td>{esc(c)}</td>"
-                for c in cells]  # fmt: skip
+        out += [f'<td class="num">{_number_cell(c)}</td>' if numeric[j] else f"<td>{esc(c)}</td>"
+                for j, c in enumerate(cells)]  # fmt: skip
         if rows_runs is not None:
             folders = rows_runs[i] if i < len(rows_runs) else []
             out.append(f'<td class="runs">{_run_links(folders, infos)}</td>')
@@ -253,16 +271,21 @@ def _figure(png: bytes, caption: str, info: RunInfo | None) -> str:
 
 
 def _curves_section(infos: dict[str, RunInfo]) -> str:
-    figures = []
-    for info in infos.values():
+    """Each run's curves.png, grouped by kind of run (pretraining first), at its own size."""
+    groups: dict[str, list[str]] = {}
+    for info in sorted(infos.values(), key=lambda i: (i.stage != "pretrain", i.kind, i.name)):
         png = _read_png(info.folder / CURVES_FILE)
         if png is not None:
-            figures.append(_figure(png, info.name, info))
-    if not figures:
+            groups.setdefault(info.kind, []).append(_figure(png, info.name, info))
+    if not groups:
         return ""
-    return ('<section id="curves"><h2>Training curves</h2><p class="note">Every scalar a run '
-            "logged (its <code>scalars.jsonl</code>) against the iteration.</p>"
-            f'<div class="grid">{"".join(figures)}</div></section>')  # fmt: skip
+    body = "".join(f"<details open><summary><h3>{esc(kind)} ({len(figures)} runs)</h3></summary>"
+                   f'<div class="flow">{"".join(figures)}</div></details>'
+                   for kind, figures in groups.items())  # fmt: skip
+    note = "Every scalar a run logged (its <code>scalars.jsonl</code>) against the iteration."
+    return (
+        f'<section id="curves"><h2>Training curves</h2><p class="note">{note}</p>{body}</section>'
+    )
 
 
 def _samples_section(infos: dict[str, RunInfo]) -> str:
@@ -313,28 +336,29 @@ def _list(items: list[str] | None) -> str:
 
 
 def _runs_section(infos: dict[str, RunInfo], base: Path) -> str:
-    head = ["Run", "Stage", "Task", "Method", "Seed", "Data", "Device", "Precision",
-            "Departures from the paper", "Encoder's pretraining departures", "Config"]  # fmt: skip
+    head = ["Run", "What", "Device", "Precision", "Departures from the paper",
+            "Its encoder's pretraining departures", "Config"]  # fmt: skip
     rows = []
     for info in infos.values():
+        what = " · ".join(esc(p) for p in (info.stage, info.task, info.method) if p != MISSING)
+        what += f"<br>seed {esc(info.seed)}, {esc(info.data)} data"
+        command = f"<br><code>{esc(info.command)}</code>" if info.command else ""
         config = (
             f'<a href="{_href(info.folder / CONFIG_FILE, base)}">config.yaml</a>'
             f"<details><summary>resolved config</summary><pre>{esc(_config_text(info.folder))}"
             f"</pre></details>"
         )
-        cells = [esc(info.stage), esc(info.task), esc(info.method), esc(info.seed),
-                 esc(info.data), esc(info.device), esc(info.precision)]  # fmt: skip
         rows.append(
             f'<tr id="{info.anchor}"><td><a href="{_href(info.folder, base)}">{esc(info.name)}'
-            f"</a>{f'<br><code>{esc(info.command)}</code>' if info.command else ''}</td>"
-            + "".join(f"<td>{c}</td>" for c in cells)
-            + f"<td>{_list(info.departures)}</td><td>{_list(info.pretrain_departures)}</td>"
-            + f"<td>{config}</td></tr>"
+            f"</a>{command}</td><td>{what}</td><td>{esc(info.device)}</td>"
+            f'<td>{esc(info.precision)}</td><td class="deps">{_list(info.departures)}</td>'
+            f'<td class="deps">{_list(info.pretrain_departures)}</td><td>{config}</td></tr>'
         )
     return (
         '<section id="runs"><h2>Runs</h2><p class="note">Every run folder the report read. '
         "Departures are the settings in which a run differs from its stage's defaults (the "
-        "paper's protocol); device and precision are what the run used.</p>"
+        "paper's protocol); device and precision are what the run used, or what its config "
+        "asked for where the run did not record it.</p>"
         '<div class="scroll"><table class="runs-table"><thead><tr>'
         + "".join(f"<th>{h}</th>" for h in head)
         + "</tr></thead><tbody>"
@@ -348,24 +372,25 @@ def _runs_section(infos: dict[str, RunInfo], base: Path) -> str:
 CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2329;
 margin:0;background:#fafbfc}
-header{background:#22313f;color:#fff;padding:18px 32px}
+header{background:#22313f;color:#fff;padding:18px 24px}
 header h1{margin:0 0 4px;font-size:24px}
 header p{margin:2px 0;color:#cfd8e0;font-size:14px}
-nav{padding:8px 32px;background:#e9eef2;font-size:14px;position:sticky;top:0;z-index:1}
+nav{padding:8px 24px;background:#e9eef2;font-size:14px;position:sticky;top:0;z-index:1}
 nav a{margin-right:14px;color:#22313f}
-main{padding:8px 32px 40px;max-width:1500px}
+main{padding:8px 24px 40px}
 h2{margin:28px 0 8px;font-size:20px;border-bottom:2px solid #d5dde4;padding-bottom:4px}
 h3{margin:18px 0 6px;font-size:16px}
+summary h3{display:inline-block;margin:12px 0 6px}
 .scroll{overflow-x:auto}
 table{border-collapse:collapse;font-size:13px;background:#fff;margin:6px 0}
 th,td{border:1px solid #d5dde4;padding:3px 7px;vertical-align:top;text-align:left}
 th{background:#eef2f5;position:sticky;top:0}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.nw{white-space:nowrap}
 tr.ref td{color:#55606b;background:#f6f8fa}
 tr.diff td{color:#7a4b00;background:#fff8e6;font-style:italic}
 tr.runsrow td{background:#f6f8fa}
 td.runs{font-size:12px;white-space:nowrap}
-td.runs div+div{margin-top:3px}
 td:first-child{min-width:10em}
 .kind{font-weight:600;color:#22313f}
 .sub{color:#66727d}
@@ -374,6 +399,8 @@ td:first-child{min-width:10em}
 .banner{background:#fff3cd;border:1px solid #e7c96b;padding:8px 12px;margin:12px 0;
 max-width:1100px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:12px}
+.flow{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}
+.flow figure{max-width:100%;box-sizing:border-box}
 figure{margin:8px 0;background:#fff;border:1px solid #e1e6ea;padding:6px}
 figure img{max-width:100%;height:auto;display:block}
 figcaption{font-size:12px;color:#4a5560;margin-top:4px;word-break:break-all}
@@ -381,6 +408,7 @@ pre{font-size:12px;max-height:360px;overflow:auto;background:#f6f8fa;padding:6px
 code{font-size:12px;background:#eef2f5;padding:0 3px}
 td ul{margin:0;padding-left:16px}
 .runs-table td{font-size:12px}
+.runs-table td.deps{min-width:18em}
 .missing{color:#a33}
 """
 

@@ -12,12 +12,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 from test_report import cfg, inpaint, make_run, transfer
 
-from benchmark.report import main
+from benchmark.report import collect_runs, low_shot_curves, low_shot_table, main
 
 EVIL = '<script>alert("x")</script>'
 # tags and attributes the page may contain; anything else came from a file
@@ -25,7 +26,7 @@ TAGS = {"html", "head", "meta", "title", "style", "body", "header", "h1", "h2", 
         "a", "main", "section", "div", "table", "thead", "tbody", "tr", "th", "td", "br", "span",
         "figure", "img", "figcaption", "code", "ul", "li", "details", "summary", "pre"}  # fmt: skip
 ATTRS = {"id", "class", "href", "title", "src", "alt", "loading", "lang", "charset", "name",
-         "content", "http-equiv"}  # fmt: skip
+         "content", "http-equiv", "open"}  # fmt: skip
 
 
 class Page(HTMLParser):
@@ -126,6 +127,19 @@ def runs(tmp_path: Path) -> Path:
     return root
 
 
+def test_low_shot_table_averages_each_runs_draws_over_seeds(runs: Path) -> None:
+    curves = low_shot_curves(collect_runs([runs]))
+    assert sorted((c.label, c.layer, len(c.runs)) for c in curves) == [
+        ("context-encoder", "pool5", 4),
+        ("random", "pool5", 2),
+    ]  # (+ 2 pretraining runs)
+    table = low_shot_table(curves)
+    assert list(table.columns) == ["Pretraining", "Source", "Layer", "k=1", "k=2", "k=4"]
+    ce = table[table["Pretraining"] == "context-encoder"].iloc[0]
+    values = [0.40 / 4 * 100, 0.41 / 4 * 100]  # per seed: its mean over draws at k=1
+    assert ce["k=1"] == f"{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f} (n=2)"
+
+
 def _csv_rows(path: Path) -> list[list[str]]:
     return pd.read_csv(path, dtype=str, keep_default_na=False).values.tolist()
 
@@ -173,7 +187,11 @@ def test_rows_link_their_runs_config_and_settings(runs: Path, tmp_path: Path) ->
     assert len(configs) == len(list(runs.rglob("metrics.json")))
     for href in configs:
         assert (out / href).resolve().is_file(), href
-    assert page.row_links["low_shot"] and all(page.row_links["low_shot"])
+    for key in ("probes", "low_shot"):  # every row is ours: every row links its runs
+        assert page.row_links[key] and all(page.row_links[key]), key
+    (ce,) = [i for i, r in enumerate(page.tables["table2_extended"]) if r[1] == "ours (bench), VOC"
+             and r[0].startswith("Context")]  # fmt: skip
+    assert len(page.row_links["table2_extended"][ce]) == 8  # and the SVM probes'
 
 
 def test_figures_are_inline_pngs(runs: Path, tmp_path: Path) -> None:
