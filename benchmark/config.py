@@ -102,7 +102,9 @@ def _type_name(tp: Any) -> str:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from a nested dict, checking every key and type."""
+    """Build dataclass `cls` from a nested dict, checking every key and type. A class may
+    define `check_given(data)`, which sees which keys were given (type-checked, before the
+    defaults fill the rest) for rules about keys set together."""
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -111,6 +113,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})"
         )
     kwargs = {k: _check_value(prefix + k, hints[k], v) for k, v in data.items()}
+    check_given = getattr(cls, "check_given", None)
+    if check_given is not None:
+        check_given(data)
     return cls(**kwargs)
 
 

@@ -717,8 +717,9 @@ def table1(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
         images = Stat([_number(m.get("images")) for m in runs]).mean
         how = sorted({
             EVAL_NAMES.get(str(m.get("eval_crop")), "centre crop, native size")
-            + f"; {m.get('hole') or 'code'} hole, scored on the 64x64 "
-            + ("hole" if m.get("scored_region") == "hole" else "prediction")
+            + "; " + str(m.get("geometry") or (  # metrics.json before `geometry` existed
+                f"{m.get('hole') or 'code'} hole, scored on the 64x64 "
+                + ("hole" if m.get("scored_region") == "hole" else "prediction")))
             for m in runs
         })  # fmt: skip
         return [

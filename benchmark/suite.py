@@ -176,10 +176,16 @@ def _inpainting_steps(
         base = merge(to_dict(cfg.evaluate), {**common, "seed": seed, "weights": str(root / name),
                                              "name": ename})  # fmt: skip
         steps.append(_make(INPAINT_EVAL, base, ename, (name,), "inpaint-eval", "inpaint-eval"))
+    # The NN baselines fill the hole the trained rows use (nn-ce reads it from its card).
+    train = to_dict(cfg.train)
+    geometry = {"hole": train.get("hole"), "overlap": (train.get("loss") or {}).get("overlap")}
+    geometry = {k: v for k, v in geometry.items() if v is not None}
     for baseline in cfg.baselines:
         ename = f"inpaint-eval-{baseline}-s{seed}"
         base = merge(to_dict(cfg.evaluate), {**common, "seed": seed, "baseline": baseline,
                                              "name": ename})  # fmt: skip
+        if baseline == "nn-hog" and not {"hole", "overlap"} & set(base):
+            base.update(geometry)
         needs: tuple[str, ...] = ()
         if baseline == "nn-ce":
             if "joint" not in cfg.losses:

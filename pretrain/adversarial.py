@@ -35,7 +35,9 @@ class DCGANDiscriminator(nn.Module):
     4x4 stride-2 convolutions with 64, 128, 256, 512 channels (BatchNorm on all but the
     first, LeakyReLU 0.2) down to 4 x 4 for a 64 px input (the inpainting patch), then a
     4x4 convolution to one logit; the paper's sigmoid is folded into the loss. Larger inputs
-    get more stride-2 layers (512 channels) until the side is at most 4.
+    get more stride-2 layers (512 channels) until the side is at most 4. No convolution has
+    a bias: the released code zeroes them all before every step (pathak22/context-encoder
+    @68abd11 train.lua L180-193, L274, L344).
     """
 
     def __init__(self, input_size: int = 64, widths: tuple[int, ...] = (64, 128, 256, 512)):
@@ -44,7 +46,7 @@ class DCGANDiscriminator(nn.Module):
         cin, size, i = 3, input_size, 0
         while size > 4 or i < len(widths):
             cout = widths[min(i, len(widths) - 1)]
-            layers.append(nn.Conv2d(cin, cout, 4, 2, 1, bias=i == 0))
+            layers.append(nn.Conv2d(cin, cout, 4, 2, 1, bias=False))
             if i > 0:
                 layers.append(nn.BatchNorm2d(cout))
             layers.append(nn.LeakyReLU(0.2, inplace=True))

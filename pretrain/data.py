@@ -87,10 +87,13 @@ class SeededImages(Dataset):
     number of DataLoader workers or processes.
     """
 
-    def __init__(self, paths: Sequence[Path], seed: int = 0, flip: bool = True) -> None:
+    def __init__(
+        self, paths: Sequence[Path], seed: int = 0, flip: bool = True, mask_batch: int = 0
+    ) -> None:
         self.paths = list(paths)
         self.seed = seed
         self.flip = flip
+        self.mask_batch = mask_batch
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -100,11 +103,24 @@ class SeededImages(Dataset):
         index, sample = key
         return load_rgb(self.paths[index]), np.random.default_rng([self.seed, 2, sample])
 
+    def mask_rng(self, key: tuple[int, int], rng: np.random.Generator) -> np.random.Generator:
+        """The generator a sample's mask is drawn from: the sample's own `rng`, or with
+        `mask_batch` B > 0 the one of its global batch (batch t holds sample numbers
+        t*B .. t*B+B-1, `benchmark.loop.IterationSampler`), so that every image of a batch
+        gets the same mask, on every process, as the released train_random.lua draws its
+        noise masks: one window per batch, `torch.repeatTensor(mask_global, mask,
+        opt.batchSize, 1, 1)` (pathak22/context-encoder@68abd11 train_random.lua L316-330).
+        """
+        if self.mask_batch <= 0:
+            return rng
+        return np.random.default_rng([self.seed, 3, key[1] // self.mask_batch])
+
 
 class PretrainImages(SeededImages):
     """Image folder -> {"image": (3, S, S) normalised, "mask": (1, S, S) float 0/1}.
 
     Without `mask_fn` the mask is all ones (the autoencoder reconstructs everything).
+    mask_batch: 0 draws a mask per image; B > 0 one per global batch of B (`mask_rng`).
     """
 
     def __init__(
@@ -114,8 +130,9 @@ class PretrainImages(SeededImages):
         mask_fn: MaskFn | None = None,
         flip: bool = True,
         seed: int = 0,
+        mask_batch: int = 0,
     ) -> None:
-        super().__init__(paths, seed, flip)
+        super().__init__(paths, seed, flip, mask_batch)
         self.size = size
         self.mask_fn = mask_fn
 
@@ -125,7 +142,7 @@ class PretrainImages(SeededImages):
         if self.mask_fn is None:
             mask = np.ones((self.size, self.size), dtype=bool)
         else:
-            mask = self.mask_fn(rng)
+            mask = self.mask_fn(self.mask_rng(key, rng))
         return {
             "image": normalise(pixels),
             "mask": torch.from_numpy(mask).to(torch.float32).unsqueeze(0),

@@ -14,7 +14,9 @@ randomness comes from that generator, so the same seed gives the same masks anyw
   all feature-learning results).
 - `noise-region`: the released code's variant: a large pattern of bicubically upsampled
   uniform noise thresholded at a density of 0.25, from which windows with 20-30% dropped
-  pixels are cut. Used when no segmentation shapes are available.
+  pixels are cut. Used when no segmentation shapes are available. Like the released code,
+  the stages draw ONE such window per batch and give it to every image of the batch
+  (`PER_BATCH`; `pretrain.data.SeededImages.mask_rng`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ MAX_COVERAGE = 0.25  # "covering up to 1/4 of the image" (random block and rando
 NOISE_RES = 0.06  # released code: noise cells of 1/0.06 ~ 17 px before thresholding
 NOISE_DENSITY = 0.25  # released code: keep upsampled noise < 0.25
 NOISE_WINDOW = (0.2, 0.3)  # released code: accept windows with 20-30% of pixels dropped
+# Masks drawn once per batch and repeated over it: pathak22/context-encoder@68abd11
+# train_random.lua L316-330 cuts one noise window per batch (`torch.repeatTensor(mask_global,
+# mask, opt.batchSize, 1, 1)`, L330). The paper's own masks (Section 3.3) are per image.
+PER_BATCH = frozenset({"noise-region"})
 
 
 def central_mask(size: Size, rng: np.random.Generator | None = None, fraction: float = 0.5):
@@ -180,8 +186,10 @@ def noise_region_mask(
     window: tuple[float, float] = NOISE_WINDOW,
     max_tries: int = 100,
 ) -> np.ndarray:
-    """A random window of `pattern` whose dropped fraction lies in `window` (the best
-    of `max_tries` windows when none does): (H, W) bool."""
+    """A random window of `pattern` whose dropped fraction lies strictly inside `window`
+    (train_random.lua L323-324: `area>20 and area<30`, in percent), or the best of
+    `max_tries` windows when none does (the released code tries until one does): (H, W)
+    bool."""
     h, w = size
     ph, pw = pattern.shape
     if ph < h or pw < w:
@@ -192,7 +200,7 @@ def noise_region_mask(
         top, left = int(rng.integers(0, ph - h + 1)), int(rng.integers(0, pw - w + 1))
         cut = pattern[top : top + h, left : left + w]
         frac = float(cut.mean())
-        if lo <= frac <= hi:
+        if lo < frac < hi:
             return cut.copy()
         gap = lo - frac if frac < lo else frac - hi
         if gap < best_gap:

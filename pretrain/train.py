@@ -33,7 +33,7 @@ from pretrain.context_encoder import ContextEncoder
 from pretrain.data import PretrainImages, dataset_mean, denormalise, fill_value
 from pretrain.export import NATIVE_FILE, write_native
 from pretrain.losses import RECONSTRUCTION_LOSSES, joint_loss
-from pretrain.masks import apply_mask, load_voc_shapes, make_mask_fn
+from pretrain.masks import PER_BATCH, apply_mask, load_voc_shapes, make_mask_fn
 from pretrain.samples import save_grid
 from transfer.backbone import load_state_checked, read_torchvision
 
@@ -261,7 +261,9 @@ def train_inpainting(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, A
     mean = dataset_mean(paths, seed=cfg.seed)
     fill = fill_value(mean).to(env.device)
     mask_fn, mask_name, shapes = _mask_fn(cfg, run)
-    dataset = PretrainImages(paths, cfg.model.input_size, mask_fn, seed=cfg.seed)
+    per_batch = cfg.train.batch_size if mask_name in PER_BATCH else 0  # one noise mask a batch
+    dataset = PretrainImages(paths, cfg.model.input_size, mask_fn, seed=cfg.seed,
+                             mask_batch=per_batch)  # fmt: skip
     run.logger.info(
         f"{len(paths)} images from {images_root}; mean colour {[round(m, 3) for m in mean]}; "
         f"mask {mask_name}"

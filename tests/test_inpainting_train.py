@@ -38,15 +38,17 @@ def _small_folder(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("hole, size", [("code", 64), ("paper", 72)])
-def test_training_run_lowers_masked_l2_and_writes_generator(tmp_path, synth_root, hole, size):
+@pytest.mark.parametrize("hole, size, overlap", [("code", 64, 4), ("paper", 78, 7)])
+def test_training_run_lowers_masked_l2_and_writes_generator(
+    tmp_path, synth_root, hole, size, overlap
+):
     torch.manual_seed(0)
     cfg = InpaintingConfig(
         data=str(synth_root / "unlabelled"),
         device="cpu",
         hole=hole,
         bottleneck=64,
-        loss=InpaintLossConfig(kind="l2", overlap=4),
+        loss=InpaintLossConfig(kind="l2"),  # each geometry's own overlap
         train=InpaintTrainConfig(
             iterations=12,
             batch_size=8,
@@ -63,12 +65,13 @@ def test_training_run_lowers_masked_l2_and_writes_generator(tmp_path, synth_root
     run = tmp_path / "run"
     assert (run / "samples" / "iter_0000012.png").is_file()
     gen, card = load_generator(run)
-    assert card["loss"] == "l2" and card["overlap"] == 4 and card["iterations"] == 12
+    assert card["loss"] == "l2" and card["overlap"] == overlap and card["iterations"] == 12
     assert card["bottleneck"] == 64 and card["hole"] == hole and card["prediction_size"] == size
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["export"] == "generator.safetensors" and saved["hole"] == hole
     assert gen(torch.zeros(1, 3, 128, 128)).shape == (1, 3, size, size)
-    assert ("hole" in saved["departures"]) == (hole != "code")
+    assert ("hole" in saved["departures"]) == (hole == "code")  # the paper's is the default
+    assert "loss.overlap" not in saved["departures"]
 
 
 def test_joint_run_on_real_images_lowers_masked_l2(tmp_path, shared_data):

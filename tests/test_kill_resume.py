@@ -31,9 +31,10 @@ STAGES: dict[str, list[str]] = {
         "--set", "model.input_size=67", "--set", "train.batch_size=4",
         "--set", "train.sample_every=3",
     ],
+    # noise-region: its holes, one per batch (train_random.lua L330), resume exactly too
     "inpainting": [
-        "pretrain", "--method", "inpainting", "--data", "{images}", "--set", "bottleneck=16",
-        "--set", "train.batch_size=4", "--set", "train.load_size=0",
+        "pretrain", "--method", "inpainting", "--mask", "noise-region", "--data", "{images}",
+        "--set", "bottleneck=16", "--set", "train.batch_size=4", "--set", "train.load_size=0",
         "--set", "train.sample_every=0",
     ],
     "classification": [

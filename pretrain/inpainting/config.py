@@ -3,22 +3,30 @@ Section 5.1, with the paper's values as defaults (PROTOCOL.md "Inpainting contex
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Literal
 
+from benchmark.errors import ConfigError
 from benchmark.loop import LoopConfig
 from pretrain.inpainting.data import LOAD_SIZE
-from pretrain.inpainting.model import BOTTLENECK, HoleGeometry, HoleMode
-from pretrain.losses import ADV_WEIGHT, OVERLAP_PAPER, OVERLAP_WEIGHT, REC_WEIGHT
+from pretrain.inpainting.model import BOTTLENECK, OVERLAPS, HoleGeometry, HoleMode
+from pretrain.losses import ADV_WEIGHT, OVERLAP_WEIGHT, REC_WEIGHT
 
 LossKind = Literal["l2", "adversarial", "joint"]
 HoleName = Literal["central", "random-region", "noise-region"]
+# The released code trains G 10x faster than D for the joint loss only:
+# `learningRate = (opt.wtl2>0 and opt.wtl2<1) and opt.lr*10 or opt.lr`
+# (pathak22/context-encoder@68abd11 train.lua L213-221); Section 5.1 states the 10x.
+G_LR_RATIO = 10.0
 
 
 @dataclass
 class InpaintLossConfig:
     kind: LossKind = "joint"  # Table 1's context encoder row
-    overlap: int = OVERLAP_PAPER  # px of context also predicted (released code: 4)
+    # px of context the prediction also covers. None: the hole geometry's own (`hole`: paper
+    # 7, Section 5.1; code 4, the released README L75). Any other value is a mixed geometry,
+    # accepted only with `hole` also given (InpaintingConfig.check_given).
+    overlap: int | None = None
     overlap_weight: float = OVERLAP_WEIGHT
     rec_weight: float = REC_WEIGHT  # joint: 0.999 L2 + 0.001 adversarial
     adv_weight: float = ADV_WEIGHT
@@ -29,8 +37,10 @@ class InpaintTrainConfig(LoopConfig):
     # Not stated for the inpainting model; the paper's "about 100K iterations" of Section 5.2.
     iterations: int = 100_000
     batch_size: int = 64
-    lr_g: float = 2e-3  # 10x the discriminator's (Section 5.1)
-    lr_d: float = 2e-4
+    # Adam lr of the discriminator, and of the generator for l2 and adversarial runs
+    # (train.lua L19 `lr = 0.0002`, L213-221).
+    lr: float = 2e-4
+    g_lr_ratio: float = G_LR_RATIO  # joint loss only: the generator at g_lr_ratio x lr
     beta1: float = 0.5
     load_size: int = LOAD_SIZE  # shorter side before the random 128 crop (0: no resize)
     workers: int = 2
@@ -53,13 +63,14 @@ class InpaintingConfig:
     device: str = "auto"
     method: Literal["inpainting"] = "inpainting"
     mask: HoleName = "central"  # random-region / noise-region: random holes in the hole box
-    # Where the hole and the predicted patch lie (`model.HoleGeometry`). "code": the
-    # released code's, a 64x64 prediction whose inner (64 - 2 overlap)^2 is the hole
-    # (pathak22/context-encoder train.lua L282-285, L380-389; the public PyTorch port);
-    # "paper": a 64x64 hole and a (64 + 2 overlap)^2 prediction overlapping the context by
-    # `loss.overlap` px ("we predict a slightly larger patch that overlaps the context by
-    # 7px", Sections 3.2 and 5.1). Either way the overlap ring weighs loss.overlap_weight.
-    hole: HoleMode = "code"
+    # Where the hole and the predicted patch lie (`model.HoleGeometry`), each with its own
+    # overlap (`loss.overlap` None). "paper": a 64x64 hole and a 78x78 prediction overlapping
+    # the context by 7 px ("we predict a slightly larger patch that overlaps with the context
+    # (by 7px)", Section 5.1), Table 1 scored on the hole; "code": the released code's 64x64
+    # prediction around a 56x56 hole, overlap 4 (pathak22/context-encoder@68abd11 train.lua
+    # L282-285, L380-389, README L75), scored on the prediction as the public port does.
+    # Either way the overlap ring weighs loss.overlap_weight.
+    hole: HoleMode = "paper"
     # VOC2012 folder for random-region (None: the synthetic VOC2012 when `data` is None too;
     # with a user's image folder it must be given)
     shapes: str | None = None
@@ -67,6 +78,36 @@ class InpaintingConfig:
     loss: InpaintLossConfig = field(default_factory=InpaintLossConfig)
     train: InpaintTrainConfig = field(default_factory=InpaintTrainConfig)
 
+    def __post_init__(self) -> None:
+        # An overlap equal to the hole's own is no choice of its own: stored as None, so that
+        # `hole: code` with `loss.overlap: 4` departs from the paper in `hole` alone.
+        own = OVERLAPS.get(self.hole)
+        if self.loss.overlap is not None and self.loss.overlap == own:
+            self.loss = replace(self.loss, overlap=None)
+
+    @classmethod
+    def check_given(cls, data: dict[str, Any]) -> None:
+        """The keys a user gave (before defaults fill the rest; `benchmark.config.from_dict`):
+        an overlap other than the default hole's own is a mixed geometry, which needs `hole`
+        given too, so that changing one key never silently mixes the two geometries."""
+        loss = data.get("loss")
+        overlap = loss.get("overlap") if isinstance(loss, dict) else None
+        hole = cls.hole
+        if overlap is None or "hole" in data or overlap == OVERLAPS[hole]:
+            return
+        raise ConfigError(
+            f"loss.overlap: {overlap} px with the default hole ({hole}, whose own overlap is "
+            f"{OVERLAPS[hole]} px) mixes two geometries; for the released code's set "
+            "hole=code (its overlap is 4), or give hole too to run the mixed geometry "
+            "(a departure from the paper)"
+        )
+
     def geometry(self) -> HoleGeometry:
         """The hole and prediction boxes of this run (hole mode, loss.overlap)."""
         return HoleGeometry(self.hole, self.loss.overlap)
+
+    def generator_lr(self) -> float:
+        """The generator's Adam lr: g_lr_ratio x lr for the joint loss, lr otherwise
+        (train.lua L213-221)."""
+        tc = self.train
+        return tc.lr * tc.g_lr_ratio if self.loss.kind == "joint" else tc.lr

@@ -101,7 +101,9 @@ def load_eval_images(
 
 class InpaintingImages(SeededImages):
     """Image folder -> {"image": (3, 128, 128) in [-1, 1]} (+ "hole": (1, 128, 128) float 0/1
-    when `hole_fn` draws a random hole per sample; the central hole is fixed and not stored).
+    when `hole_fn` draws random holes; the central hole is fixed and not stored).
+    hole_batch: 0 draws a hole per image; B > 0 one per global batch of B, as the released
+    train_random.lua does for its noise masks (`SeededImages.mask_rng`).
     """
 
     def __init__(
@@ -111,8 +113,9 @@ class InpaintingImages(SeededImages):
         hole_fn: Callable[[np.random.Generator], torch.Tensor] | None = None,
         flip: bool = True,
         seed: int = 0,
+        hole_batch: int = 0,
     ) -> None:
-        super().__init__(paths, seed, flip)
+        super().__init__(paths, seed, flip, hole_batch)
         self.load_size = load_size
         self.hole_fn = hole_fn
 
@@ -121,5 +124,5 @@ class InpaintingImages(SeededImages):
         pixels = train_crop(image, rng, self.load_size, flip=self.flip)
         sample = {"image": to_unit_range(pixels)}
         if self.hole_fn is not None:
-            sample["hole"] = self.hole_fn(rng)
+            sample["hole"] = self.hole_fn(self.mask_rng(key, rng))
         return sample

@@ -7,10 +7,12 @@ the centre patch is predicted by a trained inpainting generator (`--weights RUN`
 nearest-neighbour baseline (`--baseline nn-hog | nn-ce`, searching `train_data`).
 
 Where the hole and the prediction lie is the generator card's `hole` / `overlap`
-(`model.HoleGeometry`; `hole` and `overlap` here override them). Errors are taken over the
-64x64 region Table 1 scores (`scored_region` in metrics.json): for hole "code" the whole
-64x64 prediction, ring of visible context included, as the public port's test.py L107-109
-does; for "paper" the 64x64 hole, i.e. the centre of the (64 + 2 overlap)^2 prediction.
+(`model.HoleGeometry`; without a generator, the paper's; `hole` and `overlap` here override
+them, see `weights.card_geometry`). Errors are taken over the 64x64 region Table 1 scores
+(`scored_region` in metrics.json, and the report labels each row with it): for the paper's
+geometry the 64x64 hole, the centre of the 78x78 prediction; for the released code's
+("code") the whole 64x64 prediction, its ring of visible context included, as the public
+port's test.py L107-109 does.
 Pixels in [-1, 1] (`benchmark.metrics.inpainting_errors`: mean L1, mean L2, PSNR per image
 on 0-255), averaged over images; per-image values go to `per_image.csv`.
 """
@@ -35,6 +37,7 @@ from benchmark.protocol import departures, is_synthetic
 from benchmark.runs import Run, atomic_write_text
 from pretrain.inpainting.data import load_eval_images
 from pretrain.inpainting.model import (
+    HOLE_MODES,
     ContextEncoderGenerator,
     HoleGeometry,
     HoleMode,
@@ -70,7 +73,9 @@ class InpaintEvalConfig:
     # centre 128x128 crop at native resolution.
     eval_crop: Literal["resize", "centre"] = "resize"
     # hole geometry (see pretrain.inpainting.config): None: the weights' card (a card without
-    # `hole`, and the baselines without weights: "code"); overlap None: the card's (else 7)
+    # `hole`: "code"; the baselines without weights: "paper"); overlap None: the card's, or
+    # with `hole` given that hole's own (paper 7, code 4); an overlap mixing the geometries
+    # needs `hole` given too
     hole: HoleMode | None = None
     overlap: int | None = None
     train_load_size: int = 0  # NN database: shorter side before the centre crop (0: native)
@@ -120,8 +125,8 @@ def check(cfg: InpaintEvalConfig) -> None:
         raise ConfigError("max_images, batch_size and train_crops must be >= 1")
     if cfg.overlap is not None and not 0 <= cfg.overlap < 32:
         raise ConfigError(f"overlap: must be in [0, 31], got {cfg.overlap}")
-    if cfg.hole is not None and cfg.hole not in ("code", "paper"):
-        raise ConfigError(f"hole: must be code or paper, got {cfg.hole!r}")
+    if cfg.hole is not None and cfg.hole not in HOLE_MODES:
+        raise ConfigError(f"hole: must be one of {', '.join(HOLE_MODES)}, got {cfg.hole!r}")
 
 
 def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
@@ -131,7 +136,7 @@ def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
     device = pick_device(cfg.device)
     paths = held_out_paths(cfg.data, cfg.max_images)
     images = load_eval_images(paths, mode=cfg.eval_crop)
-    generator, card = load_generator(cfg.weights) if cfg.weights else (None, {})
+    generator, card = load_generator(cfg.weights) if cfg.weights else (None, None)
     try:
         geometry = card_geometry(card, cfg.hole, cfg.overlap)
     except BenchError as exc:
@@ -143,7 +148,7 @@ def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
         generator.output_size = geometry.prediction.size
     run.logger.info(f"{geometry.describe()}; scoring the 64x64 {geometry.scored_region}")
     if cfg.baseline is None:
-        method = f"context-encoder-{card.get('loss', 'joint')}"
+        method = f"context-encoder-{(card or {}).get('loss', 'joint')}"
         pred = predict(generator, images, geometry, cfg.batch_size, device)
     else:
         method = cfg.baseline
@@ -179,13 +184,14 @@ def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
         # how the row relates to Table 1's protocol (benchmark.protocol)
         "synthetic": is_synthetic(paths[0].parent if paths else cfg.data),
         "departures": departures(cfg),
-        "pretrain_departures": card.get("departures") if cfg.weights else [],
+        "pretrain_departures": (card or {}).get("departures") if cfg.weights else [],
         "crop": EVAL_CROPS[cfg.eval_crop],
         "eval_crop": cfg.eval_crop,
         "hole": geometry.mode,
         "overlap": geometry.overlap,
         "prediction_size": geometry.prediction.size,
         "scored_region": geometry.scored_region,
+        "geometry": geometry.label(),
         "weights": cfg.weights,
         "data": str(paths[0].parent) if paths else cfg.data,
         "per_image": PER_IMAGE_FILE,

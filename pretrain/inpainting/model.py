@@ -5,19 +5,25 @@ the dataset mean and predicts a centre patch slightly larger than the hole; the
 discriminator that judges predicted patches alone (not conditioned on the context) is
 `pretrain.adversarial.DCGANDiscriminator`. Layer widths, kernel sizes and the N(0, 0.02)
 initialisation follow PROTOCOL.md "Inpainting context encoder"; like the released code, the
-4000-d bottleneck is followed by BatchNorm and LeakyReLU before the decoder.
+4000-d bottleneck is followed by BatchNorm and LeakyReLU before the decoder (train.lua L126),
+and no convolution has a bias: train.lua zeroes every conv and up-conv bias of G and D before
+each step (L274-275, L344-345), so the released networks train without any (BatchNorm's
+scale and shift stay).
 
-Where the hole and the predicted patch lie (`HoleGeometry`, two readings of "we predict a
-slightly larger patch that overlaps the context by 7px"):
+Where the hole and the predicted patch lie (`HoleGeometry`), two geometries, each with its
+own overlap (`OVERLAPS`):
 
-- "code" (the released code, pathak22/context-encoder train.lua L282-285, L380-389, and
-  the public PyTorch port): the prediction is the 64x64 centre patch; the mean-filled hole
-  is its inner (64 - 2 overlap)^2 square, so the prediction's `overlap`-px ring is visible
-  context, weighted 10x in the loss.
-- "paper" (Sections 3.2 and 5.1): the hole is the 64x64 centre; the prediction extends
-  `overlap` px past it into the context, a (64 + 2 overlap)^2 patch whose ring is weighted
-  10x. The DCGAN decoder still ends at 64x64 and a parameter-free bilinear resize brings
-  its output to the prediction size (see `ContextEncoderGenerator`).
+- "paper" (the default; Section 5.1: "we predict a slightly larger patch that overlaps with
+  the context (by 7px)"): the hole is the 64x64 centre; the prediction extends 7 px past it
+  into the context, a 78x78 patch whose ring is weighted 10x. The DCGAN decoder still ends
+  at 64x64 and a parameter-free bilinear resize brings its output to the prediction size
+  (see `ContextEncoderGenerator`).
+- "code" (the released code, pathak22/context-encoder@68abd11 train.lua L282-285, L380-389,
+  README L75 `overlapPred=4`, and the public PyTorch port): the prediction is the 64x64 centre
+  patch; the mean-filled hole is its inner 56x56 square, so the prediction's 4-px ring is
+  visible context, weighted 10x in the loss.
+
+Another overlap with either hole is a mixed geometry that neither ran (`HoleGeometry.mixed`).
 """
 
 from __future__ import annotations
@@ -30,13 +36,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.adversarial import dcgan_init_
-from pretrain.losses import OVERLAP_WEIGHT, loss_weights
+from pretrain.losses import OVERLAP_CODE, OVERLAP_PAPER, OVERLAP_WEIGHT, loss_weights
 
 IMAGE_SIZE = 128
 PATCH_SIZE = 64
 PATCH_START = (IMAGE_SIZE - PATCH_SIZE) // 2  # 32: the centre patch is [32, 96) x [32, 96)
-HoleMode = Literal["code", "paper"]
-HOLE_MODES: tuple[HoleMode, ...] = ("code", "paper")
+HoleMode = Literal["paper", "code"]
+HOLE_MODES: tuple[HoleMode, ...] = ("paper", "code")
+# Each geometry's own overlap: the paper's 7 px (Section 5.1), the released code's 4
+# (README L75 `overlapPred=4`; train.lua L16 defaults to 0).
+OVERLAPS: dict[str, int] = {"paper": OVERLAP_PAPER, "code": OVERLAP_CODE}
 BOTTLENECK = 4000
 # The released code fills dropped pixels with the training mean (117, 104, 123) in [-1, 1].
 FILL_RGB = (117.0, 104.0, 123.0)
@@ -76,8 +85,8 @@ class BottleneckUpConv(nn.ConvTranspose2d):
         return out.view(len(z), self.out_channels, *k)
 
 
-def _down(cin: int, cout: int, bn: bool) -> list[nn.Module]:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 4, 2, 1, bias=not bn)]
+def _down(cin: int, cout: int, bn: bool, bias: bool = False) -> list[nn.Module]:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, 4, 2, 1, bias=bias)]
     if bn:
         layers.append(nn.BatchNorm2d(cout))
     layers.append(nn.LeakyReLU(0.2, inplace=True))
@@ -97,12 +106,15 @@ def _up(cin: int, cout: int, stride: int, padding: int) -> list[nn.Module]:
 
 
 class InpaintingEncoder(nn.Module):
-    """(B, 3, 128, 128) context -> (B, 4000, 1, 1) bottleneck (before its BatchNorm)."""
+    """(B, 3, 128, 128) context -> (B, 4000, 1, 1) bottleneck (before its BatchNorm).
 
-    def __init__(self, bottleneck: int = BOTTLENECK) -> None:
+    conv1_bias: only to load generators saved when bench gave the first conv a bias; the
+    released encoder has none (train.lua L88, zeroed every step)."""
+
+    def __init__(self, bottleneck: int = BOTTLENECK, conv1_bias: bool = False) -> None:
         super().__init__()
         widths = (64, 64, 128, 256, 512)
-        layers: list[nn.Module] = _down(3, widths[0], bn=False)
+        layers: list[nn.Module] = _down(3, widths[0], bn=False, bias=conv1_bias)
         for cin, cout in zip(widths, widths[1:]):
             layers += _down(cin, cout, bn=True)
         layers.append(BottleneckConv(widths[-1], bottleneck))
@@ -147,12 +159,14 @@ class ContextEncoderGenerator(nn.Module):
     cannot reach it themselves.)
     """
 
-    def __init__(self, bottleneck: int = BOTTLENECK, output_size: int = PATCH_SIZE) -> None:
+    def __init__(
+        self, bottleneck: int = BOTTLENECK, output_size: int = PATCH_SIZE, conv1_bias: bool = False
+    ) -> None:
         super().__init__()
         if output_size < 1:
             raise ValueError(f"output_size must be >= 1, got {output_size}")
         self.output_size = output_size
-        self.encoder = InpaintingEncoder(bottleneck)
+        self.encoder = InpaintingEncoder(bottleneck, conv1_bias)
         self.decoder = InpaintingDecoder(bottleneck)
         dcgan_init_(self)
 
@@ -197,7 +211,8 @@ class Box:
 @dataclass(frozen=True)
 class HoleGeometry:
     """Where the hole and the predicted patch lie in the 128x128 image, for a hole mode
-    ("code" or "paper", see the module docstring) and an overlap in px.
+    ("paper" or "code", see the module docstring) and an overlap in px (None: the mode's
+    own, `OVERLAPS`).
 
     hole: the central box filled with the mean (random holes are drawn inside it);
     prediction: the patch the generator outputs and the discriminator judges, the hole box
@@ -206,17 +221,25 @@ class HoleGeometry:
     prediction, ring included, as the public port's test.py L107-109; paper: the hole).
     """
 
-    mode: HoleMode = "code"
-    overlap: int = 0
+    mode: HoleMode = "paper"
+    overlap: int | None = None  # None: the mode's own (`OVERLAPS`), set by __post_init__
     image_size: int = IMAGE_SIZE
 
     def __post_init__(self) -> None:
         if self.mode not in HOLE_MODES:
             raise ValueError(f"hole mode must be one of {HOLE_MODES}, got {self.mode!r}")
+        if self.overlap is None:
+            object.__setattr__(self, "overlap", OVERLAPS[self.mode])
         if not 0 <= self.overlap < PATCH_SIZE // 2:
             raise ValueError(f"overlap must be in [0, {PATCH_SIZE // 2 - 1}], got {self.overlap}")
         if self.prediction.start < 0 or self.prediction.stop > self.image_size:
             raise ValueError(f"prediction {self.prediction} does not fit a {self.image_size} image")
+
+    @property
+    def mixed(self) -> bool:
+        """An overlap other than the mode's own: a geometry neither the paper nor the
+        released code ran."""
+        return self.overlap != OVERLAPS[self.mode]
 
     @property
     def _centre(self) -> int:
@@ -245,9 +268,21 @@ class HoleGeometry:
 
     def describe(self) -> str:
         h, p = self.hole, self.prediction
+        mixed = f", mixed: the {self.mode} geometry's own is {OVERLAPS[self.mode]}px"
         return (
             f"hole {self.mode}: {h.size}x{h.size} hole at {h.start}, {p.size}x{p.size} "
-            f"prediction at {p.start} (overlap {self.overlap}px)"
+            f"prediction at {p.start} (overlap {self.overlap}px{mixed if self.mixed else ''})"
+        )
+
+    def label(self) -> str:
+        """How a Table 1 row names its geometry and the region it scores."""
+        name = {"paper": "paper geometry", "code": "released code's geometry"}[self.mode]
+        if self.mixed:
+            name = f"mixed geometry ({self.mode} hole with another overlap)"
+        h, p = self.hole.size, self.prediction.size
+        return (
+            f"{name}: {h}x{h} hole, {p}x{p} prediction (overlap {self.overlap} px); scored on "
+            f"the 64x64 {self.scored_region}"
         )
 
     # -- masks and crops

@@ -2,11 +2,13 @@
 
 Losses (`loss.kind`): `l2` (masked reconstruction only, no discriminator), `adversarial`
 (the generator is trained by the discriminator alone) and `joint` (0.999 L2 + 0.001 adv).
-The predicted patch overlaps the context by `loss.overlap` px (paper 7, released code 4)
-whose errors weigh 10x; `hole` says where (`model.HoleGeometry`): "code", the released
-code's 64x64 prediction around a (64 - 2 overlap)^2 hole, or "paper", a 64x64 hole inside a
-(64 + 2 overlap)^2 prediction, which the discriminator then judges. Adam, generator 2e-3
-and discriminator 2e-4 (the 10x ratio), beta1 0.5, batch 64, N(0, 0.02) weights.
+The predicted patch overlaps the context by a ring whose errors weigh 10x; `hole` says where
+(`model.HoleGeometry`): "paper" (default), a 64x64 hole inside a 78x78 prediction (overlap
+7), which the discriminator then judges, or "code", the released code's 64x64 prediction
+around a 56x56 hole (overlap 4). Adam, beta1 0.5, batch 64, N(0, 0.02) weights, no conv
+biases; the discriminator at 2e-4 and the generator at 10x that for the joint loss only, at
+2e-4 for l2 and adversarial runs (train.lua L213-221). Noise-region holes are drawn once
+per batch, as train_random.lua L330 does.
 
 One iteration is the sequential update of the released code and its PyTorch port
 (`pretrain.adversarial.Adversary`): a discriminator step on the real patches (the
@@ -44,7 +46,7 @@ from benchmark.errors import ConfigError
 from benchmark.protocol import departures, is_synthetic
 from benchmark.runs import Run
 from pretrain.adversarial import Adversary, DCGANDiscriminator
-from pretrain.inpainting.config import InpaintingConfig, InpaintLossConfig
+from pretrain.inpainting.config import G_LR_RATIO, InpaintingConfig, InpaintLossConfig
 from pretrain.inpainting.data import InpaintingImages, to_pixels
 from pretrain.inpainting.model import (
     HOLE_MODES,
@@ -55,7 +57,7 @@ from pretrain.inpainting.model import (
 )
 from pretrain.inpainting.weights import GENERATOR_FILE, write_generator
 from pretrain.losses import masked_l2
-from pretrain.masks import load_voc_shapes, make_mask_fn, random_region_mask
+from pretrain.masks import PER_BATCH, load_voc_shapes, make_mask_fn, random_region_mask
 from pretrain.samples import save_grid
 
 SAMPLE_IMAGES = 8
@@ -72,7 +74,7 @@ def check(cfg: InpaintingConfig) -> None:
     """Every setting no run can use is a one-line error before anything runs."""
     lc, tc = cfg.loss, cfg.train
     loop.check_loop(tc)
-    if not 0 <= lc.overlap < PATCH_SIZE // 2:
+    if lc.overlap is not None and not 0 <= lc.overlap < PATCH_SIZE // 2:
         raise ConfigError(f"loss.overlap: must be in [0, {PATCH_SIZE // 2 - 1}], got {lc.overlap}")
     if cfg.hole not in HOLE_MODES:
         raise ConfigError(f"hole: must be one of {', '.join(HOLE_MODES)}, got {cfg.hole!r}")
@@ -82,8 +84,13 @@ def check(cfg: InpaintingConfig) -> None:
         raise ConfigError(f"train.batch_size: must be >= 2 (BatchNorm), got {tc.batch_size}")
     if cfg.bottleneck < 1:
         raise ConfigError(f"bottleneck: must be >= 1, got {cfg.bottleneck}")
-    loop.positive("train.lr_g", tc.lr_g)
-    loop.positive("train.lr_d", tc.lr_d)
+    loop.positive("train.lr", tc.lr)
+    loop.positive("train.g_lr_ratio", tc.g_lr_ratio)
+    if lc.kind != "joint" and tc.g_lr_ratio != G_LR_RATIO:
+        raise ConfigError(
+            f"train.g_lr_ratio: applies to the joint loss only; a {lc.kind} run trains the "
+            "generator at train.lr, as the released train.lua L213-221 does (set train.lr)"
+        )
     if not 0 <= tc.beta1 < 1:
         raise ConfigError(f"train.beta1: must be in [0, 1), got {tc.beta1}")
     if tc.load_size < 0 or tc.sample_every < 0:
@@ -99,9 +106,9 @@ def make_hole_fn(
     """None for the fixed central hole; else rng -> (1, 128, 128) hole in the hole box.
 
     Random holes are drawn in the square the central hole would fill (the geometry's hole
-    box: (64 - 2 overlap)^2 for hole "code", 64^2 for "paper"),
-    covering up to 1/4 of the 128x128 image like Section 3.3's masks (so up to all of that
-    square); noise-region uses the released code's thresholded-noise windows (20-30%).
+    box: 64^2 for hole "paper", 56^2 for "code"), covering up to 1/4 of the 128x128 image
+    like Section 3.3's masks (so up to all of that square); noise-region uses the released
+    code's thresholded-noise windows (20-30%), one per batch (`hole_batch`).
     """
     if cfg.mask == "central":
         return None
@@ -123,6 +130,18 @@ def make_hole_fn(
     return functools.partial(_hole, region, geometry)
 
 
+def training_images(
+    cfg: InpaintingConfig, paths: list[Path], run: Run | None = None
+) -> InpaintingImages:
+    """The training set: random holes per image, except noise-region's, drawn once per
+    batch of `train.batch_size` as the released train_random.lua L316-330 draws them."""
+    per_batch = cfg.train.batch_size if cfg.mask in PER_BATCH else 0
+    hole_fn = make_hole_fn(cfg, run)
+    return InpaintingImages(
+        paths, cfg.train.load_size, hole_fn, seed=cfg.seed, hole_batch=per_batch
+    )
+
+
 def _hole(region: Callable[..., np.ndarray], geometry: HoleGeometry, rng: np.random.Generator):
     return geometry.place(torch.from_numpy(np.ascontiguousarray(region(rng))))
 
@@ -139,11 +158,11 @@ def build_nets(
     on NHWC weights."""
     tc, size = cfg.train, cfg.geometry().prediction.size
     g = loop.prepare_model(ContextEncoderGenerator(cfg.bottleneck, size), env, tc)
-    opt_g = loop.adam(g.parameters(), tc.lr_g, (tc.beta1, 0.999))
+    opt_g = loop.adam(g.parameters(), cfg.generator_lr(), (tc.beta1, 0.999))
     if cfg.loss.kind == "l2":
         return g, opt_g, None
     d = loop.prepare_model(DCGANDiscriminator(size), env, tc)
-    opt_d = loop.adam(d.parameters(), tc.lr_d, (tc.beta1, 0.999))
+    opt_d = loop.adam(d.parameters(), tc.lr, (tc.beta1, 0.999))
     return g, opt_g, Adversary(d, opt_d, precision, fused=tc.fused_discriminator)
 
 
@@ -160,14 +179,14 @@ def make_step(
 ) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
     """One iteration on a batch {"image": (B, 3, 128, 128) in [-1, 1], optional "hole"}.
 
-    geometry: the hole and prediction boxes (default: hole "code" at `loss.overlap`).
+    geometry: the hole and prediction boxes (default: hole "paper" at `loss.overlap`).
     Returns scalars: "loss" (the masked L2 of the prediction, also for adversarial-only
     training, so every run logs the same quantity), "d_loss", "adv_loss", "loss_g".
     """
-    overlap = loss.overlap
-    geometry = geometry or HoleGeometry("code", overlap)
-    if geometry.overlap != overlap:
-        raise ValueError(f"geometry overlap {geometry.overlap} != loss.overlap {overlap}")
+    geometry = geometry or HoleGeometry("paper", loss.overlap)
+    if loss.overlap is not None and geometry.overlap != loss.overlap:
+        raise ValueError(f"geometry overlap {geometry.overlap} != loss.overlap {loss.overlap}")
+    overlap = geometry.overlap
     fixed_hole = geometry.hole_mask(device)
     if loss.kind in ("adversarial", "joint") and adversary is None:
         raise ValueError(f"loss {loss.kind} needs a discriminator")
@@ -229,11 +248,12 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
     paths, skipped = checked_image_folder(
         list_images(root), cfg.on_bad_data, run.logger, f"{root} images"
     )
-    hole_fn = make_hole_fn(cfg, run)
-    dataset = InpaintingImages(paths, tc.load_size, hole_fn, seed=cfg.seed)
+    dataset = training_images(cfg, paths, run)
     geometry = cfg.geometry()
     run.logger.info(
-        f"{len(paths)} images from {root}; loss {lc.kind}; mask {cfg.mask}; {geometry.describe()}"
+        f"{len(paths)} images from {root}; loss {lc.kind}; mask {cfg.mask}"
+        f"{' (one per batch)' if dataset.mask_batch else ''}; {geometry.describe()}; Adam lr G "
+        f"{cfg.generator_lr():g}" + (f", D {tc.lr:g}" if lc.kind != "l2" else "")
     )
     precision = loop.Precision(tc.precision, env.device)
     g, opt_g, adversary = build_nets(cfg, env, precision)
@@ -276,7 +296,7 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
         "loss": lc.kind,
         "mask": cfg.mask,
         "hole": cfg.hole,
-        "overlap": lc.overlap,
+        "overlap": geometry.overlap,
         "prediction_size": geometry.prediction.size,
         "bottleneck": cfg.bottleneck,
         "iterations": result.iterations,
@@ -301,7 +321,7 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
         "loss": lc.kind,
         "mask": cfg.mask,
         "hole": cfg.hole,
-        "overlap": lc.overlap,
+        "overlap": geometry.overlap,
         "pretrain_key": card["pretrain_key"],
         "iterations": result.iterations,
         "train_seconds": result.seconds,
