@@ -28,10 +28,10 @@ from transfer.detection.config import DetectionConfig, DetectionTrainConfig
 from transfer.detection.train import main
 
 REPO = Path(__file__).resolve().parent.parent
-# Image sizes and widths small enough for a CPU test run; "fixed" box-target scaling, the
-# only one detectron2 can express.
+# Image sizes and widths small enough for a CPU test run; "fixed" box-target scaling and the
+# coco branch's test post-processing, the only ones detectron2 can express.
 TINY = dict(
-    bbox_normalize="fixed",
+    bbox_normalize="fixed", test_postprocess="coco",
     scales=(96,), max_size=160, test_scale=96, test_max_size=160, fc_dim=64, ss_min_box=8,
     ss_max_boxes=300,
 )  # fmt: skip
@@ -100,6 +100,7 @@ def test_missing_detectron2_is_one_line_with_install_hint(monkeypatch, synth_roo
     "kw, words",
     [
         ({"rescale": True}, "rescale"),
+        ({"test_postprocess": "master"}, "backend: native"),
         ({"bbox_normalize": "data"}, "BBOX_REG_WEIGHTS"),
         ({"train": {"compile": True}}, "train.compile"),
         ({"bg_thresh_hi": 0.6, "fg_thresh": 0.5}, "bg_thresh_hi"),

@@ -21,7 +21,7 @@ from transfer.detection.data import (
     image_scale,
     usable_for_training,
 )
-from transfer.detection.inference import nms, postprocess
+from transfer.detection.inference import coco_postprocess, nms
 from transfer.detection.model import FastRCNN, fast_rcnn_loss, param_groups
 from transfer.detection.sampling import (
     box_iou,
@@ -192,10 +192,10 @@ def test_nms_and_per_image_cap():
     scores[:, 1] = [0.9, 0.04, 0.5]
     scores[:, 2] = [0.3, 0.2, 0.1]
     boxes = np.tile(dets[:, :4], (1, 21))
-    out = postprocess(scores, boxes, score_thresh=0.05, nms_thresh=0.3, max_per_image=100)
+    out = coco_postprocess(scores, boxes, score_thresh=0.05, nms_thresh=0.3, max_per_image=100)
     assert out[0][:, 4].tolist() == pytest.approx([0.9, 0.5])  # 0.04 is under the threshold
     assert out[1][:, 4].tolist() == pytest.approx([0.3, 0.1])  # 0.2 suppressed by 0.3
-    capped = postprocess(scores, boxes, 0.05, 0.3, max_per_image=2)
+    capped = coco_postprocess(scores, boxes, 0.05, 0.3, max_per_image=2)
     assert sorted(np.concatenate([d[:, 4] for d in capped]).tolist()) == pytest.approx([0.5, 0.9])
 
 

@@ -10,6 +10,9 @@ from typing import Literal
 
 from benchmark.loop import LoopConfig
 
+COCO_SCORE_THRESH = 0.05  # the coco branch's test_net(..., thresh=0.05)
+MAX_PER_SET = 40  # master's test_net: max_per_set = 40 * num_images
+
 
 @dataclass
 class DetectionTrainConfig(LoopConfig):
@@ -82,9 +85,15 @@ class DetectionConfig:
     bbox_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
     train: DetectionTrainConfig = field(default_factory=DetectionTrainConfig)
 
-    # Test (Fast R-CNN lib/fast_rcnn/test.py)
+    # Test (Fast R-CNN lib/fast_rcnn/test.py test_net; `transfer.detection.inference`).
     test_scale: int = 600
     test_max_size: int = 1000
-    nms: float = 0.3
-    score_thresh: float = 0.05
-    max_per_image: int = 100
+    nms: float = 0.3  # TEST.NMS (lib/fast_rcnn/config.py)
+    # "master" (rbgirshick/fast-rcnn@b612190 test.py L248-320): no score threshold, the top
+    # `max_per_image` per class and image, a running per-class cap of `max_per_set` x N test
+    # images, then NMS; "coco" (the coco branch, @e107cae test.py test_net): scores above
+    # `score_thresh`, NMS per class, then the best `max_per_image` over all classes.
+    test_postprocess: Literal["master", "coco"] = "master"
+    max_per_image: int = 100  # master: per class, before NMS (L254); coco: all classes, after
+    max_per_set: int = MAX_PER_SET  # master only: 40 * num_images per class (L251-252)
+    score_thresh: float = COCO_SCORE_THRESH  # coco only: test_net(thresh=0.05)

@@ -34,11 +34,17 @@ metrics). What is ours:
 - scores: our VOC07 11-point AP and COCO AP on the detections, metrics.json as the native
   backend writes it.
 
+Test post-processing: detectron2's `fast_rcnn_inference` is the `coco` branch's (scores above
+SCORE_THRESH_TEST, NMS per class, the best DETECTIONS_PER_IMAGE over all classes), so this
+backend runs `test_postprocess: coco` only; Fast R-CNN master's running per-class cap over
+the whole test set has no detectron2 key, and the default `test_postprocess: master` is
+refused with a one-line hint.
+
 Options detectron2 cannot honour are one-line ConfigErrors (`check_supported`): `rescale`
-(the data-dependent init is native-only), `bbox_normalize: data` (detectron2's
-BBOX_REG_WEIGHTS is one divisor per coordinate for every class, and it has no target means,
-so Fast R-CNN's per-class statistics cannot be expressed), `train.compile`, and RoI bands
-detectron2's Matcher cannot express. torchrun is refused (one process only).
+(the data-dependent init is native-only), `test_postprocess: master`, `bbox_normalize: data`
+(detectron2's BBOX_REG_WEIGHTS is one divisor per coordinate for every class, and it has no
+target means, so Fast R-CNN's per-class statistics cannot be expressed), `train.compile`, and
+RoI bands detectron2's Matcher cannot express. torchrun is refused (one process only).
 
 Remaining differences from the native backend: detectron2's resize rounds sizes its own way
 (int(x + 0.5)) and flips with probability 1/2 per sample rather than visiting both mirror
@@ -249,6 +255,12 @@ def check_supported(cfg: DetectionConfig) -> None:
         raise ConfigError(
             "rescale: the data-dependent init is not available with backend: detectron2 "
             "(use backend: native)"
+        )
+    if cfg.test_postprocess != "coco":
+        raise ConfigError(
+            "test_postprocess: detectron2's inference is the coco branch's (score > "
+            "score_thresh, NMS, the best max_per_image over all classes); Fast R-CNN master's "
+            "running per-class cap needs backend: native (or set test_postprocess: coco)"
         )
     if cfg.bbox_normalize != "fixed":
         raise ConfigError(

@@ -1,8 +1,21 @@
-"""Fast R-CNN at test time: per-image scores and regressed boxes, NMS, the detections of a set."""
+"""Fast R-CNN at test time: per-image scores and regressed boxes, NMS, the detections of a set.
+
+Two post-processings of rbgirshick/fast-rcnn's `lib/fast_rcnn/test.py` `test_net`
+(`test_postprocess`):
+
+- "master" (the default; the branch the paper's Fast R-CNN results come from, b612190):
+  no score threshold; per class and image the top `max_per_image` (100) scores; a running
+  per-class threshold that keeps about `max_per_set` (40) x N_images boxes per class over the
+  whole test set, applied again at the end; then NMS 0.3 per class and image (`RunningCap`,
+  `master_finish`).
+- "coco" (the `coco` branch, e107cae, that added COCO): per image, scores above 0.05, NMS
+  per class, then the best 100 detections over all classes (`coco_postprocess`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,7 +34,9 @@ from transfer.detection.sampling import clip_boxes, decode_boxes
 
 
 def nms(dets: np.ndarray, thresh: float) -> np.ndarray:
-    """Greedy NMS on (N, 5) [x1, y1, x2, y2, score] with +1 pixel areas (Fast R-CNN's nms)."""
+    """Greedy NMS on (N, 5) [x1, y1, x2, y2, score] with +1 pixel areas, as the Cython nms
+    `test.py` imports (lib/utils/nms.pyx): a box overlapping a kept one by IoU >= thresh is
+    suppressed."""
     x1, y1, x2, y2, s = dets.T
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
     order = s.argsort(kind="stable")[::-1]
@@ -35,31 +50,111 @@ def nms(dets: np.ndarray, thresh: float) -> np.ndarray:
         yy2 = np.minimum(y2[i], y2[order[1:]])
         inter = np.clip(xx2 - xx1 + 1, 0, None) * np.clip(yy2 - yy1 + 1, 0, None)
         iou = inter / (areas[i] + areas[order[1:]] - inter)
-        order = order[1:][iou <= thresh]
+        order = order[1:][iou < thresh]  # nms.pyx: `if ovr >= thresh: suppressed[j] = 1`
     return np.array(keep, dtype=np.int64)
 
 
-def postprocess(
+def _class_dets(scores: np.ndarray, boxes: np.ndarray, j: int, inds: np.ndarray) -> np.ndarray:
+    """(len(inds), 5) float32 [x1, y1, x2, y2, score] of class j for the given RoIs."""
+    dets = np.hstack([boxes[inds, 4 * j : 4 * j + 4], scores[inds, j : j + 1]])
+    return dets.astype(np.float32, copy=False)
+
+
+def coco_postprocess(
     scores: np.ndarray,
     boxes: np.ndarray,
     score_thresh: float,
     nms_thresh: float,
     max_per_image: int,
 ) -> list[np.ndarray]:
-    """Fast R-CNN's test_net for one image: per class j >= 1, scores above the threshold,
-    NMS, then the best `max_per_image` over all classes. Returns (N_j, 5) per class j-1."""
+    """The `coco` branch's test_net for one image (fast-rcnn@e107cae lib/fast_rcnn/test.py
+    test_net): per class j >= 1, scores above `score_thresh` (0.05), NMS, then the best
+    `max_per_image` (100) over all classes (0: no cap). Returns (N_j, 5) per class j-1."""
     out = []
     for j in range(1, scores.shape[1]):
-        inds = np.flatnonzero(scores[:, j] > score_thresh)
-        dets = np.hstack([boxes[inds, 4 * j : 4 * j + 4], scores[inds, j : j + 1]]).astype(
-            np.float32
-        )
+        dets = _class_dets(scores, boxes, j, np.flatnonzero(scores[:, j] > score_thresh))
         out.append(dets[nms(dets, nms_thresh)] if len(dets) else dets.reshape(0, 5))
     if max_per_image > 0:
         all_scores = np.concatenate([d[:, 4] for d in out])
         if len(all_scores) > max_per_image:
             cut = np.sort(all_scores)[-max_per_image]
             out = [d[d[:, 4] >= cut] for d in out]
+    return out
+
+
+class RunningCap:
+    """Fast R-CNN master's test-time caps, image by image (rbgirshick/fast-rcnn@b612190
+    lib/fast_rcnn/test.py test_net L248-317).
+
+    Per class j >= 1 a threshold thresh[j], first -inf, and a min-heap of kept scores. For
+    each image, in test-set order: the RoIs scoring above thresh[j]; of those the top
+    `max_per_image` by score (L283-288); each of their scores pushed on the class's heap;
+    once the heap holds more than `max_per_set` x N_images, its smallest are popped down to
+    that many and thresh[j] becomes the heap's minimum (L290-296); the image's boxes are
+    stored. Boxes stored while the threshold was lower are cut at the end (`master_finish`).
+    Ties at the `max_per_image` cut keep the lower RoI index (test.py's np.argsort does not
+    say which).
+    """
+
+    def __init__(
+        self, num_classes: int, num_images: int, max_per_image: int = 100, max_per_set: int = 40
+    ) -> None:
+        self.max_per_image = max_per_image
+        self.limit = max_per_set * num_images  # L251-252: 40 * num_images
+        self.thresh = np.full(num_classes, -np.inf)  # indexed by class, 0 = background
+        self.heaps: list[list[float]] = [[] for _ in range(num_classes)]
+
+    def add(self, scores: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
+        """One image: scores (R, K) and boxes (R, 4K) -> its stored (N_j, 5) per class j-1,
+        best first."""
+        out = []
+        for j in range(1, scores.shape[1]):
+            inds = np.flatnonzero(scores[:, j] > self.thresh[j])
+            top = inds[np.argsort(-scores[inds, j], kind="stable")[: self.max_per_image]]
+            heap = self.heaps[j]
+            for value in scores[top, j].tolist():
+                heapq.heappush(heap, value)
+            if len(heap) > self.limit:
+                while len(heap) > self.limit:
+                    heapq.heappop(heap)
+                self.thresh[j] = heap[0]
+            out.append(_class_dets(scores, boxes, j, top))
+        return out
+
+
+def merged_thresholds(caps: Sequence[np.ndarray], stored: Sequence[list[np.ndarray]],
+                      limit: int) -> np.ndarray:  # fmt: skip
+    """The final per-class thresholds of one `RunningCap` run over the whole test set, from
+    processes that each ran one over their share of the images (`caps`: their thresholds;
+    `stored`: every image's stored boxes, all processes together; `limit`: max_per_set x
+    N_images). The threshold the whole set ends with is the `limit`-th largest of every
+    image's top-`max_per_image` scores, once more than `limit` were pushed; a process drops
+    only scores at or below its own threshold, which is at most that, so the value is the
+    larger of the processes' thresholds and the `limit`-th largest stored score (for one
+    process, its own threshold)."""
+    thresh = np.max(np.stack(caps), axis=0)
+    for j in range(1, len(thresh)):
+        kept = [image[j - 1][:, 4] for image in stored]
+        values = np.concatenate(kept) if kept else np.empty(0, np.float32)
+        if len(values) > limit:
+            kth = np.partition(values, len(values) - limit)[len(values) - limit]
+            thresh[j] = max(thresh[j], float(kth))
+    return thresh
+
+
+def master_finish(
+    stored: Sequence[list[np.ndarray]], thresh: np.ndarray, nms_thresh: float
+) -> list[list[np.ndarray]]:
+    """After the last image: per class and image, the stored boxes scoring strictly above
+    the class's final threshold (test.py L308-311), then NMS per class and image (apply_nms,
+    L319-320, TEST.NMS 0.3). stored[i][j-1] -> the same layout."""
+    out = []
+    for image in stored:
+        per_class = []
+        for j, dets in enumerate(image, start=1):
+            dets = dets[dets[:, 4] > thresh[j]]
+            per_class.append(dets[nms(dets, nms_thresh)] if len(dets) else dets.reshape(0, 5))
+        out.append(per_class)
     return out
 
 
@@ -93,8 +188,10 @@ def detect(
     classes: Sequence[str] = VOC_CLASSES,
     precision: Precision | None = None,
 ) -> Detections:
-    """Detections of every test image in devkit (1-based) coordinates. Images are shared
-    out over torchrun processes (rank r takes r, r + world, ...) and gathered on all."""
+    """Detections of every test image in devkit (1-based) coordinates, post-processed as
+    `cfg.test_postprocess` says. Images are shared out over torchrun processes (rank r takes
+    r, r + world, ...) and gathered on all; master's running caps are merged exactly
+    (`merged_thresholds`)."""
     model.eval()
     mine = list(range(env.rank, len(records), env.world_size))
     loader = torch.utils.data.DataLoader(
@@ -104,6 +201,9 @@ def detect(
         num_workers=cfg.train.workers,
     )
     autocast = precision.autocast if precision is not None else contextlib.nullcontext
+    master = cfg.test_postprocess == "master"
+    cap = RunningCap(len(classes) + 1, len(records), cfg.max_per_image, cfg.max_per_set)
+    stored: list[tuple[int, list[np.ndarray]]] = []  # master: (image index, per class)
     found: list[tuple[str, str, float, tuple[float, float, float, float]]] = []
     bar = dict(desc="detect", unit="img", disable=None if env.is_main else True, leave=False)
     for item in tqdm(loader, **bar):
@@ -120,13 +220,35 @@ def detect(
                 rec.width,
                 env.device,
             )
-        per_class = postprocess(probs, boxes, cfg.score_thresh, cfg.nms, cfg.max_per_image)
-        for cls, dets in zip(classes, per_class):
-            for x1, y1, x2, y2, s in dets:
-                box = (float(x1) + 1, float(y1) + 1, float(x2) + 1, float(y2) + 1)
-                found.append((cls, rec.image_id, float(s), box))
+        if master:
+            stored.append((item["index"], cap.add(probs, boxes)))
+        else:
+            per_class = coco_postprocess(
+                probs, boxes, cfg.score_thresh, cfg.nms, cfg.max_per_image
+            )
+            found += _devkit(classes, rec.image_id, per_class)
+    if master:
+        parts = distributed.gather_objects((cap.thresh, stored))
+        images = sorted((pair for _, part in parts for pair in part), key=lambda p: p[0])
+        thresh = merged_thresholds([t for t, _ in parts], [d for _, d in images], cap.limit)
+        kept = master_finish([d for _, d in images], thresh, cfg.nms)
+        found = [f for (i, _), dets in zip(images, kept)
+                 for f in _devkit(classes, records[i].image_id, dets)]  # fmt: skip
+        parts_found = [found]
+    else:
+        parts_found = distributed.gather_objects(found)
     out: Detections = {c: [] for c in classes}
-    for part in distributed.gather_objects(found):
+    for part in parts_found:
         for cls, image_id, score, box in part:
             out[cls].append((image_id, score, box))
+    return out
+
+
+def _devkit(classes: Sequence[str], image_id: str, per_class: list[np.ndarray]) -> list[tuple]:
+    """(class, image, score, 1-based box) of one image's (N_j, 5) detections per class."""
+    out = []
+    for cls, dets in zip(classes, per_class):
+        for x1, y1, x2, y2, s in dets:
+            out.append((cls, image_id, float(s), (float(x1) + 1, float(y1) + 1,
+                                                   float(x2) + 1, float(y2) + 1)))  # fmt: skip
     return out

@@ -22,7 +22,12 @@ from benchmark.errors import ConfigError
 from benchmark.runs import Run
 from transfer import common
 from transfer.backbone import describe_transfer, load_encoder
-from transfer.detection.config import DetectionConfig, DetectionTrainConfig
+from transfer.detection.config import (
+    COCO_SCORE_THRESH,
+    MAX_PER_SET,
+    DetectionConfig,
+    DetectionTrainConfig,
+)
 from transfer.detection.data import (
     TrainSet,
     bbox_normalisation,
@@ -78,8 +83,26 @@ def check(cfg: DetectionConfig) -> None:
         raise ConfigError("fc_dim and roi_size must be >= 1 and dropout in [0, 1)")
     if min(cfg.bbox_stds) <= 0:
         raise ConfigError(f"bbox_stds: must be > 0, got {list(cfg.bbox_stds)}")
+    check_test_postprocess(cfg)
     if cfg.backend == "detectron2":
         check_supported(cfg)  # what detectron2 cannot honour, before any folder is made
+
+
+def check_test_postprocess(cfg: DetectionConfig) -> None:
+    """A key of the other post-processing is an error, never silently unused."""
+    if cfg.test_postprocess == "master":
+        if cfg.max_per_image < 1 or cfg.max_per_set < 1:
+            raise ConfigError("max_per_image and max_per_set must be >= 1")
+        if cfg.score_thresh != COCO_SCORE_THRESH:
+            raise ConfigError(
+                "score_thresh: applies to test_postprocess: coco; Fast R-CNN master's test "
+                "keeps every score, capped per class by max_per_image and max_per_set"
+            )
+    else:
+        if cfg.max_per_image < 0:
+            raise ConfigError("max_per_image: must be >= 0 (0: no cap)")
+        if cfg.max_per_set != MAX_PER_SET:
+            raise ConfigError("max_per_set: applies to test_postprocess: master only")
 
 
 def lr_at(train: DetectionTrainConfig, iteration: int) -> float:
@@ -199,6 +222,7 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path, env: DistEnv) -> 
         **score_fields(mean, coco, per_class),
         "bbox_normalize": cfg.bbox_normalize,
         "rescale": cfg.rescale,
+        "test_postprocess": cfg.test_postprocess,
         "iterations": result.iterations,
         "train_seconds": round(result.seconds, 2),
         "test_seconds": round(time.perf_counter() - tick, 2),
