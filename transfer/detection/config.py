@@ -89,11 +89,11 @@ class DetectionConfig:
     test_scale: int = 600
     test_max_size: int = 1000
     nms: float = 0.3  # TEST.NMS (lib/fast_rcnn/config.py)
-    # "master" (rbgirshick/fast-rcnn@b612190 test.py L248-320): no score threshold, the top
+    # "master" (rbgirshick/fast-rcnn@b612190 test.py L248-324): no score threshold, the top
     # `max_per_image` per class and image, a running per-class cap of `max_per_set` x N test
-    # images, then NMS; "coco" (the coco branch, @e107cae test.py test_net): scores above
+    # images, then NMS; "coco" (the coco branch, @e107cae test.py L247-300): scores above
     # `score_thresh`, NMS per class, then the best `max_per_image` over all classes.
     test_postprocess: Literal["master", "coco"] = "master"
-    max_per_image: int = 100  # master: per class, before NMS (L254); coco: all classes, after
-    max_per_set: int = MAX_PER_SET  # master only: 40 * num_images per class (L251-252)
+    max_per_image: int = 100  # master: per class, before NMS (L255); coco: all classes, after
+    max_per_set: int = MAX_PER_SET  # master only: 40 * num_images per class (L253)
     score_thresh: float = COCO_SCORE_THRESH  # coco only: test_net(thresh=0.05)

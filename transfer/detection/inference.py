@@ -68,8 +68,8 @@ def coco_postprocess(
     max_per_image: int,
 ) -> list[np.ndarray]:
     """The `coco` branch's test_net for one image (fast-rcnn@e107cae lib/fast_rcnn/test.py
-    test_net): per class j >= 1, scores above `score_thresh` (0.05), NMS, then the best
-    `max_per_image` (100) over all classes (0: no cap). Returns (N_j, 5) per class j-1."""
+    test_net L247-300): per class j >= 1, scores above `score_thresh` (0.05), NMS, then the
+    best `max_per_image` (100) over all classes (0: no cap). Returns (N_j, 5) per class j-1."""
     out = []
     for j in range(1, scores.shape[1]):
         dets = _class_dets(scores, boxes, j, np.flatnonzero(scores[:, j] > score_thresh))
@@ -84,13 +84,13 @@ def coco_postprocess(
 
 class RunningCap:
     """Fast R-CNN master's test-time caps, image by image (rbgirshick/fast-rcnn@b612190
-    lib/fast_rcnn/test.py test_net L248-317).
+    lib/fast_rcnn/test.py test_net L248-324).
 
     Per class j >= 1 a threshold thresh[j], first -inf, and a min-heap of kept scores. For
     each image, in test-set order: the RoIs scoring above thresh[j]; of those the top
-    `max_per_image` by score (L283-288); each of their scores pushed on the class's heap;
+    `max_per_image` by score (L283-290); each of their scores pushed on the class's heap;
     once the heap holds more than `max_per_set` x N_images, its smallest are popped down to
-    that many and thresh[j] becomes the heap's minimum (L290-296); the image's boxes are
+    that many and thresh[j] becomes the heap's minimum (L291-299); the image's boxes are
     stored. Boxes stored while the threshold was lower are cut at the end (`master_finish`).
     Ties at the `max_per_image` cut keep the lower RoI index (test.py's np.argsort does not
     say which).
@@ -100,7 +100,7 @@ class RunningCap:
         self, num_classes: int, num_images: int, max_per_image: int = 100, max_per_set: int = 40
     ) -> None:
         self.max_per_image = max_per_image
-        self.limit = max_per_set * num_images  # L251-252: 40 * num_images
+        self.limit = max_per_set * num_images  # L253: max_per_set = 40 * num_images
         self.thresh = np.full(num_classes, -np.inf)  # indexed by class, 0 = background
         self.heaps: list[list[float]] = [[] for _ in range(num_classes)]
 
@@ -146,8 +146,8 @@ def master_finish(
     stored: Sequence[list[np.ndarray]], thresh: np.ndarray, nms_thresh: float
 ) -> list[list[np.ndarray]]:
     """After the last image: per class and image, the stored boxes scoring strictly above
-    the class's final threshold (test.py L308-311), then NMS per class and image (apply_nms,
-    L319-320, TEST.NMS 0.3). stored[i][j-1] -> the same layout."""
+    the class's final threshold (test.py L314-317), then NMS per class and image (apply_nms,
+    L229-246, at L324 with TEST.NMS 0.3). stored[i][j-1] -> the same layout."""
     out = []
     for image in stored:
         per_class = []
