@@ -99,6 +99,21 @@ def test_old_generator_file_loads_as_code_and_a_paper_card_as_paper(tmp_path):
     assert card_geometry({"hole": "paper", "overlap": 4}, overlap=7) == HoleGeometry("paper", 7)
 
 
+def test_generator_saved_with_a_first_conv_bias_loads_with_it(tmp_path):
+    """bench once gave the encoder's first conv a bias (the released one has none)."""
+    torch.manual_seed(0)
+    g = ContextEncoderGenerator(16, 64, conv1_bias=True).eval()
+    torch.nn.init.uniform_(g.encoder.net[0].bias)
+    card = {"method": "inpainting", "loss": "l2", "hole": "code", "overlap": 4}
+    write_generator(tmp_path / "generator.safetensors", g, card)
+    loaded, _ = load_generator(tmp_path)
+    assert torch.equal(loaded.encoder.net[0].bias, g.encoder.net[0].bias)
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), g(x))
+    assert ContextEncoderGenerator(16).encoder.net[0].bias is None
+
+
 @pytest.mark.parametrize("hole", ["code", "paper"])
 def test_evaluation_scores_the_stated_region(tmp_path, monkeypatch, hole):
     """Predictions equal to the truth inside the 64x64 hole, wrong on the ring: the paper's
