@@ -26,25 +26,22 @@ import pytest
 from benchmark import __version__
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCES = (
-    "pyproject.toml",
-    "README.md",
-    "benchmark",
-    "encoders",
-    "pretrain",
-    "transfer",
-    "weights",
-)
 DIST = "bench-ssl"
+
+
+# every top-level package of the checkout: each must ship in the wheel (pyproject's `include`)
+PACKAGES = sorted(p.name for p in REPO.iterdir() if (p / "__init__.py").is_file())
+SOURCES = ("pyproject.toml", "README.md", *PACKAGES)  # a new package needs no edit here
 
 pytestmark = pytest.mark.slow
 
 CHECK_REQUIREMENTS = """
 import importlib.metadata as md
+import sys
 import benchmark
 from packaging.requirements import Requirement
 print(benchmark.__file__)
-for text in md.requires("bench-ssl") or []:
+for text in md.requires(sys.argv[1]) or []:
     req = Requirement(text)
     if req.marker is not None and not req.marker.evaluate({"extra": ""}):
         continue  # an optional extra
@@ -95,10 +92,12 @@ def _fresh_env(tmp: Path, wheel: Path) -> tuple[Path, dict[str, str]]:
 
 def test_wheel_installs_and_runs_in_a_fresh_environment(tmp_path: Path, synth_root: Path) -> None:
     wheel = _build_wheel(tmp_path)
-    assert wheel.name == f"bench_ssl-{__version__}-py3-none-any.whl"
+    assert wheel.name == f"{DIST.replace('-', '_')}-{__version__}-py3-none-any.whl"
     names = zipfile.ZipFile(wheel).namelist()
     assert "benchmark/reference/table2.csv" in names and "transfer/probes/svm.py" in names
     assert "encoders/resnet.py" in names and "weights/formats.py" in names
+    for package in PACKAGES:
+        assert f"{package}/__init__.py" in names, package
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
 
     home, env = _fresh_env(tmp_path, wheel)
@@ -111,7 +110,7 @@ def test_wheel_installs_and_runs_in_a_fresh_environment(tmp_path: Path, synth_ro
         assert out.returncode == 0, out.stderr[-2000:]
         return out.stdout
 
-    check = subprocess.run([str(home / "bin" / "python"), "-c", CHECK_REQUIREMENTS], cwd=work,
+    check = subprocess.run([str(home / "bin" / "python"), "-c", CHECK_REQUIREMENTS, DIST], cwd=work,
                            env=env, capture_output=True, text=True)  # fmt: skip
     assert check.returncode == 0, check.stderr[-2000:]
     assert check.stdout.strip().startswith(str(home))  # the wheel's modules, not the checkout's
