@@ -87,7 +87,7 @@ def test_autoencoder_lowers_its_reconstruction_loss(images, tmp_path):
     assert metrics["final_loss"] < 0.5 * metrics["initial_loss"]
 
 
-def test_random_region_from_voc_shapes_and_the_hint_without_them(images, tmp_path):
+def test_random_region_from_voc_shapes_and_the_hint_without_them(images, tmp_path, monkeypatch):
     voc = tmp_path / "VOC2012"
     (voc / "SegmentationObject").mkdir(parents=True)
     labels = np.zeros((50, 60), np.uint8)
@@ -106,8 +106,18 @@ def test_random_region_from_voc_shapes_and_the_hint_without_them(images, tmp_pat
         train.main(cfg, open_run(tmp_path / "b", cfg))
     assert "shapes=" in str(err.value) and "noise-region" in str(err.value)
     assert "\n" not in str(err.value)
+    made = []  # the training sets the stage builds
+
+    class Recorded(train.PretrainImages):
+        def __init__(self, *args, **kw):
+            super().__init__(*args, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(train, "PretrainImages", Recorded)
     cfg = tiny(images, mask="noise-region", train={"iterations": 2, "sample_every": 0})
     assert train.main(cfg, open_run(tmp_path / "c", cfg))["mask"] == "noise-region"
+    # one noise mask per batch, as the released train_random.lua L330 (random-region: per image)
+    assert [d.mask_batch for d in made] == [cfg.train.batch_size]
 
 
 def test_resume_after_a_stop_gives_bit_identical_weights(images, tmp_path, monkeypatch):
