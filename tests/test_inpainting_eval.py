@@ -136,6 +136,8 @@ def test_evaluation_scores_the_stated_region(tmp_path, monkeypatch, hole):
     cfg = InpaintEvalConfig(data=str(data), weights=str(weights), device="cpu")
     metrics = evaluate(tmp_path / "eval", cfg)
     assert metrics["hole"] == hole
+    assert metrics["geometry"] == geometry.label()  # the report's label of the row
+    assert metrics["geometry"].endswith(f"scored on the 64x64 {geometry.scored_region}")
     if hole == "paper":
         assert metrics["scored_region"] == "hole" and metrics["prediction_size"] == 72
         assert metrics["mean_l1"] == 0.0 and metrics["mean_l2"] == 0.0

@@ -26,6 +26,7 @@ from benchmark.report import (
     to_latex,
     to_markdown,
 )
+from pretrain.inpainting.model import HoleGeometry
 
 CLASSES = ["aeroplane", "bicycle", "bird"]
 
@@ -271,12 +272,20 @@ def test_table1_rows_and_differences(tmp_path: Path) -> None:
     make_run(
         tmp_path, "joint1", inpaint("context-encoder-joint", 0.12, 0.02, 19.0, 1), cfg("j1", 1)
     )
-    make_run(tmp_path, "l2", inpaint("context-encoder-l2", 0.11, 0.019, 18.5))
+    paper = HoleGeometry().label()  # what `bench inpaint evaluate` writes by default
+    l2_metrics = inpaint("context-encoder-l2", 0.11, 0.019, 18.5)
+    make_run(tmp_path, "l2", {**l2_metrics, "geometry": paper})
     ref = load_reference(REFERENCE_DIR / "table1.csv", ("mean_l1", "mean_l2", "psnr"))
     t = table1(collect_runs([tmp_path]), ref)
     hog = t[t["Source"] == "ours (nn-hog), real"].iloc[0]
+    # metrics.json from before `geometry`: the code hole was the only one then
     expected = "resize 128 + centre crop; code hole, scored on the 64x64 prediction"
     assert hog["Evaluation"] == expected
+    l2 = t[t["Source"] == "ours (context-encoder-l2), real"].iloc[0]
+    assert l2["Evaluation"] == (
+        "resize 128 + centre crop; paper geometry: 64x64 hole, 78x78 prediction (overlap 7 px); "
+        "scored on the 64x64 hole"
+    )
     assert hog["Mean L1 (%)"] == "20.00" and hog["PSNR (dB)"] == "12.50" and hog["Images"] == "20"
     hog_ref = ref[ref["method"] == "nn-hog"].iloc[0]
     diff = t[(t["Method"] == hog["Method"]) & (t["Source"] == "ours - paper")].iloc[0]
