@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from benchmark.errors import ConfigError
+from benchmark.errors import BenchError, ConfigError
 
 T = TypeVar("T")
 
@@ -107,7 +107,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     defaults fill the rest) for rules about keys set together."""
     hints = get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})"
@@ -147,7 +147,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from exc
+        first = " ".join(str(exc).split())
+        raise ConfigError(f"override '{text}': value is not valid YAML ({first})") from None
+    except RecursionError:
+        raise ConfigError(f"override '{key}': value nests too deeply") from None
+    from benchmark.validate import check_depth
+
+    check_depth(value, f"override '{key}'", "value", ConfigError)
     return key.split("."), value
 
 
@@ -163,17 +169,37 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
-    """Read a YAML mapping, with a one-line error naming the file when it is not one."""
+def read_yaml(path: Path, what: str = "YAML file", error: type[BenchError] = ConfigError) -> Any:
+    """The value of a YAML file (every reader of one goes through here): one line naming the
+    file for a missing or unreadable file, bytes that are not UTF-8, invalid YAML, and
+    nesting too deep to walk. Only plain data is built (`yaml.safe_load`)."""
+    from benchmark.validate import check_depth, decode_text, fail
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise fail(path, "", f"{what} not found", error) from None
+    except IsADirectoryError:
+        raise fail(path, "", f"{what} is a folder", error) from None
+    except OSError as exc:
+        raise fail(path, "", f"cannot read {what} ({exc.strerror})", error) from None
+    text = decode_text(data, path, what, error)
+    try:
+        value = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
-        raise ConfigError(f"{path}: invalid YAML{where}") from exc
+        raise fail(path, "", f"invalid YAML{where}", error) from None
+    except RecursionError:
+        raise fail(path, "", f"{what} nests too deeply", error) from None
+    return check_depth(value, path, what, error)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, with a one-line error naming the file when it is not one."""
+    path = Path(path)
+    data = read_yaml(path, "config file") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of config keys")
     return data

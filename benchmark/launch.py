@@ -665,13 +665,12 @@ class Launcher:
         """Whether the step's run folder holds its finished run (made with this config)."""
         if not (st.path / METRICS_FILE).is_file():
             return False
-        import yaml
-
+        from benchmark.config import read_yaml
         from benchmark.runs import first_difference
 
         try:
-            old = yaml.safe_load((st.path / CONFIG_FILE).read_text()) or {}
-        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            old = read_yaml(st.path / CONFIG_FILE, "run config", BenchError) or {}
+        except BenchError:
             return True  # judged by its metrics, as `open_run` does
         key = first_difference(old, to_dict(st.step.cfg))
         if key is not None:

@@ -48,7 +48,7 @@ from benchmark import distributed, faults, host_memory
 from benchmark.checkpoint import check_checkpoint, make_checkpoint, set_rng_state
 from benchmark.config import to_dict
 from benchmark.distributed import DistEnv
-from benchmark.errors import BenchError, ConfigError
+from benchmark.errors import BenchError, ConfigError, printable
 from benchmark.runs import CHECKPOINT, Run
 
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]
@@ -468,10 +468,18 @@ def fit(
             raise BenchError(f"{where}: checkpoint lacks state for {', '.join(missing)}")
         for name, obj in state.items():
             target = unwrap(obj) if isinstance(obj, nn.Module) else obj
-            target.load_state_dict(ckpt["state"][name])
+            try:
+                target.load_state_dict(ckpt["state"][name])
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+                reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+                raise BenchError(f"{printable(where)}: state.{name} does not fit this run "
+                                 f"({reason})") from None  # fmt: skip
         start, seconds = int(ckpt["iteration"]), float(ckpt["seconds"])
-        first = dict(ckpt["scalars"].get("first", {}))
-        history = list(ckpt["scalars"].get("history", []))
+        if start > loop.iterations:
+            raise BenchError(f"{printable(where)}: iteration: {start} is past the run's "
+                             f"{loop.iterations} iterations")  # fmt: skip
+        first = dict(ckpt.get("scalars", {}).get("first", {}))
+        history = list(ckpt.get("scalars", {}).get("history", []))
         set_rng_state(ckpt["rng"])
         del ckpt
         run.logger.info(f"resumed from iteration {start} of {loop.iterations}")

@@ -18,14 +18,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from benchmark.config import RUNTIME_KEYS
-from benchmark.errors import BenchError
+from benchmark.config import RUNTIME_KEYS, read_yaml
+from benchmark.errors import BenchError, printable
 from benchmark.report_charts import LowShotCurve, low_shot_chart
 from benchmark.report_html import Table as HtmlTable
 from benchmark.report_html import render as render_html
-from benchmark.runs import CONFIG_FILE, METRICS_FILE, atomic_write_bytes, atomic_write_text
+from benchmark.runs import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    atomic_write_bytes,
+    atomic_write_text,
+    read_metrics,
+)
 
 # Package data, so an installed wheel finds them too (pyproject: tool.setuptools.package-data).
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
@@ -57,25 +62,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _read_metrics(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BenchError(f"{path}: cannot read ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise BenchError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise BenchError(f"{path}: expected a JSON object of metrics")
-    return data
-
-
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise BenchError(f"{path}: unreadable config ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, "run config", BenchError) or {}
     if not isinstance(data, dict):
-        raise BenchError(f"{path}: expected a mapping of config keys")
+        raise BenchError(f"{printable(path)}: expected a mapping of config keys")
     return _flatten(data)
 
 
@@ -144,7 +134,7 @@ def collect_runs(paths: Sequence[Path]) -> pd.DataFrame:
             run_dir = metrics_path.parent
             if not (run_dir / CONFIG_FILE).is_file():
                 continue
-            metrics = _read_metrics(metrics_path)
+            metrics = read_metrics(metrics_path)
             stage = metrics.get("stage")
             if not isinstance(stage, str):
                 raise BenchError(f"{metrics_path}: missing key 'stage'")

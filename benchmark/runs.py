@@ -7,6 +7,15 @@ never half of one. While a process works in a run folder it holds an exclusive l
 `<run>/.lock` (released by the kernel if the process dies), so two processes can never
 write one run.
 
+bench deletes only what it can prove it made. When it creates a run folder (or takes an
+empty one) it writes the marker `.bench.json` (`{"kind": "run"}`) first; a suite's folder
+gets `{"kind": "suite"}`. A folder without a run marker is never cleared, with or without
+`force`: a user's folder that happens to have the run's name, a suite's folder, or a run
+folder of a bench version older than the marker (remove those by hand; `resume` still
+continues or reuses them, which deletes nothing). Nor is a folder that holds another bench
+folder. No file in a run folder is written through a symbolic link: a run folder holding
+one is refused.
+
 Opening an existing folder:
 
 - finished (`metrics.json` present): `resume` reuses it as it is, `force` redoes it, a plain
@@ -17,22 +26,26 @@ Opening an existing folder:
   continue, so it starts over under the new config, with or without `resume`.
 
 On resume the checkpoint is loaded once (`torch.load(weights_only=True)`: a file never runs
-code), `log.txt` and `scalars.jsonl` are cut back to what they held when it was written,
-and temporary files left by a killed writer are removed.
+code) and validated field by field (`checkpoint.validate_checkpoint`), `log.txt` and
+`scalars.jsonl` are cut back to the sizes it recorded for them, and temporary files left by
+a killed writer are removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +66,10 @@ SCALARS_FILE = "scalars.jsonl"
 CKPT_DIR = "checkpoints"
 CHECKPOINT = "last.pt"
 LOCK_FILE = ".lock"
+MARKER_FILE = ".bench.json"  # what bench writes into every folder it makes (see above)
+MARKER_FORMAT = "bench-folder/1"
+FOLDER_KINDS = ("run", "suite")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 TMP_PATTERN = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # what `atomic_write_bytes` leaves
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}$")
 
@@ -129,14 +146,47 @@ def torch_load_safe(path: Path, what: str = "file") -> Any:
         raise BenchError(f"{printable(path)}: unreadable {what} ({reason[:200]})") from None
 
 
-def read_json(path: Path) -> Any:
+# What readers of metrics.json (the report, the suite, `resume`) take from it, by type; other
+# keys are kept as they are. Numbers may be null (an AP of a class with no positives).
+_TEXT = (str, type(None))
+_NUMBER = (int, float, type(None))
+METRICS_FIELDS: dict[str, tuple[type, ...]] = {
+    "stage": (str,), "task": _TEXT, "method": _TEXT, "mask": _TEXT, "arch": _TEXT,
+    "weights": _TEXT, "pretrain_key": _TEXT, "data": _TEXT, "backend": _TEXT,
+    "best_layer": _TEXT, "eval_crop": _TEXT, "hole": _TEXT, "scored_region": _TEXT,
+    "seed": (int, type(None)), "imported": (bool, type(None)), "synthetic": (bool, type(None)),
+    "pretrain_synthetic": (bool, type(None)), "departures": (list, type(None)),
+    "pretrain_departures": (list, type(None)), "train_seconds": _NUMBER,
+    "pretrain_seconds": _NUMBER, "images": _NUMBER, "map": _NUMBER, "mean_iu": _NUMBER,
+    "mean_l1": _NUMBER, "mean_l2": _NUMBER, "psnr": _NUMBER,
+    "per_class": (dict, type(None)), "per_layer": (dict, type(None)),
+}  # fmt: skip
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A run's metrics.json: a JSON object whose fields that readers use have their types
+    (`METRICS_FIELDS`); otherwise one line naming the file and the field."""
+    from benchmark.validate import get, parse_json
+
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise BenchError(f"{printable(path)}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BenchError(f"{printable(path)}: invalid JSON ({exc})") from None
+    except OSError as exc:
+        raise BenchError(f"{printable(path)}: cannot read ({exc.strerror})") from None
+    metrics = parse_json(data, path, "metrics file")
+    if not isinstance(metrics, dict):
+        raise BenchError(f"{printable(path)}: expected a JSON object of metrics")
+    for key, types in METRICS_FIELDS.items():
+        get(metrics, key, types, path, required=False)
+    for key in ("per_class", "per_layer"):
+        for name, value in (metrics.get(key) or {}).items():
+            wanted = dict if key == "per_layer" else _NUMBER
+            get({name: value}, name, wanted, path, prefix=f"{key}.")
+            if key == "per_layer":
+                get(value, "map", _NUMBER, path, prefix=f"{key}.{name}.", required=False)
+    return metrics
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
@@ -146,6 +196,20 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
         if p.is_file() and TMP_PATTERN.match(p.name):
             p.unlink()
             removed.append(p)
+    return removed
+
+
+def remove_stale_temporaries_of(path: Path) -> list[Path]:
+    """Delete the temporary files a killed `atomic_write_bytes(path, ...)` left beside
+    `path` (`.<name>.<random>.tmp`), and nothing else of its folder."""
+    path = Path(path)
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]+\.tmp")
+    removed = []
+    if path.parent.is_dir():
+        for p in path.parent.iterdir():
+            if pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(p)
     return removed
 
 
@@ -161,6 +225,97 @@ def first_difference(old: Any, new: Any, prefix: str = "", ignore=RUNTIME_KEYS) 
                 return d
         return None
     return prefix.rstrip(".") if old != new else None
+
+
+# ------------------------------------------------------------------ what bench made
+
+
+def folder_kind(path: Path) -> str | None:
+    """"run" or "suite" when `path` carries the marker bench writes into the folders it
+    makes; None otherwise (no marker, or one bench did not write)."""
+    marker = Path(path) / MARKER_FILE
+    try:
+        if not stat.S_ISREG(marker.lstat().st_mode) or marker.lstat().st_size > 4096:
+            return None
+        data = json.loads(marker.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if isinstance(data, dict) and data.get("format") == MARKER_FORMAT:
+        kind = data.get("kind")
+        return kind if kind in FOLDER_KINDS else None
+    return None
+
+
+def mark_folder(path: Path, kind: str) -> None:
+    """Write the marker that lets bench clear `path` later (a run) or never (a suite)."""
+    assert kind in FOLDER_KINDS
+    created = time.strftime("%Y-%m-%dT%H:%M:%S")
+    atomic_write_json(Path(path) / MARKER_FILE,
+                      {"format": MARKER_FORMAT, "kind": kind, "created": created})  # fmt: skip
+
+
+def is_empty_folder(path: Path) -> bool:
+    """True for a folder that holds nothing but a lock or a marker (what a process killed
+    right after creating it leaves); such a folder can be taken without losing anything."""
+    return Path(path).is_dir() and not set(os.listdir(path)) - {LOCK_FILE, MARKER_FILE}
+
+
+def not_made_by_bench(path: Path, what: str = "--name") -> BenchError:
+    return BenchError(
+        f"{printable(path)}: bench did not make this folder (it has no {MARKER_FILE} marker; "
+        "run folders of older bench versions lack it too), so it will not clear or reuse it, "
+        f"with or without --force: remove it by hand or choose another {what}"
+    )
+
+
+def nested_bench_folder(path: Path) -> Path | None:
+    """The first folder below `path` that bench marked as its own (a run, a suite's folder)."""
+    for folder, dirs, files in os.walk(path):
+        if MARKER_FILE in files and Path(folder) != Path(path):
+            return Path(folder)
+        dirs.sort()
+    return None
+
+
+def symbolic_link_inside(path: Path) -> Path | None:
+    """The first symbolic link below `path` (links are never followed)."""
+    for folder, dirs, files in os.walk(path):
+        for name in sorted(dirs + files):
+            if os.path.islink(os.path.join(folder, name)):
+                return Path(folder) / name
+    return None
+
+
+def refuse_links(path: Path, what: str = "run folder") -> None:
+    """BenchError when anything below `path` is a symbolic link: bench made none there, and
+    writing through one would change a file outside the folder."""
+    link = symbolic_link_inside(path)
+    if link is not None:
+        raise BenchError(
+            f"{printable(link)}: a symbolic link inside the {what}; bench writes only "
+            "through paths it made (remove the link, or the folder with --force)"
+        )
+
+
+def open_no_follow(path: Path, flags: int, mode: int = 0o666) -> int:
+    """`os.open` that refuses a symbolic link or anything but a regular file at `path`."""
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0), mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BenchError(f"{printable(path)}: is a symbolic link; bench writes only "
+                             "through paths it made") from None  # fmt: skip
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BenchError(f"{printable(path)}: not a regular file")
+    return fd
+
+
+def open_append(path: Path, encoding: str = "utf-8", errors: str = "strict") -> Any:
+    """A text file opened for appending, never through a symbolic link."""
+    fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    return open(fd, "a", encoding=encoding, errors=errors)
 
 
 # ------------------------------------------------------------------ the run folder
@@ -202,7 +357,7 @@ class Run:
         return self.file(METRICS_FILE).is_file()
 
     def metrics(self) -> dict[str, Any]:
-        return read_json(self.file(METRICS_FILE))
+        return read_metrics(self.file(METRICS_FILE))
 
     def command(self) -> str | None:
         """The command line the run folder was opened with (command.txt), if recorded."""
@@ -221,27 +376,43 @@ class Run:
         return path
 
     def load_checkpoint(self, name: str = CHECKPOINT) -> dict[str, Any] | None:
+        """The checkpoint, validated field by field (`checkpoint.validate_checkpoint`)."""
+        from benchmark.checkpoint import validate_checkpoint
+
         path = self.checkpoint_dir / name
         if not path.is_file():
             return None
-        ckpt = torch_load_safe(path, "checkpoint")
-        if not isinstance(ckpt, dict):
-            raise BenchError(f"{printable(path)}: not a bench checkpoint")
-        return ckpt
+        return validate_checkpoint(torch_load_safe(path, "checkpoint"), path)
 
     def log_sizes(self) -> dict[str, int]:
         """Byte sizes of the append-only logs, recorded in every checkpoint."""
         return {n: self.file(n).stat().st_size if self.file(n).exists() else 0
                 for n in (LOG_FILE, SCALARS_FILE)}  # fmt: skip
 
-    def rewind_logs(self, sizes: dict[str, int]) -> None:
-        """Cut log.txt and scalars.jsonl back to `sizes` (what they held at a checkpoint)."""
+    def rewind_logs(self, sizes: Mapping[str, int]) -> None:
+        """Cut log.txt and scalars.jsonl back to `sizes` (what they held at a checkpoint).
+
+        Only these two files, by their own names: `sizes` comes from a checkpoint, which
+        is a file, so it only supplies the sizes (validated as non-negative integers).
+        """
         if not self.is_main:
             return
-        for name, size in sizes.items():
-            path = self.file(name)
-            if path.exists() and path.stat().st_size > int(size):
-                os.truncate(path, int(size))
+        for name in (LOG_FILE, SCALARS_FILE):
+            size = sizes.get(name)
+            if size is None:
+                continue
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise BenchError(f"{printable(self.path)}: log size {size!r} of {name} is not "
+                                 "a non-negative integer")  # fmt: skip
+            try:
+                fd = open_no_follow(self.file(name), os.O_WRONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                if os.fstat(fd).st_size > size:
+                    os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
 
     def log_scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         """One JSON line per call in scalars.jsonl, mirrored to TensorBoard."""
@@ -249,7 +420,7 @@ class Run:
             return
         scalars = {prefix + k: float(v) for k, v in values.items()}
         row = {"step": step, "time": time.time(), **scalars}
-        with open(self.file(SCALARS_FILE), "a") as f:
+        with open_append(self.file(SCALARS_FILE)) as f:
             f.write(json.dumps(row) + "\n")
         tb = self.tensorboard()
         if tb is not None:
@@ -281,6 +452,14 @@ class Run:
             self._lock = None
 
 
+class _LogFile(logging.FileHandler):
+    """log.txt, opened for appending without following a symbolic link."""
+
+    def _open(self) -> Any:
+        return open_append(Path(self.baseFilename), self.encoding or "utf-8",
+                           self.errors or "strict")  # fmt: skip
+
+
 def _setup_logger(path: Path, is_main: bool) -> logging.Logger:
     logger = logging.getLogger("bench")
     logger.setLevel(logging.INFO)
@@ -292,7 +471,7 @@ def _setup_logger(path: Path, is_main: bool) -> logging.Logger:
         console._bench_console = True  # type: ignore[attr-defined]
         logger.addHandler(console)
     if is_main:
-        fh = logging.FileHandler(path / LOG_FILE, encoding="utf-8", errors="backslashreplace")
+        fh = _LogFile(path / LOG_FILE, encoding="utf-8", errors="backslashreplace")
         fh.setFormatter(fmt)
         fh._bench_run = str(path)  # type: ignore[attr-defined]
         logger.addHandler(fh)
@@ -301,7 +480,7 @@ def _setup_logger(path: Path, is_main: bool) -> logging.Logger:
 
 def _lock(path: Path) -> Any:
     """Hold an exclusive lock on <run>/.lock, or fail at once if another process holds it."""
-    f = open(path / LOCK_FILE, "a+")  # noqa: SIM115 - kept open for the run's lifetime
+    f = open(open_no_follow(path / LOCK_FILE, os.O_RDWR | os.O_CREAT), "a+")  # noqa: SIM115
     if fcntl is None:
         return f
     try:
@@ -316,9 +495,18 @@ def _lock(path: Path) -> Any:
 
 
 def _clear(path: Path) -> None:
-    """Remove everything in the run folder but its lock; never follows a link outside."""
+    """Remove everything in the run folder but its lock and marker; only a folder bench
+    marked as a run, holding no other bench folder, and never following a link outside."""
+    if folder_kind(path) != "run":
+        raise not_made_by_bench(path)
+    inner = nested_bench_folder(path)
+    if inner is not None:
+        raise BenchError(
+            f"{printable(path)}: holds another bench folder ({printable(inner)}), so bench "
+            "will not clear it; move that folder out or choose another --name"
+        )
     for child in path.iterdir():
-        if child.name == LOCK_FILE:
+        if child.name in (LOCK_FILE, MARKER_FILE):
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
@@ -332,6 +520,29 @@ def _check_location(path: Path) -> None:
         raise BenchError(f"{printable(path)}: run folder is a symbolic link; refusing to use it")
     if path.exists() and not path.is_dir():
         raise BenchError(f"{printable(path)}: exists and is not a run folder")
+
+
+def _claim(path: Path, *, force: bool, resume: bool) -> str:
+    """Whose folder `path` is, before bench writes anything into it: "run" (bench made
+    it: it may be cleared), "new" (absent or empty: bench takes it) or "legacy" (a run
+    folder of an older bench, to be continued or reused as it is). Anything else is an
+    error that says why: a suite's folder, or a folder bench did not make."""
+    if not path.exists():
+        return "new"
+    kind = folder_kind(path)
+    if kind == "suite":
+        raise BenchError(
+            f"{printable(path)}: is a suite's folder (it holds the suite's runs), not a run "
+            "folder; bench never clears it: choose another --name"
+        )
+    if kind == "run":
+        return "run"
+    if is_empty_folder(path):
+        return "new"
+    finished = (path / METRICS_FILE).is_file() or (path / CKPT_DIR / CHECKPOINT).is_file()
+    if resume and not force and finished and (path / CONFIG_FILE).is_file():
+        return "legacy"
+    raise not_made_by_bench(path)
 
 
 def open_run(
@@ -354,9 +565,12 @@ def open_run(
         run = Run(path=path, resumed=True, is_main=False, logger=_setup_logger(path, False))
         run.checkpoint = run.load_checkpoint() if resume else None
         return run
+    _claim(path, force=force, resume=resume)  # before the lock file is made in it
     path.mkdir(parents=True, exist_ok=True)
     lock = _lock(path)
     try:
+        if _claim(path, force=force, resume=resume) == "new":  # again, under the lock
+            mark_folder(path, "run")
         run = _prepare(path, cfg, force=force, resume=resume, lock=lock)
     except BaseException:
         lock.close()
@@ -385,34 +599,38 @@ def _prepare(path: Path, cfg: Any, *, force: bool, resume: bool, lock: Any) -> R
         )
     elif not has_metrics and not ckpt_path.is_file():
         _clear(path)  # a failed attempt with nothing to continue from: start over
+    refuse_links(path)
     remove_stale_temporaries(path)
-    run = Run(path=path, is_main=True, logger=_setup_logger(path, True), _lock=lock)
     if has_metrics and resume and not force:
-        _check_same_config(path / CONFIG_FILE, cfg, yaml_file=True)
+        _check_same_config(path / CONFIG_FILE, cfg)
+        read_metrics(path / METRICS_FILE)
+        run = Run(path=path, is_main=True, logger=_setup_logger(path, True), _lock=lock)
         run.resumed = True
         return run
+    ckpt = None
     if ckpt_path.is_file() and not force:
-        ckpt = run.load_checkpoint()
+        ckpt = Run(path=path).load_checkpoint()
         assert ckpt is not None
-        key = first_difference(ckpt.get("config"), to_dict(cfg))
+        key = first_difference(ckpt["config"], to_dict(cfg))
         if key is not None:
-            run.close()
             raise BenchError(
                 f"{printable(ckpt_path)}: cannot resume, the config differs at '{key}' "
                 "(use --force to start over)"
             )
+    run = Run(path=path, is_main=True, logger=_setup_logger(path, True), _lock=lock)
+    if ckpt is not None:
         run.rewind_logs(ckpt.get("logs", {}))
         run.checkpoint = ckpt
         run.resumed = True
     return run
 
 
-def _check_same_config(config_file: Path, cfg: Any, yaml_file: bool) -> None:
-    import yaml
+def _check_same_config(config_file: Path, cfg: Any) -> None:
+    from benchmark.config import read_yaml
 
     try:
-        old = yaml.safe_load(config_file.read_text()) or {}
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        old = read_yaml(config_file, "run config", BenchError) or {}
+    except BenchError:
         return  # a finished run whose config is unreadable is judged by its metrics
     key = first_difference(old, to_dict(cfg))
     if key is not None:

@@ -11,7 +11,9 @@ ran is an error (use --force to redo everything).
 `--launcher local|slurm` hands them to `benchmark.launch` (a dependency graph, submitit jobs).
 Either way the suite folder is locked (`<out>/runs/<suite>/.launcher.lock`), so two launchers
 of one suite never run side by side, and `bench run SUITE --step NAME` runs one planned step
-(what a launcher's job calls).
+(what a launcher's job calls). The suite folder carries bench's marker as a suite's folder
+(`runs.mark_folder`): no run ever clears it, and a suite never moves into a folder bench did
+not make for it (a suite folder of an older bench, with its `suite.yaml`, is taken over).
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ from benchmark.runs import (
     atomic_write_text,
     check_run_name,
     default_results_root,
+    folder_kind,
+    is_empty_folder,
+    mark_folder,
+    not_made_by_bench,
+    open_no_follow,
+    refuse_links,
 )
 from benchmark.stages import INPAINT_EVAL, Stage, pretrain_stage, run_stage, transfer_stage
 
@@ -225,13 +233,45 @@ def print_plan(
     return yaml.safe_dump_all(docs, sort_keys=False)
 
 
+def claim_suite_root(root: Path) -> Path:
+    """Make `root` the suite's folder, marked as one; refuse a run folder, a symbolic link
+    and a folder bench did not make (one of an older bench counts if its suite.yaml names
+    this suite)."""
+    root = Path(root)
+    if root.is_symlink() or (root.exists() and not root.is_dir()):
+        raise BenchError(f"{printable(root)}: suite folder is a symbolic link or a file")
+    kind = folder_kind(root) if root.exists() else None
+    if kind == "run":
+        raise BenchError(f"{printable(root)}: is a run folder, not a suite's; give the suite "
+                         "another name")  # fmt: skip
+    if kind is None:
+        if root.exists() and not is_empty_folder(root) and not _older_suite(root):
+            raise not_made_by_bench(root, "suite name or --out")
+        root.mkdir(parents=True, exist_ok=True)
+        mark_folder(root, "suite")
+    return root
+
+
+def _older_suite(root: Path) -> bool:
+    """Whether `root` is a suite folder of a bench older than the marker: its suite.yaml
+    (written by `prepare_root`) names the suite after the folder."""
+    from benchmark.config import read_yaml
+
+    try:
+        suite = read_yaml(root / "suite.yaml", "suite file", BenchError)
+    except BenchError:
+        return False
+    return isinstance(suite, dict) and suite.get("name") == root.name
+
+
 @contextlib.contextmanager
 def suite_lock(root: Path, launcher: str = "sequential") -> Iterator[None]:
     """Hold `<root>/.launcher.lock` while a launcher runs the suite; a second launcher of the
     same suite fails at once with a one-line error (the kernel drops the lock of a dead one)."""
-    root.mkdir(parents=True, exist_ok=True)
+    claim_suite_root(root)
+    refuse_links(root, "suite folder")
     path = root / LAUNCHER_LOCK
-    f = open(path, "a+")  # noqa: SIM115 - held for the launcher's lifetime
+    f = open(open_no_follow(path, os.O_RDWR | os.O_CREAT), "a+")  # noqa: SIM115 - held
     try:
         if fcntl is not None:
             try:
@@ -254,8 +294,7 @@ def suite_lock(root: Path, launcher: str = "sequential") -> Iterator[None]:
 
 def prepare_root(suite: SuiteConfig, results: Path) -> Path:
     """The suite folder, with the resolved suite (what every step of it was planned from)."""
-    root = results / "runs" / suite.name
-    root.mkdir(parents=True, exist_ok=True)
+    root = claim_suite_root(results / "runs" / suite.name)
     atomic_write_text(root / "suite.yaml", dump_yaml(suite))
     return root
 
@@ -316,5 +355,5 @@ def run_step(
     it (resumed, or redone with `force`). Runs under torchrun like any stage."""
     suite, results, steps = load_suite(suite_path, out, overrides)
     step = find_step(steps, name)
-    root = results / "runs" / suite.name
+    root = claim_suite_root(results / "runs" / suite.name)
     return run_stage(step.stage, step.cfg, root, force=force, resume=not force, command=None)

@@ -229,7 +229,8 @@ def test_step_runs_exactly_one_planned_step(tmp_path, synth_root, capsys):
     out = tmp_path / "out"
     assert cli.main(["run", str(path), "--step", "pretrain-random-s0", "--out", str(out)]) == 0
     assert "run folder:" in capsys.readouterr().out
-    assert sorted(p.name for p in (out / "runs" / "tiny").iterdir()) == ["pretrain-random-s0"]
+    found = sorted(p.name for p in (out / "runs" / "tiny").iterdir())
+    assert found == [".bench.json", "pretrain-random-s0"]  # the suite's marker and one step
     assert cli.main(["run", str(path), "--step", "nope", "--out", str(out)]) == 2
     assert "not a step of this suite" in capsys.readouterr().err
     args = ["run", str(path), "--step", "pretrain-random-s0", "--launcher", "local"]

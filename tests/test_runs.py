@@ -32,7 +32,7 @@ def test_run_folder_contents(tmp_path):
     run = open_run(tmp_path / "r", Cfg(), command="bench x")
     run.logger.info("hello")
     run.log_scalars(3, {"loss": 1.5})
-    run.save_checkpoint({"w": torch.ones(2)})
+    run.save_checkpoint(_checkpoint(run, Cfg()))
     run.write_metrics({"map": 0.5})
     run.close()
     files = {p.name for p in (tmp_path / "r").iterdir()}
@@ -41,7 +41,7 @@ def test_run_folder_contents(tmp_path):
     assert "hello" in (tmp_path / "r" / "log.txt").read_text()
     row = json.loads((tmp_path / "r" / "scalars.jsonl").read_text())
     assert row["step"] == 3 and row["loss"] == 1.5
-    assert torch.equal(run.load_checkpoint()["w"], torch.ones(2))
+    assert torch.equal(run.load_checkpoint()["state"]["model"]["w"], torch.ones(2))
     # Atomic writes get the permissions the umask gives, not mkstemp's 0600.
     mode = (tmp_path / "r" / "metrics.json").stat().st_mode & 0o777
     assert mode == 0o666 & ~runs._UMASK
