@@ -29,7 +29,7 @@ from benchmark.runs import CONFIG_FILE
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MAX_CONFIG_CHARS = 20_000  # a config.yaml larger than this is cut in the page (the link has all)
-MAX_IMAGE_BYTES = 4 << 20  # larger PNGs are linked, not inlined
+MAX_IMAGE_BYTES = 4 << 20  # a larger PNG is left out (its run folder keeps it)
 OVERLAYS_PER_RUN = 4
 REFERENCE_SOURCES = ("paper", "published")
 MISSING = "-"
