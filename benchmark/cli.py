@@ -232,7 +232,7 @@ def _run_stage_command(args: argparse.Namespace, stage: Any, overrides: list[str
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
-    root = (args.out or default_results_root()) / "runs"
+    root = _folder(args.out or default_results_root(), "--out") / "runs"
     command = "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     path, metrics = run_stage(
         stage, cfg, root, force=args.force, resume=args.resume, command=command
@@ -240,6 +240,18 @@ def _run_stage_command(args: argparse.Namespace, stage: Any, overrides: list[str
     print(f"run folder: {path}")
     _print_metrics(metrics)
     return 0
+
+
+def _folder(path: Path, flag: str) -> Path:
+    """`path` if it is a folder or can become one: one line when it (or a folder above
+    it) is a file."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists() and not p.is_dir():
+            what = "is a file" if p == Path(path) else f"is inside {printable(p)}, a file"
+            raise BenchError(f"{flag} {printable(path)}: {what}, not a folder")
+        if p.is_dir():
+            break
+    return Path(path)
 
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
@@ -291,7 +303,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from benchmark.runs import default_results_root
 
     inputs = args.runs or [default_results_root() / "runs"]
-    out = args.out or default_results_root() / "report"
+    out = _folder(args.out or default_results_root() / "report", "--out")
     print(report_main(inputs, out, force=args.force, overlays=args.overlays))
     print(f"report files in {out} (open {out / HTML_FILE})")
     return 0
@@ -329,6 +341,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(print_plan(args.suite, out=args.out, overrides=args.overrides), end="")
         return 0
+    if args.out is not None:
+        _folder(args.out, "--out")
     if args.max_parallel is not None and args.max_parallel < 1:
         raise BenchError(f"--max-parallel: must be >= 1, got {args.max_parallel}")
     if args.step is not None:
@@ -418,6 +432,9 @@ COMMANDS = {
 
 # Errors of the machine rather than of the program: a full or read-only disk, no permission.
 DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO}
+# A path that cannot be one: a file where a folder is needed (or the reverse), a name too
+# long, a loop of links.
+PATH_ERRORS = {errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
 
 
 def _error(message: str) -> int:
@@ -433,9 +450,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BenchError as exc:
         return _error(str(exc))
     except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        if exc.errno in PATH_ERRORS:
+            return _error(f"{where}{exc.strerror} (a file where a folder is needed, or the "
+                          "reverse?)")  # fmt: skip
         if exc.errno not in DISK_ERRORS:
             raise
-        where = f"{exc.filename}: " if exc.filename else ""
         return _error(f"{where}cannot write ({exc.strerror}); nothing half-written was left")
     except KeyboardInterrupt:
         print("bench: interrupted; continue with --resume", file=sys.stderr)

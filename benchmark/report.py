@@ -30,6 +30,7 @@ from benchmark.runs import (
     atomic_write_bytes,
     atomic_write_text,
     read_metrics,
+    remove_stale_temporaries_in,
 )
 
 # Package data, so an installed wheel finds them too (pyproject: tool.setuptools.package-data).
@@ -82,19 +83,21 @@ def _weights_info(run_dir: Path, weights: Any) -> dict[str, Any]:
     Accepts a pretrain run folder or a native export with its `*.card.json` beside it; a path
     that no longer resolves just gives nothing (the transfer metrics stay authoritative).
     """
+    from pretrain.export import read_card
+
     if not weights:
         return {}
     for p in (Path(str(weights)), run_dir / str(weights)):
         try:
             if p.is_dir() and (p / METRICS_FILE).is_file():
-                m = json.loads((p / METRICS_FILE).read_text())
+                m = read_metrics(p / METRICS_FILE)
                 return {"mask": m.get("mask"), "pretrain_seconds": m.get("train_seconds")}
             if p.is_file():
                 cards = [p.parent / f"{p.stem}.card.json", *sorted(p.parent.glob("*.card.json"))]
                 for card in cards:
                     if card.is_file():
-                        return dict(json.loads(card.read_text()))
-        except (OSError, ValueError):
+                        return read_card(card)
+        except (OSError, BenchError):
             return {}
     return {}
 
@@ -885,6 +888,21 @@ def overlay_files(df: pd.DataFrame, limit: int) -> dict[str, bytes]:
     return out
 
 
+# What the report writes (tables, per-class charts, overlays): the names whose temporary
+# files a killed report leaves, removed by the next one.
+REPORT_FILES = r"[\w.+=-]+\.(?:csv|tex|md|png|html|json)"
+
+
+def remove_stale_report_temporaries(out_dir: Path) -> None:
+    """Delete the temporary files of report files that a killed `bench report` left."""
+    remove_stale_temporaries_in(out_dir, REPORT_FILES)
+    overlays = Path(out_dir) / "overlays"
+    if overlays.is_dir() and not overlays.is_symlink():
+        for folder in overlays.iterdir():
+            if folder.is_dir() and not folder.is_symlink():
+                remove_stale_temporaries_in(folder, REPORT_FILES)
+
+
 def main(
     inputs: Sequence[Path],
     out_dir: Path,
@@ -900,6 +918,8 @@ def main(
     """
     inputs = [Path(p) for p in inputs]
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BenchError(f"{printable(out_dir)}: report --out is a file, not a folder")
     reference_dir = Path(reference_dir) if reference_dir else REFERENCE_DIR
     df = collect_runs(inputs)
     if df.empty:
@@ -972,6 +992,7 @@ def main(
     files[HTML_FILE] = render_html(page, df, out_dir, inputs)
     if overlays:
         files.update(overlay_files(df, overlays))
+    remove_stale_report_temporaries(out_dir)
     if not force:
         for name in files:
             if (out_dir / name).exists():

@@ -160,6 +160,7 @@ METRICS_FIELDS: dict[str, tuple[type, ...]] = {
     "pretrain_seconds": _NUMBER, "images": _NUMBER, "map": _NUMBER, "mean_iu": _NUMBER,
     "mean_l1": _NUMBER, "mean_l2": _NUMBER, "psnr": _NUMBER,
     "per_class": (dict, type(None)), "per_layer": (dict, type(None)),
+    "low_shot": (dict, type(None)), "command": _TEXT, "device": _TEXT, "precision": _TEXT,
 }  # fmt: skip
 
 
@@ -180,12 +181,16 @@ def read_metrics(path: Path) -> dict[str, Any]:
         raise BenchError(f"{printable(path)}: expected a JSON object of metrics")
     for key, types in METRICS_FIELDS.items():
         get(metrics, key, types, path, required=False)
-    for key in ("per_class", "per_layer"):
-        for name, value in (metrics.get(key) or {}).items():
-            wanted = dict if key == "per_layer" else _NUMBER
-            get({name: value}, name, wanted, path, prefix=f"{key}.")
-            if key == "per_layer":
-                get(value, "map", _NUMBER, path, prefix=f"{key}.{name}.", required=False)
+    for name, value in (metrics.get("per_class") or {}).items():
+        get({name: value}, name, _NUMBER, path, prefix="per_class.")
+    for name, value in (metrics.get("per_layer") or {}).items():
+        get({name: value}, name, dict, path, prefix="per_layer.")
+        get(value, "map", _NUMBER, path, prefix=f"per_layer.{name}.", required=False)
+    for layer, table in (metrics.get("low_shot") or {}).items():
+        get({layer: table}, layer, (dict, type(None)), path, prefix="low_shot.")
+        for k, entry in (table or {}).items():
+            get({k: entry}, k, dict, path, prefix=f"low_shot.{layer}.")
+            get(entry, "mean", _NUMBER, path, prefix=f"low_shot.{layer}.{k}.", required=False)
     return metrics
 
 
@@ -203,10 +208,17 @@ def remove_stale_temporaries_of(path: Path) -> list[Path]:
     """Delete the temporary files a killed `atomic_write_bytes(path, ...)` left beside
     `path` (`.<name>.<random>.tmp`), and nothing else of its folder."""
     path = Path(path)
-    pattern = re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]+\.tmp")
+    return remove_stale_temporaries_in(path.parent, re.escape(path.name))
+
+
+def remove_stale_temporaries_in(folder: Path, names: str) -> list[Path]:
+    """Delete the temporary files `.<name>.<random>.tmp` in `folder` (not below it) of the
+    files whose names match the regular expression `names`: what killed atomic writes of
+    those files left."""
+    pattern = re.compile(r"\.(?:" + names + r")\.[A-Za-z0-9_]+\.tmp")
     removed = []
-    if path.parent.is_dir():
-        for p in path.parent.iterdir():
+    if Path(folder).is_dir():
+        for p in Path(folder).iterdir():
             if pattern.fullmatch(p.name) and p.is_file() and not p.is_symlink():
                 p.unlink()
                 removed.append(p)

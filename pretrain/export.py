@@ -9,6 +9,11 @@ and the model card as JSON in its metadata; a card is also written beside every 
 - detectron2: a pickled {"model": {name: numpy array}, "__author__", "matching_heuristics":
   False} with names `backbone.features.N.*` (our backbone registered as `features`);
 - mmseg: a torch file {"state_dict": {"backbone.features.N.*": tensor}, "meta": card}.
+
+Every card that bench reads (in a native file's metadata, beside an export, in a generator
+file) goes through `validate_card`. An export never replaces an existing weights file or
+card without `force`, refuses weights holding NaN or infinite values, and first removes the
+temporary files a killed export left beside its outputs.
 """
 
 from __future__ import annotations
@@ -23,7 +28,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from benchmark.errors import BenchError, printable
-from benchmark.runs import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from benchmark.runs import (
+    atomic_torch_save,
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_stale_temporaries_of,
+)
+from benchmark.validate import finite, get, parse_json
 
 Format = Literal["native", "torchvision", "detectron2", "mmseg"]
 NATIVE_FILE = "encoder.safetensors"
@@ -44,6 +55,39 @@ DEFAULT_NAMES: dict[str, str] = {
     "mmseg": "encoder_mmseg.pth",
 }
 FRAMEWORK_PREFIX = "backbone."
+_TEXT = (str, type(None))
+# The card fields bench reads, by type (any may be absent; other fields are kept as they are).
+CARD_FIELDS: dict[str, tuple[type, ...]] = {
+    "method": (str,), "mask": _TEXT, "iterations": (int, type(None)), "data": _TEXT,
+    "config_hash": _TEXT, "arch": _TEXT, "pool_free": (bool, type(None)),
+    "pretrain_seconds": (int, float, type(None)), "pretrain_key": _TEXT,
+    "departures": (list, type(None)), "synthetic": (bool, type(None)),
+    "imported": (bool, type(None)), "source": _TEXT, "format": _TEXT, "arch_note": _TEXT,
+    "hole": _TEXT, "overlap": (int, type(None)), "shapes": _TEXT,
+}  # fmt: skip
+
+
+def validate_card(card: Any, where: object) -> dict[str, Any]:
+    """A model card (JSON text, bytes or an already parsed value) as a dict whose fields
+    have their types (`CARD_FIELDS`); one line naming the file and the field otherwise."""
+    if isinstance(card, (str, bytes)):
+        card = parse_json(card, where, "model card")
+    if not isinstance(card, dict):
+        raise BenchError(f"{printable(where)}: model card must be a JSON object")
+    for key, types in CARD_FIELDS.items():
+        number = types[0] in (int, float)
+        get(card, key, types, where, prefix="card.", required=False,
+            check=finite if number else None)  # fmt: skip
+    return card
+
+
+def read_card(path: Path) -> dict[str, Any]:
+    """A `<stem>.card.json` file, validated."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise BenchError(f"{printable(path)}: cannot read model card ({exc.strerror})") from None
+    return validate_card(data, path)
 
 
 def card_path(weights: Path) -> Path:
@@ -78,7 +122,8 @@ def native_file(source: Path) -> Path:
 
 
 def load_native(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state_dict with `features.N.*` keys, model card) from a native file or run folder."""
+    """(state_dict with `features.N.*` keys, model card) from a native file or run folder;
+    the card from the file's metadata, else from `<stem>.card.json` beside it, else {}."""
     path = native_file(path)
     try:
         state = load_file(str(path))
@@ -86,8 +131,21 @@ def load_native(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise BenchError(f"{path}: not a readable safetensors file ({exc})") from None
-    card = json.loads(meta["card"]) if "card" in meta else {}
+    if "card" in meta:
+        card = validate_card(meta["card"], f"{path} metadata")
+    else:  # a file written without one: the card beside it, if any
+        card = read_card(card_path(path)) if card_path(path).is_file() else {}
     return state, card
+
+
+def check_finite(state: dict[str, torch.Tensor], where: object) -> None:
+    """One line naming the first tensor with a NaN or infinite value (a diverged run)."""
+    for key in sorted(state):
+        tensor = state[key]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise BenchError(f"{printable(where)}: {key} has {bad} NaN or infinite value(s) of "
+                             f"{tensor.numel()} (a diverged or corrupt run)")  # fmt: skip
 
 
 def export(run_dir: Path, fmt: Format, out: Path | None = None, *, force: bool = False) -> Path:
@@ -97,15 +155,24 @@ def export(run_dir: Path, fmt: Format, out: Path | None = None, *, force: bool =
         raise BenchError(f"--format: {fmt!r} is not one of {', '.join(DEFAULT_NAMES)}")
     src = native_file(Path(run_dir))
     state, card = load_native(src)
+    check_finite(state, src)
     out = Path(out) if out is not None else src.parent / DEFAULT_NAMES[fmt]
     if out.is_dir():
         raise BenchError(f"{printable(out)}: --out is a folder; give a file name")
+    if not out.parent.is_dir():
+        what = "is a file" if out.parent.exists() else "does not exist"
+        raise BenchError(f"{printable(out)}: its folder {what}; give a file in a folder")
     same = out.exists() and out.resolve() == src.resolve()
-    if out.exists() and not same and not force:
-        raise BenchError(f"{printable(out)}: file exists; pass --force to overwrite it")
+    if fmt == "native" and same:
+        return out
+    for target in (out, card_path(out)):
+        remove_stale_temporaries_of(target)  # what a killed export left
+        if (target.exists() or target.is_symlink()) and not force:
+            raise BenchError(f"{printable(target)}: file exists; pass --force to overwrite it")
+        if target.is_dir() and not target.is_symlink():
+            raise BenchError(f"{printable(target)}: is a folder; bench will not replace it")
     if fmt == "native":
-        if out.resolve() != src.resolve():
-            write_native(out, state, card)
+        write_native(out, state, card)
         return out
     if fmt == "torchvision":
         atomic_torch_save(out, dict(state))

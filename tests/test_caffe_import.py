@@ -587,7 +587,7 @@ def test_an_imported_caffemodel_transfers_to_every_task_and_exports(tmp_path, sy
         assert metrics["method"] == "context-encoder" and metrics["imported"] is True, task
     encoder = load_encoder(weights)[0].state_dict()
     for fmt, suffix in (("detectron2", "pkl"), ("mmseg", "pth")):
-        out = tmp_path / f"encoder.{fmt}.{suffix}"
+        out = tmp_path / f"encoder_{fmt}.{suffix}"  # its own card: encoder_<fmt>.card.json
         assert cli.main(["export", str(imported), "--format", fmt, "--out", str(out)]) == 0
         if fmt == "detectron2":
             model = safe_load(out)["model"]  # detectron2's pickle: numpy arrays only

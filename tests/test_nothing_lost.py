@@ -342,3 +342,503 @@ def test_bench_marks_the_run_folders_it_makes(tmp_path):
     assert bench(*pretrain(out, "r"))[0] == 0
     marker = json.loads((out / "runs" / "r" / MARKER_FILE).read_text())
     assert marker["kind"] == "run" and marker["format"] == "bench-folder/1"
+
+
+# ================================================================ export never replaces
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A finished random-encoder pretraining run (its encoder.safetensors and card)."""
+    out = tmp_path_factory.mktemp("pretrained") / "results"
+    assert bench(*pretrain(out, "r"))[0] == 0
+    return out / "runs" / "r"
+
+
+@pytest.mark.parametrize("fmt", ["native", "torchvision", "detectron2", "mmseg"])
+def test_export_never_replaces_a_card_or_weights_without_force(tmp_path, pretrained, fmt):
+    suffix = {"native": ".safetensors", "detectron2": ".pkl"}.get(fmt, ".pth")
+    out = tmp_path / f"new{suffix}"
+    card = tmp_path / "new.card.json"
+    card.write_text("my own card")
+    before = snapshot(tmp_path)
+    line = fails("export", pretrained, "--format", fmt, "--out", out)
+    assert "new.card.json" in line and "--force" in line and snapshot(tmp_path) == before
+    card.unlink()
+    out.write_bytes(b"my weights")
+    before = snapshot(tmp_path)
+    assert "--force" in fails("export", pretrained, "--format", fmt, "--out", out)
+    assert snapshot(tmp_path) == before
+    code, err = bench("export", pretrained, "--format", fmt, "--out", out, "--force")
+    assert code == 0, err
+
+
+def test_export_of_nan_weights_fails_in_one_line(tmp_path, pretrained):
+    from safetensors.torch import load_file, save_file
+
+    from pretrain.export import NATIVE_FILE
+
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(pretrained, run)
+    state = load_file(str(run / NATIVE_FILE))
+    for value in (float("nan"), float("inf")):
+        state["features.3.weight"][0, 0, 0, 0] = value
+        save_file(state, str(run / NATIVE_FILE))  # no card in the metadata: read beside it
+        before = snapshot(tmp_path)
+        line = fails("export", run, "--format", "torchvision", "--out", tmp_path / "x.pth")
+        assert "features.3.weight" in line and "NaN or infinite" in line
+        assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("out", ["file.txt/x.pth", "missing/x.pth", "folder"])
+def test_export_out_that_cannot_be_a_file_is_one_line(tmp_path, pretrained, out):
+    (tmp_path / "file.txt").write_text("a file")
+    (tmp_path / "folder").mkdir()
+    before = snapshot(tmp_path)
+    fails("export", pretrained, "--format", "torchvision", "--out", tmp_path / out)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["pretrain", "report", "run"])
+def test_out_naming_a_file_is_one_line(tmp_path, pretrained, command):
+    (tmp_path / "file").write_text("a file")
+    before = snapshot(tmp_path)
+    if command == "pretrain":
+        args = pretrain(tmp_path / "file", "r")
+    elif command == "report":
+        args = ("report", pretrained, "--out", tmp_path / "file")
+    else:
+        (tmp_path / "s.yaml").write_text("name: s\npretrain: {random: {}}\n")
+        before = snapshot(tmp_path)
+        args = ("run", tmp_path / "s.yaml", "--out", tmp_path / "file" / "sub")
+    assert "file" in fails(*args)
+    assert snapshot(tmp_path) == before
+
+
+def _killed(args: list[str], fault: str, cwd: Path) -> None:
+    """`bench ARGS` in a child process that SIGKILLs itself half-way through writing the
+    file named by `fault` (benchmark.faults)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "BENCH_FAULT": f"write:{fault}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "benchmark.cli", *map(str, args)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == -9, done.stderr
+
+
+def _temporaries(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("fault", ["x.pth", "x.card.json"])
+def test_a_killed_export_leaves_nothing_after_the_next_one(tmp_path, pretrained, fault):
+    out = tmp_path / "exports"
+    out.mkdir()
+    (out / "mine.tmp").write_text("a user's file that only looks temporary")
+    (out / ".notes.md.abcdef12.tmp").write_text("not an export's temporary file either")
+    args = ["export", pretrained, "--format", "torchvision", "--out", out / "x.pth"]
+    _killed(args, fault, tmp_path)
+    assert len(_temporaries(out)) == 3  # the killed write's, and the two kept below
+    code, err = bench(*args, "--force")
+    assert code == 0, err
+    assert sorted(p.name for p in _temporaries(out)) == [".notes.md.abcdef12.tmp", "mine.tmp"]
+
+
+def test_a_killed_report_leaves_nothing_after_the_next_one(tmp_path, pretrained):
+    out = tmp_path / "report"
+    _killed(["report", pretrained, "--out", out], "table2.md", tmp_path)
+    assert _temporaries(out)
+    code, err = bench("report", pretrained, "--out", out, "--force")
+    assert code == 0, err
+    assert not _temporaries(out) and (out / "table2.md").is_file()
+
+
+# ================================================================ data synth --force
+
+
+@pytest.mark.parametrize("target", ["..", ".", "../..", "here", "user", "link", "file"])
+def test_synth_force_deletes_only_a_dataset_it_made(tmp_path, monkeypatch, target):
+    cwd = tmp_path / "a" / "b"
+    cwd.mkdir(parents=True)
+    (cwd / "work.txt").write_text("my work")
+    (tmp_path / "a" / "notes.txt").write_text("notes")
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "photo.jpg").write_bytes(b"\xff\xd8")
+    (tmp_path / "file").write_text("a file")
+    (tmp_path / "link").symlink_to(tmp_path / "user")
+    monkeypatch.chdir(cwd)
+    path = {"here": str(cwd), "user": str(tmp_path / "user"), "link": str(tmp_path / "link"),
+            "file": str(tmp_path / "file")}.get(target, target)  # fmt: skip
+    before = snapshot(tmp_path)
+    fails("data", "synth", path, "--images", "8", "--min-size", "16", "--max-size", "16",
+          "--force")  # fmt: skip
+    assert snapshot(tmp_path) == before
+
+
+def test_synth_force_replaces_its_own_dataset(tmp_path):
+    out = tmp_path / "data"
+    small = ("--images", "8", "--min-size", "16", "--max-size", "16")
+    assert bench("data", "synth", out, *small)[0] == 0
+    (out / "extra").write_text("x")
+    assert bench("data", "synth", out, *small, "--seed", "1", "--force")[0] == 0
+    assert not (out / "extra").exists()
+    assert json.loads((out / "synth.json").read_text())["seed"] == 1
+
+
+# ======================================================== one validator per input kind
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize(
+    "card, field",
+    [
+        ("not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        (DEEP_JSON, "nests deeper"),
+        ('{"method": 5}', "card.method"),
+        ('{"method": "x", "arch": ["caffenet"]}', "card.arch"),
+        ('{"method": "x", "pool_free": "yes"}', "card.pool_free"),
+        ('{"method": "x", "pretrain_seconds": NaN}', "card.pretrain_seconds"),
+        ('{"method": "x", "iterations": 1.5}', "card.iterations"),
+    ],
+)
+def test_malformed_cards_are_one_line(tmp_path, pretrained, card, field):
+    from safetensors.torch import load_file, save_file
+
+    from pretrain.export import NATIVE_FILE
+    from transfer.backbone import load_encoder
+
+    state = load_file(str(pretrained / NATIVE_FILE))
+    inside = tmp_path / "inside.safetensors"
+    save_file(state, str(inside), metadata={"card": card})
+    beside = tmp_path / "beside.safetensors"
+    save_file(state, str(beside))
+    (tmp_path / "beside.card.json").write_text(card)
+    for weights in (inside, beside):
+        with pytest.raises(BenchError) as err:
+            load_encoder(weights)
+        assert "\n" not in str(err.value) and field in str(err.value)
+        assert weights.stem in str(err.value)
+        line = fails("export", weights, "--format", "torchvision", "--out", tmp_path / "o.pth")
+        assert field in line
+    (tmp_path / "beside.card.json").write_bytes(b"\xff\xfe{}")
+    assert "not UTF-8" in fails("export", beside, "--format", "mmseg", "--out", tmp_path / "o")
+
+
+@pytest.mark.parametrize("dims", [[2**32, 2**32], [2**62, 4], [-1, 0], [1] * 40])
+def test_caffemodel_dimensions_that_overflow_are_one_line(tmp_path, dims):
+    from benchmark.caffe import read_caffemodel
+    from benchmark.caffe.schema import messages
+
+    net = messages()["NetParameter"]()
+    layer = net.layer.add()
+    layer.name = "conv1"
+    blob = layer.blobs.add()
+    blob.shape.dim.extend(dims)
+    path = tmp_path / "bad.caffemodel"
+    path.write_bytes(net.SerializeToString())
+    with pytest.raises(BenchError, match="bad.caffemodel: layer 'conv1' blob 0"):
+        read_caffemodel(path)
+
+
+YAML_CASES = {
+    "not-utf8": b"name: \xff\xfe\n",
+    "deep": b"a: " + b"[" * 50_000 + b"]" * 50_000 + b"\n",
+    "laughs": b"a: &a [x,x,x,x,x,x,x,x,x,x]\n" + b"".join(
+        b"%c: &%c [" % (98 + i, 98 + i) + b",".join([b"*%c" % (97 + i)] * 10) + b"]\n"
+        for i in range(8)
+    ),
+    "list": b"- 1\n- 2\n",
+    "binary": bytes(range(256)),
+    "int-keys": b"1: x\nname: y\n",
+    "tab": b"train:\n\tlr: 1\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(YAML_CASES))
+def test_malformed_yaml_is_one_line_and_makes_nothing(tmp_path, case):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(YAML_CASES[case])
+    out = tmp_path / "results"
+    before = snapshot(tmp_path)
+    where = "'1'" if case == "int-keys" else "bad.yaml"  # the key at fault, or the file
+    assert where in fails("pretrain", "--method", "random", "--config", path, "--out", out)
+    assert where in fails("run", path, "--out", out)
+    assert snapshot(tmp_path) == before
+
+
+def test_an_override_that_nests_too_deeply_is_one_line(tmp_path):
+    deep = "[" * 5000 + "]" * 5000
+    line = fails("pretrain", "--method", "random", "--set", f"train.x={deep}",
+                 "--out", tmp_path)  # fmt: skip
+    assert "train.x" in line
+
+
+METRICS_CASES = {
+    "not-json": b"{",
+    "list": b"[1, 2]",
+    "not-utf8": b'{"stage": "\xff"}',
+    "deep": b'{"stage": "transfer", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "stage-number": b'{"stage": 5}',
+    "map-text": b'{"stage": "transfer", "task": "classification", "method": "m", "map": "high"}',
+    "per-class-list": b'{"stage": "transfer", "task": "detection", "method": "m", '
+    b'"map": 0.5, "per_class": [1]}',
+    "per-class-text": b'{"stage": "transfer", "task": "detection", "method": "m", '
+    b'"map": 0.5, "per_class": {"cat": "x"}}',
+    "seed-text": b'{"stage": "pretrain", "method": "m", "seed": "0"}',
+    "departures-text": b'{"stage": "pretrain", "method": "m", "departures": "none"}',
+    "per-layer": b'{"stage": "transfer", "task": "svm", "method": "m", "per_layer": {"c": 1}}',
+    "low-shot": b'{"stage": "transfer", "task": "svm", "method": "m", "low_shot": {"c": [1]}}',
+    "low-shot-mean": b'{"stage": "transfer", "task": "svm", "method": "m", '
+    b'"low_shot": {"conv1": {"1": {"mean": "x"}}}}',
+}
+
+
+@pytest.mark.parametrize("case", sorted(METRICS_CASES))
+def test_malformed_report_inputs_are_one_line(tmp_path, case):
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "metrics.json").write_bytes(METRICS_CASES[case])
+    before = snapshot(tmp_path)
+    line = fails("report", tmp_path / "runs", "--out", tmp_path / "report")
+    assert "metrics.json" in line
+    assert snapshot(tmp_path) == before
+
+
+def test_a_malformed_run_config_is_one_line_in_the_report(tmp_path):
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text('{"stage": "pretrain", "method": "m"}')
+    for text in (b"\xff\xfe", b"[" * 50_000, b"- a\n"):
+        (run / "config.yaml").write_bytes(text)
+        assert "config.yaml" in fails("report", tmp_path / "runs", "--out", tmp_path / "rep")
+    assert not (tmp_path / "rep").exists()
+
+
+def _pickle(tmp_path: Path, obj) -> Path:
+    path = tmp_path / "p.pkl"
+    path.write_bytes(pickle.dumps(obj))
+    return path
+
+
+@pytest.mark.parametrize(
+    "obj, field",
+    [
+        ({"ids": "a", "boxes": []}, "ids"),
+        ({"ids": [["a"]], "boxes": [[]]}, "ids"),
+        ({"ids": ["a"], "boxes": 5}, "boxes"),
+        ({"ids": ["a", "b"], "boxes": [[[0, 0, 1, 1]]]}, "boxes"),
+        ({"ids": ["a"], "boxes": [[[0, 0, 1]]]}, "boxes of image 'a'"),
+        ({"ids": ["a"], "boxes": [[["x", 0, 1, 1]]]}, "boxes of image 'a'"),
+        ({"ids": ["a"], "boxes": [[[float("nan"), 0, 1, 1]]]}, "NaN"),
+        ({"ids": ["a"], "boxes": [[[0, 0, 1, 1]]], "bbox_mode": "0"}, "bbox_mode"),
+        ({"ids": ["a"], "boxes": [[[0, 0, 1, 1]]], "bbox_mode": 1}, "bbox_mode"),
+        ({"ids": ["a"], "boxes": [{"x": 1}]}, "boxes of image 'a'"),
+        ([1, 2], "expected a dict"),
+    ],
+)
+def test_malformed_proposal_pickles_are_one_line(tmp_path, obj, field):
+    from transfer.detection.proposals import load_proposal_file
+
+    with pytest.raises(BenchError) as err:
+        load_proposal_file(_pickle(tmp_path, obj), ["a"])
+    assert "\n" not in str(err.value) and "p.pkl" in str(err.value) and field in str(err.value)
+
+
+def test_a_proposal_pickle_never_runs_code(tmp_path):
+    from transfer.detection.proposals import load_proposal_file
+
+    marker = tmp_path / "pwned"
+    with pytest.raises(BenchError, match="not allowed"):
+        load_proposal_file(_pickle(tmp_path, {"ids": ["a"], "boxes": [Payload(marker)]}), ["a"])
+    assert not marker.exists()
+
+
+def _npz(path: Path, **arrays) -> Path:
+    import numpy as np
+
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+def test_a_damaged_selective_search_cache_is_computed_again(tmp_path, monkeypatch):
+    import numpy as np
+
+    import transfer.detection.proposals as proposals
+
+    searched = []
+    def search(job):
+        searched.append(job)
+        return np.ones((2, 4), np.float32)
+
+    monkeypatch.setattr(proposals, "_search_file", search)
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"x")
+    cache = tmp_path / "cache"
+    first = proposals.selective_search_cached(["a"], [image], cache)
+    (path,) = cache.glob("*.npz")
+    good = path.read_bytes()
+    damaged = [
+        good[: len(good) // 2],  # truncated
+        b"not a zip",
+        _npz(tmp_path / "x.npz", ids=np.array(["a"]), boxes=np.ones((2, 4)),
+             offsets=np.array([0, 9])).read_bytes(),  # offsets past the boxes
+        _npz(tmp_path / "y.npz", ids=np.array(["a"]), boxes=np.ones((2, 3)),
+             offsets=np.array([0, 2])).read_bytes(),  # not (N, 4)
+        _npz(tmp_path / "z.npz", ids=np.array(["a"])).read_bytes(),  # arrays missing
+    ]  # fmt: skip
+    for data in damaged:
+        path.write_bytes(data)
+        searched.clear()
+        boxes = proposals.selective_search_cached(["a"], [image], cache)
+        assert len(searched) == 1 and np.array_equal(boxes[0], first[0])
+        assert proposals.load_npz(path)[0] == ["a"]  # written again, sound
+    searched.clear()
+    proposals.selective_search_cached(["a"], [image], cache)
+    assert not searched  # a sound cache is used as it is
+    for data in damaged:  # given as a proposal file, the same damage is one line
+        (tmp_path / "given.npz").write_bytes(data)
+        with pytest.raises(BenchError, match="given.npz"):
+            proposals.load_proposal_file(tmp_path / "given.npz", ["a"])
+
+
+def test_a_damaged_feature_cache_is_extracted_again(tmp_path):
+    import numpy as np
+
+    from transfer.probes.features import _read_cache
+
+    class Spec:
+        dim = 3
+
+    specs = {"conv1": Spec()}
+    meta = np.asarray(json.dumps({"key": "k"}))
+    good = dict(feat_conv1=np.zeros((2, 3), np.float32), ids=np.array(["a", "b"]),
+                keep=np.array([0, 1]), skipped=np.array([], dtype=str), meta=meta)  # fmt: skip
+    assert _read_cache(_npz(tmp_path / "ok.npz", **good), "k", ["conv1"], specs, 2) is not None
+    bad = [
+        {**good, "feat_conv1": np.zeros((3, 3), np.float32)},  # rows != ids
+        {**good, "feat_conv1": np.zeros((2, 4), np.float32)},  # width != layer
+        {**good, "keep": np.array([1, 0])},  # not increasing
+        {**good, "keep": np.array([0, 7])},  # past the split
+        {**good, "ids": np.array([[1, 2]])},
+        {**good, "meta": np.asarray("[1]")},
+    ]
+    for i, arrays in enumerate(bad):
+        assert _read_cache(_npz(tmp_path / f"{i}.npz", **arrays), "k", ["conv1"], specs, 2) is None
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:100])
+    assert _read_cache(tmp_path / "cut.npz", "k", ["conv1"], specs, 2) is None
+
+
+# ============================================== ids are plain names; check and runs agree
+
+
+BAD_IDS = ["../../../escape/q", "/abs/q", "a\\b", "..", ".", "x\x01y"]
+CLASSIFY = ("transfer", "--task", "classification", "--set", "hidden=16",
+            "--set", "augment.crop=67", "--set", "train.batch_size=4",
+            "--set", "test.mode=center", "--iterations", "1", "--set", "train.workers=0",
+            "--device", "cpu")  # fmt: skip
+
+
+@pytest.fixture
+def data(synth_root, tmp_path) -> Path:
+    """A copy of the synthetic dataset to break."""
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(synth_root, copy)
+    return copy
+
+
+def _prepend(path: Path, line: str) -> None:
+    path.write_text(line + "\n" + path.read_text())
+
+
+def check(path: Path) -> tuple[int, str]:
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = cli.main(["data", "check", str(path)])
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+def test_an_id_that_is_a_path_is_refused_by_check_and_every_run(data, tmp_path, bad):
+    main = data / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main" / "trainval.txt"
+    seg = data / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
+    sbd = data / "SBD" / "dataset" / "train.txt"
+    for split in (main, seg, sbd):
+        _prepend(split, bad)
+        code, err = check(data)
+        assert code == 1 and f"{split.name}: line 1: image id" in err, err
+        split.write_text(split.read_text().split("\n", 1)[1])
+    _prepend(main, bad)
+    (tmp_path / "results" / "runs").mkdir(parents=True)
+    before = outside(snapshot(tmp_path), "results/runs/c")
+    line = fails(*CLASSIFY, "--data", data, "--name", "c", "--out", tmp_path / "results")
+    assert "trainval.txt: line 1: image id" in line
+    assert outside(snapshot(tmp_path), "results/runs/c") == before
+
+
+def test_a_segmentation_run_never_writes_outside_for_an_id(data, tmp_path):
+    seg = data / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
+    for name in ("val.txt", "train.txt"):
+        _prepend(seg / name, "../../../../../../escape/q")
+    args = ("transfer", "--task", "segmentation", "--data", data, "--set", "fc_dim=16",
+            "--set", "pad=0", "--set", "max_size=64", "--iterations", "1",
+            "--set", "train.workers=0", "--set", "save_overlays=3", "--device", "cpu",
+            "--set", "train_set=voc+sbd", "--name", "s", "--out", tmp_path / "results")  # fmt: skip
+    (tmp_path / "results" / "runs").mkdir(parents=True)
+    before = outside(snapshot(tmp_path), "results/runs/s")
+    assert "line 1: image id" in fails(*args)
+    code, err = bench(*args, "--force", "--set", "on_bad_data=skip")
+    assert code == 0, err
+    assert outside(snapshot(tmp_path), "results/runs/s") == before
+    metrics = json.loads((tmp_path / "results" / "runs" / "s" / "metrics.json").read_text())
+    assert "../../../../../../escape/q" in json.dumps(metrics["skipped"])
+    assert not list(tmp_path.rglob("q.png"))
+
+
+def test_repeated_ids_and_empty_splits_are_check_errors_and_runs_refuse_them(data, tmp_path):
+    main = data / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main"
+    first = (main / "trainval.txt").read_text().split()[0]
+    (main / "trainval.txt").write_text((main / "trainval.txt").read_text() + first + "\n")
+    code, err = check(data)
+    assert code == 1 and "image id " + first + " repeats line 1" in err, err
+    line = fails(*CLASSIFY, "--data", data, "--out", tmp_path / "r1")
+    assert "repeats line 1" in line
+    code, err = bench(*CLASSIFY, "--data", data, "--out", tmp_path / "r2",
+                      "--set", "on_bad_data=skip")  # fmt: skip
+    assert code == 0, err  # the id is scored once
+    (main / "trainval.txt").write_text("\n\n")
+    code, err = check(data)
+    assert code == 1 and "trainval.txt: split file lists no image id" in err, err
+    assert "lists no usable image id" in fails(*CLASSIFY, "--data", data, "--out", tmp_path / "r3")
+
+
+def test_classification_refuses_the_box_errors_check_reports(data, tmp_path):
+    voc = data / "VOCdevkit" / "VOC2007"
+    image_id = (voc / "ImageSets" / "Main" / "trainval.txt").read_text().split()[0]
+    xml = voc / "Annotations" / f"{image_id}.xml"
+    text = xml.read_text()
+    start = text.index("<xmin>") + len("<xmin>")
+    xml.write_text(text[:start] + "-5" + text[text.index("</xmin>"):])
+    code, err = check(data)
+    assert code == 1 and "negative coordinate" in err
+    for task in ("classification", "detection"):
+        args = list(CLASSIFY)
+        args[2] = task
+        if task == "detection":
+            args = ["transfer", "--task", "detection", "--iterations", "1", "--device", "cpu"]
+        assert "negative coordinate" in fails(*args, "--data", data, "--out", tmp_path / task)
+    code, err = bench(*CLASSIFY, "--data", data, "--out", tmp_path / "skip",
+                      "--set", "on_bad_data=skip")  # fmt: skip
+    assert code == 0, err
+    (metrics,) = (tmp_path / "skip").rglob("metrics.json")
+    assert image_id in json.dumps(json.loads(metrics.read_text())["skipped"])

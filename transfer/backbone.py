@@ -22,7 +22,6 @@ pretrained method's name. A NaN or infinite weight is an error naming the tensor
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -137,17 +136,9 @@ def read_caffe(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def read_native(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A `bench export --format native` file; the card from its metadata or its sidecar."""
-    from pretrain.export import card_path, load_native
+    from pretrain.export import load_native
 
     state, card = load_native(path)
-    sidecar = card_path(path)
-    if not card and sidecar.is_file():
-        try:
-            card = json.loads(sidecar.read_text())
-        except json.JSONDecodeError as exc:
-            raise BenchError(f"{sidecar}: model card is not valid JSON ({exc.msg})") from None
-        if not isinstance(card, dict):
-            raise BenchError(f"{sidecar}: model card must be a JSON object")
     card = dict(card)
     card.setdefault("method", "unknown")
     return state, card
@@ -251,14 +242,9 @@ def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], pat
                 f"{path}: {key} has shape {tuple(state[key].shape)}, the {_describe(module)} "
                 f"expects {tuple(value.shape)}"
             )
-    for key in sorted(state):
-        tensor = state[key]
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise BenchError(
-                f"{path}: {key} has {bad} NaN or infinite value(s) of {tensor.numel()} "
-                "(a diverged or corrupt checkpoint)"
-            )
+    from pretrain.export import check_finite
+
+    check_finite(dict(state), path)
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from benchmark.datasets.preflight import (  # noqa: F401 - the tasks call them as common.*
     checked_segmentation,
     checked_voc_ids,
+    enforce,
     skipped_field,
 )
 from benchmark.protocol import departures, is_synthetic

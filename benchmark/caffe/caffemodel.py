@@ -8,6 +8,7 @@ Blob::ShapeEquals does. Both the current `layer` and the V1 `layers` fields are 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,10 @@ def _blob_array(path: Path, layer: str, index: int, blob: Any) -> np.ndarray:
         values = np.asarray(blob.double_data, dtype=np.float64)
     else:
         values = np.asarray(blob.data, dtype=np.float32)
-    count = int(np.prod(shape)) if shape else 1
-    if any(d < 0 for d in shape) or values.size != count:
+    # math.prod on Python ints: numpy's int64 product of huge dimensions wraps around (to 0
+    # for two dimensions of 2**32), which an empty blob would then match.
+    count = math.prod(shape)
+    if any(d < 0 for d in shape) or len(shape) > 32 or values.size != count:
         raise BenchError(
             f"{printable(path)}: layer {layer!r} blob {index} holds {values.size} values for "
             f"shape {list(shape)} (truncated or corrupt file)"

@@ -25,6 +25,7 @@ from benchmark.datasets.preflight import (
 from benchmark.datasets.voc import (
     CLASS_LINE_FORMAT,
     VOC_CLASSES,
+    Problem,
     SegSample,
     VOCAnnotation,
     classification_targets,
@@ -48,16 +49,31 @@ class CheckReport:
         return not self.problems
 
 
+def _split_ids(path: Path, report: CheckReport, what: str = "split file") -> list[str] | None:
+    """The usable ids of one split file, every problem of it reported: an unreadable file,
+    ids that are not plain names or repeat (file and line), a split with no id. Runs refuse
+    (or skip) exactly these; None when the file cannot be read."""
+    problems: list[Problem] = []
+    try:
+        ids = read_id_list(path, what, problems)
+    except DatasetError as exc:
+        report.problems.append(str(exc))
+        return None
+    report.problems += [p.message for p in problems]
+    if not ids and not problems:
+        report.problems.append(file_message(path, f"{what} lists no image id"))
+    return ids
+
+
 def _split_files(folder: Path, report: CheckReport) -> dict[str, list[str]]:
     """Plain split lists (train.txt, val.txt, ...) of an ImageSets folder, not `<cls>_<split>`."""
     splits = {}
     if folder.is_dir():
         for f in sorted(folder.glob("*.txt")):
             if "_" not in f.stem:
-                try:
-                    splits[f.stem] = read_id_list(f)
-                except DatasetError as exc:
-                    report.problems.append(str(exc))
+                ids = _split_ids(f, report)
+                if ids is not None:
+                    splits[f.stem] = ids
     return splits
 
 
@@ -172,10 +188,8 @@ def check_sbd(root: Path) -> CheckReport:
     report.summary.append(f"SBD {root}: {len(mats)} cls/*.mat files")
     listed: set[str] = set()
     for split in ("train", "val"):
-        try:
-            ids = read_id_list(root / f"{split}.txt", "SBD split file")
-        except DatasetError as exc:
-            report.problems.append(str(exc))
+        ids = _split_ids(root / f"{split}.txt", report, "SBD split file")
+        if ids is None:
             continue
         report.summary.append(f"SBD {split}: {len(ids)} images")
         listed.update(ids)

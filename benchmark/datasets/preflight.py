@@ -18,7 +18,6 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -27,9 +26,11 @@ from tqdm import tqdm
 from benchmark.datasets.folder import verify_image
 from benchmark.datasets.voc import (
     VOC_CLASSES,
+    Problem,
     SegSample,
     VOCAnnotation,
     VOCObject,
+    id_problem,
     object_label,
     parse_voc_xml,
     read_label,
@@ -40,12 +41,6 @@ from benchmark.errors import ConfigError, DatasetError, file_message, printable
 T = TypeVar("T")
 R = TypeVar("R")
 Size = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class Problem:
-    item: str  # the item id (image id, file stem) the problem belongs to
-    message: str  # one line: "<printable path>: what is wrong"
 
 
 def _threaded(fn: Callable[[T], R], items: Sequence[T], desc: str) -> list[R]:
@@ -137,9 +132,10 @@ def annotation_problems(
         found = (box_problem(k, o, ann.width, ann.height) for k, o in enumerate(ann.objects))
         messages += [m for m in found if m]
     problems = [Problem(image_id, file_message(xml, m)) for m in messages]
-    if Path(ann.filename).name != ann.filename or ann.filename in ("", ".", ".."):
+    bad_name = id_problem(ann.filename)
+    if bad_name:
         # A path would make the run read a file outside JPEGImages.
-        what = f"<filename> {ann.filename!r} is not a file name inside JPEGImages"
+        what = f"<filename> {bad_name} (not a file name inside JPEGImages)"
         return ann, [*problems, Problem(image_id, file_message(xml, what))]
     image = root / "JPEGImages" / ann.filename
     if not image.is_file():
@@ -221,15 +217,21 @@ def enforce(
 
 
 def checked_voc_ids(
-    voc_root: Path, split: str, policy: str, logger: logging.Logger, *, boxes: bool
+    voc_root: Path, split: str, policy: str, logger: logging.Logger
 ) -> tuple[list[str], list[str]]:
-    """(usable ids, skipped ids) of ImageSets/Main/<split>.txt after checking every
-    annotation and image the run will read (boxes too when `boxes`), before training starts.
+    """(usable ids, skipped ids) of ImageSets/Main/<split>.txt after checking every id,
+    annotation (boxes included) and image as `bench data check` does, before training
+    starts: every task that reads VOC2007 refuses what the check reports.
     policy "error": the first problem is a one-line DatasetError; "skip": bad ids dropped."""
-    ids = read_split(voc_root, split, "Main")
-    problems = check_detection(voc_root, ids, boxes=boxes)
+    listed: list[Problem] = []  # ids that are not plain names, or repeated: never paths
+    ids = read_split(voc_root, split, "Main", listed)
+    problems = listed + check_detection(voc_root, ids)
     bad = enforce(problems, policy, what=f"{voc_root} {split}", logger=logger)  # type: ignore[arg-type]
-    return [i for i in ids if i not in bad], sorted(bad)
+    usable = [i for i in ids if i not in bad]
+    if not usable:
+        raise DatasetError(f"{printable(voc_root)}: split {split}: no usable image left "
+                           f"({len(bad)} skipped)")  # fmt: skip
+    return usable, sorted(bad)
 
 
 def checked_segmentation(

@@ -43,7 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from benchmark.datasets.voc import IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE
-from benchmark.errors import DatasetError
+from benchmark.errors import DatasetError, printable
 
 GENERATOR_VERSION = 1
 JPEG_QUALITY = 90
@@ -522,9 +522,30 @@ def is_complete(out: Path, params: dict | None = None) -> bool:
         return True
     try:
         found = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
         return False
-    return all(found.get(k) == v for k, v in params.items())
+    return isinstance(found, dict) and all(found.get(k) == v for k, v in params.items())
+
+
+def check_replaceable(out: Path) -> None:
+    """`--force` replaces only a dataset this command made (its synth.json is there) or an
+    empty folder: never '.', '..', the current folder or one above it, a link, or a folder
+    of anything else."""
+    cwd = Path.cwd().resolve()
+    if out.is_symlink():
+        raise DatasetError(f"{printable(out)}: is a symbolic link; bench will not replace it")
+    resolved = out.resolve()
+    if resolved == cwd or resolved in cwd.parents or out.name in ("", ".", ".."):
+        raise DatasetError(f"{printable(out)}: is the current folder or one above it; bench "
+                           "never replaces it, even with --force")  # fmt: skip
+    if out.is_dir() and any(out.iterdir()) and not is_complete(out):
+        raise DatasetError(
+            f"{printable(out)}: was not made by `bench data synth` (it has no {MARKER}), so "
+            "bench will not replace it, even with --force; choose another folder"
+        )
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{printable(out)}: is a file; bench will not replace it, even "
+                           "with --force")  # fmt: skip
 
 
 def make_synthetic(
@@ -558,6 +579,8 @@ def make_synthetic(
             f"{out}: exists and is not this synthetic dataset (images={images}, seed={seed}); "
             "choose another folder or pass --force"
         )
+    if out.exists() or out.is_symlink() or out.name in ("", ".", ".."):
+        check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -568,10 +591,8 @@ def make_synthetic(
             if is_complete(out, params) and not force:  # another process finished first
                 shutil.rmtree(tmp)
                 return out
-            if out.is_dir():
-                shutil.rmtree(out)
-            else:
-                out.unlink()
+            check_replaceable(out)  # again: it may have changed while this one was built
+            shutil.rmtree(out)
         try:
             os.replace(tmp, out)
         except OSError:

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from benchmark.datasets.folder import IMAGE_FORMATS, image_error
-from benchmark.errors import DatasetError, file_message
+from benchmark.errors import DatasetError, file_message, printable
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle",
@@ -148,8 +148,36 @@ def parse_voc_xml(path: Path, classes: Sequence[str] | None = VOC_CLASSES) -> VO
     return VOCAnnotation(path.stem, filename, width, height, objects)
 
 
+@dataclass(frozen=True)
+class Problem:
+    """What is wrong with one item of a dataset (an image id, a file stem, a file)."""
+
+    item: str  # the item id the problem belongs to (what `on_bad_data: skip` drops)
+    message: str  # one line: "<printable path>: what is wrong"
+
+
+def id_problem(name: str) -> str | None:
+    """Why `name` cannot be an image id or a file name inside a dataset folder (None when
+    it can): ids become paths (JPEGImages/<id>.jpg, overlays/<id>.png), so one must be a
+    plain name: not empty, '.' or '..', and without '/', '\\', NUL or control characters."""
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return f"{name!r} is not a file name"
+    if "/" in name or "\\" in name:
+        return f"{printable(name)!r} is a path, not a plain name"
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
+        return f"{printable(name)!r} holds a control character"
+    return None
+
+
 def read_rows(path: Path, what: str = "split file") -> list[list[str]]:
-    """The whitespace-separated fields of each non-blank line of a VOC/SBD list file.
+    """The whitespace-separated fields of each non-blank line of a VOC/SBD list file."""
+    return [row for _, row in numbered_rows(path, what)]
+
+
+def numbered_rows(path: Path, what: str = "split file") -> list[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank line of a VOC/SBD list file.
 
     Decoded as `utf-8-sig`: a file saved by an editor that writes a byte-order mark must not
     give a first id of "\ufeff000005", which matches no file.
@@ -171,22 +199,51 @@ def read_rows(path: Path, what: str = "split file") -> list[list[str]]:
     if "\0" in text:
         line = text[: text.index("\0")].count("\n") + 1
         raise DatasetError(file_message(path, f"{what} holds a NUL byte (line {line})"))
-    return [line.split() for line in text.splitlines() if line.strip()]
+    lines = text.split("\n")  # the numbering editors and `check` show
+    return [(n + 1, line.split()) for n, line in enumerate(lines) if line.strip()]
 
 
-def read_id_list(path: Path, what: str = "split file") -> list[str]:
-    """The ids (first field of each line) of a split file: ImageSets/*/*.txt, SBD train.txt."""
-    return [row[0] for row in read_rows(path, what)]
+def read_id_list(
+    path: Path, what: str = "split file", problems: list[Problem] | None = None
+) -> list[str]:
+    """The ids (first field of each line) of a split file (ImageSets/*/*.txt, SBD train.txt),
+    each once, in file order.
+
+    An id that is not a plain name (`id_problem`) or that repeats an earlier line is a
+    DatasetError naming the file and the line; when `problems` is given it is appended
+    there instead and left out (what `bench data check` and `on_bad_data: skip` need).
+    """
+    found: list[Problem] = []
+    first: dict[str, int] = {}
+    for line, row in numbered_rows(path, what):
+        image_id = row[0]
+        bad = id_problem(image_id)
+        if bad:
+            found.append(Problem(image_id, file_message(path, f"line {line}: image id {bad}")))
+        elif image_id in first:
+            what_ = f"line {line}: image id {image_id} repeats line {first[image_id]}"
+            found.append(Problem(f"{image_id} (line {line})", file_message(path, what_)))
+        else:
+            first[image_id] = line
+    if found and problems is None:
+        raise DatasetError(found[0].message)
+    if problems is not None:
+        problems += found
+    return list(first)
 
 
 def read_split(
-    voc_root: Path, split: str, kind: Literal["Main", "Segmentation"] = "Main"
+    voc_root: Path,
+    split: str,
+    kind: Literal["Main", "Segmentation"] = "Main",
+    problems: list[Problem] | None = None,
 ) -> list[str]:
-    """Image ids of ImageSets/<kind>/<split>.txt, in file order."""
+    """Image ids of ImageSets/<kind>/<split>.txt, in file order (see `read_id_list`); a
+    split without any is an error."""
     path = Path(voc_root) / "ImageSets" / kind / f"{split}.txt"
-    ids = read_id_list(path)
+    ids = read_id_list(path, problems=problems)
     if not ids:
-        raise DatasetError(file_message(path, "split file is empty"))
+        raise DatasetError(file_message(path, "split file lists no usable image id"))
     return ids
 
 
@@ -287,13 +344,14 @@ def load_segmentation(voc2012_root: Path, split: str) -> list[SegSample]:
     ]
 
 
-def load_sbd(sbd_root: Path, split: str) -> list[SegSample]:
+def load_sbd(sbd_root: Path, split: str, problems: list[Problem] | None = None) -> list[SegSample]:
     """SBD pairs (dataset/img/*.jpg, dataset/cls/*.mat) of dataset/<split>.txt.
 
     `sbd_root` is the folder holding `cls/`, `img/` and the split lists (SBD's `dataset/`).
+    Bad ids: see `read_id_list`.
     """
     root = Path(sbd_root)
-    ids = read_id_list(root / f"{split}.txt", "SBD split file")
+    ids = read_id_list(root / f"{split}.txt", "SBD split file", problems)
     return [
         SegSample(
             i,

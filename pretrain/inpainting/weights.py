@@ -85,12 +85,15 @@ def load_generator(
     """(generator in eval mode on CPU, card) from a run folder or generator file. The
     generator outputs the prediction box of `geometry` (default: the card's)."""
     path = generator_file(weights)
+    from pretrain.export import validate_card
+
     try:
         state = load_file(str(path))
         with safe_open(str(path), framework="pt") as f:
-            card = json.loads((f.metadata() or {}).get("card", "{}"))
-    except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+            text = (f.metadata() or {}).get("card", "{}")
+    except (SafetensorError, OSError) as exc:
         raise BenchError(f"{printable(path)}: unreadable generator weights ({exc})") from None
+    card = validate_card(text, f"{path} metadata")
     code = state.get(BOTTLENECK_KEY)
     if code is None:
         raise BenchError(f"{printable(path)}: not an inpainting generator (no {BOTTLENECK_KEY})")

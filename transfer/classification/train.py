@@ -140,10 +140,10 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # same initial weights on every process
     voc = Path(resolve_data(cfg.data, "voc2007"))
     train_ids, skip_train = common.checked_voc_ids(
-        voc, cfg.train_split, cfg.on_bad_data, run.logger, boxes=False
+        voc, cfg.train_split, cfg.on_bad_data, run.logger
     )
     test_ids, skip_test = common.checked_voc_ids(
-        voc, cfg.test_split, cfg.on_bad_data, run.logger, boxes=False
+        voc, cfg.test_split, cfg.on_bad_data, run.logger
     )
     train_images = VOCImages(voc, cfg.train_split, train_ids)
     test_images = VOCImages(voc, cfg.test_split, test_ids)

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import random
 import time
@@ -433,19 +432,10 @@ def read_detectron2_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 def _pickle_card(path: Path) -> dict[str, Any]:
     """The card beside an exported pickle (`<stem>.card.json`), else {"method": "unknown"}."""
-    from pretrain.export import card_path
+    from pretrain.export import card_path, read_card
 
     sidecar = card_path(path)
-    card: dict[str, Any] = {}
-    if sidecar.is_file():
-        try:
-            card = json.loads(sidecar.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BenchError(
-                f"{printable(sidecar)}: model card is not valid JSON ({exc})"
-            ) from None
-        if not isinstance(card, dict):
-            raise BenchError(f"{printable(sidecar)}: model card must be a JSON object")
+    card: dict[str, Any] = read_card(sidecar) if sidecar.is_file() else {}
     card.setdefault("method", "unknown")
     return card
 

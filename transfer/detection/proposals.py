@@ -17,6 +17,7 @@ import ctypes
 import hashlib
 import io
 import json
+import logging
 import pickle
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -26,11 +27,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from benchmark.errors import BenchError
-from benchmark.runs import atomic_write_bytes, default_results_root
+from benchmark.errors import BenchError, printable
+from benchmark.runs import atomic_write_bytes, default_results_root, remove_stale_temporaries_of
 from benchmark.safe_pickle import safe_load
 
 CACHE_VERSION = 1
+log = logging.getLogger("bench")
 XYXY_ABS = 0  # detectron2.structures.BoxMode.XYXY_ABS
 
 
@@ -123,14 +125,51 @@ def save_npz(path: Path, ids: Sequence[str], boxes: Sequence[np.ndarray]) -> Non
     np.savez(
         buf, ids=np.array(list(ids)), boxes=flat, offsets=np.concatenate([[0], np.cumsum(counts)])
     )
+    remove_stale_temporaries_of(path)  # what a killed earlier write of this file left
     atomic_write_bytes(path, buf.getvalue())
 
 
 def load_npz(path: Path) -> tuple[list[str], list[np.ndarray]]:
-    with np.load(path) as z:
-        ids = [str(i) for i in z["ids"]]
-        flat, off = z["boxes"], z["offsets"]
-    return ids, [flat[off[i] : off[i + 1]] for i in range(len(ids))]
+    """(ids, per-image boxes) of a `save_npz` file; BenchError naming the file and the field
+    when an array is missing, of the wrong kind or shape, or its offsets do not cut `boxes`
+    into one run per id (a truncated or foreign file)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ids, flat, off = z["ids"], z["boxes"], z["offsets"]
+    except FileNotFoundError:
+        raise BenchError(f"{printable(path)}: proposal file not found") from None
+    except KeyError as exc:
+        raise BenchError(f"{printable(path)}: {exc.args[0]}: missing from the .npz") from None
+    except Exception as exc:  # noqa: BLE001 - zipfile, numpy and OS errors of a bad file
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise BenchError(f"{printable(path)}: unreadable .npz ({reason})") from None
+    if ids.ndim != 1 or ids.dtype.kind not in "US":
+        raise BenchError(f"{printable(path)}: ids: expected a 1-D array of strings")
+    if flat.ndim != 2 or flat.shape[1] != 4 or flat.dtype.kind not in "fiu":
+        raise BenchError(f"{printable(path)}: boxes: expected a (N, 4) array of numbers, got "
+                         f"{flat.shape} {flat.dtype}")  # fmt: skip
+    if (off.ndim != 1 or off.dtype.kind not in "iu" or len(off) != len(ids) + 1
+            or (len(off) and (off[0] != 0 or off[-1] != len(flat)))
+            or (np.diff(off) < 0).any()):  # fmt: skip
+        raise BenchError(f"{printable(path)}: offsets: do not cut boxes into one run per id")
+    runs = [flat[off[i] : off[i + 1]] for i in range(len(ids))]
+    return _checked(path, [str(i) for i in ids], runs)
+
+
+def _checked(path: Path, ids: list[str], boxes: list[Any]) -> tuple[list[str], list[np.ndarray]]:
+    """The one check of every proposal source: (P, 4) finite boxes per id (float32)."""
+    out = []
+    for image_id, b in zip(ids, boxes):
+        array = np.asarray(b) if isinstance(b, (np.ndarray, list, tuple)) else None
+        if array is None or array.dtype.kind not in "fiu" or array.size % 4:
+            raise BenchError(f"{printable(path)}: boxes of image {printable(image_id)!r}: "
+                             "expected a (P, 4) array of numbers")  # fmt: skip
+        array = array.astype(np.float32).reshape(-1, 4)
+        if not np.isfinite(array).all():
+            raise BenchError(f"{printable(path)}: boxes of image {printable(image_id)!r}: NaN "
+                             "or infinite coordinates")  # fmt: skip
+        out.append(array)
+    return ids, out
 
 
 def selective_search_cached(
@@ -149,9 +188,13 @@ def selective_search_cached(
     params = {"mode": mode, "max_boxes": max_boxes, "width": image_width, "min_box": min_box}
     path = Path(cache_dir) / f"{cache_key(image_paths, params)}.npz"
     if path.is_file():
-        cached_ids, boxes = load_npz(path)
-        if cached_ids == list(ids):
-            return boxes
+        try:
+            cached_ids, boxes = load_npz(path)
+        except BenchError as exc:  # a cache is only a copy: compute it again
+            log.warning(f"{exc}; searching again")
+        else:
+            if cached_ids == list(ids):
+                return boxes
     jobs = [(str(p), mode, max_boxes, image_width, min_box) for p in image_paths]
     bar = dict(total=len(jobs), desc=desc, unit="img", disable=None)
     if workers > 1:
@@ -191,18 +234,18 @@ def load_mat(path: Path, ids: Sequence[str]) -> list[np.ndarray]:
         raise BenchError(f"{path}: unreadable .mat proposal file ({exc})") from None
     if "boxes" not in mat:
         raise BenchError(f"{path}: no 'boxes' variable (not a selective-search .mat file)")
-    raw = mat["boxes"].ravel()
+    raw = np.asarray(mat["boxes"]).ravel()
     if "images" in mat:
-        found = [str(np.asarray(x).ravel()[0]) for x in mat["images"].ravel()]
+        names = np.asarray(mat["images"]).ravel()
+        if not all(np.asarray(x).size for x in names):
+            raise BenchError(f"{printable(path)}: images: an entry is empty")
+        found = [str(np.asarray(x).ravel()[0]) for x in names]
     else:  # without names only the count can be checked
         found = list(ids[: len(raw)]) + [f"<entry {i}>" for i in range(len(ids), len(raw))]
     if found != list(ids) or len(raw) != len(ids):
         raise _mismatch(path, ids, found)
-    out = []
-    for b in raw:
-        b = np.asarray(b, dtype=np.float32).reshape(-1, 4)
-        out.append(b[:, [1, 0, 3, 2]] - 1)
-    return out
+    _, boxes = _checked(path, list(ids), [np.asarray(b) for b in raw])
+    return [b[:, [1, 0, 3, 2]] - 1 for b in boxes]
 
 
 def load_pickle(path: Path, ids: Sequence[str]) -> list[np.ndarray]:
@@ -211,12 +254,22 @@ def load_pickle(path: Path, ids: Sequence[str]) -> list[np.ndarray]:
     data = safe_load(path)  # only containers and numpy arrays: a pickle never runs code
     if not isinstance(data, dict) or "ids" not in data or "boxes" not in data:
         raise BenchError(f"{path}: expected a dict with 'ids' and 'boxes' (detectron2 proposals)")
-    mode = int(data.get("bbox_mode", XYXY_ABS))
-    if mode != XYXY_ABS:
-        raise BenchError(f"{path}: bbox_mode {mode} is not supported (expected XYXY_ABS = 0)")
-    by_id = {
-        str(i): np.asarray(b, np.float32).reshape(-1, 4) for i, b in zip(data["ids"], data["boxes"])
-    }
+    mode = data.get("bbox_mode", XYXY_ABS)
+    if isinstance(mode, bool) or not isinstance(mode, (int, np.integer)) or mode != XYXY_ABS:
+        raise BenchError(f"{printable(path)}: bbox_mode: {printable(repr(mode))[:40]} is not "
+                         "supported (expected XYXY_ABS = 0)")  # fmt: skip
+    found_ids, found_boxes = data["ids"], data["boxes"]
+    if isinstance(found_ids, np.ndarray) and found_ids.ndim == 1:
+        found_ids = found_ids.tolist()
+    if not isinstance(found_ids, (list, tuple)) or not all(
+        isinstance(i, (str, int, np.integer)) and not isinstance(i, bool) for i in found_ids
+    ):
+        raise BenchError(f"{printable(path)}: ids: expected a list of image ids")
+    if not isinstance(found_boxes, (list, tuple)) or len(found_boxes) != len(found_ids):
+        raise BenchError(f"{printable(path)}: boxes: expected a list of one (P, 4) array per "
+                         f"id ({len(found_ids)} ids)")  # fmt: skip
+    found_ids, found_boxes = _checked(path, [str(i) for i in found_ids], list(found_boxes))
+    by_id = dict(zip(found_ids, found_boxes))
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise BenchError(

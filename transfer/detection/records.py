@@ -19,10 +19,10 @@ def prepare_records(
 ) -> tuple[list[DetRecord], list[DetRecord], list[str], list[str]]:
     """(train records, test records, skipped train ids, skipped test ids)."""
     train_ids, skip_train = common.checked_voc_ids(
-        voc_root, cfg.train_split, cfg.on_bad_data, run.logger, boxes=True
+        voc_root, cfg.train_split, cfg.on_bad_data, run.logger
     )
     test_ids, skip_test = common.checked_voc_ids(
-        voc_root, cfg.test_split, cfg.on_bad_data, run.logger, boxes=True
+        voc_root, cfg.test_split, cfg.on_bad_data, run.logger
     )
     train_records = load_records(voc_root, cfg.train_split, train_ids)
     test_records = load_records(voc_root, cfg.test_split, test_ids)

@@ -32,11 +32,10 @@ weights or of the network invalidates it), the layers and their pooling, the ima
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,10 +49,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from benchmark.datasets.folder import load_rgb
-from benchmark.datasets.voc import VOC_CLASSES, classification_targets, load_detection
+from benchmark.datasets.preflight import checked_voc_ids
+from benchmark.datasets.voc import VOC_CLASSES, classification_targets, parse_voc_xml
 from benchmark.errors import BenchError, ConfigError, DatasetError
 from benchmark.loop import nhwc
-from benchmark.runs import default_results_root
+from benchmark.runs import atomic_write_bytes, default_results_root, remove_stale_temporaries_of
 from pretrain.alexnet import CONV_INDICES, PIXEL_MEAN, PIXEL_STD, POOL_INDICES
 
 from .config import LAYERS
@@ -114,10 +114,15 @@ class SplitImages:
 def load_split(
     voc_root: Path, split: str, on_bad_data: str = "error", logger: logging.Logger = log
 ) -> SplitImages:
-    """Labels of ImageSets/Main/<split>.txt from the annotations; missing images are an
-    error, or (on_bad_data="skip") left out with a warning."""
+    """Labels of ImageSets/Main/<split>.txt from the annotations. Every id, annotation and
+    image is checked first as `bench data check` checks them (`checked_voc_ids`): a
+    problem is an error, or (on_bad_data="skip") its image is left out with a warning."""
     voc_root = Path(voc_root)
-    annotations = sorted(load_detection(voc_root, split), key=lambda a: a.image_id)
+    ids, _ = checked_voc_ids(voc_root, split, on_bad_data, logger)
+    annotations = sorted(
+        (parse_voc_xml(voc_root / "Annotations" / f"{i}.xml") for i in ids),
+        key=lambda a: a.image_id,
+    )
     labels, difficult = classification_targets(annotations, VOC_CLASSES)
     paths = [voc_root / "JPEGImages" / a.filename for a in annotations]
     images = SplitImages(split, [a.image_id for a in annotations], paths, labels, difficult)
@@ -393,19 +398,12 @@ def default_cache_dir() -> Path:
 
 
 def _atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez into a temporary file beside `path`, then os.replace (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """np.savez written atomically (never half a file), after removing the temporary files
+    a killed earlier write of the same cache left."""
+    remove_stale_temporaries_of(path)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 @dataclass
@@ -426,21 +424,52 @@ class Features:
     skipped: list[str] = field(default_factory=list)
 
 
-def _read_cache(path: Path, key: str, layers: Sequence[str]) -> dict[str, np.ndarray] | None:
+def _read_cache(
+    path: Path, key: str, layers: Sequence[str], specs: dict[str, PoolSpec], num_images: int
+) -> dict[str, np.ndarray] | None:
+    """The cached arrays when the file is this key's and every array has the kind and shape
+    the extraction writes; None (extract again, with a warning when the file is damaged)."""
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
-            if meta.get("key") != key or any(f"feat_{n}" not in data for n in layers):
+            if not isinstance(meta, dict) or meta.get("key") != key:
+                return None
+            if any(f"feat_{n}" not in data for n in layers):
                 return None
             out = {n: data[f"feat_{n}"] for n in layers}
             out["__ids"], out["__keep"] = data["ids"], data["keep"]
             out["__skipped"] = data["skipped"]
-            return out
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a truncated zip, a foreign file: extract again
         log.warning(f"{path}: unreadable feature cache ({exc}); extracting again")
         return None
+    problem = _cache_problem(out, layers, specs, num_images)
+    if problem:
+        log.warning(f"{path}: feature cache {problem}; extracting again")
+        return None
+    return out
+
+
+def _cache_problem(
+    arrays: dict[str, np.ndarray], layers: Sequence[str], specs: dict[str, PoolSpec], n: int
+) -> str | None:
+    """What makes a feature cache unusable (None when nothing): ids, keep and skipped must
+    be 1-D, keep strictly increasing indices below the split's size, one feature row per
+    kept image with each layer's width."""
+    ids, keep, skipped = arrays["__ids"], arrays["__keep"], arrays["__skipped"]
+    if ids.ndim != 1 or ids.dtype.kind != "U" or skipped.ndim != 1 or skipped.dtype.kind != "U":
+        return "ids: not 1-D arrays of text"
+    if keep.ndim != 1 or keep.dtype.kind not in "iu" or len(keep) != len(ids):
+        return "keep: not one index per id"
+    if len(keep) and (keep[0] < 0 or keep[-1] >= n or (np.diff(keep) <= 0).any()):
+        return f"keep: indices outside 0..{n - 1} or not increasing"
+    for name in layers:
+        a = arrays[name]
+        if a.dtype != np.float32 or a.shape != (len(ids), specs[name].dim):
+            return f"feat_{name}: shape {a.shape} {a.dtype}, expected ({len(ids)}, " \
+                   f"{specs[name].dim}) float32"  # fmt: skip
+    return None
 
 
 def _run(
@@ -509,7 +538,7 @@ def extract_features(
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / f"{key}.npz"
     if use_cache:
-        cached = _read_cache(path, key, layers)
+        cached = _read_cache(path, key, layers, specs, len(images))
         if cached is not None:
             ids = [str(i) for i in cached.pop("__ids")]
             keep = cached.pop("__keep").astype(np.int64)

@@ -27,7 +27,15 @@ from torch.utils.data import Dataset
 
 from benchmark.datasets.folder import load_rgb
 from benchmark.datasets.resolve import resolve_data
-from benchmark.datasets.voc import VOC_CLASSES, SegSample, load_sbd, read_label, read_split
+from benchmark.datasets.voc import (
+    VOC_CLASSES,
+    Problem,
+    SegSample,
+    load_sbd,
+    read_id_list,
+    read_label,
+    read_split,
+)
 from benchmark.errors import DatasetError
 from benchmark.runs import Run
 from pretrain.alexnet import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD
@@ -76,7 +84,7 @@ def _sbd_ids(sbd_root: Path, split: str) -> list[str]:
     path = sbd_root / f"{split}.txt"
     if not path.is_file():
         return []
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return read_id_list(path, "SBD split file", problems=[])  # only to leave ids out
 
 
 def _voc_samples(root: Path, ids: list[str]) -> list[SegSample]:
@@ -91,26 +99,31 @@ def _voc_samples(root: Path, ids: list[str]) -> list[SegSample]:
     return out
 
 
-def eval_split(voc_root: Path, sbd_root: Path | None, split: str) -> tuple[list[SegSample], str]:
-    """(samples, honest split name) of the evaluation set."""
+def eval_split(
+    voc_root: Path, sbd_root: Path | None, split: str, problems: list[Problem] | None = None
+) -> tuple[list[SegSample], str]:
+    """(samples, honest split name) of the evaluation set. Ids that are not plain names or
+    repeat: an error, or left out and added to `problems` when it is given."""
     if split != SEG11VALID:
-        return _voc_samples(voc_root, read_split(voc_root, split, "Segmentation")), (
+        return _voc_samples(voc_root, read_split(voc_root, split, "Segmentation", problems)), (
             f"voc2012-{split}"
         )
     seg_sets = voc_root / "ImageSets" / "Segmentation"
     if (seg_sets / f"{SEG11VALID}.txt").is_file():
-        return _voc_samples(voc_root, read_split(voc_root, SEG11VALID, "Segmentation")), SEG11VALID
+        ids = read_split(voc_root, SEG11VALID, "Segmentation", problems)
+        return _voc_samples(voc_root, ids), SEG11VALID
     sbd_train = set(_sbd_ids(sbd_root, "train")) if sbd_root else set()
     voc2011 = voc_root.parent / "VOC2011"
     if (voc2011 / "ImageSets" / "Segmentation" / "val.txt").is_file():
-        ids = [i for i in read_split(voc2011, "val", "Segmentation") if i not in sbd_train]
+        ids = [i for i in read_split(voc2011, "val", "Segmentation", problems)
+               if i not in sbd_train]  # fmt: skip
         return _voc_samples(voc2011, ids), SEG11VALID if sbd_root else "voc2011-val"
     if not (seg_sets / "val.txt").is_file():
         raise DatasetError(
             f"{seg_sets / 'val.txt'}: split file not found (seg11valid is derived from VOC2012 "
             "or VOC2011 val; set `split` to a split this dataset has)"
         )
-    ids = [i for i in read_split(voc_root, "val", "Segmentation") if i not in sbd_train]
+    ids = [i for i in read_split(voc_root, "val", "Segmentation", problems) if i not in sbd_train]
     if not ids:
         raise DatasetError(f"{seg_sets / 'val.txt'}: every val image is in SBD train")
     name = "voc2012-val-minus-sbd-train" if sbd_root else "voc2012-val"
@@ -123,6 +136,7 @@ def build_data(
     train_split: str,
     split: str,
     train_set: str = "sbd-train",
+    problems: list[Problem] | None = None,
 ) -> SegmentationData:
     """Training and evaluation samples; evaluation images never enter training.
 
@@ -131,7 +145,7 @@ def build_data(
     split train; data/pascal/README.md: "the 8,498 images of SBD train"); "voc+sbd": VOC2012
     `train_split` plus SBD train and val (the larger set of later FCN papers).
     """
-    evaluation, name = eval_split(voc_root, sbd_root, split)
+    evaluation, name = eval_split(voc_root, sbd_root, split, problems)
     held_out = {s.image_id for s in evaluation}
     notes = []
     if train_set == "sbd-train":
@@ -140,13 +154,14 @@ def build_data(
                 f"{voc_root}: train_set sbd-train needs SBD's cls/*.mat annotations (give them "
                 "with --set sbd=<benchmark_RELEASE/dataset>, or choose train_set: voc+sbd)"
             )
-        train = [s for s in load_sbd(sbd_root, "train") if s.image_id not in held_out]
+        train = [s for s in load_sbd(sbd_root, "train", problems) if s.image_id not in held_out]
         if not train:
             raise DatasetError(f"{sbd_root}: no SBD train image left after removing {name}")
         return SegmentationData(train, evaluation, name, voc_root, sbd_root, notes)
     train = [
         s
-        for s in _voc_samples(voc_root, read_split(voc_root, train_split, "Segmentation"))
+        for s in _voc_samples(voc_root, read_split(voc_root, train_split, "Segmentation",
+                                                   problems))  # fmt: skip
         if s.image_id not in held_out
     ]
     if sbd_root is None:
@@ -156,7 +171,7 @@ def build_data(
         for sbd_split in ("train", "val"):
             if not (sbd_root / f"{sbd_split}.txt").is_file():
                 continue
-            for s in load_sbd(sbd_root, sbd_split):
+            for s in load_sbd(sbd_root, sbd_split, problems):
                 # VOC's own masks win where both exist (they carry the 255 border band).
                 if s.image_id not in held_out and s.image_id not in have:
                     train.append(s)
@@ -218,7 +233,10 @@ def prepare_data(cfg: Any, run: Run) -> tuple[SegmentationData, list[str]]:
     and label map they name (before training), log what was found; also the skipped ids."""
     voc = Path(resolve_data(cfg.data, "voc2012"))
     sbd = find_sbd(cfg.data, cfg.sbd, voc, cfg.use_sbd)
-    data = build_data(voc, sbd, cfg.train_split, cfg.split, cfg.train_set)
+    listed: list[Problem] = []  # ids that are not plain names, or repeated: never paths
+    data = build_data(voc, sbd, cfg.train_split, cfg.split, cfg.train_set, listed)
+    skip_ids = sorted(common.enforce(listed, cfg.on_bad_data, what=f"{data.split} split files",
+                                     logger=run.logger))  # fmt: skip
     if cfg.eval_images is not None:
         data.eval = data.eval[: cfg.eval_images]
     data.train, skip_train = common.checked_segmentation(
@@ -236,7 +254,7 @@ def prepare_data(cfg: Any, run: Run) -> tuple[SegmentationData, list[str]]:
         + (f" + {sbd}" if sbd else "")
         + f"; evaluation on {data.split} ({len(data.eval)} images)"
     )
-    return data, [*skip_train, *skip_eval]
+    return data, [*skip_ids, *skip_train, *skip_eval]
 
 
 def rescale_batch(samples: list, device: torch.device) -> torch.Tensor:

@@ -15,8 +15,9 @@ from torch import nn
 from tqdm import tqdm
 
 from benchmark import distributed
-from benchmark.datasets.voc import IGNORE_INDEX, VOC_PALETTE, SegSample
+from benchmark.datasets.voc import IGNORE_INDEX, VOC_PALETTE, SegSample, id_problem
 from benchmark.distributed import DistEnv
+from benchmark.errors import DatasetError
 from benchmark.loop import Precision
 from benchmark.metrics import confusion_matrix, segmentation_scores
 from benchmark.runs import atomic_write_bytes
@@ -109,6 +110,9 @@ def save_overlays(
     """Write <folder>/<image_id>.png for each kept image; returns the file names."""
     names = []
     for sample, image, label, pred in kept:
+        bad = id_problem(sample.image_id)
+        if bad:  # the split readers refuse such ids; an id never becomes a path outside
+            raise DatasetError(f"overlay for image id {bad}")
         name = f"{sample.image_id}.png"
         atomic_write_bytes(Path(folder) / name, overlay_png(image, label, pred))
         names.append(name)
