@@ -13,16 +13,22 @@ CURVES_FILE = "curves.png"
 
 
 def read_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """{name: [(step, value), ...]} from a scalars.jsonl file (torn last lines skipped)."""
+    """{name: [(step, value), ...]} from a scalars.jsonl file. Lines that are not a JSON
+    object with an integer step (the torn last line of a killed process, anything else)
+    are skipped: the file only feeds a plot."""
     series: dict[str, list[tuple[int, float]]] = {}
-    for line in Path(path).read_text().splitlines():
+    for line in Path(path).read_bytes().decode("utf-8", "replace").splitlines():
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:  # a process killed mid-append leaves a partial line
+        except (ValueError, RecursionError):  # a process killed mid-append: a partial line
             continue
-        step = int(row.get("step", 0))
+        step = row.get("step", 0) if isinstance(row, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            continue
         for key, value in row.items():
             if key in ("step", "time") or not isinstance(value, (int, float)):
+                continue
+            if isinstance(value, bool) or not math.isfinite(value):
                 continue
             series.setdefault(key, []).append((step, float(value)))
     return series

@@ -557,9 +557,12 @@ class Launcher:
     def _read_records(self) -> dict[str, Any]:
         path = self.folder / "status.json"
         try:
-            return json.loads(path.read_text()).get("steps", {})
-        except (OSError, ValueError, AttributeError):
+            steps = json.loads(path.read_bytes()).get("steps", {})
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return {}  # only a record of job ids to follow: a damaged one is dropped
+        if not isinstance(steps, dict):
             return {}
+        return {k: v for k, v in steps.items() if isinstance(v, dict)}
 
     def _write_status(self) -> None:
         steps = {}

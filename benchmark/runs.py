@@ -261,15 +261,23 @@ def folder_kind(path: Path) -> str | None:
 def mark_folder(path: Path, kind: str) -> None:
     """Write the marker that lets bench clear `path` later (a run) or never (a suite)."""
     assert kind in FOLDER_KINDS
+    remove_stale_temporaries_of(Path(path) / MARKER_FILE)  # a write killed half-way
     created = time.strftime("%Y-%m-%dT%H:%M:%S")
     atomic_write_json(Path(path) / MARKER_FILE,
                       {"format": MARKER_FORMAT, "kind": kind, "created": created})  # fmt: skip
 
 
+_MARKER_TMP = re.compile(re.escape(f".{MARKER_FILE}.") + r"[A-Za-z0-9_]+\.tmp")
+
+
 def is_empty_folder(path: Path) -> bool:
-    """True for a folder that holds nothing but a lock or a marker (what a process killed
-    right after creating it leaves); such a folder can be taken without losing anything."""
-    return Path(path).is_dir() and not set(os.listdir(path)) - {LOCK_FILE, MARKER_FILE}
+    """True for a folder that holds nothing but a lock, a marker or half a marker (what a
+    process killed right after creating it leaves); bench takes such a folder without
+    losing anything."""
+    if not Path(path).is_dir():
+        return False
+    left = set(os.listdir(path)) - {LOCK_FILE, MARKER_FILE}
+    return all(_MARKER_TMP.fullmatch(name) for name in left)
 
 
 def not_made_by_bench(path: Path, what: str = "--name") -> BenchError:

@@ -13,11 +13,11 @@ import io
 import json
 import os
 import pickle
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from test_faults import Cfg, Payload  # a run config; a pickle that runs code when loaded
 
 from benchmark import cli
 from benchmark.checkpoint import make_checkpoint
@@ -26,22 +26,6 @@ from benchmark.errors import BenchError
 from benchmark.runs import MARKER_FILE, folder_kind, open_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@dataclass
-class Cfg:
-    lr: float = 0.1
-    device: str = "cpu"
-
-
-class Payload:
-    """Unpickling this creates a file: proof that loading ran code."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
 
 
 def bench(*args: str) -> tuple[int, str]:
@@ -170,6 +154,15 @@ def test_bench_clears_what_it_made_and_takes_an_empty_folder(tmp_path):
     (out / "runs" / "r" / "junk").write_text("x")
     assert bench(*pretrain(out, "r", "--force"))[0] == 0
     assert not (out / "runs" / "r" / "junk").exists()
+
+
+def test_a_kill_while_marking_a_new_folder_leaves_it_to_bench(tmp_path):
+    out = tmp_path / "results"
+    _killed(pretrain(out, "r"), MARKER_FILE, tmp_path)
+    assert _temporaries(out)  # half a marker
+    code, err = bench(*pretrain(out, "r"))
+    assert code == 0, err
+    assert folder_kind(out / "runs" / "r") == "run" and not _temporaries(out)
 
 
 def test_a_suite_never_moves_into_a_run_or_a_users_folder(tmp_path, synth_root):
