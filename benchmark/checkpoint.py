@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from benchmark.errors import BenchError, printable
-from benchmark.validate import fail, get, non_negative
+from benchmark.validate import check_depth, fail, get, non_negative
 
 FORMAT = "bench-checkpoint/1"
 # The two append-only logs a resume cuts back (runs.LOG_FILE, runs.SCALARS_FILE): the only
@@ -115,6 +115,7 @@ def validate_checkpoint(ckpt: Any, where: object) -> dict[str, Any]:
     """
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise BenchError(f"{printable(where)}: not a {FORMAT} checkpoint")
+    check_depth(ckpt, where, "checkpoint")
     get(ckpt, "stage", str, where)
     get(ckpt, "config", dict, where)
     get(ckpt, "iteration", int, where, check=non_negative)

@@ -30,6 +30,7 @@ from benchmark.runs import (
     atomic_write_bytes,
     atomic_write_text,
     read_metrics,
+    refuse_linked_folders,
     remove_stale_temporaries_in,
 )
 
@@ -993,6 +994,8 @@ def main(
     if overlays:
         files.update(overlay_files(df, overlays))
     remove_stale_report_temporaries(out_dir)
+    for name in files:
+        refuse_linked_folders(out_dir, out_dir / name)
     if not force:
         for name in files:
             if (out_dir / name).exists():

@@ -317,6 +317,16 @@ def refuse_links(path: Path, what: str = "run folder") -> None:
         )
 
 
+def refuse_linked_folders(root: Path, target: Path) -> None:
+    """BenchError when a folder between `root` and `target` (root excluded) is a symbolic
+    link: a file written to `target` would land outside `root`."""
+    root, target = Path(root), Path(target)
+    for folder in reversed(target.relative_to(root).parents[:-1]):
+        if (root / folder).is_symlink():
+            raise BenchError(f"{printable(root / folder)}: is a symbolic link; bench writes "
+                             "only through folders it made")  # fmt: skip
+
+
 def open_no_follow(path: Path, flags: int, mode: int = 0o666) -> int:
     """`os.open` that refuses a symbolic link or anything but a regular file at `path`."""
     try:

@@ -189,6 +189,16 @@ def test_a_suite_never_moves_into_a_run_or_a_users_folder(tmp_path, synth_root):
 # ============================================================= 2. checkpoint fields are checked
 
 
+def _deep(levels: int) -> dict:
+    node: dict = {}
+    for _ in range(levels):
+        node = {"x": node}
+    return node
+
+
+DEEP = _deep(200)
+
+
 def _checkpoint_run(tmp_path: Path, **changes) -> tuple[Path, Path]:
     """A run folder with logs and a checkpoint whose fields `changes` replaces."""
     run = open_run(tmp_path / "runs" / "r", Cfg())
@@ -230,6 +240,7 @@ def _checkpoint_run(tmp_path: Path, **changes) -> tuple[Path, Path]:
         ({"rng.torch": torch.zeros(7, dtype=torch.uint8)}, "rng.torch"),
         ({"rng.numpy_meta": torch.tensor([9999.0, 0, 0], dtype=torch.float64)}, "rng.numpy"),
         ({"rng": "seed"}, "rng"),
+        ({"config": {"lr": 0.1, "x": DEEP}}, "nests deeper"),
     ],
 )
 def test_checkpoint_fields_never_name_files_or_break_the_resume(tmp_path, changes, field):
@@ -448,6 +459,24 @@ def test_a_killed_report_leaves_nothing_after_the_next_one(tmp_path, pretrained)
     code, err = bench("report", pretrained, "--out", out, "--force")
     assert code == 0, err
     assert not _temporaries(out) and (out / "table2.md").is_file()
+
+
+def test_a_report_never_writes_through_a_linked_folder(tmp_path, pretrained):
+    out = tmp_path / "report"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "overlays").symlink_to(elsewhere)
+    seg = tmp_path / "runs" / "seg"
+    seg.mkdir(parents=True)
+    (seg / "config.yaml").write_text("seed: 0\n")
+    (seg / "metrics.json").write_text(json.dumps({"stage": "transfer", "task": "segmentation",
+                                                  "method": "m", "mean_iu": 0.5}))  # fmt: skip
+    (seg / "overlays").mkdir()
+    (seg / "overlays" / "a.png").write_bytes(b"png")
+    before = snapshot(tmp_path)
+    line = fails("report", seg, "--out", out, "--overlays", "1", "--force")
+    assert "overlays: is a symbolic link" in line and snapshot(tmp_path) == before
 
 
 # ================================================================ data synth --force

@@ -93,6 +93,7 @@ def import_caffe(
     the net has them, go beside it as `<stem>-fc.safetensors` (keys fc6.*, fc7.*; Caffe's
     layout, which is torch's (out, in) Linear layout on flattened pool5).
     """
+    from benchmark.runs import remove_stale_temporaries_of
     from pretrain.export import NATIVE_FILE, card_path, write_native
 
     out = Path(out)
@@ -104,6 +105,7 @@ def import_caffe(
     for path in (out, card_path(out), head_path):
         if path.exists() and not force:
             raise BenchError(f"{printable(path)}: exists (pass --force to overwrite)")
+        remove_stale_temporaries_of(path)  # what a killed import left
     weights = caffe_weights(prototxt, caffemodel, method)
     card = dict(weights.card)
     if weights.head:
