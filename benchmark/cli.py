@@ -230,7 +230,11 @@ def _run_stage_command(args: argparse.Namespace, stage: Any, overrides: list[str
         overrides = [f"train.iterations={args.iterations}", *overrides]
     cfg = load_config(stage.config_cls, args.config, overrides)
     if args.print_config:
+        from benchmark.protocol import departures
+
+        found = departures(cfg)
         print(dump_yaml(cfg), end="")
+        print(f"# departures from the protocol of record: {', '.join(found) or 'none'}")
         return 0
     root = _folder(args.out or default_results_root(), "--out") / "runs"
     command = "bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])

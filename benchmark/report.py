@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from benchmark.config import RUNTIME_KEYS, read_yaml
+from benchmark.config import RUNTIME_KEYS, flatten, read_yaml
 from benchmark.errors import BenchError, printable
 from benchmark.report_charts import LowShotCurve, low_shot_chart
 from benchmark.report_html import Table as HtmlTable
@@ -54,21 +54,11 @@ HTML_FILE = "index.html"
 # ---------------------------------------------------------------------------------------------
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _read_config(path: Path) -> dict[str, Any]:
     data = read_yaml(path, "run config", BenchError) or {}
     if not isinstance(data, dict):
         raise BenchError(f"{printable(path)}: expected a mapping of config keys")
-    return _flatten(data)
+    return flatten(data)
 
 
 REQUIRED_KEYS = {
@@ -207,6 +197,47 @@ def comparable(metrics: dict[str, Any]) -> bool:
     return metrics.get("pretrain_departures") == [] and metrics.get("pretrain_synthetic") is False
 
 
+def departure_notes(metrics: dict[str, Any]) -> list[str]:
+    """What keeps a run from the paper's protocol, one note each: its own departures from the
+    protocol of record, those of the encoder's (or generator's) training, prefixed
+    `pretraining.` (`training.`), and training on synthetic data. Empty for a run that
+    `comparable` accepts, data aside."""
+    own = metrics.get("departures")
+    notes = list(own) if isinstance(own, list) else ["departures not recorded"]
+    pre = metrics.get("pretrain_departures")
+    if metrics.get("stage") == "inpaint-eval":
+        return notes + ([f"training.{k}" for k in pre] if isinstance(pre, list)
+                        else ["training: departures not recorded"])  # fmt: skip
+    released = metrics.get("imported") or metrics.get("method") in ("random", "imagenet")
+    if isinstance(pre, list):
+        notes += [f"pretraining.{k}" for k in pre]
+    elif not released:
+        notes.append("pretraining: departures not recorded")
+    if not released and metrics.get("pretrain_synthetic") is not False:
+        notes.append("pretraining on synthetic data")
+    return notes
+
+
+def settings_text(settings: dict[str, Any] | None, metrics: dict[str, Any] | None = None) -> str:
+    """A run's execution settings in a few words ("cpu, bf16, 2 threads"): what is not
+    protocol but may move its numbers. Older runs without `settings` give what metrics.json
+    has (device, precision)."""
+    s, m = settings or {}, metrics or {}
+    device, precision = s.get("device") or m.get("device"), s.get("precision") or m.get("precision")
+    parts = [str(device).split(":")[0] if device else "", str(precision or "")]
+    if s.get("threads"):
+        parts.append(f"{s['threads']} thread" + ("s" if s["threads"] != 1 else ""))
+    if (s.get("processes") or 1) > 1:
+        parts.append(f"{s['processes']} processes")
+    if s.get("backend") not in (None, "native"):
+        parts.append(f"{s['backend']} backend")
+    if s.get("compile"):
+        parts.append("compiled")
+    if s.get("channels_last") is False:
+        parts.append("NCHW")
+    return ", ".join(p for p in parts if p)
+
+
 def _seconds(metrics: dict[str, Any], linked: dict[str, Any]) -> float:
     for value in (
         metrics.get("train_seconds") if metrics.get("stage") == "pretrain" else None,
@@ -307,6 +338,24 @@ class OurRow:
     def stat(self, key: str, metric: str) -> Stat:
         vals = [_number(m.get(metric)) for m in self.results.get(key, [])]
         return Stat([v for v in vals if not math.isnan(v)])
+
+    def comparable_at(self, key: str) -> bool:
+        """Whether every run of `key` (a task, or ALL) may be set against the paper."""
+        runs = self.results.get(key, [])
+        return bool(runs) and all(comparable(m) for m in runs)
+
+    def departures(self, key: str) -> list[str]:
+        """`departure_notes` of the runs of `key`, over all of them."""
+        return sorted({n for m in self.results.get(key, []) for n in departure_notes(m)})
+
+    @property
+    def settings(self) -> str:
+        """The execution settings of the row's runs (`settings_text`), and of their
+        pretraining where it ran otherwise; '-' when no run recorded any."""
+        runs = [m for ms in self.results.values() for m in ms]
+        own = sorted({settings_text(m.get("settings"), m) for m in runs} - {""})
+        pre = sorted({settings_text(m.get("pretrain_settings")) for m in runs} - {""} - set(own))
+        return "; ".join([*own, *(f"pretraining {t}" for t in pre)]) or MISSING
 
 
 def _variant_labels(groups: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
@@ -448,7 +497,27 @@ def _text(value: Any) -> str:
 # Table 2
 # ---------------------------------------------------------------------------------------------
 
-TABLE2_COLUMNS = ["Pretraining", "Source", "Supervision", "Pretraining time", *TASK_TITLE.values()]
+SETTINGS_COLUMN = "Run settings"
+TABLE2_COLUMNS = [
+    "Pretraining", "Source", "Supervision", "Pretraining time", *TASK_TITLE.values(),
+    SETTINGS_COLUMN,
+]  # fmt: skip
+
+
+def departures_line(row: OurRow, keys: Sequence[str]) -> tuple[str, list[str]]:
+    """The line under a row on real data that is not (everywhere) the paper's protocol: its
+    Source says how many departures, and each of `keys`' cells which ('none' for a key whose
+    runs are the protocol's, '-' for a key without runs)."""
+    notes = {k: row.departures(k) for k in keys if row.results.get(k)}
+    n = sum(len(v) for v in notes.values())
+    cells = [(", ".join(notes[k]) or "none") if k in notes else MISSING for k in keys]
+    return f"ours: {n} departure{'' if n == 1 else 's'}", cells
+
+
+def _off_protocol(row: OurRow, keys: Sequence[str]) -> bool:
+    """A row on real data some of whose runs of `keys` are not the paper's protocol."""
+    ran = [k for k in keys if row.results.get(k)]
+    return row.data_kind == "real" and any(not row.comparable_at(k) for k in ran)
 
 
 def table2(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
@@ -470,6 +539,7 @@ def table2(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
         records.append(
             [label, kind, _text(ref.get("supervision")), _text(ref.get("pretraining_time"))]
             + [_paper_cell(ref[t], 1) for t in TASKS]
+            + [MISSING]
         )
         folders.append([])
         method = ref["method"].strip()
@@ -478,19 +548,28 @@ def table2(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
             name = f"{label} [{row.variant}]" if row.variant else label
             records.append(_table2_record(row, name, ref.get("supervision")))
             folders.append(row_runs(row, (PRETRAIN, *TASKS)))
-            if row.comparable and any(
-                row.stat(t, TASK_METRIC[t]).n and not math.isnan(ref[t]) for t in TASKS
-            ):
+            fair = [t for t in TASKS if row.comparable_at(t) and not math.isnan(ref[t])]
+            if fair:  # a difference only where every run of the task is the paper's protocol
                 records.append(
                     [name, f"ours - {kind}", MISSING, MISSING]
-                    + [_diff_cell(row.stat(t, TASK_METRIC[t]), 100.0, ref[t], 1) for t in TASKS]
-                )
+                    + [_diff_cell(row.stat(t, TASK_METRIC[t]), 100.0, ref[t], 1)
+                       if t in fair else MISSING for t in TASKS]
+                    + [MISSING]
+                )  # fmt: skip
                 folders.append([])  # (the row above links them)
+            if _off_protocol(row, TASKS):
+                source, cells = departures_line(row, TASKS)
+                records.append([name, source, MISSING, MISSING, *cells, MISSING])
+                folders.append([])
     for method in sorted(set(by_method) - used):
         for row in by_method[method]:
             if any(row.results.get(t) for t in TASKS):  # (not a probe-only method)
                 records.append(_table2_record(row, row.label, None))
                 folders.append(row_runs(row, (PRETRAIN, *TASKS)))
+                if _off_protocol(row, TASKS):
+                    source, cells = departures_line(row, TASKS)
+                    records.append([row.label, source, MISSING, MISSING, *cells, MISSING])
+                    folders.append([])
     return _with_runs(pd.DataFrame(records, columns=TABLE2_COLUMNS), folders)
 
 
@@ -511,7 +590,7 @@ def _table2_record(row: OurRow, name: str, supervision: Any) -> list[str]:
     name = f"{name} (rescaled)" if row.rescaled else name
     return [name, row.source, _text(supervision), format_duration(seconds)] + [
         _cell(row.stat(t, TASK_METRIC[t]), 100.0, 1) for t in TASKS
-    ]
+    ] + [row.settings]
 
 
 def table2_extended(
@@ -540,6 +619,7 @@ def table2_extended(
     out.insert(2, "Encoder", arch)
     out["SVM, best layer"] = svm
     out["k-NN"] = knn
+    out = out[[c for c in out.columns if c != SETTINGS_COLUMN] + [SETTINGS_COLUMN]]
     return _with_runs(out, folders)
 
 
@@ -547,6 +627,8 @@ def _find_row(
     rows: dict[tuple[str, str, str], OurRow], rec: pd.Series, paper_method: str
 ) -> OurRow | None:
     if rec["Source"] in ("paper", "published", "ours - paper", "ours - published"):
+        return None
+    if rec["Source"].startswith("ours: "):  # a departures line
         return None
     name = rec["Pretraining"].removesuffix(" (rescaled)")
     variant = name.split(" [", 1)[1][:-1] if " [" in name else ""
@@ -577,17 +659,17 @@ def probe_table(df: pd.DataFrame) -> pd.DataFrame:
     VOC07 protocol), the best layer, and the weighted k-NN mAP. Empty without probe runs."""
     records, folders = [], []
     for row in _our_rows(df, "transfer"):
-        runs, knn = row.results.get("svm", []), row.stat("knn", "map")
-        if not runs and not knn.n:
+        svm, knn = row.results.get("svm", []), row.stat("knn", "map")
+        if not svm and not knn.n:
             continue
         cells = []
         for layer in PROBE_LAYERS:
-            values = [_number((m.get("per_layer") or {}).get(layer, {}).get("map")) for m in runs]
+            values = [_number((m.get("per_layer") or {}).get(layer, {}).get("map")) for m in svm]
             cells.append(_cell(Stat([v for v in values if not math.isnan(v)]), 100.0, 1))
         records.append([row.label, row.source, row.arch or MISSING, *cells,
-                        _best_layer_cell(row), _cell(knn, 100.0, 1)])  # fmt: skip
+                        _best_layer_cell(row), _cell(knn, 100.0, 1), row.settings])  # fmt: skip
         folders.append(row_runs(row, (PRETRAIN, "svm", "knn")))
-    columns = ["Pretraining", "Source", "Encoder", *PROBE_LAYERS, "Best", "k-NN"]
+    columns = ["Pretraining", "Source", "Encoder", *PROBE_LAYERS, "Best", "k-NN", SETTINGS_COLUMN]
     return _with_runs(pd.DataFrame(records, columns=columns), folders)
 
 
@@ -692,7 +774,9 @@ def per_class_chart(table: pd.DataFrame, title: str) -> bytes:
 # Table 1
 # ---------------------------------------------------------------------------------------------
 
-TABLE1_COLUMNS = ["Method", "Source", *INPAINT_COLUMNS.values(), "Images", "Evaluation"]
+TABLE1_COLUMNS = [
+    "Method", "Source", *INPAINT_COLUMNS.values(), "Images", "Evaluation", SETTINGS_COLUMN
+]  # fmt: skip
 EVAL_NAMES = {"resize": "resize 128 + centre crop", "centre": "centre crop, native size"}
 
 
@@ -722,7 +806,13 @@ def table1(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
             *cells,
             MISSING if math.isnan(images) else f"{images:.0f}",
             "; ".join(how) or MISSING,
+            row.settings,
         ]
+
+    def departures_record(name: str, row: OurRow) -> list[str]:
+        """The departures of a row on real data, in its Evaluation cell."""
+        source, (cell,) = departures_line(row, [ALL])
+        return [name, source, *(MISSING for _ in INPAINT_COLUMNS), MISSING, cell, MISSING]
 
     records: list[list[str]] = []
     folders: list[list[str]] = []  # the run folders behind each record
@@ -730,7 +820,7 @@ def table1(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
     for _, ref in reference.iterrows():
         records.append(
             [ref["label"], "paper", *(_paper_cell(ref[k], 2) for k in INPAINT_COLUMNS), "100",
-             "not stated (the public evaluation: resize 128 + centre crop)"]
+             "not stated (the public evaluation: resize 128 + centre crop)", MISSING]
         )  # fmt: skip
         folders.append([])
         method = ref["method"].strip()
@@ -739,6 +829,9 @@ def table1(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
             name = f"{ref['label']} [{row.variant}]" if row.variant else ref["label"]
             records.append(our_record(name, row))
             folders.append(row_runs(row, (ALL,)))
+            if _off_protocol(row, [ALL]):
+                records.append(departures_record(name, row))
+                folders.append([])
             if not row.comparable:
                 continue
             folders.append([])  # (the row above links them)
@@ -749,12 +842,16 @@ def table1(df: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
                     *(_diff_cell(row.stat(ALL, k), scale[k], ref[k], 2) for k in INPAINT_COLUMNS),
                     MISSING,
                     MISSING,
+                    MISSING,
                 ]
             )
     for method in sorted(set(by_method) - used):
         for row in by_method[method]:
             records.append(our_record(row.label, row))
             folders.append(row_runs(row, (ALL,)))
+            if _off_protocol(row, [ALL]):
+                records.append(departures_record(row.label, row))
+                folders.append([])
     return _with_runs(pd.DataFrame(records, columns=TABLE1_COLUMNS), folders)
 
 
@@ -850,9 +947,13 @@ TABLE2_NOTE = (
     "computes it; the devkit's 11-point VOCevalcls with `ap: voc07`); Detection: VOC2007 "
     "test mAP (11-point, devkit rules); Segmentation: mean IU. Several seeds of one encoder "
     "recipe: mean ± sample std (n runs). 'ours - paper' (percentage points) appears only "
-    "for runs on the real datasets whose transfer and pretraining settings are the "
-    "paper's; rows on the embedded synthetic data say so in 'Source' and are not "
-    "comparable with the paper's numbers. '-' = no run / not reported."
+    "for tasks whose runs are on the real datasets with the transfer and pretraining "
+    "settings of the protocol of record (benchmark/reference/protocol.yaml); a row on real "
+    "data that departs from it is followed by an 'ours: N departures' line naming the "
+    "settings per task ('pretraining.' for the encoder's). Rows on the embedded synthetic "
+    "data say so in 'Source' and are not comparable with the paper's numbers. 'Run "
+    "settings': device, precision, threads (and backend, processes) the runs used, which "
+    "are not protocol but can move the last digit. '-' = no run / not reported."
 )
 PROBE_NOTE = (
     "Percent mAP on VOC2007 test of frozen features: one-vs-all linear SVMs per layer "
@@ -868,7 +969,9 @@ LOW_SHOT_NOTE = (
 )
 TABLE1_NOTE = (
     "Mean L1 / L2 over the centre patch with pixels in [-1, 1], in percent; PSNR per image on "
-    "0..255, averaged. 'ours - paper' is the difference; '-' = not available."
+    "0..255, averaged. 'ours - paper' is the difference, for runs on real images at the "
+    "protocol of record's settings; an 'ours: N departures' line names the settings of the "
+    "others ('training.' for the generator's). '-' = not available."
 )
 
 

@@ -95,6 +95,7 @@ class RunInfo:
     data: str
     device: str
     precision: str
+    threads: str
     departures: list[str]
     pretrain_departures: list[str] | None
     command: str
@@ -111,7 +112,8 @@ class RunInfo:
     @property
     def summary(self) -> str:
         n = len(self.departures)
-        parts = [self.device, self.precision, f"{n} departure{'s' if n != 1 else ''}"]
+        threads = f"{self.threads} threads" if self.threads != MISSING else MISSING
+        parts = [self.device, self.precision, threads, f"{n} departure{'s' if n != 1 else ''}"]
         return " · ".join(p for p in parts if p != MISSING)
 
 
@@ -131,9 +133,12 @@ def _departures(value: Any, config: dict[str, Any]) -> list[str]:
 
 
 def _setting(metrics: dict[str, Any], config: dict[str, Any], key: str) -> str:
-    """What the run used (metrics), else what its config asked for."""
-    if metrics.get(key) not in (None, ""):
-        return str(metrics[key])
+    """What the run used (metrics.json's `settings`, or the key itself), else what its config
+    asked for."""
+    used = metrics.get("settings") if isinstance(metrics.get("settings"), dict) else {}
+    for value in (used.get(key), metrics.get(key)):
+        if value not in (None, ""):
+            return str(value)
     for k in (key, f"train.{key}"):
         if config.get(k) not in (None, ""):
             return f"{config[k]} (requested)"
@@ -165,6 +170,7 @@ def run_infos(runs: pd.DataFrame) -> dict[str, RunInfo]:
             data=str(r["data_kind"]),
             device=_setting(m, c, "device"),
             precision=_setting(m, c, "precision"),
+            threads=_setting(m, {}, "threads"),  # (a config's 0 is torch's default)
             departures=_departures(m.get("departures"), c),
             pretrain_departures=_departures(pre, {}) if isinstance(pre, list) else None,
             command=str(m.get("command") or ""),
@@ -336,7 +342,7 @@ def _list(items: list[str] | None) -> str:
 
 
 def _runs_section(infos: dict[str, RunInfo], base: Path) -> str:
-    head = ["Run", "What", "Device", "Precision", "Departures from the paper",
+    head = ["Run", "What", "Device", "Precision", "Threads", "Departures from the paper",
             "Its encoder's pretraining departures", "Config"]  # fmt: skip
     rows = []
     for info in infos.values():
@@ -351,14 +357,16 @@ def _runs_section(infos: dict[str, RunInfo], base: Path) -> str:
         rows.append(
             f'<tr id="{info.anchor}"><td><a href="{_href(info.folder, base)}">{esc(info.name)}'
             f"</a>{command}</td><td>{what}</td><td>{esc(info.device)}</td>"
-            f'<td>{esc(info.precision)}</td><td class="deps">{_list(info.departures)}</td>'
+            f'<td>{esc(info.precision)}</td><td>{esc(info.threads)}</td>'
+            f'<td class="deps">{_list(info.departures)}</td>'
             f'<td class="deps">{_list(info.pretrain_departures)}</td><td>{config}</td></tr>'
         )
     return (
         '<section id="runs"><h2>Runs</h2><p class="note">Every run folder the report read. '
-        "Departures are the settings in which a run differs from its stage's defaults (the "
-        "paper's protocol); device and precision are what the run used, or what its config "
-        "asked for where the run did not record it.</p>"
+        "Departures are the settings in which a run differs from the protocol of record "
+        "(benchmark/reference/protocol.yaml: the paper's values and their sources); device, "
+        "precision and threads are what the run used (not protocol, but they can move the "
+        "last digit), or what its config asked for where the run did not record it.</p>"
         '<div class="scroll"><table class="runs-table"><thead><tr>'
         + "".join(f"<th>{h}</th>" for h in head)
         + "</tr></thead><tbody>"

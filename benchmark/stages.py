@@ -3,8 +3,10 @@
 
 Every stage follows one layout: `<stage>/config.py` (the dataclass, paper values as
 defaults), `<stage>/train.py` (`main(cfg, run) -> metrics`, `default_name`, `check`).
-`run_stage` opens the run folder (name checked, lock held, resumed or started over), runs
-the stage, and writes the training curves.
+`run_stage` checks the config (`check`) and what the run will read (`preflight`, where a
+stage has one), and only then opens the run folder (name checked, lock held, resumed or
+started over), runs the stage, and writes the training curves: a run that cannot start
+leaves no folder behind.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import transfer.segmentation.train as segmentation
 from benchmark import distributed
 from benchmark.curves import write_curves
 from benchmark.errors import BenchError
-from benchmark.runs import check_run_name, open_run
+from benchmark.runs import METRICS_FILE, check_run_name, open_run
 from pretrain.config import PretrainConfig
 from pretrain.inpainting.config import InpaintingConfig
 from pretrain.pretext.config import STAGE_CONFIGS as PRETEXT_CONFIGS
@@ -44,9 +46,15 @@ class Stage:
     default_name: Callable[[Any], str]
     check: Callable[[Any], None]
     distributed: bool = True  # runs under torchrun (else refused there with a one-line error)
+    # Reads and checks the run's data before its folder exists; what it returns is passed to
+    # `main` as a third argument (pretraining: pretrain/preflight.py).
+    preflight: Callable[[Any], Any] | None = None
 
 
-_PRETRAIN = Stage(PretrainConfig, pretraining.main, pretraining.default_name, pretraining.check)
+_PRETRAIN = Stage(
+    PretrainConfig, pretraining.main, pretraining.default_name, pretraining.check,
+    preflight=pretraining.preflight,
+)  # fmt: skip
 
 PRETRAIN_METHODS: dict[str, Stage] = {
     "context-encoder": _PRETRAIN,
@@ -54,11 +62,13 @@ PRETRAIN_METHODS: dict[str, Stage] = {
     "random": _PRETRAIN,
     "imagenet": _PRETRAIN,
     "inpainting": Stage(
-        InpaintingConfig, inpainting.main, inpainting.default_name, inpainting.check
-    ),
+        InpaintingConfig, inpainting.main, inpainting.default_name, inpainting.check,
+        preflight=inpainting.preflight,
+    ),  # fmt: skip
     # other pretext methods on the same encoder, data and protocols (pretrain/pretext/)
     **{
-        name: Stage(cls, pretext.main, pretext.default_name, pretext.check)
+        name: Stage(cls, pretext.main, pretext.default_name, pretext.check,
+                    preflight=pretext.preflight)  # fmt: skip
         for name, cls in PRETEXT_CONFIGS.items()
     },
 }
@@ -113,10 +123,11 @@ def run_stage(
     resume: bool = False,
     command: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Open the run folder, run the stage, return (folder, metrics).
+    """Check the config and what the run reads, open the run folder, run the stage, return
+    (folder, metrics).
 
     A complete run opened with `resume` is not redone: its metrics are returned as they are,
-    which is what lets `bench run` skip finished steps.
+    which is what lets `bench run` skip finished steps (without reading its data again).
     """
     stage.check(cfg)
     distributed.pick_device(getattr(cfg, "device", "auto"))  # no folder for a device we lack
@@ -126,6 +137,10 @@ def run_stage(
             "over GPUs); run it without torchrun"
         )
     path = Path(runs_root) / run_name(stage, cfg)
+    # A finished folder is either reused as it is (resume) or refused (open_run): its data
+    # need not be read. Anything else reads and checks it before the folder is made.
+    finished = not force and (path / METRICS_FILE).is_file()
+    prepared = stage.preflight(cfg) if stage.preflight is not None and not finished else None
     # Rank 0 prepares the folder (lock, rewind, start over) first; the others then attach.
     run = open_run(path, cfg, force=force, resume=resume, command=command) if _main() else None
     distributed.barrier()
@@ -135,7 +150,10 @@ def run_stage(
         if run.complete:
             run.logger.info(f"{path}: already complete, skipping (use --force to redo)")
             return path, run.metrics()
-        metrics = stage.main(cfg, run)
+        if stage.preflight is not None:
+            metrics = stage.main(cfg, run, prepared)  # type: ignore[call-arg]
+        else:
+            metrics = stage.main(cfg, run)
         if run.is_main:
             write_curves(path)
         return path, metrics

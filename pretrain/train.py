@@ -19,12 +19,11 @@ import torch
 
 from benchmark import loop
 from benchmark.config import config_hash, identity_hash
-from benchmark.datasets.folder import list_images
-from benchmark.datasets.preflight import checked_image_folder, skipped_field
+from benchmark.datasets.preflight import skipped_field
 from benchmark.datasets.resolve import resolve_data
 from benchmark.distributed import DistEnv
 from benchmark.errors import BenchError, ConfigError, printable
-from benchmark.protocol import departures, is_synthetic
+from benchmark.protocol import departures, is_synthetic, settings
 from benchmark.runs import Run
 from pretrain.adversarial import Adversary, DCGANDiscriminator, discriminator_lr
 from pretrain.alexnet import ARCHS, AlexNetEncoder, gaussian_init_, pool5_size
@@ -33,7 +32,8 @@ from pretrain.context_encoder import ContextEncoder
 from pretrain.data import PretrainImages, dataset_mean, denormalise, fill_value
 from pretrain.export import NATIVE_FILE, write_native
 from pretrain.losses import RECONSTRUCTION_LOSSES, joint_loss
-from pretrain.masks import PER_BATCH, apply_mask, load_voc_shapes, make_mask_fn
+from pretrain.masks import PER_BATCH, apply_mask, make_mask_fn
+from pretrain.preflight import PretrainData, pretrain_data
 from pretrain.samples import save_grid
 from transfer.backbone import load_state_checked, read_torchvision
 
@@ -80,6 +80,14 @@ def check(cfg: PretrainConfig) -> None:
         raise ConfigError("loss: adversarial_weight, overlap and overlap_weight must be >= 0")
     if cfg.method == "imagenet" and cfg.weights is None:
         raise ConfigError("weights: method imagenet needs a torchvision AlexNet state-dict file")
+    if (cfg.method == "context-encoder" and cfg.mask == "random-region" and cfg.shapes is None
+            and cfg.data is not None):  # fmt: skip
+        raise ConfigError(
+            "mask: random-region masks are PASCAL VOC 2012 segmentation shapes (Section 3.3); "
+            "give them with --set shapes=<VOC2012 folder> (SegmentationObject or "
+            "SegmentationClass PNGs), or choose --mask noise-region (the released code's "
+            "thresholded-noise masks)"
+        )
 
 
 def _resolve(data: str | None, kind: str) -> Path:
@@ -87,35 +95,51 @@ def _resolve(data: str | None, kind: str) -> Path:
     return Path(resolve_data(data, kind))  # type: ignore[arg-type]
 
 
-def mask_source(cfg: PretrainConfig) -> tuple[str, Path | None]:
-    """(mask name, folder of its segmentation shapes). Random regions need real shapes: on a
-    user's image folder without `shapes` this is an error, never a silent switch to the
-    released code's noise masks."""
-    if cfg.mask != "random-region":
-        return cfg.mask, None
-    if cfg.shapes is not None:
-        return cfg.mask, Path(cfg.shapes)
-    if cfg.data is None:
-        return cfg.mask, _resolve(None, "voc2012")
-    raise ConfigError(
-        "mask: random-region masks are PASCAL VOC 2012 segmentation shapes (Section 3.3); give "
-        "them with --set shapes=<VOC2012 folder> (SegmentationObject or SegmentationClass "
-        "PNGs), or choose --mask noise-region (the released code's thresholded-noise masks)"
-    )
+def shapes_source(cfg: PretrainConfig) -> Path | None:
+    """The folder of the segmentation shapes a context encoder's random-region masks take
+    (the synthetic VOC2012 with the synthetic images); None for other masks and methods.
+    Random regions never silently fall back to the released code's noise masks: `check`
+    refuses them on a user's image folder without `shapes`."""
+    if cfg.method != "context-encoder" or cfg.mask != "random-region":
+        return None
+    return Path(cfg.shapes) if cfg.shapes is not None else _resolve(None, "voc2012")
 
 
-def _mask_fn(cfg: PretrainConfig, run: Run) -> tuple[Callable | None, str | None, str | None]:
+def preflight(cfg: PretrainConfig) -> PretrainData | None:
+    """What the run reads, checked before its run folder exists (`benchmark.stages`): the
+    image folder, every image decoded, and the random-region shapes; for method imagenet,
+    that the weights file is there. None for methods that read nothing."""
+    if cfg.method == "imagenet":
+        _imagenet_file(cfg)
+        return None
+    if cfg.method == "random":
+        return None
+    return pretrain_data(cfg.data, cfg.on_bad_data, shapes_source(cfg), cfg.seed)
+
+
+def _imagenet_file(cfg: PretrainConfig) -> Path:
+    path = Path(str(cfg.weights))
+    if not path.is_file():
+        raise BenchError(
+            f"{printable(path)}: ImageNet weights file not found (weights: a torchvision "
+            "AlexNet state dict, e.g. alexnet-owt-7be5be79.pth)"
+        )
+    return path
+
+
+def _mask_fn(
+    cfg: PretrainConfig, run: Run, data: PretrainData
+) -> tuple[Callable | None, str | None, str | None]:
     """(mask function, mask name, shape source); autoencoders get no mask."""
     if cfg.method == "autoencoder":
         return None, None, None
     size = (cfg.model.input_size, cfg.model.input_size)
-    name, root = mask_source(cfg)
-    shapes = None
-    if root is not None:
-        shapes = load_voc_shapes(root, seed=cfg.seed)
-        run.logger.info(f"random-region masks from {len(shapes)} segmentation shapes in {root}")
-    fn = make_mask_fn(name, size, shapes=shapes, seed=cfg.seed)
-    return fn, name, str(root) if root is not None else None
+    root = data.shapes_root
+    if data.shapes is not None:
+        run.logger.info(f"random-region masks from {len(data.shapes)} segmentation shapes "
+                        f"in {root}")  # fmt: skip
+    fn = make_mask_fn(cfg.mask, size, shapes=data.shapes, seed=cfg.seed)
+    return fn, cfg.mask, str(root) if root is not None else None
 
 
 def _card(cfg: PretrainConfig, **fields: Any) -> dict[str, Any]:
@@ -134,6 +158,7 @@ def _card(cfg: PretrainConfig, **fields: Any) -> dict[str, Any]:
         "seed": cfg.seed,
         "departures": departures(cfg),
         "synthetic": cfg.method in ("context-encoder", "autoencoder") and is_synthetic(cfg.data),
+        "settings": settings(cfg),
     }
     card.update(fields)
     return card
@@ -166,6 +191,7 @@ def _finish(
         "precision": precision,
         "departures": card["departures"],
         "synthetic": card["synthetic"],
+        "settings": card["settings"],
         "skipped": skipped_field(skipped),
         "export": NATIVE_FILE,
     }
@@ -173,15 +199,21 @@ def _finish(
     return metrics
 
 
-def random_init(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, Any]:
+def random_init(
+    cfg: PretrainConfig, run: Run, env: DistEnv, data: PretrainData | None
+) -> dict[str, Any]:
     """The 'Random Gaussian' row: N(0, 0.01) weights, zero biases."""
     tic = time.perf_counter()
     encoder = AlexNetEncoder(cfg.model.arch, cfg.model.pool_free)  # type: ignore[arg-type]
     gaussian_init_(encoder)
-    return _finish(cfg, run, encoder, _card(cfg, pretrain_seconds=time.perf_counter() - tic))
+    seconds = time.perf_counter() - tic
+    card = _card(cfg, pretrain_seconds=seconds, settings=settings(cfg, device=env.device))
+    return _finish(cfg, run, encoder, card)
 
 
-def imagenet_import(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, Any]:
+def imagenet_import(
+    cfg: PretrainConfig, run: Run, env: DistEnv, data: PretrainData | None
+) -> dict[str, Any]:
     """The 'ImageNet' row: import a supervised torchvision AlexNet (arch torchvision)."""
     if cfg.model.arch != "torchvision" or cfg.model.pool_free:
         raise ConfigError(
@@ -189,16 +221,12 @@ def imagenet_import(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, An
             "(torchvision's AlexNet widths)"
         )
     tic = time.perf_counter()
-    path = Path(str(cfg.weights))
-    if not path.is_file():
-        raise BenchError(
-            f"{printable(path)}: ImageNet weights file not found (weights: a torchvision "
-            "AlexNet state dict, e.g. alexnet-owt-7be5be79.pth)"
-        )
+    path = _imagenet_file(cfg)
     state, _ = read_torchvision(path)
     encoder = AlexNetEncoder("torchvision", False)
     load_state_checked(encoder, state, path)
-    card = _card(cfg, data=str(cfg.weights), arch="torchvision")
+    card = _card(cfg, data=str(cfg.weights), arch="torchvision",
+                 settings=settings(cfg, device=env.device))  # fmt: skip
     run.logger.info(
         f"imported ImageNet AlexNet from {cfg.weights} ({time.perf_counter() - tic:.1f}s)"
     )
@@ -252,15 +280,16 @@ def make_step(
     return step
 
 
-def train_inpainting(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, Any]:
+def train_inpainting(
+    cfg: PretrainConfig, run: Run, env: DistEnv, data: PretrainData | None
+) -> dict[str, Any]:
     """context-encoder and autoencoder: train the network, export its encoder."""
-    images_root = _resolve(cfg.data, "images")
-    paths, skipped = checked_image_folder(
-        list_images(images_root), cfg.on_bad_data, run.logger, f"{images_root} images"
-    )
+    assert data is not None  # preflight reads the images of these two methods
+    images_root = data.images.root
+    paths, skipped = data.images.usable(cfg.on_bad_data, run.logger)
     mean = dataset_mean(paths, seed=cfg.seed)
     fill = fill_value(mean).to(env.device)
-    mask_fn, mask_name, shapes = _mask_fn(cfg, run)
+    mask_fn, mask_name, shapes = _mask_fn(cfg, run, data)
     per_batch = cfg.train.batch_size if mask_name in PER_BATCH else 0  # one noise mask a batch
     dataset = PretrainImages(paths, cfg.model.input_size, mask_fn, seed=cfg.seed,
                              mask_batch=per_batch)  # fmt: skip
@@ -319,6 +348,7 @@ def train_inpainting(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, A
         cfg, mask=mask_name, shapes=shapes, iterations=result.iterations,
         data=str(images_root), pretrain_seconds=result.seconds,
         input_size=cfg.model.input_size, dataset_mean=mean, precision=result.precision,
+        settings=settings(cfg, device=env.device, precision=result.precision),
     )  # fmt: skip
     first, last = result.first.get("loss"), result.last.get("loss")
     run.logger.info(f"loss {first} -> {last} in {result.seconds:.0f}s ({result.precision})")
@@ -326,7 +356,8 @@ def train_inpainting(cfg: PretrainConfig, run: Run, env: DistEnv) -> dict[str, A
     return metrics
 
 
-METHODS: dict[str, Callable[[PretrainConfig, Run, DistEnv], dict[str, Any]]] = {
+Method = Callable[[PretrainConfig, Run, DistEnv, PretrainData | None], dict[str, Any]]
+METHODS: dict[str, Method] = {
     "context-encoder": train_inpainting,
     "autoencoder": train_inpainting,
     "random": random_init,
@@ -334,11 +365,15 @@ METHODS: dict[str, Callable[[PretrainConfig, Run, DistEnv], dict[str, Any]]] = {
 }
 
 
-def main(cfg: PretrainConfig, run: Run) -> dict[str, Any]:
-    """Run one pretraining method into `run`; returns (and writes) metrics.json."""
+def main(cfg: PretrainConfig, run: Run, data: PretrainData | None = None) -> dict[str, Any]:
+    """Run one pretraining method into `run`; returns (and writes) metrics.json. `data` is
+    what `preflight` read (run_stage calls it before the run folder exists); without it,
+    main reads it here."""
     if cfg.method not in METHODS:
         raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
     check(cfg)
+    if data is None:
+        data = preflight(cfg)
     env = loop.setup(cfg.device, cfg.train)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    return METHODS[cfg.method](cfg, run, env)
+    return METHODS[cfg.method](cfg, run, env, data)

@@ -175,15 +175,42 @@ def test_table2_splits_rows_by_differing_settings(tmp_path: Path) -> None:
 def test_synthetic_or_off_protocol_runs_get_no_difference_to_the_paper(tmp_path: Path) -> None:
     make_run(tmp_path, "syn", transfer("classification", "random", 0.4, synthetic=True),
              cfg("syn", 0))  # fmt: skip
-    short = transfer("detection", "random", 0.1, departures=["train.iterations"])
+    short = transfer("detection", "random", 0.1, departures=["train.iterations", "train.lr"])
     make_run(tmp_path, "short", short, cfg("short", 0))
     make_run(tmp_path, "voc", transfer("segmentation", "random", 0.2), cfg("voc", 0))
     t = table2(collect_runs([tmp_path]), reference())
     assert _row(t, "Random Gaussian", "ours (bench), synthetic data")["Classification"] == "40.0"
-    # the VOC row mixes a protocol run (segmentation) and a shortened one (detection)
+    # the VOC row mixes a protocol run (segmentation) and a shortened one (detection): the
+    # difference only for segmentation, and a line saying how many departures and which
     voc = _row(t, "Random Gaussian", "ours (bench), VOC")
     assert voc["Detection"] == "10.0" and voc["Segmentation"] == "20.0"
-    assert not (t["Source"] == "ours - paper").any()
+    diff = _row(t, "Random Gaussian", "ours - paper")
+    assert diff["Detection"] == "-" and diff["Segmentation"] == f"{20.0 - 19.8:+.1f}"
+    off = _row(t, "Random Gaussian", "ours: 2 departures")
+    assert off["Detection"] == "train.iterations, train.lr" and off["Segmentation"] == "none"
+    assert off["Classification"] == "-"
+    # synthetic rows get neither line
+    assert list(t["Source"]).count("ours - paper") == 1
+    assert t["Source"].str.startswith("ours:").sum() == 1
+
+
+def test_departures_of_the_pretraining_and_run_settings_beside_each_row(tmp_path: Path) -> None:
+    enc = {"departures": [], "pretrain_departures": ["train.iterations"],
+           "settings": {"device": "cuda:0", "precision": "bf16", "threads": 8, "processes": 2},
+           "pretrain_settings": {"device": "cpu", "precision": "fp32", "threads": 2}}  # fmt: skip
+    make_run(tmp_path, "ce", transfer("classification", "context-encoder", 0.5, **enc),
+             cfg("ce", 0))  # fmt: skip
+    make_run(tmp_path, "old", transfer("detection", "random", 0.4, device="cpu",
+                                       precision="fp32"), cfg("old", 0))  # fmt: skip
+    t = table2(collect_runs([tmp_path]), reference())
+    ce = _row(t, "Context encoder (ours)", "ours (bench), VOC")
+    both = "cuda, bf16, 8 threads, 2 processes; pretraining cpu, fp32, 2 threads"
+    assert ce["Run settings"] == both
+    off = _row(t, "Context encoder (ours)", "ours: 1 departure")
+    assert off["Classification"] == "pretraining.train.iterations"
+    assert _row(t, "Random Gaussian", "ours (bench), VOC")["Run settings"] == "cpu, fp32"
+    assert _row(t, "Random Gaussian", "ours - paper")["Detection"] == f"{40.0 - 43.4:+.1f}"
+    assert t[t["Source"] == "paper"]["Run settings"].eq("-").all()
 
 
 def test_released_weights_rows_sit_beside_the_paper_number(tmp_path: Path) -> None:
@@ -294,6 +321,7 @@ def test_table1_rows_and_differences(tmp_path: Path) -> None:
     assert joint["PSNR (dB)"] == "18.50 ± 0.71 (n=2)"
     assert t[t["Source"] == "ours (nn-ce), real"].empty  # no run: only the paper row
     assert t.iloc[-1]["Source"] == "ours (context-encoder-l2), real"  # no paper row: last
+    assert not t["Source"].str.startswith("ours:").any()
     text = main([tmp_path], tmp_path / "out")
     assert "Table 1" in text and (tmp_path / "out" / "table1.tex").is_file()
 
@@ -353,3 +381,14 @@ def test_report_saves_segmentation_overlays(runs: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "plain").exists()
     main([runs], tmp_path / "plain")
     assert not (tmp_path / "plain" / "overlays").exists()
+
+
+def test_table1_names_the_departures_of_a_row_on_real_images(tmp_path: Path) -> None:
+    short = inpaint("context-encoder-joint", 0.1, 0.02, 18.0)
+    short.update(departures=["max_images"], pretrain_departures=["train.iterations"])
+    make_run(tmp_path, "joint", short)
+    ref = load_reference(REFERENCE_DIR / "table1.csv", ("mean_l1", "mean_l2", "psnr"))
+    t = table1(collect_runs([tmp_path]), ref)
+    assert not (t["Source"] == "ours - paper").any()
+    off = t[t["Source"] == "ours: 2 departures"].iloc[0]
+    assert off["Evaluation"] == "max_images, training.train.iterations"

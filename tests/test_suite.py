@@ -129,28 +129,6 @@ def test_report_never_averages_two_encoder_recipes(tmp_path):
     assert all("iterations=" in label for label in ours["Pretraining"])
 
 
-def test_the_paper_suite_is_the_paper_protocol(tmp_path, capsys):
-    """configs/paper.yaml only says where the data is: every step's resolved config equals
-    its stage's defaults (the paper's values) but for locations, seeds and names."""
-    from benchmark import cli
-    from benchmark.protocol import departures
-
-    paper = Path(__file__).resolve().parents[1] / "configs" / "paper.yaml"
-    _, _, steps = load_suite(paper, out=tmp_path)
-    assert {s.stage.config_cls.__name__ for s in steps} >= {
-        "PretrainConfig", "ClassificationConfig", "DetectionConfig", "SegmentationConfig",
-        "InpaintingConfig", "InpaintEvalConfig",
-    }  # fmt: skip
-    for step in steps:
-        assert departures(step.cfg) == [], step.name
-    assert cli.main(["run", str(paper), "--print-config", "--out", str(tmp_path)]) == 0
-    docs = list(yaml.safe_load_all(capsys.readouterr().out))
-    assert [d["step"] for d in docs] == [s.name for s in steps]
-    assert all(d["departures"] == [] for d in docs)
-    ce = next(d for d in docs if d["step"] == "pretrain-context-encoder-s0")["config"]
-    assert ce["mask"] == "random-region" and ce["train"]["iterations"] == 100_000
-
-
 def test_a_suite_can_transfer_imported_weights_as_a_method(tmp_path, synth_root):
     path = _suite(tmp_path, synth_root, weights={"ce-released": "imported/ce.safetensors"})
     _, _, steps = load_suite(path, out=tmp_path / "out")

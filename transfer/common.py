@@ -13,7 +13,7 @@ from benchmark.datasets.preflight import (  # noqa: F401 - the tasks call them a
     enforce,
     skipped_field,
 )
-from benchmark.protocol import departures, is_synthetic
+from benchmark.protocol import departures, is_synthetic, settings
 from benchmark.runs import Run
 from transfer.backbone import peek_card
 
@@ -42,11 +42,15 @@ def metrics_head(
     run: Run,
     card: Mapping[str, Any],
     arch: str | None,
+    *,
+    device: Any = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """The first keys of a transfer metrics.json: stage, task, seed, command, method, mask,
-    pretrain_seconds, weights, backend, arch, the weights' pretraining identity, and how the
-    run relates to the protocol (`departures` from the paper's settings, of this run and of
-    the encoder's pretraining; `synthetic` data)."""
+    pretrain_seconds, weights, backend, arch, the weights' pretraining identity, how the run
+    relates to the protocol (`departures` from the protocol of record, of this run and of the
+    encoder's pretraining; `synthetic` data) and the settings it and the pretraining ran with
+    (`settings`, `pretrain_settings`: device, precision, threads, ...)."""
     data = getattr(cfg, "data", None)
     return {
         "stage": "transfer",
@@ -66,4 +70,6 @@ def metrics_head(
         "departures": departures(cfg),
         "pretrain_departures": card.get("departures"),
         "pretrain_synthetic": card.get("synthetic"),
+        "settings": settings(cfg, device=device, precision=precision),
+        "pretrain_settings": card.get("settings"),
     }

@@ -243,16 +243,6 @@ def checked_segmentation(
     return [s for s in samples if s.image_id not in bad], sorted(bad)
 
 
-def checked_image_folder(
-    paths: Sequence[Path], policy: str, logger: logging.Logger, what: str
-) -> tuple[list[Path], list[str]]:
-    """(usable image paths, skipped paths) of an unlabelled folder, every image decoded once
-    before training starts."""
-    problems = check_image_folder(paths, desc=what)
-    bad = enforce(problems, policy, what=what, logger=logger)  # type: ignore[arg-type]
-    return [p for p in paths if str(p) not in bad], sorted(bad)
-
-
 def skipped_field(*skipped: Sequence[str]) -> dict[str, Any]:
     """metrics.json's record of the items `on_bad_data: skip` dropped."""
     items = sorted({i for group in skipped for i in group})

@@ -33,7 +33,7 @@ from benchmark.datasets.resolve import resolve_data
 from benchmark.distributed import pick_device
 from benchmark.errors import BenchError, ConfigError
 from benchmark.metrics import inpainting_errors, mean_inpainting_errors
-from benchmark.protocol import departures, is_synthetic
+from benchmark.protocol import departures, is_synthetic, settings
 from benchmark.runs import Run, atomic_write_text
 from pretrain.inpainting.data import load_eval_images
 from pretrain.inpainting.model import (
@@ -185,6 +185,8 @@ def main(cfg: InpaintEvalConfig, run: Run) -> dict[str, Any]:
         "synthetic": is_synthetic(paths[0].parent if paths else cfg.data),
         "departures": departures(cfg),
         "pretrain_departures": (card or {}).get("departures") if cfg.weights else [],
+        "settings": settings(cfg, device=device),
+        "pretrain_settings": (card or {}).get("settings") if cfg.weights else None,
         "crop": EVAL_CROPS[cfg.eval_crop],
         "eval_crop": cfg.eval_crop,
         "hole": geometry.mode,

@@ -38,12 +38,11 @@ from torch import nn
 
 from benchmark import loop
 from benchmark.config import config_hash, identity_hash
-from benchmark.datasets.folder import list_images
-from benchmark.datasets.preflight import checked_image_folder, skipped_field
+from benchmark.datasets.preflight import skipped_field
 from benchmark.datasets.resolve import resolve_data
 from benchmark.distributed import DistEnv
 from benchmark.errors import ConfigError
-from benchmark.protocol import departures, is_synthetic
+from benchmark.protocol import departures, is_synthetic, settings
 from benchmark.runs import Run
 from pretrain.adversarial import Adversary, DCGANDiscriminator
 from pretrain.inpainting.config import G_LR_RATIO, InpaintingConfig, InpaintLossConfig
@@ -58,6 +57,7 @@ from pretrain.inpainting.model import (
 from pretrain.inpainting.weights import GENERATOR_FILE, write_generator
 from pretrain.losses import masked_l2
 from pretrain.masks import PER_BATCH, load_voc_shapes, make_mask_fn, random_region_mask
+from pretrain.preflight import PretrainData, pretrain_data
 from pretrain.samples import save_grid
 
 SAMPLE_IMAGES = 8
@@ -95,13 +95,25 @@ def check(cfg: InpaintingConfig) -> None:
         raise ConfigError(f"train.beta1: must be in [0, 1), got {tc.beta1}")
     if tc.load_size < 0 or tc.sample_every < 0:
         raise ConfigError("train: load_size and sample_every must be >= 0")
+    if cfg.mask == "random-region" and cfg.shapes is None and cfg.data is not None:
+        raise ConfigError(
+            "mask: random-region holes are PASCAL VOC 2012 segmentation shapes; give them "
+            "with --set shapes=<VOC2012 folder>, or choose --mask noise-region or central"
+        )
+
+
+def preflight(cfg: InpaintingConfig) -> PretrainData:
+    """The run's images (decoded) and random-region shapes, read before its run folder
+    exists (`benchmark.stages`)."""
+    shapes = resolve_data(cfg.shapes, "voc2012") if cfg.mask == "random-region" else None
+    return pretrain_data(cfg.data, cfg.on_bad_data, shapes, cfg.seed)
 
 
 # ---------------------------------------------------------------- holes
 
 
 def make_hole_fn(
-    cfg: InpaintingConfig, run: Run | None = None
+    cfg: InpaintingConfig, run: Run | None = None, shapes: list[np.ndarray] | None = None
 ) -> Callable[[np.random.Generator], torch.Tensor] | None:
     """None for the fixed central hole; else rng -> (1, 128, 128) hole in the hole box.
 
@@ -115,12 +127,9 @@ def make_hole_fn(
     geometry = cfg.geometry()
     w = geometry.hole.size
     if cfg.mask == "random-region":
-        if cfg.shapes is None and cfg.data is not None:
-            raise ConfigError(
-                "mask: random-region holes are PASCAL VOC 2012 segmentation shapes; give them "
-                "with --set shapes=<VOC2012 folder>, or choose --mask noise-region or central"
-            )
-        shapes = load_voc_shapes(Path(resolve_data(cfg.shapes, "voc2012")), seed=cfg.seed)
+        if shapes is None:
+            check(cfg)
+            shapes = load_voc_shapes(Path(resolve_data(cfg.shapes, "voc2012")), seed=cfg.seed)
         if run is not None:
             run.logger.info(f"random-region holes from {len(shapes)} segmentation shapes")
         coverage = min(1.0, 0.25 * 128 * 128 / (w * w))
@@ -131,12 +140,16 @@ def make_hole_fn(
 
 
 def training_images(
-    cfg: InpaintingConfig, paths: list[Path], run: Run | None = None
+    cfg: InpaintingConfig,
+    paths: list[Path],
+    run: Run | None = None,
+    shapes: list[np.ndarray] | None = None,
 ) -> InpaintingImages:
     """The training set: random holes per image, except noise-region's, drawn once per
-    batch of `train.batch_size` as the released train_random.lua L316-330 draws them."""
+    batch of `train.batch_size` as the released train_random.lua L316-330 draws them.
+    `shapes`: the random-region shapes `preflight` read (read here without them)."""
     per_batch = cfg.train.batch_size if cfg.mask in PER_BATCH else 0
-    hole_fn = make_hole_fn(cfg, run)
+    hole_fn = make_hole_fn(cfg, run, shapes)
     return InpaintingImages(
         paths, cfg.train.load_size, hole_fn, seed=cfg.seed, hole_batch=per_batch
     )
@@ -237,18 +250,18 @@ def make_step(
 # ---------------------------------------------------------------- the stage
 
 
-def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
+def main(cfg: InpaintingConfig, run: Run, data: PretrainData | None = None) -> dict[str, Any]:
     """Train the inpainting context encoder into `run`; writes generator weights, then
-    metrics.json (stage pretrain, method inpainting)."""
+    metrics.json (stage pretrain, method inpainting). `data`: what `preflight` read (read
+    here without it)."""
     check(cfg)
+    data = data or preflight(cfg)
     env = loop.setup(cfg.device, cfg.train)
     torch.manual_seed(cfg.seed)
     tc, lc = cfg.train, cfg.loss
-    root = Path(resolve_data(cfg.data, "images"))
-    paths, skipped = checked_image_folder(
-        list_images(root), cfg.on_bad_data, run.logger, f"{root} images"
-    )
-    dataset = training_images(cfg, paths, run)
+    root = data.images.root
+    paths, skipped = data.images.usable(cfg.on_bad_data, run.logger)
+    dataset = training_images(cfg, paths, run, data.shapes)
     geometry = cfg.geometry()
     run.logger.info(
         f"{len(paths)} images from {root}; loss {lc.kind}; mask {cfg.mask}"
@@ -308,6 +321,7 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
         "precision": result.precision,
         "departures": departures(cfg),
         "synthetic": is_synthetic(cfg.data),
+        "settings": settings(cfg, device=env.device, precision=result.precision),
     }
     if run.is_main:
         write_generator(run.file(GENERATOR_FILE), generator, card)
@@ -330,6 +344,7 @@ def main(cfg: InpaintingConfig, run: Run) -> dict[str, Any]:
         "precision": result.precision,
         "departures": card["departures"],
         "synthetic": card["synthetic"],
+        "settings": card["settings"],
         "skipped": skipped_field(skipped),
         "export": GENERATOR_FILE,
     }

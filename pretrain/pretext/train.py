@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmark import loop
 from benchmark.config import config_hash, identity_hash
-from benchmark.datasets.folder import list_images
-from benchmark.datasets.preflight import checked_image_folder, skipped_field
-from benchmark.datasets.resolve import resolve_data
+from benchmark.datasets.preflight import skipped_field
 from benchmark.errors import ConfigError
-from benchmark.protocol import departures, is_synthetic
+from benchmark.protocol import departures, is_synthetic, settings
 from benchmark.runs import Run
 from pretrain.alexnet import ARCHS
 from pretrain.export import NATIVE_FILE, write_native
+from pretrain.preflight import ImageFolder, image_folder
 from pretrain.pretext import PRETEXT_METHODS, set_learning_rate
 from pretrain.pretext.config import _PretextStage
 
@@ -52,16 +50,21 @@ def check(cfg: _PretextStage) -> None:
         raise ConfigError(f"pretext.batch_size: must be >= 1, got {batch}")
 
 
-def main(cfg: _PretextStage, run: Run) -> dict[str, Any]:
-    """Train the pretext task into `run`; writes encoder.safetensors (+ card), metrics.json."""
+def preflight(cfg: _PretextStage) -> ImageFolder:
+    """The run's images, listed and decoded before its run folder exists (`benchmark.stages`)."""
+    return image_folder(cfg.data, cfg.on_bad_data)
+
+
+def main(cfg: _PretextStage, run: Run, images: ImageFolder | None = None) -> dict[str, Any]:
+    """Train the pretext task into `run`; writes encoder.safetensors (+ card), metrics.json.
+    `images`: what `preflight` read (read here without it)."""
     check(cfg)
+    images = images or preflight(cfg)
     parts = PRETEXT_METHODS[cfg.method]
     env = loop.setup(cfg.device, cfg.train)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    root = Path(resolve_data(cfg.data, "images"))
-    paths, skipped = checked_image_folder(
-        list_images(root), cfg.on_bad_data, run.logger, f"{root} images"
-    )
+    root = images.root
+    paths, skipped = images.usable(cfg.on_bad_data, run.logger)
     dataset = parts.dataset(paths, cfg.pretext, seed=cfg.seed)
     batch_size = cfg.pretext.batch_size
     iterations = cfg.train.iterations or parts.total_iterations(cfg.pretext, len(paths))
@@ -108,6 +111,7 @@ def main(cfg: _PretextStage, run: Run) -> dict[str, Any]:
         "arch": cfg.model.arch, "pool_free": cfg.model.pool_free,
         "pretrain_seconds": result.seconds, "seed": cfg.seed, "precision": result.precision,
         "departures": departures(cfg), "synthetic": is_synthetic(cfg.data),
+        "settings": settings(cfg, device=env.device, precision=result.precision),
     }  # fmt: skip
     if run.is_main:
         write_native(run.file(NATIVE_FILE), net.encoder.state_dict(), card)
@@ -119,7 +123,8 @@ def main(cfg: _PretextStage, run: Run) -> dict[str, Any]:
         "initial_loss": first.get("loss"), "final_loss": last.get("loss"),
         "initial_accuracy": first.get("accuracy"), "final_accuracy": last.get("accuracy"),
         "precision": result.precision, "departures": card["departures"],
-        "synthetic": card["synthetic"], "skipped": skipped_field(skipped), "export": NATIVE_FILE,
+        "synthetic": card["synthetic"], "settings": card["settings"],
+        "skipped": skipped_field(skipped), "export": NATIVE_FILE,
     }  # fmt: skip
     run.write_metrics(metrics)
     return metrics

@@ -187,7 +187,8 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     if env.is_main:
         write_scores(run.file(SCORES_FILE), test_images.ids, scores)
     metrics = {
-        **common.metrics_head("classification", "native", cfg, run, card, card.get("arch")),
+        **common.metrics_head("classification", "native", cfg, run, card, card.get("arch"),
+                            device=env.device, precision=result.precision),
         "map": _ap_or_none(mean),
         "ap": cfg.ap,
         "augment": cfg.augment.mode,

@@ -793,7 +793,8 @@ def run_detectron2(cfg: DetectionConfig, run: Run, voc_root: Path) -> dict[str, 
         return None if value is None or not math.isfinite(value) else value / 100
 
     metrics = {
-        **common.metrics_head("detection", "detectron2", cfg, run, card, arch),
+        **common.metrics_head("detection", "detectron2", cfg, run, card, arch,
+                            device=env.device, precision=result.precision),
         **score_fields(mean, coco, per_class),
         # detectron2's own PascalVOCDetectionEvaluator (percent there -> fraction here)
         "detectron2_ap50": finite_or_none(percent("AP50")),

@@ -218,7 +218,8 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path, env: DistEnv) -> 
     per_class, mean = voc07_scores(detections, test_records)
     coco = coco_ap(detections, test_records)
     metrics = {
-        **common.metrics_head("detection", "native", cfg, run, card, card.get("arch")),
+        **common.metrics_head("detection", "native", cfg, run, card, card.get("arch"),
+                            device=env.device, precision=result.precision),
         **score_fields(mean, coco, per_class),
         "bbox_normalize": cfg.bbox_normalize,
         "rescale": cfg.rescale,

@@ -194,7 +194,8 @@ def main_svm(cfg: SVMConfig, run: Run) -> dict[str, Any]:
         run.write_json(CV_FILE, cv)
         _write_npz(run.file(SCORES_FILE), scores)
     metrics = {
-        **common.metrics_head("svm", "sklearn-liblinear", cfg, run, card, card.get("arch")),
+        **common.metrics_head("svm", "sklearn-liblinear", cfg, run, card, card.get("arch"),
+                            device=device),
         "protocol": "goyal2019-voc07-svm",
         "ap": cfg.ap,
         "map": per_layer[best]["map"] if best else None,
@@ -238,7 +239,7 @@ def main_knn(cfg: KNNConfig, run: Run) -> dict[str, Any]:
     if run.is_main:
         _write_npz(run.file(SCORES_FILE), {"ids": np.asarray(test.ids, dtype=str), layer: scores})
     metrics = {
-        **common.metrics_head("knn", "torch", cfg, run, card, card.get("arch")),
+        **common.metrics_head("knn", "torch", cfg, run, card, card.get("arch"), device=device),
         "protocol": "weighted-knn (Wu et al. 2018, DINO eval_knn)",
         "map": _ap(mean),
         "per_class": _per_class(per_class),

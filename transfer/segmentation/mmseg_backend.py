@@ -685,7 +685,8 @@ def run_mmseg(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
         )
     overlays = save_overlays(run.file(OVERLAY_DIR), ev.kept) if run.is_main and ev.kept else []
     metrics = {
-        **common.metrics_head("segmentation", "mmseg", cfg, run, card, arch),
+        **common.metrics_head("segmentation", "mmseg", cfg, run, card, arch,
+                            device=env.device, precision=result.precision),
         "variant": cfg.variant,
         "head": HEAD,
         "rescale": cfg.rescale,

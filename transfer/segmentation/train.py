@@ -203,7 +203,8 @@ def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     scores = scores_from_hist(hist, CLASSES)
     overlays = save_overlays(run.file(OVERLAY_DIR), kept) if run.is_main and kept else []
     metrics = {
-        **common.metrics_head("segmentation", "native", cfg, run, card, card.get("arch")),
+        **common.metrics_head("segmentation", "native", cfg, run, card, card.get("arch"),
+                            device=env.device, precision=result.precision),
         "variant": cfg.variant,
         "rescale": cfg.rescale,
         **scores,
