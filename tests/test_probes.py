@@ -38,6 +38,8 @@ from transfer.probes.svm import (
 
 # --------------------------------------------------------------------------- helpers
 
+LIB = SVMParams(solver="liblinear")  # the reference path, compared with sklearn to 1e-12
+
 
 def make_problem(seed=0, n_train=120, n_test=90, dim=24, classes=4, signal=1.5):
     """Features with a class signal in the first `classes` dims, labels, difficult flags."""
@@ -113,7 +115,7 @@ def test_svm_map_equals_sklearn_run_directly(difficult_as):
     (xtr, ytr, dtr), (xte, yte, dte) = make_problem(0)
     cost = 0.5
     result = train_svms(xtr, ytr, dtr, xte, yte, dte, costs=[cost], folds=3,
-                        difficult_as=difficult_as)  # fmt: skip
+                        difficult_as=difficult_as, params=LIB)  # fmt: skip
     xtr_n, xte_n = normalise(xtr), normalise(xte)
     sk, ref = [], []
     for c in range(ytr.shape[1]):
@@ -136,7 +138,7 @@ def test_svm_map_equals_sklearn_run_directly(difficult_as):
 def test_cross_validation_picks_the_cost_grid_search_picks():
     (xtr, ytr, dtr), (xte, yte, dte) = make_problem(1, signal=0.8)
     costs = [1e-4, 1e-2, 0.1, 1.0, 10.0, 0.0625]
-    result = train_svms(xtr, ytr, dtr, xte, yte, dte, costs=costs, folds=3)
+    result = train_svms(xtr, ytr, dtr, xte, yte, dte, costs=costs, folds=3, params=LIB)
     xtr_n, xte_n = normalise(xtr), normalise(xte)
     for c in range(ytr.shape[1]):
         y = np.where(ytr[:, c] == 1, 1, -1)
@@ -156,7 +158,7 @@ def test_cross_validation_picks_the_cost_grid_search_picks():
 
 def test_svm_parallel_equals_sequential():
     (xtr, ytr, dtr), (xte, yte, dte) = make_problem(2, n_train=60, n_test=40)
-    kw = dict(costs=[0.01, 1.0], folds=3)
+    kw = dict(costs=[0.01, 1.0], folds=3, params=LIB)
     one = train_svms(xtr, ytr, dtr, xte, yte, dte, n_jobs=1, **kw)
     two = train_svms(xtr, ytr, dtr, xte, yte, dte, n_jobs=2, **kw)
     np.testing.assert_array_equal(one.scores, two.scores)
@@ -168,10 +170,10 @@ def test_label_features_reach_one_and_constant_features_chance():
     rng = np.random.default_rng(0)
     enc_tr = np.hstack([ytr * 5.0, 0.01 * rng.random((len(ytr), 8))])
     enc_te = np.hstack([yte * 5.0, 0.01 * rng.random((len(yte), 8))])
-    good = train_svms(enc_tr, ytr, dtr, enc_te, yte, dte, costs=[0.1, 1.0])
+    good = train_svms(enc_tr, ytr, dtr, enc_te, yte, dte, costs=[0.1, 1.0], params=LIB)
     assert good.mean("reference") > 0.99 and good.mean("sklearn") > 0.99
     const = train_svms(np.ones_like(enc_tr), ytr, dtr, np.ones_like(enc_te), yte, dte,
-                       costs=[0.1, 1.0])  # fmt: skip
+                       costs=[0.1, 1.0], params=LIB)  # fmt: skip
     rate = [yte[~dte[:, c], c].mean() for c in range(yte.shape[1])]
     np.testing.assert_allclose(const.per_class["sklearn"], rate, atol=1e-12)
     np.testing.assert_allclose(const.per_class["reference"], rate, atol=1e-12)
@@ -244,7 +246,8 @@ def test_low_shot_table_is_deterministic_and_uses_the_best_mean_cost():
     (xtr, ytr, dtr), (xte, yte, dte) = make_problem(6, n_train=200)
     targets = ytr.astype(np.int8)
     targets[dtr] = -1
-    kw = dict(sizes=[1, 4], draws=3, costs=[0.01, 1.0], seed=0, negatives_per_positive=3)
+    kw = dict(sizes=[1, 4], draws=3, costs=[0.01, 1.0], seed=0, negatives_per_positive=3,
+              params=LIB)  # fmt: skip
     a = low_shot(xtr, targets, xte, yte, dte, **kw)
     b = low_shot(xtr, targets, xte, yte, dte, n_jobs=2, **kw)
     assert a == b

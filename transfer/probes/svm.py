@@ -65,14 +65,23 @@ log = logging.getLogger("bench")
 NORM_EPS = 1e-5  # svm_helper.normalize_features
 
 
+SOLVERS = ("torch", "liblinear")
+
+
 @dataclass(frozen=True)
 class SVMParams:
-    """The reference's LinearSVC (tools/svm/train_svm_kfold.py); `seed` is liblinear's."""
+    """The reference's LinearSVC (tools/svm/train_svm_kfold.py); `seed` is liblinear's.
+
+    solver: "torch" solves the same problem for every class, cost and fold at once
+    (torch_svm.py, on `device`); "liblinear" fits scikit-learn's LinearSVC one problem at a
+    time, as the reference does (max_iter, tol and seed apply to it only)."""
 
     positive_weight: float = 2.0
     max_iter: int = 2000
     tol: float = 1e-4
     seed: int = 0
+    solver: str = "torch"
+    device: str = "cpu"
 
     def make(self, cost: float) -> LinearSVC:
         return LinearSVC(
@@ -241,7 +250,11 @@ class LayerResult:
         return mean_ap(self.per_class[kind])
 
 
-def check_svm_settings(costs: Sequence[float], folds: int, n_jobs: int) -> None:
+def check_svm_settings(
+    costs: Sequence[float], folds: int, n_jobs: int, solver: str = "torch"
+) -> None:
+    if solver not in SOLVERS:
+        raise ConfigError(f"solver: {solver!r} is not one of {', '.join(SOLVERS)}")
     if not costs or any(not c > 0 for c in costs):
         raise ConfigError("costs: need at least one cost, every cost > 0")
     if folds < 2:
@@ -281,7 +294,7 @@ def train_svms(
     {0, 1}; difficult (N, C) bool. A class with fewer than `folds` positive or negative
     training images cannot be cross-validated: DatasetError, or skipped with on_bad_data.
     """
-    check_svm_settings(costs, folds, n_jobs)
+    check_svm_settings(costs, folds, n_jobs, params.solver)
     tick = time.perf_counter()
     n_classes = train_labels.shape[1]
     names = list(classes) if classes is not None else [str(c) for c in range(n_classes)]
@@ -298,6 +311,9 @@ def train_svms(
             continue
         splits = list(StratifiedKFold(n_splits=folds).split(np.zeros((len(y), 1)), y))
         problems[c] = (rows, y, splits)
+    if params.solver == "torch":
+        return _train_svms_torch(xtr, xte, problems, n_classes, costs, folds, params,
+                                 test_labels, test_difficult, skipped, tick)  # fmt: skip
 
     cv_ap = np.full((n_classes, len(costs)), np.nan)
     scores = np.full((len(xte), n_classes), np.nan)
@@ -336,6 +352,34 @@ def train_svms(
     fits = len(jobs) * folds + len(order)
     return LayerResult(per_class, chosen, cv_ap, scores, skipped, unconverged, fits,
                        time.perf_counter() - tick, cpu)  # fmt: skip
+
+
+def _train_svms_torch(
+    xtr: np.ndarray,
+    xte: np.ndarray,
+    problems: dict[int, tuple[np.ndarray, np.ndarray, list]],
+    n_classes: int,
+    costs: Sequence[float],
+    folds: int,
+    params: SVMParams,
+    test_labels: np.ndarray,
+    test_difficult: np.ndarray,
+    skipped: dict[str, str],
+    tick: float,
+) -> LayerResult:
+    import torch
+
+    from .torch_svm import cross_validate
+
+    cpu = time.process_time()
+    cv_ap, chosen, scores, unconverged = cross_validate(
+        xtr, xte, problems, n_classes, costs, params.positive_weight, torch.device(params.device)
+    )
+    per_class = {kind: class_aps(scores, test_labels, test_difficult, kind)
+                 for kind in AP_FUNCTIONS}  # fmt: skip
+    fits = len(problems) * len(costs) * (folds + 1)  # every fold and the refit, every cost
+    return LayerResult(per_class, chosen, cv_ap, scores, skipped, unconverged, fits,
+                       time.perf_counter() - tick, time.process_time() - cpu)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- low shot
@@ -430,6 +474,39 @@ def _low_shot_task(
     return out, unconverged
 
 
+def _low_shot_torch(
+    xtr: np.ndarray,
+    xte: np.ndarray,
+    samples: dict[tuple[int, int], np.ndarray],
+    keys: list[tuple[int, int]],
+    costs: Sequence[float],
+    params: SVMParams,
+    test_labels: np.ndarray,
+    test_difficult: np.ndarray,
+    kind: str,
+) -> list[tuple[np.ndarray, int]]:
+    """_low_shot_task's (AP (len(costs), C), unconverged) for every key, by torch_svm."""
+    import torch
+
+    from .torch_svm import LowShotGram, low_shot_scores
+
+    gram = LowShotGram(xtr, xte, torch.device(params.device))
+    fn = AP_FUNCTIONS[kind]
+    results = []
+    for kd in keys:
+        sample = samples[kd]
+        scores, unconverged = low_shot_scores(gram, sample, costs, params.positive_weight)
+        table = np.full((len(costs), sample.shape[1]), np.nan)
+        for c, s in enumerate(scores):
+            if s is None:
+                continue
+            keep = ~test_difficult[:, c]
+            for j in range(len(costs)):
+                table[j, c] = fn(test_labels[keep, c], s[keep, j])
+        results.append((table, unconverged))
+    return results
+
+
 def low_shot(
     train_features: np.ndarray,
     train_targets: np.ndarray,
@@ -474,15 +551,19 @@ def low_shot(
         for message in why.values():
             logger.warning(message + "; skipping the class (on_bad_data=skip)")
     out: dict[str, dict[str, Any]] = {}
-    with _Shared(n_jobs) as shared:
-        xtr_s, xte_s = shared.put("train", xtr), shared.put("test", xte)
-        keys = sorted(samples, key=lambda kd: (-kd[0], kd[1]))  # big training sets first
-        results = _parallel(n_jobs)(
-            delayed(_low_shot_task)(
-                xtr_s, samples[kd], costs, params, xte_s, test_labels, test_difficult, kind
-            )  # fmt: skip
-            for kd in keys
-        )
+    keys = sorted(samples, key=lambda kd: (-kd[0], kd[1]))  # big training sets first
+    if params.solver == "torch":
+        results = _low_shot_torch(xtr, xte, samples, keys, costs, params, test_labels,
+                                  test_difficult, kind)  # fmt: skip
+    else:
+        with _Shared(n_jobs) as shared:
+            xtr_s, xte_s = shared.put("train", xtr), shared.put("test", xte)
+            results = _parallel(n_jobs)(
+                delayed(_low_shot_task)(
+                    xtr_s, samples[kd], costs, params, xte_s, test_labels, test_difficult, kind
+                )  # fmt: skip
+                for kd in keys
+            )
     by_key = dict(zip(keys, results))
     for k in sizes:
         # (draws, costs) mAP over the classes that could be drawn
