@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -101,11 +102,20 @@ def _line_search(
         s = (r - t * yq).clamp_min(0) * (a > 0)
         der = zd + t * dd - 2 * C * (a * yq * s).sum(0)
         sec = dd + 2 * C * (a * yq * yq * (s > 0)).sum(0)
-        step = der / sec
+        step = der / sec.clamp_min(torch.finfo(sec.dtype).tiny)
         t = t - step
         if bool((step.abs() <= 1e-6 * t.abs().clamp_min(1e-12)).all()):
             break
     return t.clamp_min(0)
+
+
+def _precondition(V: torch.Tensor, chol: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
+    """M^-1 v for M = V H_k V^T + (I - V V^T), H_k = chol chol^T per column."""
+    if chol is None:
+        return v
+    c = V.T @ v
+    s = torch.cholesky_solve(c.T.unsqueeze(-1), chol).squeeze(-1).T
+    return v + V @ (s - c)
 
 
 def newton(
@@ -129,7 +139,7 @@ def newton(
     eye = torch.eye(k, dtype=G.dtype, device=G.device)
     steps = torch.zeros(P, dtype=torch.int64)
     converged = torch.zeros(P, dtype=torch.bool)
-    gnorm = torch.full((P,), float("inf"))
+    gnorm = torch.full((P,), float("inf"), dtype=Z.dtype)
     todo = torch.arange(P, device=Z.device)
     cg_total = 0
     for _ in range(max_newton + 1):
@@ -154,19 +164,11 @@ def newton(
         )
         steps[todo.cpu()] += 1
         # block preconditioner on span(V): I + 2C B^T diag(a) B, identity elsewhere
+        chol = None
         if k:
             blocks = torch.einsum("np,ni,nj->pij", a, B, B) * (2 * Ci)[:, None, None] + eye
             chol = torch.linalg.cholesky(blocks)
-
-            def precondition(v: torch.Tensor) -> torch.Tensor:
-                c = V.T @ v
-                s = torch.cholesky_solve(c.T.unsqueeze(-1), chol).squeeze(-1).T
-                return v + V @ (s - c)
-        else:
-
-            def precondition(v: torch.Tensor) -> torch.Tensor:
-                return v
-
+        precondition = partial(_precondition, V, chol)
         d = torch.zeros_like(grad)
         q = torch.zeros_like(M)  # G d, kept for the line search
         res = -grad
@@ -179,7 +181,8 @@ def newton(
             Gp = G @ p
             Hp = p + 2 * Ci * (G.T @ (a * Gp))
             cg_total += int(live.sum())
-            alpha = torch.where(live, rz / (p * Hp).sum(0), torch.zeros_like(rz))
+            curv = (p * Hp).sum(0)
+            alpha = torch.where(live & (curv > 0), rz / curv, torch.zeros_like(rz))
             d += alpha * p
             q += alpha * Gp
             res -= alpha * Hp
@@ -188,11 +191,20 @@ def newton(
                 break
             zv = precondition(res)
             rz_new = (res * zv).sum(0)
-            p = zv + (rz_new / rz) * p
-            rz = rz_new
+            beta = torch.where(live, rz_new / rz, torch.zeros_like(rz))
+            p = torch.where(live, zv + beta * p, torch.zeros_like(p))  # finished: no step
+            rz = torch.where(live, rz_new, torch.ones_like(rz))
         t = _line_search((Zi * d).sum(0), (d * d).sum(0), r, Yi * q, Ai, Ci)
         Z[:, todo] = Zi + t * d
     return Z, SolveInfo(steps, converged, gnorm, cg_total)
+
+
+def objective(
+    basis: Basis, A: torch.Tensor, Y: torch.Tensor, C: torch.Tensor, Z: torch.Tensor
+) -> torch.Tensor:
+    """(P,) 0.5 ||z||^2 + C sum a (1 - y g.z)_+^2 of every column."""
+    r = (1 - Y * (basis.G @ Z)).clamp_min(0)
+    return 0.5 * (Z * Z).sum(0) + C * (A * r * r).sum(0)
 
 
 def solve_path(
@@ -206,15 +218,18 @@ def solve_path(
 ):  # type: ignore[no-untyped-def]
     """Yield (cost, Z (r, P), info) for each cost in increasing order; every problem of the
     batch at that cost, each started from its solution at the previous cost scaled by
-    (C / C_prev)^g, g the growth of ||z|| over the last step (1 for the first)."""
+    (C / C_prev)^g, g the growth of ||z|| over the last step (1 for the first), or not
+    scaled where that is lower in objective."""
     P = A.shape[1]
     Z = torch.zeros(basis.G.shape[1], P, dtype=basis.G.dtype, device=basis.G.device)
     prev: tuple[float, torch.Tensor] | None = None
     growth = torch.ones(P, dtype=basis.G.dtype, device=basis.G.device)
     for cost in sorted(costs):
-        if prev is not None:
-            Z = Z * (cost / prev[0]) ** growth
         Cv = torch.full((P,), float(cost), dtype=basis.G.dtype, device=basis.G.device)
+        if prev is not None:
+            scaled = Z * (cost / prev[0]) ** growth
+            better = objective(basis, A, Y, Cv, scaled) < objective(basis, A, Y, Cv, Z)
+            Z = torch.where(better, scaled, Z)
         Z, info = newton(basis, A, Y, Cv, Z, tol=tol, max_newton=max_newton)
         norm = Z.norm(dim=0)
         if prev is not None:
