@@ -62,7 +62,11 @@ class SVMConfig:
     low_shot_draws: int = LOW_SHOT_DRAWS
     low_shot_layers: tuple[str, ...] | None = None  # None = every layer in `layers`
     low_shot_negatives: int | None = None  # negatives per positive; None = classes - 1 (19)
-    n_jobs: int = 2  # processes fitting (class, cost) problems at once; -1 = every core
+    # "torch": every class, cost and fold of a layer solved together (solver.py, on
+    # `device`, the same optimum as LinearSVC's); "liblinear": scikit-learn's LinearSVC one
+    # problem at a time in n_jobs processes, as the reference runs it.
+    solver: str = "torch"
+    n_jobs: int = 2  # liblinear: processes fitting (class, cost) problems at once; -1 = all
     batch_size: int = 64  # images per forward pass during feature extraction
     workers: int = 2  # image-loading processes during extraction (0 = in the main process)
     input_size: int = 227

@@ -234,7 +234,7 @@ def solve_path(
         norm = Z.norm(dim=0)
         if prev is not None:
             ratio = norm / prev[1].clamp_min(1e-30)
-            growth = (ratio.clamp_min(1e-30).log() / torch.log(torch.tensor(cost / prev[0])))
+            growth = ratio.clamp_min(1e-30).log() / torch.log(torch.tensor(cost / prev[0]))
             growth = growth.clamp(0.0, 1.0).nan_to_num(1.0)
         prev = (cost, norm)
         yield cost, Z, info
