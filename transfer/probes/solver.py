@@ -109,6 +109,14 @@ def _line_search(
     return t.clamp_min(0)
 
 
+def _weighted_grams(B: torch.Tensor, a: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """(P, k, k) B^T diag(a[:, p]) B for every column p, `chunk` columns per batched matmul
+    (an einsum would build an (n, P, k, k) intermediate)."""
+    out = [(a[:, i : i + chunk].T.unsqueeze(2) * B).transpose(1, 2) @ B
+           for i in range(0, a.shape[1], chunk)]  # fmt: skip
+    return torch.cat(out)
+
+
 def _precondition(V: torch.Tensor, chol: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
     """M^-1 v for M = V H_k V^T + (I - V V^T), H_k = chol chol^T per column."""
     if chol is None:
@@ -166,7 +174,7 @@ def newton(
         # block preconditioner on span(V): I + 2C B^T diag(a) B, identity elsewhere
         chol = None
         if k:
-            blocks = torch.einsum("np,ni,nj->pij", a, B, B) * (2 * Ci)[:, None, None] + eye
+            blocks = _weighted_grams(B, a) * (2 * Ci)[:, None, None] + eye
             chol = torch.linalg.cholesky(blocks)
         precondition = partial(_precondition, V, chol)
         d = torch.zeros_like(grad)
