@@ -245,12 +245,12 @@ def load_config(
 
 # Config keys that change how a run executes but not what it computes: a run may be resumed
 # with other values of these (a crash on `--device cuda` resumed with `--device cpu`), and
-# they never make two runs different experiments. (`solver`: the probes' SVM solver, torch
+# they never make two runs different experiments. (`svm_solver`: the probes' SVM solver, torch
 # or liblinear, reaches the same optimum of the same problem.)
 RUNTIME_KEYS = frozenset(
     {"name", "device", "workers", "threads", "log_every", "checkpoint_every", "sample_every",
      "ss_workers", "n_jobs", "progress", "eval_batch_size", "keep_host_memory",
-     "solver"}
+     "svm_solver"}
 )  # fmt: skip
 
 

@@ -65,7 +65,7 @@ class SVMConfig:
     # "torch": every class, cost and fold of a layer solved together (solver.py, on
     # `device`, the same optimum as LinearSVC's); "liblinear": scikit-learn's LinearSVC one
     # problem at a time in n_jobs processes, as the reference runs it.
-    solver: str = "torch"
+    svm_solver: str = "torch"
     n_jobs: int = 2  # liblinear: processes fitting (class, cost) problems at once; -1 = all
     batch_size: int = 64  # images per forward pass during feature extraction
     workers: int = 2  # image-loading processes during extraction (0 = in the main process)

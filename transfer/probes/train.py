@@ -83,7 +83,7 @@ def check_svm_config(cfg: SVMConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
             raise ConfigError("low_shot_sizes must be positive and low_shot_draws >= 1")
         if cfg.low_shot_negatives is not None and cfg.low_shot_negatives < 1:
             raise ConfigError("low_shot_negatives: must be >= 1 or null (classes - 1)")
-    check_svm_settings(cfg.costs, cfg.folds, cfg.n_jobs, cfg.solver)
+    check_svm_settings(cfg.costs, cfg.folds, cfg.n_jobs, cfg.svm_solver)
     if cfg.max_iter < 1 or not cfg.tol > 0 or not cfg.positive_weight > 0:
         raise ConfigError("max_iter must be >= 1, tol and positive_weight > 0")
     return layers, shot_layers
@@ -140,7 +140,7 @@ def main_svm(cfg: SVMConfig, run: Run) -> dict[str, Any]:
     device = _setup(cfg)
     encoder, card, train, test, ftrain, ftest = _extract(cfg, run, layers, device)
     del encoder
-    params = SVMParams(cfg.positive_weight, cfg.max_iter, cfg.tol, cfg.seed, cfg.solver,
+    params = SVMParams(cfg.positive_weight, cfg.max_iter, cfg.tol, cfg.seed, cfg.svm_solver,
                        str(device))  # fmt: skip
     per_layer: dict[str, Any] = {}
     cv: dict[str, Any] = {"costs": list(cfg.costs), "classes": list(VOC_CLASSES), "layers": {}}
@@ -197,7 +197,7 @@ def main_svm(cfg: SVMConfig, run: Run) -> dict[str, Any]:
         run.write_json(CV_FILE, cv)
         _write_npz(run.file(SCORES_FILE), scores)
     metrics = {
-        **common.metrics_head("svm", SOLVER_NAMES[cfg.solver], cfg, run, card, card.get("arch"),
+        **common.metrics_head("svm", SOLVER_NAMES[cfg.svm_solver], cfg, run, card, card.get("arch"),
                               device=device),
         "protocol": "goyal2019-voc07-svm",
         "ap": cfg.ap,
@@ -210,7 +210,7 @@ def main_svm(cfg: SVMConfig, run: Run) -> dict[str, Any]:
         "costs": list(cfg.costs), "folds": cfg.folds, "train_difficult": cfg.train_difficult,
         "train_images": len(train), "test_images": len(test),
         "input_size": cfg.input_size, "device": str(device), "n_jobs": cfg.n_jobs,
-        "solver": cfg.solver,
+        "solver": cfg.svm_solver,
         "feature_cache": {"train": _cache_info(ftrain), "test": _cache_info(ftest)},
         "extract_seconds": ftrain.seconds + ftest.seconds,
         "svm_seconds": svm_seconds, "low_shot_seconds": low_shot_seconds,
