@@ -24,7 +24,7 @@ import torch
 
 from benchmark.errors import BenchError, ConfigError
 from benchmark.metrics import confusion_matrix
-from benchmark.runs import open_run
+from benchmark.runs import mark_folder, open_run
 from transfer.segmentation import mmseg_backend
 from transfer.segmentation.config import SegmentationConfig, SegmentationTrainConfig
 from transfer.segmentation.data import CLASSES
@@ -133,6 +133,7 @@ def test_hostile_weights_and_checkpoint_never_run_code(tmp_path: Path) -> None:
     # a run folder whose checkpoint is hostile: resuming refuses it
     cfg = SegmentationConfig(backend="mmseg")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    mark_folder(tmp_path / "run", "run")  # a folder bench made, so that it is opened at all
     torch.save({"format": "bench-checkpoint/1", "x": _Hostile(marker)},
                tmp_path / "run" / "checkpoints" / "last.pt")  # fmt: skip
     with pytest.raises(BenchError, match="unreadable checkpoint"):
