@@ -202,11 +202,17 @@ def grad_norm(params: list[torch.Tensor]) -> float:
 # ---------------------------------------------------------------- devices and models
 
 
+# torch's intra-op thread count when this process started (OMP_NUM_THREADS or the cores)
+DEFAULT_THREADS = torch.get_num_threads()
+
+
 def setup(device: str, loop: LoopConfig | None = None) -> DistEnv:
     """The process's device and rank (torchrun or one process), threads and host memory as
     configured."""
-    if loop is not None and loop.threads > 0:
-        torch.set_num_threads(loop.threads)
+    if loop is not None:
+        # 0 is torch's default for this process, restored when an earlier step of a
+        # sequential suite (same process) set another count
+        torch.set_num_threads(loop.threads if loop.threads > 0 else DEFAULT_THREADS)
     if loop is not None and loop.keep_host_memory:
         host_memory.keep_freed_memory()
     return distributed.setup(device)

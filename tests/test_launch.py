@@ -34,7 +34,7 @@ from benchmark.launch import (
     launch,
     slurm_parameters,
 )
-from benchmark.suite import load_suite, run_suite, step_resources, suite_lock
+from benchmark.suite import load_suite, step_resources, suite_lock
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {"iterations": 2, "batch_size": 4, "workers": 0, "threads": 1}
@@ -124,9 +124,12 @@ def _names(seeds=(0, 1)) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sequential(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny suite (seeds 0 and 1) run by the sequential launcher: the reference."""
+    """The tiny suite (seeds 0 and 1) run by the sequential launcher: the reference. It runs
+    in a fresh process, as the launchers' workers do: torch's thread count (recorded in every
+    metrics.json) is then the machine's default, not what an earlier test in this process set."""
     tmp = tmp_path_factory.mktemp("sequential")
-    run_suite(_suite(tmp, synth_root), out=tmp / "out")
+    rc, _, stderr = _run(["run", str(_suite(tmp, synth_root))], tmp / "out")
+    assert rc == 0, stderr[-3000:]
     return tmp / "out"
 
 
