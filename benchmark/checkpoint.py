@@ -4,6 +4,7 @@
       "format": "bench-checkpoint/1",
       "stage": "pretrain/context-encoder",      # which stage wrote it
       "config": {...},                          # the resolved config (plain dict)
+      "input_convention": "caffe",              # what the encoder was fed (stages with one)
       "iteration": 1000,                        # loop position: iterations completed
       "seconds": 812.4,                         # training time so far (all sessions)
       "scalars": {"first": {...}, "history": [...]},
@@ -35,6 +36,9 @@ FORMAT = "bench-checkpoint/1"
 LOG_FILES = ("log.txt", "scalars.jsonl")
 _PY_STATE = 626  # random.getstate(): version, 624 Mersenne Twister words and a position
 _MT_WORDS = 624
+# The input convention of checkpoints that do not name one: every stage fed torchvision's
+# before the encoder's convention became its arch's (benchmark.input_convention).
+LEGACY_INPUT_CONVENTION = "torchvision"
 
 
 def rng_state() -> dict[str, Any]:
@@ -78,12 +82,15 @@ def make_checkpoint(
     state: Mapping[str, Mapping[str, Any]],
     scalars: Mapping[str, Any] | None = None,
     logs: Mapping[str, int] | None = None,
+    input_convention: str | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict (see the module docstring)."""
+    extra = {} if input_convention is None else {"input_convention": input_convention}
     return {
         "format": FORMAT,
         "stage": stage,
         "config": dict(config),
+        **extra,
         "iteration": int(iteration),
         "seconds": float(seconds),
         "scalars": dict(scalars or {}),
@@ -93,13 +100,23 @@ def make_checkpoint(
     }
 
 
-def check_checkpoint(ckpt: Any, stage: str, where: object) -> dict[str, Any]:
-    """The checkpoint if it is ours and of `stage`; a one-line BenchError otherwise."""
+def check_checkpoint(
+    ckpt: Any, stage: str, where: object, input_convention: str | None = None
+) -> dict[str, Any]:
+    """The checkpoint if it is ours, of `stage` and (when given) made feeding the encoder
+    `input_convention`; a one-line BenchError otherwise. Resuming weights and optimiser
+    moments made for another input would train on silently wrong inputs."""
     ckpt = validate_checkpoint(ckpt, where)
     if ckpt["stage"] != stage:
         raise BenchError(
             f"{printable(where)}: checkpoint of stage {printable(ckpt['stage'])!r}, not "
             f"{stage!r} (use --force to start this run over)"
+        )
+    saved = ckpt.get("input_convention", LEGACY_INPUT_CONVENTION)
+    if input_convention is not None and saved != input_convention:
+        raise BenchError(
+            f"{printable(where)}: checkpoint was trained feeding the encoder {saved!r} input, "
+            f"this run feeds {input_convention!r} (use --force to start this run over)"
         )
     return ckpt
 
@@ -118,6 +135,7 @@ def validate_checkpoint(ckpt: Any, where: object) -> dict[str, Any]:
     check_depth(ckpt, where, "checkpoint")
     get(ckpt, "stage", str, where)
     get(ckpt, "config", dict, where)
+    get(ckpt, "input_convention", str, where, required=False)
     get(ckpt, "iteration", int, where, check=non_negative)
     get(ckpt, "seconds", (int, float), where, check=non_negative)
     scalars = get(ckpt, "scalars", dict, where, required=False) or {}

@@ -453,6 +453,7 @@ def fit(
     hooks: Sequence[Hook] = (),
     loss_key: str = "loss",
     desc: str | None = None,
+    input_convention: str | None = None,
 ) -> FitResult:
     """Run `step` until `loop.iterations` are done, resuming from the run's checkpoint.
 
@@ -460,6 +461,8 @@ def fit(
     config: the resolved config, saved in every checkpoint.
     state: name -> model / optimiser / scheduler, saved in every checkpoint (DDP unwrapped);
         `precision` is saved with them.
+    input_convention: the encoder's input convention (name), saved in every checkpoint; a
+        checkpoint made feeding another one is not resumed.
     hooks: sample figures, interim evaluations: called after the step, before the
         checkpoint of the same iteration.
     """
@@ -468,7 +471,7 @@ def fit(
     ckpt = run.take_checkpoint()
     if ckpt is not None:
         where = run.checkpoint_dir / CHECKPOINT
-        check_checkpoint(ckpt, stage, where)
+        check_checkpoint(ckpt, stage, where, input_convention)
         missing = sorted(set(state) - set(ckpt["state"]))
         if missing:
             raise BenchError(f"{where}: checkpoint lacks state for {', '.join(missing)}")
@@ -502,6 +505,7 @@ def fit(
             state={k: _state_of(v) for k, v in state.items()},
             scalars={"first": first, "history": history},
             logs=run.log_sizes(),
+            input_convention=input_convention,
         )
         run.save_checkpoint(payload, CHECKPOINT)
 

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from benchmark.datasets.resolve import resolve_data
+from benchmark.input_convention import InputConvention
 from benchmarks.common import markdown_table
-from pretrain.alexnet import CONV_INDICES
+from pretrain.alexnet import ARCHS, CONV_INDICES
 from transfer.backbone import load_encoder
 from transfer.classification.config import AugmentConfig
 from transfer.classification.data import TrainCrops, VOCImages
@@ -33,10 +34,12 @@ from transfer.rescale import rescale_for_transfer_
 LAYERS = {0: "conv1", 3: "conv2", 6: "conv3", 8: "conv4", 10: "conv5"}
 
 
-def transfer_batch(voc: Path, crop: int, n: int, seed: int = 0) -> torch.Tensor:
+def transfer_batch(
+    voc: Path, crop: int, n: int, convention: InputConvention, seed: int = 0
+) -> torch.Tensor:
     """`n` uint8 training crops of VOC2007 trainval, as fine-tuning draws them."""
     images = VOCImages(voc, "trainval")
-    ds = TrainCrops(images, AugmentConfig(crop=crop, scale=(1.4, 2.0)), seed)
+    ds = TrainCrops(images, AugmentConfig(crop=crop, scale=(1.4, 2.0)), seed, convention)
     order = np.random.default_rng(seed).permutation(len(images))
     return torch.stack([ds[(int(order[i % len(images)]), i)][0] for i in range(n)])
 
@@ -57,8 +60,9 @@ def layer_stats(encoder: torch.nn.Module, x: torch.Tensor) -> list[dict[str, flo
     return rows
 
 
-def diagnose(weights: str | None, x: torch.Tensor, crop: int, seed: int) -> list[dict]:
+def diagnose(weights: str | None, raw: torch.Tensor, crop: int, seed: int) -> list[dict]:
     encoder, card = load_encoder(weights)
+    x = to_input(raw, torch.device("cpu"), encoder.convention)
     before = layer_stats(encoder.eval(), x)
     net = ClassificationNet(encoder, crop=crop, hidden=512, dropout=0.0)
     rescale_for_transfer_(net, lambda: net(x), "encoder.", card["method"] != "random", seed)
@@ -81,43 +85,48 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(args.seed)
     voc = Path(resolve_data(args.data, "voc2007"))
-    raw = transfer_batch(voc, args.crop, args.images, args.seed)
-    x = to_input(raw, torch.device("cpu"))
+    convention = ARCHS["caffenet"].convention  # the main job's encoder
+    raw = transfer_batch(voc, args.crop, args.images, convention, args.seed)
     rows = []
     for weights in args.runs or [None]:
-        rows += diagnose(weights, x, args.crop, args.seed)
+        rows += diagnose(weights, raw, args.crop, args.seed)
     print(markdown_table(rows))
     print()
-    print(markdown_table(input_stats(x, args.images, args.seed)))
+    x = to_input(raw, torch.device("cpu"), convention)
+    print(markdown_table(input_stats(x, args.images, convention, args.seed)))
 
 
-def _stats(label: str, x: torch.Tensor) -> dict[str, float | str]:
+def _stats(label: str, x: torch.Tensor, channels: str) -> dict[str, float | str]:
     mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
     return {"input": label, "size": x.shape[-1],
-            **{f"mean {c}": float(m) for c, m in zip("RGB", mean)},
-            **{f"std {c}": float(v) for c, v in zip("RGB", std)}}  # fmt: skip
+            **{f"mean {c}": float(m) for c, m in zip(channels, mean)},
+            **{f"std {c}": float(v) for c, v in zip(channels, std)}}  # fmt: skip
 
 
-def input_stats(transfer_x: torch.Tensor, n: int, seed: int) -> list[dict[str, float | str]]:
-    """Normalised pixels per channel: what pretraining fed the encoder (the pipeline of the
-    main job's context encoder: synthetic unlabelled images, 99 px, random-region masks
-    filled with the dataset's mean colour) against what classification fine-tuning feeds."""
+def input_stats(
+    transfer_x: torch.Tensor, n: int, convention: InputConvention, seed: int
+) -> list[dict[str, float | str]]:
+    """Encoder inputs per channel (in `convention`): what pretraining fed the encoder (the
+    pipeline of the main job's context encoder: synthetic unlabelled images, 99 px,
+    random-region masks filled with the dataset's mean colour) against what classification
+    fine-tuning feeds."""
     from benchmark.datasets.folder import list_images
-    from pretrain.data import PretrainImages, dataset_mean, fill_value
+    from pretrain.data import PretrainImages, dataset_mean
     from pretrain.masks import apply_mask, load_voc_shapes, make_mask_fn
 
     paths = list_images(resolve_data(None, "images"))
     shapes = load_voc_shapes(resolve_data(None, "voc2012"))
-    ds = PretrainImages(paths, 99, make_mask_fn("random-region", (99, 99), shapes=shapes),
-                        seed=seed)  # fmt: skip
+    mask_fn = make_mask_fn("random-region", (99, 99), shapes=shapes)
+    ds = PretrainImages(paths, 99, convention, mask_fn, seed=seed)
     items = [ds[(i % len(paths), i)] for i in range(n)]
     image = torch.stack([it["image"] for it in items])
     mask = torch.stack([it["mask"] for it in items])
-    masked = apply_mask(image, mask, fill_value(dataset_mean(paths)))
+    masked = apply_mask(image, mask, convention.colour(dataset_mean(paths)))
+    c = convention.channels
     return [
-        _stats("pretraining crop (as the autoencoder sees it)", image),
-        _stats("pretraining crop, masked region filled (context encoder)", masked),
-        _stats("classification fine-tuning crop", transfer_x),
+        _stats("pretraining crop (as the autoencoder sees it)", image, c),
+        _stats("pretraining crop, masked region filled (context encoder)", masked, c),
+        _stats("classification fine-tuning crop", transfer_x, c),
     ]
 
 

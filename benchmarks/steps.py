@@ -66,19 +66,22 @@ def context_encoder(
     masked: bool = True,
 ):
     """Section 3's feature learner at 227 px: Adam on the masked L2."""
+    from pretrain.alexnet import ARCHS
     from pretrain.context_encoder import ContextEncoder
-    from pretrain.data import fill_value
     from pretrain.train import make_step
 
+    convention = ARCHS["caffenet"].convention
     net = _maybe_compile(ContextEncoder("caffenet", False, 227).to(env.device), compile)
     opt = loop.adam(net.parameters(), 1e-4, (0.9, 0.999))
-    fill = fill_value([0.48, 0.46, 0.41]).to(env.device)
+    fill = convention.colour([0.48, 0.46, 0.41]).to(env.device)
     step = make_step(
-        net, opt, prec, env.device, fill=fill if masked else None, channels_last=channels_last
-    )
+        net, opt, prec, env.device, fill=fill if masked else None, channels_last=channels_last,
+        scale=convention.unit_scale().to(env.device),
+    )  # fmt: skip
     mask = torch.zeros(batch, 1, 227, 227)
     mask[..., 57:170, 57:170] = 1
-    data = {"image": torch.randn(batch, 3, 227, 227), "mask": mask}
+    pixels = torch.randint(0, 256, (batch, 3, 227, 227), dtype=torch.uint8)
+    data = {"image": convention.normalise(pixels), "mask": mask}
     return lambda: step(data, 0), batch
 
 
@@ -121,9 +124,10 @@ def classification(
     from transfer.classification.model import ClassificationNet
     from transfer.classification.train import make_optimizer, make_step
 
-    model = _maybe_compile(ClassificationNet(AlexNetEncoder("caffenet")).to(env.device), compile)
+    encoder = AlexNetEncoder("caffenet")
+    model = _maybe_compile(ClassificationNet(encoder).to(env.device), compile)
     t = TrainConfig(channels_last=channels_last)
-    step = make_step(model, make_optimizer(model, t), t, prec, env.device)
+    step = make_step(model, make_optimizer(model, t), t, prec, env.device, encoder.convention)
     data = (
         torch.randint(0, 256, (batch, 3, 227, 227), dtype=torch.uint8),
         (torch.rand(batch, 20) < 0.2).float(),
@@ -170,9 +174,10 @@ def segmentation(
     from transfer.segmentation.model import FCN
     from transfer.segmentation.train import make_optimizer, make_step
 
-    model = _maybe_compile(FCN(AlexNetEncoder("caffenet")).to(env.device), compile)
+    encoder = AlexNetEncoder("caffenet")
+    model = _maybe_compile(FCN(encoder).to(env.device), compile)
     t = SegmentationTrainConfig(iter_size=1, channels_last=channels_last)
-    step = make_step(model, make_optimizer(model, t), t, True, prec, env.device)
+    step = make_step(model, make_optimizer(model, t), t, True, prec, env.device, encoder.convention)
     # Labels in blocks and each class its own colour (plus noise), so that the loss of a
     # fixed batch can fall (uniform random labels have a zero expected gradient).
     rng = np.random.default_rng(0)
@@ -333,6 +338,7 @@ def pipelines(workers: int, seconds: float = 10.0) -> list[dict[str, Any]]:
     from benchmark.datasets.folder import list_images
     from benchmark.datasets.resolve import resolve_data
     from benchmark.loop import list_collate, loader_batches
+    from pretrain.alexnet import ARCHS
     from pretrain.data import PretrainImages
     from pretrain.inpainting.data import InpaintingImages
     from pretrain.masks import load_voc_shapes, make_mask_fn
@@ -346,10 +352,12 @@ def pipelines(workers: int, seconds: float = 10.0) -> list[dict[str, Any]]:
     shapes = load_voc_shapes(voc12)
     mask = make_mask_fn("random-region", (227, 227), shapes=shapes)
     seg = build_data(voc12, find_sbd(None, None, voc12, True), "train", "seg11valid")
+    conv = ARCHS["caffenet"].convention
+    cls_set = TrainCrops(VOCImages(voc07, "trainval"), AugmentConfig(), 0, conv)
     sets = {
-        "context-encoder": (PretrainImages(images, 227, mask), 32, None),
+        "context-encoder": (PretrainImages(images, 227, conv, mask), 32, None),
         "inpainting": (InpaintingImages(images, 350), 64, None),
-        "classification": (TrainCrops(VOCImages(voc07, "trainval"), AugmentConfig(), 0), 16, None),
+        "classification": (cls_set, 16, None),
         "segmentation": (SegTrainSet(seg.train, None, False, 0), 1, list_collate),
     }
     rows = []

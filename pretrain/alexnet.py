@@ -12,6 +12,12 @@ Layer indices follow torchvision's `AlexNet.features` (0 conv1, 3 conv2, 6 conv3
   project trained before the encoder followed Caffe (old cards call it "caffenet").
 - `torchvision`: torchvision's widths (64-192-384-256-256), needed to import its ImageNet file.
 
+Each arch takes one input convention (`ArchSpec.convention`, `benchmark.input_convention`):
+`caffenet` and `bvlc-alexnet` Caffe's (BGR, 0-255, minus (104, 117, 123)), at whose scale
+their LRN layers act and N(0, 0.01) weights give Caffe's activations; `torchvision`
+torchvision's, which its ImageNet file was trained with; `alexnet-plain` torchvision's too: it
+has no LRN for the scale to matter to, and every file of it was made with that convention.
+
 Where an arch has LRN, indices 2 and 5 hold a parameter-free `PoolNorm` applying pool and
 LRN in the arch's order, so the indices above stay put. Code that walks `features` should
 use `conv_layers()`, `pool_layers()`, `layer_geometry()` and `layer_output_size()` rather
@@ -22,12 +28,15 @@ inside a `PoolNorm` its keys are `features.{2,5}.pool.*`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from benchmark.input_convention import CAFFE, TORCHVISION, InputConvention, fold_conv1
 
 Arch = Literal["caffenet", "bvlc-alexnet", "alexnet-plain", "torchvision"]
 
@@ -52,16 +61,21 @@ class ArchSpec:
     lrn: LRNSpec | None  # after conv1 and conv2 (none after conv5, as in Caffe's nets)
     lrn_first: bool  # LRN before pooling (BVLC AlexNet) rather than after (CaffeNet)
     ceil_mode: bool  # Caffe rounds pooled sizes up; torchvision and the old network down
+    convention: InputConvention  # the input every stage feeds this arch (module docstring)
 
 
 CAFFE_LRN = LRNSpec()
 _CAFFE_WIDTHS = (96, 256, 384, 384, 256)
 _CAFFE_GROUPS = (1, 2, 1, 2, 2)
 ARCHS: dict[str, ArchSpec] = {
-    "caffenet": ArchSpec(_CAFFE_WIDTHS, 0, _CAFFE_GROUPS, CAFFE_LRN, False, True),
-    "bvlc-alexnet": ArchSpec(_CAFFE_WIDTHS, 0, _CAFFE_GROUPS, CAFFE_LRN, True, True),
-    "alexnet-plain": ArchSpec(_CAFFE_WIDTHS, 0, (1, 1, 1, 1, 1), None, False, False),
-    "torchvision": ArchSpec((64, 192, 384, 256, 256), 2, (1, 1, 1, 1, 1), None, False, False),
+    "caffenet": ArchSpec(_CAFFE_WIDTHS, 0, _CAFFE_GROUPS, CAFFE_LRN, False, True, CAFFE),
+    "bvlc-alexnet": ArchSpec(_CAFFE_WIDTHS, 0, _CAFFE_GROUPS, CAFFE_LRN, True, True, CAFFE),
+    "alexnet-plain": ArchSpec(
+        _CAFFE_WIDTHS, 0, (1, 1, 1, 1, 1), None, False, False, TORCHVISION
+    ),
+    "torchvision": ArchSpec(
+        (64, 192, 384, 256, 256), 2, (1, 1, 1, 1, 1), None, False, False, TORCHVISION
+    ),
 }
 WIDTHS: dict[str, tuple[int, int, int, int, int]] = {a: s.widths for a, s in ARCHS.items()}
 CONV_INDICES = (0, 3, 6, 8, 10)
@@ -69,10 +83,6 @@ POOL_INDICES = (2, 5, 12)
 CONV5_END = 12  # features[:12] ends with conv5's ReLU (stride 16, before pool5)
 INPUT_SIZE = 227
 POOL5_SIZE = 6
-# Every stage feeds the encoder (x / 255 - PIXEL_MEAN) / PIXEL_STD (torchvision's ImageNet
-# statistics), so weights move between pretraining, transfer and torchvision unchanged.
-PIXEL_MEAN = (0.485, 0.456, 0.406)
-PIXEL_STD = (0.229, 0.224, 0.225)
 
 
 def _window_sum(x: torch.Tensor, size: int, before: int) -> torch.Tensor:
@@ -129,7 +139,7 @@ class CaffeLRN(nn.LocalResponseNorm):
     The window is centred (size // 2 channels before, (size - 1) // 2 after, zeros beyond
     the ends), as F.local_response_norm and Caffe do for the odd sizes Caffe accepts; it
     equals F.local_response_norm to float rounding (tests/test_caffenet.py). Float32
-    because squared activations of imported Caffe nets (0-255 input scale) overflow fp16.
+    because squared activations at Caffe's 0-255 input scale overflow fp16.
     """
 
     def __init__(self, spec: LRNSpec) -> None:
@@ -192,6 +202,7 @@ class AlexNetEncoder(nn.Module):
         self.arch = arch
         self.spec = spec
         self.pool_free = pool_free
+        self.convention = spec.convention  # what every stage feeds it
         self.out_channels = c5
         self.features = nn.Sequential(
             nn.Conv2d(3, c1, kernel_size=11, stride=4, padding=spec.conv1_pad, groups=g[0]),
@@ -295,3 +306,29 @@ def gaussian_init_(module: nn.Module, std: float = 0.01) -> None:
             nn.init.normal_(m.weight, 0.0, std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def refold_conv1(
+    state: Mapping[str, torch.Tensor],
+    arch: str,
+    source: InputConvention,
+    target: InputConvention,
+) -> dict[str, torch.Tensor]:
+    """An encoder state dict made for `source` input, with conv1 folded (in float64) to give
+    the same outputs on `target` input; a plain copy when the two are the same.
+
+    ValueError for an arch whose conv1 pads with zeros (torchvision's): a padded zero is
+    each convention's own mean colour, so no fold is exact there."""
+    out = dict(state)
+    if source == target:
+        return out
+    if ARCHS[arch].conv1_pad:
+        raise ValueError(
+            f"arch {arch!r} pads conv1 by {ARCHS[arch].conv1_pad}, so weights made for "
+            f"{source.name} input cannot be folded exactly to take {target.name} input"
+        )
+    w, b = out["features.0.weight"], out["features.0.bias"]
+    new_w, new_b = fold_conv1(w.detach().cpu(), b.detach().cpu(), source, target)
+    out["features.0.weight"] = torch.from_numpy(new_w).to(w.dtype)
+    out["features.0.bias"] = torch.from_numpy(new_b).to(b.dtype)
+    return out

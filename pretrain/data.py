@@ -5,8 +5,9 @@ sampler (`benchmark.loop.IterationSampler`) can start at any iteration; the batc
 depend only on the seed and the iteration, not on the number of DataLoader workers or on
 where a run was interrupted.
 
-Pixels are normalised like every other stage, (x / 255 - PIXEL_MEAN) / PIXEL_STD. Dropped
-pixels are set to the *dataset's* mean colour (Section 4), i.e. `fill_value(mean)`.
+Pixels are fed in the encoder's input convention (`benchmark.input_convention`; Caffe's for
+the default CaffeNet), like every other stage. Dropped pixels are set to the *dataset's* mean
+colour (Section 4) in those units, `convention.colour(dataset_mean(...))`.
 """
 
 from __future__ import annotations
@@ -20,31 +21,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from benchmark.datasets.folder import load_rgb
-from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD
+from benchmark.input_convention import InputConvention
 from pretrain.masks import MaskFn
 
 RESIZE_RATIO = 256 / 227  # shorter side resized to 256 for 227 crops, as Caffe's AlexNet
-
-
-def normalise(pixels: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float32 normalised with PIXEL_MEAN / PIXEL_STD."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    return x.sub_(mean).div_(std)
-
-
-def denormalise(x: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) normalised -> pixels in [0, 1] (clamped), for PNG grids."""
-    mean = torch.tensor(PIXEL_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD, device=x.device).view(3, 1, 1)
-    return (x.float() * std + mean).clamp_(0.0, 1.0)
-
-
-def fill_value(dataset_mean: Sequence[float]) -> torch.Tensor:
-    """The dataset's mean colour (RGB in [0, 1]) in normalised units: (3,)."""
-    m = torch.tensor(list(dataset_mean), dtype=torch.float32)
-    return (m - torch.tensor(PIXEL_MEAN)) / torch.tensor(PIXEL_STD)
 
 
 def dataset_mean(paths: Sequence[Path], max_images: int = 500, seed: int = 0) -> list[float]:
@@ -117,7 +97,7 @@ class SeededImages(Dataset):
 
 
 class PretrainImages(SeededImages):
-    """Image folder -> {"image": (3, S, S) normalised, "mask": (1, S, S) float 0/1}.
+    """Image folder -> {"image": (3, S, S) in `convention`, "mask": (1, S, S) float 0/1}.
 
     Without `mask_fn` the mask is all ones (the autoencoder reconstructs everything).
     mask_batch: 0 draws a mask per image; B > 0 one per global batch of B (`mask_rng`).
@@ -127,6 +107,7 @@ class PretrainImages(SeededImages):
         self,
         paths: Sequence[Path],
         size: int,
+        convention: InputConvention,
         mask_fn: MaskFn | None = None,
         flip: bool = True,
         seed: int = 0,
@@ -134,6 +115,7 @@ class PretrainImages(SeededImages):
     ) -> None:
         super().__init__(paths, seed, flip, mask_batch)
         self.size = size
+        self.convention = convention
         self.mask_fn = mask_fn
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -144,6 +126,6 @@ class PretrainImages(SeededImages):
         else:
             mask = self.mask_fn(self.mask_rng(key, rng))
         return {
-            "image": normalise(pixels),
+            "image": self.convention.normalise_hwc(pixels),
             "mask": torch.from_numpy(mask).to(torch.float32).unsqueeze(0),
         }

@@ -2,13 +2,23 @@
 
 The native file, `encoder.safetensors`, holds torchvision key names (`features.N.weight`)
 and the model card as JSON in its metadata; a card is also written beside every export as
-`<stem>.card.json`. The other formats are converted from the native file:
+`<stem>.card.json`. Every card says which input convention conv1 takes (`input_convention`,
+`benchmark.input_convention`; cards older than that key mean torchvision's). The other
+formats are converted from the native file:
 
 - torchvision: a plain state dict (`features.N.*`), loadable into torchvision's AlexNet
-  features when the encoder was trained with arch "torchvision" (CaffeNet widths differ);
+  features when the encoder was trained with arch "torchvision" (CaffeNet widths differ).
+  A torchvision file carries no card for its reader, so it takes torchvision's input: an
+  encoder made for another convention (CaffeNet's Caffe input) has the conversion folded
+  into conv1, exactly (CaffeNet's conv1 has no padding);
 - detectron2: a pickled {"model": {name: numpy array}, "__author__", "matching_heuristics":
   False} with names `backbone.features.N.*` (our backbone registered as `features`);
 - mmseg: a torch file {"state_dict": {"backbone.features.N.*": tensor}, "meta": card}.
+
+detectron2 and mmseg configure the input in their own config keys, so their files keep the
+encoder's convention, and the card says the keys that feed it (`framework_input`:
+detectron2's INPUT.FORMAT / MODEL.PIXEL_MEAN / MODEL.PIXEL_STD, mmseg's data_preprocessor
+mean / std / bgr_to_rgb), which bench's own backends set the same way.
 
 Every card that bench reads (in a native file's metadata, beside an export, in a generator
 file) goes through `validate_card`. An export never replaces an existing weights file or
@@ -28,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from benchmark.errors import BenchError, printable
+from benchmark.input_convention import TORCHVISION, InputConvention, saved_convention
 from benchmark.runs import (
     atomic_torch_save,
     atomic_write_bytes,
@@ -35,6 +46,7 @@ from benchmark.runs import (
     remove_stale_temporaries_of,
 )
 from benchmark.validate import finite, get, parse_json
+from pretrain.alexnet import ARCHS, refold_conv1
 
 Format = Literal["native", "torchvision", "detectron2", "mmseg"]
 NATIVE_FILE = "encoder.safetensors"
@@ -47,7 +59,7 @@ CARD_KEYS = (
     "arch",
     "pool_free",
     "pretrain_seconds",
-)
+)  # + `input_convention`, which every stage writes; a card without it means torchvision's
 DEFAULT_NAMES: dict[str, str] = {
     "native": NATIVE_FILE,
     "torchvision": "encoder_torchvision.pth",
@@ -64,6 +76,10 @@ CARD_FIELDS: dict[str, tuple[type, ...]] = {
     "departures": (list, type(None)), "synthetic": (bool, type(None)),
     "imported": (bool, type(None)), "source": _TEXT, "format": _TEXT, "arch_note": _TEXT,
     "hole": _TEXT, "overlap": (int, type(None)), "shapes": _TEXT,
+    # benchmark.input_convention: {name, channels, mean, std} (a sentence in old imports)
+    "input_convention": (dict, str, type(None)), "input_convention_loaded": _TEXT,
+    "convention_note": _TEXT, "folded_from_convention": _TEXT,
+    "framework_input": (dict, type(None)),
 }  # fmt: skip
 
 
@@ -156,6 +172,7 @@ def export(run_dir: Path, fmt: Format, out: Path | None = None, *, force: bool =
     src = native_file(Path(run_dir))
     state, card = load_native(src)
     check_finite(state, src)
+    card = {**card, "input_convention": saved_convention(card, src).as_dict()}
     out = Path(out) if out is not None else src.parent / DEFAULT_NAMES[fmt]
     if out.is_dir():
         raise BenchError(f"{printable(out)}: --out is a folder; give a file name")
@@ -175,12 +192,15 @@ def export(run_dir: Path, fmt: Format, out: Path | None = None, *, force: bool =
         write_native(out, state, card)
         return out
     if fmt == "torchvision":
+        state, card = to_convention(state, card, TORCHVISION, src)
         atomic_torch_save(out, dict(state))
     elif fmt == "detectron2":
+        card["framework_input"] = framework_input(fmt, saved_convention(card, src))
         model = {FRAMEWORK_PREFIX + k: v.numpy() for k, v in state.items()}
         blob = {"model": model, "__author__": "bench", "matching_heuristics": False}
         atomic_write_bytes(out, pickle.dumps(blob, protocol=pickle.HIGHEST_PROTOCOL))
     elif fmt == "mmseg":
+        card["framework_input"] = framework_input(fmt, saved_convention(card, src))
         sd = {FRAMEWORK_PREFIX + k: v for k, v in state.items()}
         atomic_torch_save(out, {"state_dict": sd, "meta": card})
     atomic_write_json(card_path(out), {**card, "format": fmt})
@@ -191,3 +211,35 @@ def key_map(state_dict: dict[str, torch.Tensor], fmt: Format) -> list[tuple[str,
     """(our key, exported key) pairs, for printing what a conversion renames."""
     prefix = FRAMEWORK_PREFIX if fmt in ("detectron2", "mmseg") else ""
     return [(k, prefix + k) for k in state_dict]
+
+
+def to_convention(
+    state: dict[str, torch.Tensor], card: dict[str, Any], target: InputConvention, where: Path
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state, card) with conv1 folded from the card's convention to `target`'s; the card
+    then says `target` and, where it moved, which convention the weights were made for."""
+    source = saved_convention(card, where)
+    if source == target:
+        return state, {**card, "input_convention": target.as_dict()}
+    arch = card.get("arch")
+    if arch not in ARCHS:  # a card without an arch: torchvision's widths are the padded one
+        arch = "torchvision" if state["features.0.weight"].shape[0] == 64 else "alexnet-plain"
+    try:
+        state = refold_conv1(state, arch, source, target)
+    except ValueError as exc:
+        raise BenchError(f"{printable(where)}: {exc}") from None
+    card = {**card, "input_convention": target.as_dict(), "folded_from_convention": source.name}
+    return state, card
+
+
+def framework_input(fmt: str, convention: InputConvention) -> dict[str, Any]:
+    """The detectron2 / mmseg config values that feed an encoder `convention`'s input
+    (detectron2 reads images in INPUT.FORMAT and computes (x - MEAN) / STD; mmseg loads BGR,
+    converts when bgr_to_rgb, then (x - mean) / std)."""
+    mean, std = list(convention.mean), list(convention.std)
+    if fmt == "detectron2":
+        return {"INPUT.FORMAT": convention.channels, "MODEL.PIXEL_MEAN": mean,
+                "MODEL.PIXEL_STD": std}  # fmt: skip
+    if fmt == "mmseg":
+        return {"mean": mean, "std": std, "bgr_to_rgb": convention.channels == "RGB"}
+    raise ValueError(f"no framework input settings for format {fmt!r}")

@@ -6,6 +6,11 @@ the dropped region only, extended outward by an `overlap` band of context pixels
 network also predicts and that weighs `overlap_weight` times more (paper: 7 px, released
 code: 4 px, weight 10), which pushes the fill to agree with its surroundings. Pixels
 outside the extended region get weight exactly 0, so they receive no gradient at all.
+
+`scale` (per channel, `InputConvention.unit_scale()`) measures the error on the [-1, 1] pixel
+scale whatever units the network works in (Caffe's 0-255 or torchvision's), so the loss reads
+alike for every encoder and the joint loss keeps the balance the released code set on [-1, 1]
+pixels. It weights per-channel sums, costing no pass over the images.
 """
 
 from __future__ import annotations
@@ -50,10 +55,12 @@ def _masked_mean(
     overlap: int,
     overlap_weight: float,
     squared: bool,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum(w * err) / (C * #pixels with w > 0): the mean over the predicted region, with
     the band's errors counted `overlap_weight` times (normalised like the released code's
-    weighted MSE over the predicted patch). err is |pred - target|, squared for L2.
+    weighted MSE over the predicted patch). err is |pred - target| (times `scale` per
+    channel when given), squared for L2.
 
     Computed in float32 even under autocast: squared errors of half-precision outputs lose
     the small differences late in training."""
@@ -61,7 +68,12 @@ def _masked_mean(
     err = d * d if squared else d.abs()
     w = loss_weights(mask, overlap, overlap_weight).to(err.dtype)
     count = (w > 0).sum() * err.shape[1]
-    return (err * w).sum() / count.clamp(min=1)
+    if scale is None:
+        total = (err * w).sum()
+    else:  # per-channel sums, then the channel weights: no extra full-size pass
+        c = scale.to(err.device, err.dtype)
+        total = (err * w).sum(dim=(0, 2, 3)) @ (c * c if squared else c)
+    return total / count.clamp(min=1)
 
 
 def masked_l2(
@@ -70,10 +82,11 @@ def masked_l2(
     mask: torch.Tensor,
     overlap: int = 0,
     overlap_weight: float = OVERLAP_WEIGHT,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Normalised masked L2 (Eq. 1): pred, target (B, C, H, W); mask (B, 1, H, W) -> scalar
-    (float32 even under autocast)."""
-    return _masked_mean(pred, target, mask, overlap, overlap_weight, squared=True)
+    (float32 even under autocast); `scale` (C,) as in the module docstring."""
+    return _masked_mean(pred, target, mask, overlap, overlap_weight, True, scale)
 
 
 def masked_l1(
@@ -82,9 +95,10 @@ def masked_l1(
     mask: torch.Tensor,
     overlap: int = 0,
     overlap_weight: float = OVERLAP_WEIGHT,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked L1, the paper's equally good alternative to L2 (same shapes as `masked_l2`)."""
-    return _masked_mean(pred, target, mask, overlap, overlap_weight, squared=False)
+    return _masked_mean(pred, target, mask, overlap, overlap_weight, False, scale)
 
 
 RECONSTRUCTION_LOSSES = {"l2": masked_l2, "l1": masked_l1}

@@ -29,7 +29,7 @@ from pretrain.adversarial import Adversary, DCGANDiscriminator, discriminator_lr
 from pretrain.alexnet import ARCHS, AlexNetEncoder, gaussian_init_, pool5_size
 from pretrain.config import PAPER_LR, PretrainConfig
 from pretrain.context_encoder import ContextEncoder
-from pretrain.data import PretrainImages, dataset_mean, denormalise, fill_value
+from pretrain.data import PretrainImages, dataset_mean
 from pretrain.export import NATIVE_FILE, write_native
 from pretrain.losses import RECONSTRUCTION_LOSSES, joint_loss
 from pretrain.masks import PER_BATCH, apply_mask, make_mask_fn
@@ -161,6 +161,8 @@ def _card(cfg: PretrainConfig, **fields: Any) -> dict[str, Any]:
         "settings": settings(cfg),
     }
     card.update(fields)
+    # what conv1 takes (the arch's convention; benchmark.input_convention)
+    card["input_convention"] = ARCHS[card["arch"]].convention.as_dict()
     return card
 
 
@@ -183,6 +185,7 @@ def _finish(
         "mask": card["mask"],
         "shapes": card.get("shapes"),
         "arch": card["arch"],
+        "input_convention": card["input_convention"]["name"],
         "pretrain_key": card["pretrain_key"],
         "iterations": card["iterations"],
         "train_seconds": card["pretrain_seconds"],
@@ -246,14 +249,17 @@ def make_step(
     adversary: Adversary | None = None,
     adversarial_weight: float = 0.0,
     channels_last: bool = False,
+    scale: torch.Tensor | None = None,
 ) -> Callable[[dict[str, torch.Tensor], int], dict[str, torch.Tensor]]:
     """One optimisation step on a batch {"image", "mask"} for `benchmark.loop.fit`.
 
-    fill: the dataset mean (normalised, (3,)) put into dropped pixels; None feeds the image
-    unmasked (the autoencoder, whose mask covers everything). With an adversary, first a
-    discriminator step on real vs predicted images, then a generator step on the joint
-    loss. Returns the reconstruction loss as "loss" (plus "d_loss", "adv_loss").
-    channels_last: the batch in NHWC memory (`loop.nhwc`).
+    The network reads and predicts pixels in the encoder's input convention. fill: the
+    dataset mean in those units ((3,)) put into dropped pixels; None feeds the image
+    unmasked (the autoencoder, whose mask covers everything). scale: the convention's
+    `unit_scale()`, so the reconstruction loss is measured on [-1, 1] pixels. With an
+    adversary, first a discriminator step on real vs predicted images, then a generator
+    step on the joint loss. Returns the reconstruction loss as "loss" (plus "d_loss",
+    "adv_loss"). channels_last: the batch in NHWC memory (`loop.nhwc`).
     """
     rec_loss = RECONSTRUCTION_LOSSES[loss]
 
@@ -269,7 +275,7 @@ def make_step(
             scalars["d_loss"] = adversary.update(image, pred)
             adv = adversary.generator_loss(pred)
             scalars["adv_loss"] = adv.detach()
-        rec = rec_loss(pred, image, mask, overlap, overlap_weight)
+        rec = rec_loss(pred, image, mask, overlap, overlap_weight, scale)
         total = joint_loss(rec, adv, adv_weight=adversarial_weight)
         optimizer.zero_grad(set_to_none=True)
         precision.backward(total)
@@ -288,14 +294,15 @@ def train_inpainting(
     images_root = data.images.root
     paths, skipped = data.images.usable(cfg.on_bad_data, run.logger)
     mean = dataset_mean(paths, seed=cfg.seed)
-    fill = fill_value(mean).to(env.device)
+    convention = ARCHS[cfg.model.arch].convention
+    fill = convention.colour(mean).to(env.device)
     mask_fn, mask_name, shapes = _mask_fn(cfg, run, data)
     per_batch = cfg.train.batch_size if mask_name in PER_BATCH else 0  # one noise mask a batch
-    dataset = PretrainImages(paths, cfg.model.input_size, mask_fn, seed=cfg.seed,
+    dataset = PretrainImages(paths, cfg.model.input_size, convention, mask_fn, seed=cfg.seed,
                              mask_batch=per_batch)  # fmt: skip
     run.logger.info(
         f"{len(paths)} images from {images_root}; mean colour {[round(m, 3) for m in mean]}; "
-        f"mask {mask_name}"
+        f"mask {mask_name}; {convention.name} input convention"
     )
 
     tc, lc = cfg.train, cfg.loss
@@ -317,6 +324,7 @@ def train_inpainting(
         fill=fill if masked else None, loss=lc.kind, overlap=lc.overlap,
         overlap_weight=lc.overlap_weight, adversary=adversary,
         adversarial_weight=lc.adversarial_weight, channels_last=tc.channels_last,
+        scale=convention.unit_scale().to(env.device),
     )  # fmt: skip
 
     samples = [dataset[(i % len(dataset), SAMPLE_KEY + i)] for i in range(SAMPLE_IMAGES)]
@@ -332,16 +340,17 @@ def train_inpainting(
         with torch.no_grad(), precision.autocast():
             pred = net(inp).float()
         net.train()
-        rows = [denormalise(image), denormalise(inp), denormalise(pred)]
+        shown = convention.denormalise
+        rows = [shown(image), shown(inp), shown(pred)]
         if masked:
-            rows.append(denormalise(torch.where(mask.bool(), pred, image)))
+            rows.append(shown(torch.where(mask.bool(), pred, image)))
         save_grid(run.file(f"samples/iter_{iteration:07d}.png"), rows)
 
     result = loop.fit(
         run, env, tc, stage=f"{STAGE}/{cfg.method}", config=cfg, seed=cfg.seed, step=step,
         batches=loop.loader_batches(dataset, tc.batch_size, cfg.seed, env, tc.workers),
         state=state, precision=precision, hooks=[loop.Hook(tc.sample_every, on_sample)],
-        desc=f"pretrain {cfg.method}",
+        desc=f"pretrain {cfg.method}", input_convention=convention.name,
     )  # fmt: skip
     encoder = loop.unwrap(model).encoder
     card = _card(

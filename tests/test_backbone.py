@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from benchmark.errors import BenchError
+from benchmark.input_convention import CAFFE
 from pretrain.alexnet import AlexNetEncoder
 from pretrain.export import write_native
 from transfer.backbone import (
@@ -50,7 +51,7 @@ def test_random_init_is_gaussian():
 def test_native_export_and_run_folder_load(tmp_path, pool_free):
     torch.manual_seed(1)
     src = AlexNetEncoder("caffenet", pool_free=pool_free)
-    card = {**CARD, "pool_free": pool_free}
+    card = {**CARD, "pool_free": pool_free, "input_convention": CAFFE.as_dict()}
     path = write_native(tmp_path / "encoder.safetensors", src.state_dict(), card)
     for weights in (path, tmp_path, str(path)):  # file, run folder, string
         enc, got = load_encoder(weights)

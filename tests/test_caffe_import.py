@@ -17,16 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmark.caffe import (
-    caffe_weights,
-    fold_input_convention,
-    import_caffe,
-    read_caffemodel,
-    read_prototxt,
-)
+from benchmark.caffe import caffe_weights, import_caffe, read_caffemodel, read_prototxt
 from benchmark.caffe.schema import messages
 from benchmark.errors import BenchError
-from pretrain.data import normalise
+from benchmark.input_convention import CAFFE, TORCHVISION, caffe_transform, fold_conv1
 from transfer.backbone import load_encoder, peek_card
 
 # name, type, kernel, stride, pad, group, outputs (CaffeNet's train_val names)
@@ -238,9 +232,10 @@ def caffe_pool5(rgb: np.ndarray, weights: dict, mean_bgr=MEAN, lrn_first=False,
 
 
 def bench_pool5(weights_path: Path, rgb: np.ndarray) -> torch.Tensor:
+    """pool5 of the loaded encoder on the image fed in its own input convention."""
     enc, _ = load_encoder(weights_path)
     with torch.no_grad():
-        return enc.eval()(normalise(rgb)[None]).double()
+        return enc.eval()(enc.convention.normalise_hwc(rgb)[None]).double()
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
@@ -412,7 +407,8 @@ def test_card_records_sources_and_convention(tmp_path):
         "name": "ce_features.caffemodel", "sha256": hashlib.sha256(model.read_bytes()).hexdigest()
     }  # fmt: skip
     assert card["source_files"]["prototxt"]["name"] == "ce_features.prototxt"
-    assert "BGR" in card["input_convention"] and card["pool_free"] is False
+    assert card["input_convention"] == CAFFE.as_dict() and card["pool_free"] is False
+    assert card["input_convention_loaded"] == "caffe" and "convention_note" not in card
     with pytest.raises(BenchError, match="exists"):
         import_caffe(proto, model, tmp_path)
     import_caffe(proto, model, tmp_path, method="context-encoder", force=True)
@@ -426,7 +422,7 @@ def test_load_encoder_reads_a_caffemodel_beside_its_prototxt(tmp_path):
     assert peek_card(model)["method"] == "bvlc_reference_caffenet"
     img = make_image()
     with torch.no_grad():
-        got = enc.eval()(normalise(img)[None]).double()
+        got = enc.eval()(CAFFE.normalise_hwc(img)[None]).double()
     assert close(got, caffe_pool5(img, weights))
     proto.unlink()
     with pytest.raises(BenchError, match="bench import caffe") as err:
@@ -434,17 +430,29 @@ def test_load_encoder_reads_a_caffemodel_beside_its_prototxt(tmp_path):
     assert "bvlc_reference_caffenet.prototxt" in str(err.value)
 
 
-def test_fold_is_exact_on_a_conv1_alone():
+@pytest.mark.parametrize("target", [CAFFE, TORCHVISION], ids=lambda c: c.name)
+def test_fold_is_exact_on_a_conv1_alone(target):
+    """A prototxt's (p - mean) * scale input folded into a conv1 taking `target`'s input,
+    checked against the input written out by hand."""
     rng = np.random.default_rng(0)
     w, b = rng.standard_normal((4, 3, 11, 11)), rng.standard_normal(4)
-    fw, fb = fold_input_convention(w, b, (100.0, 110.0, 120.0), 0.5)
+    fw, fb = fold_conv1(w, b, caffe_transform((100.0, 110.0, 120.0), 0.5), target)
     img = rng.integers(0, 256, (23, 23, 3)).astype(np.uint8)
     x_caffe = (img[:, :, ::-1].astype(np.float64) - [100.0, 110.0, 120.0]) * 0.5
     want = F.conv2d(torch.from_numpy(x_caffe.transpose(2, 0, 1).copy())[None],
                     torch.from_numpy(w), torch.from_numpy(b), stride=4)  # fmt: skip
-    got = F.conv2d(normalise(img)[None].double(), torch.from_numpy(fw), torch.from_numpy(fb),
-                   stride=4)  # fmt: skip
-    assert close(got, want, 1e-6)
+    x = target.normalise_hwc(img.astype(np.float64))[None]
+    got = F.conv2d(x, torch.from_numpy(fw), torch.from_numpy(fb), stride=4)
+    assert close(got, want, 1e-12)
+
+
+def test_the_usual_mean_and_scale_import_conv1_unchanged(tmp_path):
+    """A prototxt with Caffe's (104, 117, 123) and scale 1 is the encoder's own convention:
+    conv1 is Caffe's blob, bit for bit."""
+    proto, model, weights = write_net(tmp_path)
+    state = caffe_weights(proto, model).state
+    assert np.array_equal(state["features.0.weight"].numpy(), weights["conv1"][0])
+    assert np.array_equal(state["features.0.bias"].numpy(), weights["conv1"][1])
 
 
 # ------------------------------------------------------------------------ refusals

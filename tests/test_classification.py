@@ -14,6 +14,7 @@ from benchmark.datasets.synth import make_synthetic
 from benchmark.datasets.voc import VOC_CLASSES
 from benchmark.distributed import DistEnv
 from benchmark.errors import ConfigError
+from benchmark.input_convention import CAFFE, TORCHVISION
 from benchmark.loop import IterationSampler, Precision
 from benchmark.metrics import classification_ap
 from benchmark.runs import open_run
@@ -25,7 +26,7 @@ from transfer.classification.config import (
     EvalConfig,
     TrainConfig,
 )
-from transfer.classification.data import EvalCrops, VOCImages
+from transfer.classification.data import EvalCrops, TrainCrops, VOCImages
 from transfer.classification.evaluate import evaluate
 from transfer.classification.model import (
     FROZEN_PREFIXES,
@@ -33,7 +34,6 @@ from transfer.classification.model import (
     sigmoid_cross_entropy,
 )
 from transfer.classification.presets import (
-    MEAN_PIXEL,
     center_crop,
     random_crop,
     window,
@@ -42,6 +42,7 @@ from transfer.classification.presets import (
 from transfer.classification.train import default_name, main, make_optimizer, make_step
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"))
+MEAN_PIXEL = CAFFE.mean_rgb8()  # the default CaffeNet's padding colour: (123, 117, 104) RGB
 SMALL = 67  # smallest crop the encoder takes: pool5 is 1x1, so tests run in seconds
 
 
@@ -113,21 +114,37 @@ def test_loss_ignores_difficult_labels():
 
 def test_window_pads_with_the_mean_pixel():
     img = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
-    out = window(img, -2, -1, 8)
+    out = window(img, -2, -1, 8, MEAN_PIXEL)
     assert (out[1:5, 2:8] == img).all()
     assert (out[0] == MEAN_PIXEL).all() and (out[:, :2] == MEAN_PIXEL).all()
-    assert (window(img, 1, 1, 3) == img[1:4, 1:4]).all()
+    assert (window(img, 1, 1, 3, MEAN_PIXEL) == img[1:4, 1:4]).all()
     small = Image.fromarray(img)
-    assert (center_crop(small, 8)[2:6, 1:7] == img).all()
+    assert (center_crop(small, 8, MEAN_PIXEL)[2:6, 1:7] == img).all()
+    # Caffe pads mean-subtracted data with zeros: the padding is exactly 0 in its units
+    x = CAFFE.normalise_hwc(out)
+    assert x.shape == (3, 8, 8) and (x[:, 0] == 0).all() and (x[:, :, :2] == 0).all()
+    assert (TORCHVISION.normalise_hwc(window(img, -2, -1, 8, TORCHVISION.mean_rgb8()))[:, 0]
+            .abs().max() < 0.01)  # fmt: skip
+
+
+def test_datasets_pad_with_the_encoders_mean_pixel(voc07):
+    images = VOCImages(voc07, "test")
+    aug = AugmentConfig(crop=400, scale=(0.5, 0.5), mode="rescale")  # larger than any image
+    for conv in (CAFFE, TORCHVISION):
+        pad = torch.from_numpy(conv.mean_rgb8())[:, None, None]
+        crop = TrainCrops(images, aug, 0, conv)[(0, 0)][0]
+        centre = EvalCrops(images, aug, EvalConfig(mode="center"), 0, conv)[0][0][0]
+        assert (crop == pad).all(0).float().mean() > 0.5  # a ~60 px image in a 400 crop
+        assert (centre[:, 0, 0] == pad[:, 0, 0]).all()
 
 
 def test_random_crop_scales_pads_and_is_seeded():
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
-    a = random_crop(img, np.random.default_rng(5), 67, (0.5, 2.0), True)
-    b = random_crop(img, np.random.default_rng(5), 67, (0.5, 2.0), True)
+    a = random_crop(img, np.random.default_rng(5), 67, (0.5, 2.0), True, MEAN_PIXEL)
+    b = random_crop(img, np.random.default_rng(5), 67, (0.5, 2.0), True, MEAN_PIXEL)
     assert a.shape == (67, 67, 3) and a.dtype == np.uint8 and (a == b).all()
     # at scale <= 1 the 40x60 image is smaller than the crop: there is mean padding
-    pad = random_crop(img, np.random.default_rng(1), 67, (0.5, 1.0), False)
+    pad = random_crop(img, np.random.default_rng(1), 67, (0.5, 1.0), False, MEAN_PIXEL)
     assert (pad == MEAN_PIXEL).all(axis=-1).any()
 
 
@@ -137,34 +154,34 @@ def test_window_crop_is_the_reference_data_layer():
     rng0 = np.random.default_rng(0)
     img_np = rng0.integers(0, 255, (90, 140, 3), dtype=np.uint8)
     img = Image.fromarray(img_np)
-    a = window_crop(img, np.random.default_rng(3), 67, (0.5, 2.0), True)
-    assert a.shape == (67, 67, 3) and (a == window_crop(img, np.random.default_rng(3), 67,
-                                                       (0.5, 2.0), True)).all()  # fmt: skip
+    a = window_crop(img, np.random.default_rng(3), 67, (0.5, 2.0), True, MEAN_PIXEL)
+    again = window_crop(img, np.random.default_rng(3), 67, (0.5, 2.0), True, MEAN_PIXEL)
+    assert a.shape == (67, 67, 3) and (a == again).all()
     # scale fixed at 1 and no mirror: the crop is an exact 67x67 window of the image
-    w = window_crop(img, np.random.default_rng(5), 67, (1.0, 1.0), False)
+    w = window_crop(img, np.random.default_rng(5), 67, (1.0, 1.0), False, MEAN_PIXEL)
     hits = [(y, x) for y in range(90 - 66) for x in range(140 - 66)
             if (img_np[y : y + 67, x : x + 67] == w).all()]  # fmt: skip
     assert len(hits) == 1
     # the largest window is clamped to the image's shorter side (90 < 2 x 67): no padding
-    big = window_crop(img, np.random.default_rng(1), 67, (1.9, 2.0), False)
+    big = window_crop(img, np.random.default_rng(1), 67, (1.9, 2.0), False, MEAN_PIXEL)
     assert not (big == MEAN_PIXEL).all(axis=-1).all(axis=0).any()
 
 
 def test_ten_crop_test_is_reproducible_and_differs_from_centre(voc07):
     images = VOCImages(voc07, "test")
     aug = AugmentConfig(crop=SMALL, scale=(0.5, 2.0))
-    ten = EvalCrops(images, aug, EvalConfig(mode="ten-random", crops=10), seed=0)
+    ten = EvalCrops(images, aug, EvalConfig(mode="ten-random", crops=10), 0, CAFFE)
     crops, idx = ten[3]
     assert crops.shape == (10, 3, SMALL, SMALL) and idx == 3
     assert torch.equal(crops, ten[3][0])  # same seed, same image: same crops
     assert not torch.equal(crops[0], crops[1])
-    assert not torch.equal(crops, EvalCrops(images, aug, ten.test, seed=1)[3][0])
-    centre = EvalCrops(images, aug, EvalConfig(mode="center"), seed=0)
+    assert not torch.equal(crops, EvalCrops(images, aug, ten.test, 1, CAFFE)[3][0])
+    centre = EvalCrops(images, aug, EvalConfig(mode="center"), 0, CAFFE)
     assert centre[3][0].shape == (1, 3, SMALL, SMALL)
 
     model = tiny_net()
     s1 = evaluate(model, ten, ten.test, CPU)
-    s2 = evaluate(model, EvalCrops(images, aug, ten.test, seed=0), ten.test, CPU)
+    s2 = evaluate(model, EvalCrops(images, aug, ten.test, 0, CAFFE), ten.test, CPU)
     sc = evaluate(model, centre, centre.test, CPU)
     assert s1.shape == (len(images), 20)
     np.testing.assert_array_equal(s1, s2)
@@ -198,7 +215,7 @@ def test_train_from_freezes_the_right_layers(train_from):
     snap = snapshot_frozen(model, prefixes)
     train = TrainConfig(lr=0.1, weight_decay=0.1)
     opt = make_optimizer(model, train)
-    step = make_step(model, opt, train, Precision("fp32", CPU.device), CPU.device)
+    step = make_step(model, opt, train, Precision("fp32", CPU.device), CPU.device, CAFFE)
     gen = torch.Generator().manual_seed(0)
     for it in range(3):
         batch = (

@@ -9,6 +9,7 @@ import torch
 import pretrain.train as train
 from benchmark.config import config_hash
 from benchmark.errors import BenchError
+from benchmark.input_convention import CAFFE, TORCHVISION
 from benchmark.runs import open_run
 from benchmark.safe_pickle import safe_load
 from pretrain.alexnet import AlexNetEncoder
@@ -42,7 +43,9 @@ def test_native_round_trip_loads_strictly(run_dir):
     fresh = AlexNetEncoder("caffenet")
     fresh.load_state_dict(state, strict=True)
     encoder, card2 = load_encoder(path)
-    assert card2 == {**card, "source": str(path / "encoder.safetensors")}
+    assert card["input_convention"] == CAFFE.as_dict()  # a CaffeNet takes Caffe's input
+    source = str(path / "encoder.safetensors")
+    assert card2 == {**card, "source": source, "input_convention_loaded": "caffe"}
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, state[k])
     out = export(path, "native", path.parent / "copy.safetensors")
@@ -61,7 +64,7 @@ def test_export_refuses_to_overwrite_without_force(run_dir, tmp_path):
     assert out.read_bytes() == b"someone else's file"
     assert export(path, "torchvision", out, force=True) == out
     sd = torch.load(out, weights_only=True)
-    assert torch.equal(sd["features.0.weight"], load_native(path)[0]["features.0.weight"])
+    assert torch.equal(sd["features.3.weight"], load_native(path)[0]["features.3.weight"])
 
 
 def test_torchvision_format(run_dir):
@@ -69,7 +72,9 @@ def test_torchvision_format(run_dir):
     out = export(path, "torchvision")
     sd = torch.load(out, weights_only=True)
     AlexNetEncoder("caffenet").load_state_dict(sd, strict=True)
-    assert json.loads(card_path(out).read_text())["format"] == "torchvision"
+    card = json.loads(card_path(out).read_text())
+    assert card["format"] == "torchvision" and card["input_convention"] == TORCHVISION.as_dict()
+    assert card["folded_from_convention"] == "caffe"  # checked numerically in test_input_convention
 
 
 def test_detectron2_format(run_dir):
@@ -82,6 +87,11 @@ def test_detectron2_format(run_dir):
     w = blob["model"]["backbone.features.0.weight"]
     assert type(w).__module__ == "numpy" and (w == state["features.0.weight"].numpy()).all()
     assert ("features.0.weight", "backbone.features.0.weight") in key_map(state, "detectron2")
+    card = json.loads(card_path(out).read_text())  # the encoder's convention, in d2's keys
+    assert card["input_convention"] == CAFFE.as_dict() and card["framework_input"] == {
+        "INPUT.FORMAT": "BGR", "MODEL.PIXEL_MEAN": [104.0, 117.0, 123.0],
+        "MODEL.PIXEL_STD": [1.0, 1.0, 1.0],
+    }  # fmt: skip
 
 
 def test_mmseg_format(run_dir):
@@ -89,6 +99,11 @@ def test_mmseg_format(run_dir):
     out = export(path, "mmseg")
     blob = torch.load(out, weights_only=True)
     assert blob["meta"]["method"] == "random"
+    assert blob["meta"]["framework_input"] == {
+        "mean": [104.0, 117.0, 123.0], "std": [1.0, 1.0, 1.0], "bgr_to_rgb": False
+    }  # fmt: skip
+    state, _ = load_native(path)
+    assert torch.equal(blob["state_dict"]["backbone.features.0.weight"], state["features.0.weight"])
     sd = {k.removeprefix("backbone."): v for k, v in blob["state_dict"].items()}
     assert all(k.startswith("backbone.features.") for k in blob["state_dict"])
     AlexNetEncoder("caffenet").load_state_dict(sd, strict=True)

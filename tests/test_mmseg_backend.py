@@ -273,7 +273,8 @@ def test_scores_and_losses_are_the_native_fcn32s(synth_root, tmp_path, arch, ups
     data = model.data_preprocessor(mmseg_backend.one_image(_packed(cfg, sample)), True)
     with torch.no_grad():
         ours = model.decode_head(model.backbone(data["inputs"]))
-        native = fcn(to_input(image, torch.device("cpu")), out_size=label.shape)
+        native = fcn(to_input(image, torch.device("cpu"), fcn.encoder.convention),
+                     out_size=label.shape)  # fmt: skip
         assert ours.shape == native.shape == (1, NUM_CLASSES, *label.shape)
         torch.testing.assert_close(ours, native, rtol=1e-4, atol=1e-4)
         y = torch.from_numpy(label.copy()).long()[None]

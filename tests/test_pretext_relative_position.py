@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pretrain.alexnet import AlexNetEncoder
-from pretrain.data import SeededImages, normalise
+from pretrain.data import SeededImages
 from pretrain.pretext import PRETEXT_METHODS
 from pretrain.pretext.relative_position import (
     GREEN_MAGENTA,
@@ -117,8 +117,9 @@ def test_resize_for_pairs():
 
 
 def test_patches_are_cut_at_their_positions(tmp_path):
-    """Without colour handling, pixelation or per-patch normalisation a patch is the
-    normalised image pixels at its reported position."""
+    """Without colour handling, pixelation or per-patch normalisation a patch is the image
+    pixels at its reported position in the default CaffeNet's input convention (Caffe's: BGR,
+    0-255, minus (104, 117, 123))."""
     cfg = RelativePositionConfig(colour="none", pixelate_prob=0.0, normalise_patches=False)
     ds = RelativePositionImages(write_images(tmp_path, [(450, 420), (640, 480)]), cfg)
     for key in [(0, 11), (1, 12), (1, 99)]:
@@ -128,7 +129,8 @@ def test_patches_are_cut_at_their_positions(tmp_path):
         assert tuple(item["image_size"].tolist()) == pixels.shape[:2]
         p = cfg.patch_size
         for k, (y, x) in enumerate(item["positions"].tolist()):
-            expected = normalise(pixels[y : y + p, x : x + p])
+            bgr = pixels[y : y + p, x : x + p, ::-1] - np.float32([104, 117, 123])
+            expected = torch.from_numpy(np.ascontiguousarray(bgr.transpose(2, 0, 1)))
             torch.testing.assert_close(item["patches"][k], expected)
         dy, dx = NEIGHBOUR_OFFSETS[int(item["label"])]
         (y1, x1), (y2, x2) = item["positions"].tolist()

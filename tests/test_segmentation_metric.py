@@ -10,6 +10,7 @@ from torch import nn
 
 from benchmark.datasets.voc import VOC_PALETTE, SegSample
 from benchmark.distributed import DistEnv
+from benchmark.input_convention import CAFFE
 from benchmark.loop import Precision
 from benchmark.metrics import confusion_matrix
 from transfer.segmentation.config import SegmentationTrainConfig
@@ -99,7 +100,7 @@ def test_evaluate_pipeline_on_files(tmp_path) -> None:
         samples.append(SegSample(str(k), tmp_path / f"{k}.jpg", tmp_path / f"{k}.png"))
         preds.append(pred)
         labels.append(label)
-    hist, kept = evaluate(FixedPredictions(preds), samples, None, CPU, keep=2)
+    hist, kept = evaluate(FixedPredictions(preds), samples, None, CPU, keep=2, convention=CAFFE)
     ours = scores_from_hist(hist, CLASSES)
     ref = independent_scores(preds, labels, NUM_CLASSES)
     assert ours["mean_iu"] == pytest.approx(ref["mean_iu"], abs=1e-12)
@@ -145,11 +146,12 @@ def test_update_accumulates_iter_size_images_each_weighted_by_their_number() -> 
     reference.load_state_dict(model.state_dict())
     train = SegmentationTrainConfig(iter_size=2, batch_size=2, lr=1.0, momentum=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    step = make_step(model, optimizer, train, True, Precision("fp32", CPU.device), CPU.device)
+    precision = Precision("fp32", CPU.device)
+    step = make_step(model, optimizer, train, True, precision, CPU.device, CAFFE)
     out = step(batch, 0)
 
     losses = [
-        pixel_loss(reference(to_input(im, CPU.device), tuple(lab.shape)),
+        pixel_loss(reference(to_input(im, CPU.device, CAFFE), tuple(lab.shape)),
                    torch.from_numpy(lab).long()[None], True)
         for im, lab in batch
     ]  # fmt: skip

@@ -14,7 +14,11 @@ its model card:
 
 The architecture (arch, pool_free) comes from the card, else from the tensors' shapes; files
 written before the encoder followed Caffe say "caffenet" for the ungrouped, LRN-free network
-and load as `alexnet-plain` (see `resolve_arch`). Any tensor that the encoder does not
+and load as `alexnet-plain` (see `resolve_arch`). The loaded encoder always takes its arch's
+input convention (`benchmark.input_convention`): weights made for another (the card's
+`input_convention`; files without one were made for torchvision's) get the conversion
+folded into conv1, and the card records what they were made for (`input_convention_loaded`)
+and says so in the log (see `adopt_convention`). Any tensor that the encoder does not
 expect, or that it needs and the file lacks, is an error that lists both sets (STYLE.md
 "guard transfer"): a silently half-loaded encoder would report random-init numbers under a
 pretrained method's name. A NaN or infinite weight is an error naming the tensor.
@@ -31,7 +35,8 @@ import torch
 from torch import nn
 
 from benchmark.errors import BenchError
-from pretrain.alexnet import ARCHS, AlexNetEncoder
+from benchmark.input_convention import saved_convention
+from pretrain.alexnet import ARCHS, AlexNetEncoder, refold_conv1
 
 ENCODER_FILE = "encoder.safetensors"
 TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin")
@@ -43,9 +48,11 @@ log = logging.getLogger("bench")
 
 def random_card(arch: str = "caffenet", pool_free: bool = False) -> dict[str, Any]:
     """Model card of the 'random Gaussian initialization' row (pretraining time < 1 minute)."""
+    convention = ARCHS[arch].convention.as_dict() if arch in ARCHS else None
     return {
         "method": "random", "mask": None, "iterations": 0, "data": None, "config_hash": None,
         "arch": arch, "pool_free": pool_free, "pretrain_seconds": 0.0,
+        "input_convention": convention,
     }  # fmt: skip
 
 
@@ -65,11 +72,48 @@ def load_encoder(
         return AlexNetEncoder(arch, pool_free), random_card(arch, pool_free)  # type: ignore[arg-type]
     path = resolve_weights_path(weights)
     state, card = read_weights(path)
-    card = resolve_arch(state, card, path, default=arch)
+    return encoder_from_state(state, card, path, arch)
+
+
+def encoder_from_state(
+    state: Mapping[str, torch.Tensor], card: Mapping[str, Any], path: Path, default_arch: str
+) -> tuple[AlexNetEncoder, dict[str, Any]]:
+    """The encoder of a file's tensors and card (every weights format ends here): arch
+    resolved and checked, tensors checked and loaded, conv1 in the arch's convention."""
+    card = resolve_arch(state, card, path, default=default_arch)
     card["source"] = str(path)
     encoder = AlexNetEncoder(card["arch"], bool(card["pool_free"]))
     load_state_checked(encoder, state, path)
-    return encoder, card
+    return encoder, adopt_convention(encoder, card, path)
+
+
+def adopt_convention(
+    encoder: AlexNetEncoder, card: Mapping[str, Any], path: Path
+) -> dict[str, Any]:
+    """Fold into the loaded encoder's conv1 the conversion from the input its weights were
+    made for (the card's) to the input its arch takes; the card that says both.
+
+    Files written before cards named a convention were made for torchvision's, which every
+    stage fed then: a CaffeNet among them now gets Caffe's input through a folded conv1, and
+    computes what it computed before. `input_convention_loaded` names what the file was made
+    for; a fold is logged."""
+    card = dict(card)
+    source = saved_convention(card, path)
+    target = encoder.convention
+    card["input_convention"] = target.as_dict()
+    card["input_convention_loaded"] = source.name
+    if source != target:
+        try:
+            state = refold_conv1(encoder.state_dict(), encoder.arch, source, target)
+        except ValueError as exc:
+            raise BenchError(f"{path}: {exc}") from None
+        encoder.load_state_dict(state)
+        card["convention_note"] = (
+            f"weights made for {source.name} input; the conversion to the {encoder.arch} "
+            f"encoder's {target.name} input is folded into conv1"
+        )
+        log.info("%s: %s", path, card["convention_note"])
+    return card
 
 
 def peek_card(weights: str | Path | None) -> dict[str, Any]:

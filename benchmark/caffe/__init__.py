@@ -2,8 +2,9 @@
 
 `import_caffe` writes a native safetensors file with its model card; `caffe_weights` does
 the same conversion in memory (what `load_encoder` uses for a `.caffemodel` path);
-`read_caffemodel` and `read_prototxt` are the two readers. See convert.py for how Caffe's
-input convention is folded into conv1 and prototxt.py for the architectures accepted.
+`read_caffemodel` and `read_prototxt` are the two readers. See convert.py for how a
+prototxt's input mean and scale are folded into conv1 and prototxt.py for the architectures
+accepted.
 """
 
 from benchmark.caffe.caffemodel import read_caffemodel
@@ -13,7 +14,6 @@ from benchmark.caffe.convert import (
     CaffeWeights,
     caffe_weights,
     default_method,
-    fold_input_convention,
     import_caffe,
 )
 from benchmark.caffe.prototxt import DEFAULT_MEAN_BGR, LayerSpec, NetSpec, read_prototxt
@@ -27,7 +27,6 @@ __all__ = [
     "NetSpec",
     "caffe_weights",
     "default_method",
-    "fold_input_convention",
     "import_caffe",
     "read_caffemodel",
     "read_prototxt",

@@ -1,14 +1,13 @@
 """Caffe prototxt + caffemodel -> bench's native encoder file, same pool5 on the same image.
 
-Caffe nets take BGR, 0-255, mean-subtracted (then scaled) input; bench feeds RGB
-(x / 255 - PIXEL_MEAN) / PIXEL_STD. Per Caffe channel c' (BGR) with RGB channel c = 2 - c':
-
-    x_caffe[c'] = scale * (255 * (PIXEL_STD[c] * x_bench[c] + PIXEL_MEAN[c]) - mean_bgr[c'])
-
-which is affine in x_bench, so conv1 of the imported encoder gets Caffe's weights with the
-channel axis reversed and multiplied by scale * 255 * PIXEL_STD, and a bias that absorbs the
-constant. The fold is exact because CaffeNet's conv1 has no padding (padded zeros would be
-bench zeros, not Caffe zeros, at the borders); the prototxt check refuses any conv1 pad.
+A Caffe net takes BGR, 0-255 pixels minus its data layer's `mean_value`, times its `scale`
+(`input_convention.caffe_transform`). The imported encoder takes its arch's convention
+(`caffenet`, `bvlc-alexnet`: Caffe's, BGR minus (104, 117, 123), scale 1); where the prototxt's
+mean or scale differ, the difference is folded into conv1 (`input_convention.fold_conv1`:
+weights times the ratio of scales, a bias absorbing the mean difference), so the encoder
+gives Caffe's pool5 on its own input. A prototxt with the usual mean and scale 1 is copied
+unchanged. The fold is exact because CaffeNet's conv1 has no padding (padded zeros would be
+each convention's own mean at the borders); the prototxt check refuses any conv1 pad.
 Weights are folded in float64 and stored as float32, as Caffe holds them.
 """
 
@@ -26,14 +25,11 @@ import torch
 from benchmark.caffe.caffemodel import fit_blob, read_caffemodel
 from benchmark.caffe.prototxt import NetSpec, read_prototxt
 from benchmark.errors import BenchError, printable
-from pretrain.alexnet import ARCHS, CONV_INDICES, PIXEL_MEAN, PIXEL_STD, pool5_size
+from benchmark.input_convention import caffe_transform, fold_conv1
+from pretrain.alexnet import ARCHS, CONV_INDICES, pool5_size
 
 CAFFEMODEL_SUFFIX = ".caffemodel"
 PROTOTXT_SUFFIX = ".prototxt"
-INPUT_CONVENTION = (
-    "bench: RGB (x/255 - PIXEL_MEAN)/PIXEL_STD; Caffe's BGR, 0-255, mean-subtracted input "
-    "folded into conv1"
-)
 HEAD_SUFFIX = "-fc.safetensors"
 
 
@@ -44,18 +40,6 @@ class CaffeWeights:
     state: dict[str, torch.Tensor]
     head: dict[str, torch.Tensor]
     card: dict[str, Any]
-
-
-def fold_input_convention(
-    weight: np.ndarray, bias: np.ndarray, mean_bgr: tuple[float, float, float], scale: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Caffe's conv1 (out, 3 BGR, k, k) -> the conv1 giving the same output on bench input."""
-    w_rgb = np.asarray(weight, np.float64)[:, ::-1]  # RGB channel c is Caffe's channel 2 - c
-    std, mean = np.asarray(PIXEL_STD), np.asarray(PIXEL_MEAN)
-    folded = w_rgb * (scale * 255.0 * std)[None, :, None, None]
-    offset = scale * (255.0 * mean - np.asarray(mean_bgr, np.float64)[::-1])  # per RGB channel
-    new_bias = np.asarray(bias, np.float64) + w_rgb.sum(axis=(2, 3)) @ offset
-    return folded, new_bias
 
 
 def default_method(caffemodel: Path) -> str:
@@ -137,7 +121,8 @@ def _encoder_state(
         w_shape = (widths[i], in_channels[i] // groups[i], kernels[i], kernels[i])
         weight, bias = _weight_and_bias(blobs, name, source, w_shape, widths[i])
         if i == 0:
-            weight, bias = fold_input_convention(weight, bias, spec.mean_bgr, spec.input_scale)
+            source = caffe_transform(spec.mean_bgr, spec.input_scale)
+            weight, bias = fold_conv1(weight, bias, source, arch.convention)
         state[f"features.{index}.weight"] = _tensor(weight)
         state[f"features.{index}.bias"] = _tensor(bias)
     return state
@@ -216,7 +201,7 @@ def _card(
         "caffe_net": spec.name,
         "caffe_layers": list(spec.encoder),
         "head_layers": list(spec.head) if head else [],
-        "input_convention": INPUT_CONVENTION,
+        "input_convention": ARCHS[spec.arch].convention.as_dict(),
         "caffe_mean_bgr": list(spec.mean_bgr),
         "caffe_mean_source": spec.mean_source,
         "caffe_input_scale": spec.input_scale,

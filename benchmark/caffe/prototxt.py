@@ -28,10 +28,11 @@ from google.protobuf import text_format
 
 from benchmark.caffe.schema import messages
 from benchmark.errors import BenchError, printable
+from benchmark.input_convention import CAFFE
 from pretrain.alexnet import ARCHS, CAFFE_LRN, LRNSpec
 
 # Caffe's usual ImageNet mean per BGR channel, used when the prototxt names none.
-DEFAULT_MEAN_BGR = (104.0, 117.0, 123.0)
+DEFAULT_MEAN_BGR = CAFFE.mean
 # V1 enum names -> current type strings (the others keep their V1 name in messages).
 V1_TYPES = {
     "CONVOLUTION": "Convolution", "POOLING": "Pooling", "LRN": "LRN", "RELU": "ReLU",
@@ -312,6 +313,8 @@ def _input_transform(
     if not found:
         return DEFAULT_MEAN_BGR, "default", 1.0
     values, scale = found.pop()
+    if not scale > 0:
+        raise BenchError(f"{printable(path)}: transform_param scale {scale:g} must be > 0")
     if not values:
         return DEFAULT_MEAN_BGR, "default", scale
     return (values[0], values[1], values[2]), "prototxt", scale

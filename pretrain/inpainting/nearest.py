@@ -8,8 +8,9 @@ Context features:
 - `hog`: scikit-image HOG of the grey image (8x8 cells, 2x2 blocks, 9 orientations), keeping
   only the blocks that do not touch the hole box, so the hole's content never counts;
 - `ce`: the context encoder's own 4000-d bottleneck of the hole-filled context;
-- `alexnet`: pool5 of a user-supplied supervised AlexNet (torchvision state dict) on the
-  hole-filled context resized to 227 (Figure 8's comparison).
+- `alexnet`: pool5 of a user-supplied supervised AlexNet (torchvision state dict, or any
+  weights `transfer.backbone.load_encoder` reads) on the hole-filled context resized to 227,
+  fed in the encoder's input convention (Figure 8's comparison).
 
 Every feature is L2-normalised and neighbours are ranked by Euclidean distance (= cosine).
 Images are (N, 3, 128, 128) tensors in [-1, 1] throughout.
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from skimage.feature import hog
 
 from benchmark.datasets.folder import load_rgb
-from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
+from pretrain.alexnet import AlexNetEncoder
 from pretrain.inpainting.data import resize_shorter, to_unit_range, train_crop
 from pretrain.inpainting.model import (
     IMAGE_SIZE,
@@ -94,17 +95,15 @@ def ce_features(
 def alexnet_features(
     encoder: AlexNetEncoder, images: torch.Tensor, geometry: HoleGeometry, batch_size: int = 32
 ) -> torch.Tensor:
-    """(N, 9216) pool5 of the hole-filled contexts, upsampled to 227 and normalised with
-    the ImageNet statistics torchvision's AlexNet was trained with."""
+    """(N, 9216) pool5 of the hole-filled contexts, upsampled to 227 and fed in the encoder's
+    input convention (torchvision's ImageNet statistics for torchvision's AlexNet)."""
     hole = geometry.hole_mask()
-    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
     encoder.eval()
     out = []
     for b in images.split(batch_size):
-        x = (mask_context(b, hole) + 1.0) / 2.0
+        x = (mask_context(b, hole) + 1.0) * 127.5  # [-1, 1] -> 0-255
         x = F.interpolate(x, size=(227, 227), mode="bilinear", align_corners=False)
-        out.append(encoder((x - mean) / std).flatten(1))
+        out.append(encoder(encoder.convention.normalise(x)).flatten(1))
     return torch.cat(out)
 
 

@@ -7,14 +7,15 @@ AlexNetEncoder (conv1..pool5) as `model.encoder`:
 
 Every method module has the same parts: a config dataclass whose defaults are the paper's
 (or its released code's) values; a model `Net(arch, pool_free, cfg)`; a dataset
-`Images(paths, cfg, seed)` over the loop's (index, sample) keys, every random choice drawn
-from the key's generator; `make_step(model, optimizer, device, *, precision=None,
-channels_last=False) -> step(batch, iteration) -> {"loss", "accuracy"}` (the loop calls
+`Images(paths, cfg, seed, convention)` over the loop's (index, sample) keys (images in the
+encoder's input convention), every random choice drawn from the key's generator;
+`make_step(model, optimizer, device, *, precision=None, channels_last=False) -> step(batch,
+iteration) -> {"loss", "accuracy"}` (the loop calls
 `precision.update()` after it); `make_optimizer(model, cfg)` and `learning_rate(cfg,
 iteration, iterations_per_epoch)`, to be applied with `set_learning_rate(optimizer, lr)`
 (it keeps Caffe's per-group lr_mult); `total_iterations(cfg, num_images)`;
 `forward_batch(model, batch, device, channels_last=False) -> (logits, labels)` as the
-step computes them; and `sample_figure(batch, logits, path, *, cfg=None)`.
+step computes them; and `sample_figure(batch, logits, path, *, cfg=None, convention=CAFFE)`.
 `PRETEXT_METHODS` maps each `--method` name to them.
 """
 

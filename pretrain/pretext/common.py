@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmark.input_convention import CAFFE, InputConvention
 from benchmark.loop import Precision, nhwc
 from benchmark.runs import atomic_write_bytes
 
@@ -131,13 +132,14 @@ def chw(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x)
 
 
-def display(x: torch.Tensor) -> np.ndarray:
-    """(3, H, W) tensor of any scale -> (H, W, 3) in [0, 1], min-max stretched (patches
-    normalised per patch have no fixed pixel scale to undo)."""
+def display(x: torch.Tensor, convention: InputConvention = CAFFE) -> np.ndarray:
+    """(3, H, W) tensor of any scale, channels in `convention`'s order -> (H, W, 3) RGB in
+    [0, 1], min-max stretched (patches normalised per patch have no fixed pixel scale to
+    undo)."""
     x = x.detach().float().cpu()
     lo, hi = float(x.min()), float(x.max())
     x = (x - lo) / (hi - lo) if hi > lo else torch.full_like(x, 0.5)
-    return x.permute(1, 2, 0).numpy()
+    return np.ascontiguousarray(convention.order_channels(x.permute(1, 2, 0).numpy()))
 
 
 def save_captioned_grid(

@@ -20,7 +20,8 @@ colour tile jittered by up to 2 px (chromatic aberration).
 The encoder runs with conv1 at stride 2 while pretraining (the CFN's setting; Fig. 3 caption:
 "during the training on the puzzle task, we set the stride of the first layer of the CFN to
 2 instead of 4"); the exported weights are used at stride 4, as the paper transfers them.
-Tiles are normalised per tile, not with the ImageNet statistics transfer uses.
+Tiles are normalised per tile, in the channel order of the encoder's input convention
+(BGR for CaffeNet, as the released Caffe code reads images), not with the convention's mean.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from benchmark.input_convention import CAFFE, InputConvention
 from benchmark.loop import Precision, sgd
 from pretrain.alexnet import CONV_INDICES, AlexNetEncoder, Arch
-from pretrain.data import SeededImages, normalise
+from pretrain.data import SeededImages
 from pretrain.dropout import Dropout
 from pretrain.pretext.common import (
     chw,
@@ -70,7 +72,7 @@ class JigsawConfig:
     permutation_seed: int = 0
     permutation_criterion: Criterion = "mean"  # Algorithm 1 (line 9 sums the distances)
     # --- anti-shortcut measures (Section 3.3)
-    normalise_tiles: bool = True  # zero mean, unit std per tile; False: ImageNet statistics
+    normalise_tiles: bool = True  # zero mean, unit std per tile; False: the input convention
     gray_prob: float = 0.3  # "a mix of grayscale (30%) and color (70%) images"
     channel_jitter: int = 2  # colour channels of colour tiles shifted by 0, +-1, +-2 px
     # --- network (train_val_cfn_jps.prototxt)
@@ -178,14 +180,20 @@ def normalise_tiles(tiles: np.ndarray) -> np.ndarray:
 
 class JigsawImages(SeededImages):
     """Image folder -> {"tiles": (9, 3, T, T) float32 in input (shuffled) order, "label": ()
-    int64 index into `permutations`}. Every random choice comes from the key's generator."""
+    int64 index into `permutations`}. Every random choice comes from the key's generator.
+    `convention`: the encoder's input convention (the default arch's by default)."""
 
     def __init__(
-        self, paths: Sequence[Path], cfg: JigsawConfig | None = None, seed: int = 0
+        self,
+        paths: Sequence[Path],
+        cfg: JigsawConfig | None = None,
+        seed: int = 0,
+        convention: InputConvention = CAFFE,
     ) -> None:
         super().__init__(paths, flip=False)  # the released data layer has mirror: false
         self.seed = seed  # the run seed SeededImages.load keys samples with
         self.cfg = cfg or JigsawConfig()
+        self.convention = convention
         check_config(self.cfg)
         self.permutations = permutation_set(
             self.cfg.permutations, self.cfg.permutation_seed, self.cfg.permutation_criterion
@@ -202,10 +210,13 @@ class JigsawImages(SeededImages):
         origins = tile_origins(rng, cfg)
         tiles = cut_tiles(crop, origins, rng, cfg, jitter=not gray)
         tiles = shuffle_tiles(tiles, self.permutations[label])
+        conv = self.convention
         if cfg.normalise_tiles:
-            x = chw(normalise_tiles(tiles))
+            x = chw(conv.order_channels(normalise_tiles(tiles)))
         else:
-            x = torch.stack([normalise(np.clip(t + 0.5, 0, 255).astype(np.uint8)) for t in tiles])
+            x = torch.stack(
+                [conv.normalise_hwc(np.clip(t + 0.5, 0, 255).astype(np.uint8)) for t in tiles]
+            )
         return {"tiles": x, "label": torch.tensor(label, dtype=torch.int64)}
 
 
@@ -317,7 +328,9 @@ def total_iterations(cfg: JigsawConfig, num_images: int) -> int:
 # ---------------------------------------------------------------- figures
 
 
-def puzzle_canvas(tiles: torch.Tensor, gap: int = 4) -> np.ndarray:
+def puzzle_canvas(
+    tiles: torch.Tensor, gap: int = 4, convention: InputConvention = CAFFE
+) -> np.ndarray:
     """Nine tiles (9, 3, T, T) laid out row-major in a 3x3 grid with white gaps."""
     t = tiles.shape[-1]
     side = GRID * t + (GRID - 1) * gap
@@ -325,7 +338,7 @@ def puzzle_canvas(tiles: torch.Tensor, gap: int = 4) -> np.ndarray:
     for i in range(TILES):
         r, c = divmod(i, GRID)
         y, x = r * (t + gap), c * (t + gap)
-        canvas[y : y + t, x : x + t] = display(tiles[i])
+        canvas[y : y + t, x : x + t] = display(tiles[i], convention)
     return canvas
 
 
@@ -337,6 +350,7 @@ def sample_figure(
     cfg: JigsawConfig | None = None,
     permutations: np.ndarray | None = None,
     max_items: int = 8,
+    convention: InputConvention = CAFFE,
 ) -> Path:
     """PNG: top row the puzzles as the network sees them (shuffled), captioned with the
     true and predicted permutation index; bottom row the tiles put back by the predicted
@@ -355,8 +369,9 @@ def sample_figure(
     for i in range(n):
         tiles = batch["tiles"][i].cpu()
         label, guess = int(batch["label"][i]), int(pred[i])
-        shuffled.append(puzzle_canvas(tiles))
-        solved.append(puzzle_canvas(unshuffle_tiles(tiles, permutations[guess].tolist())))
+        shuffled.append(puzzle_canvas(tiles, convention=convention))
+        put_back = unshuffle_tiles(tiles, permutations[guess].tolist())
+        solved.append(puzzle_canvas(put_back, convention=convention))
         mark = "ok" if guess == label else "wrong"
         captions.append(f"true {label} / pred {guess} ({mark})")
     return save_captioned_grid(

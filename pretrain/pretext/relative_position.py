@@ -33,9 +33,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from benchmark.input_convention import CAFFE, InputConvention
 from benchmark.loop import Precision, sgd
 from pretrain.alexnet import AlexNetEncoder, Arch
-from pretrain.data import SeededImages, normalise
+from pretrain.data import SeededImages
 from pretrain.pretext.common import (
     caffe_xavier_,
     chw,
@@ -202,15 +203,19 @@ def project_colours(x: np.ndarray) -> np.ndarray:
 
 
 def prepare_patch(
-    patch: np.ndarray, rng: np.random.Generator, cfg: RelativePositionConfig
+    patch: np.ndarray,
+    rng: np.random.Generator,
+    cfg: RelativePositionConfig,
+    convention: InputConvention = CAFFE,
 ) -> torch.Tensor:
-    """(P, P, 3) uint8 -> (3, P, P) float32: pixelation, colour handling, normalisation."""
+    """(P, P, 3) uint8 -> (3, P, P) float32: pixelation, colour handling, normalisation
+    (per patch, in `convention`'s channel order, or else by `convention`)."""
     if cfg.pixelate_prob > 0 and rng.random() < cfg.pixelate_prob:
         lo, hi = cfg.pixelate_min_side**2, cfg.pixelate_max_side**2
         side = int(math.sqrt(rng.random() * (hi - lo) + lo))
         patch = pixelate(patch, side)
     if not cfg.normalise_patches and cfg.colour == "none":
-        return normalise(patch)
+        return convention.normalise_hwc(patch)
     x = patch.astype(np.float32) / 255.0
     if cfg.colour == "drop":
         x = drop_colours(x, rng, cfg.drop_noise)
@@ -219,21 +224,27 @@ def prepare_patch(
     if cfg.normalise_patches:
         x = x - x.mean(axis=(0, 1), keepdims=True)
         x = x / max(float(np.sqrt(np.mean(x * x))), 1e-6)
-        return chw(x)
-    return normalise(np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        return chw(convention.order_channels(x))
+    return convention.normalise_hwc(np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
 class RelativePositionImages(SeededImages):
     """Image folder -> {"patches": (2, 3, P, P) float32 (first, second), "label": () int64,
     "positions": (2, 2) int64 (y, x) top-left corners, "image_size": (2,) int64 (H, W) of
-    the resized image}. Every random choice comes from the key's generator."""
+    the resized image}. Every random choice comes from the key's generator. `convention`:
+    the encoder's input convention (the default arch's by default)."""
 
     def __init__(
-        self, paths: Sequence[Path], cfg: RelativePositionConfig | None = None, seed: int = 0
+        self,
+        paths: Sequence[Path],
+        cfg: RelativePositionConfig | None = None,
+        seed: int = 0,
+        convention: InputConvention = CAFFE,
     ) -> None:
         super().__init__(paths, flip=False)  # the released code does not mirror
         self.seed = seed  # the run seed SeededImages.load keys samples with
         self.cfg = cfg or RelativePositionConfig()
+        self.convention = convention
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -244,7 +255,7 @@ class RelativePositionImages(SeededImages):
         pair = sample_pair(rng, h, w, cfg)
         p = cfg.patch_size
         patches = [
-            prepare_patch(pixels[y : y + p, x : x + p], rng, cfg)
+            prepare_patch(pixels[y : y + p, x : x + p], rng, cfg, self.convention)
             for y, x in (pair.first, pair.second)
         ]
         return {
@@ -362,7 +373,13 @@ def total_iterations(cfg: RelativePositionConfig, num_images: int) -> int:
 # ---------------------------------------------------------------- figures
 
 
-def pair_canvas(first: torch.Tensor, second: torch.Tensor, label: int, gap: int = 8) -> np.ndarray:
+def pair_canvas(
+    first: torch.Tensor,
+    second: torch.Tensor,
+    label: int,
+    gap: int = 8,
+    convention: InputConvention = CAFFE,
+) -> np.ndarray:
     """The first patch in the centre of a 3x3 layout and the second at `label`'s place."""
     p = first.shape[-1]
     side = 3 * p + 2 * gap
@@ -370,7 +387,7 @@ def pair_canvas(first: torch.Tensor, second: torch.Tensor, label: int, gap: int 
     dy, dx = NEIGHBOUR_OFFSETS[label]
     for img, (gy, gx) in ((first, (1, 1)), (second, (1 + dy, 1 + dx))):
         y, x = gy * (p + gap), gx * (p + gap)
-        canvas[y : y + p, x : x + p] = display(img)
+        canvas[y : y + p, x : x + p] = display(img, convention)
     return canvas
 
 
@@ -381,6 +398,7 @@ def sample_figure(
     *,
     cfg: RelativePositionConfig | None = None,
     max_items: int = 8,
+    convention: InputConvention = CAFFE,
 ) -> Path:
     """PNG: each pair laid out at its true relative position, captioned with the true and
     the predicted position. (`cfg` is accepted for a uniform signature; unused.)"""
@@ -390,6 +408,6 @@ def sample_figure(
     for i in range(n):
         label = int(batch["label"][i])
         first, second = batch["patches"][i]
-        images.append(pair_canvas(first, second, label))
+        images.append(pair_canvas(first, second, label, convention=convention))
         captions.append(f"true {NEIGHBOUR_NAMES[label]}\npred {NEIGHBOUR_NAMES[int(pred[i])]}")
     return save_captioned_grid(path, [images], [captions])

@@ -25,9 +25,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from benchmark.input_convention import CAFFE, InputConvention
 from benchmark.loop import Precision, sgd
 from pretrain.alexnet import AlexNetEncoder, Arch
-from pretrain.data import SeededImages, denormalise, normalise
+from pretrain.data import SeededImages
 from pretrain.pretext.common import (
     cross_entropy_step,
     images_to,
@@ -134,17 +135,23 @@ def scale_and_crop(
 
 
 class RotationImages(SeededImages):
-    """Image folder -> {"image": (3, S, S) float32}, normalised like every other stage. The
-    four rotations are made on the device by the step (`all_rotations`), which moves a
-    quarter of the data RotNet's loader moved."""
+    """Image folder -> {"image": (3, S, S) float32}, in the encoder's input `convention` (the
+    default arch's by default) like every other stage. The four rotations are made on the
+    device by the step (`all_rotations`), which moves a quarter of the data RotNet's loader
+    moved."""
 
     def __init__(
-        self, paths: Sequence[Path], cfg: RotationConfig | None = None, seed: int = 0
+        self,
+        paths: Sequence[Path],
+        cfg: RotationConfig | None = None,
+        seed: int = 0,
+        convention: InputConvention = CAFFE,
     ) -> None:
         cfg = cfg or RotationConfig()
         super().__init__(paths, flip=cfg.flip)
         self.seed = seed  # the run seed SeededImages.load keys samples with
         self.cfg = cfg
+        self.convention = convention
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -156,7 +163,7 @@ class RotationImages(SeededImages):
         pixels = np.array(image)  # writable: torch.from_numpy warns on read-only
         if self.flip and rng.random() < 0.5:
             pixels = pixels[:, ::-1]
-        return {"image": normalise(pixels)}
+        return {"image": self.convention.normalise_hwc(pixels)}
 
 
 # ---------------------------------------------------------------- model
@@ -258,14 +265,15 @@ def sample_figure(
     *,
     cfg: RotationConfig | None = None,
     max_items: int = 6,
+    convention: InputConvention = CAFFE,
 ) -> Path:
     """PNG: one row per image, its four rotations as columns, each captioned with the true
-    and the predicted rotation. `logits` are (4B, 4) in `all_rotations` order. (`cfg` is
-    accepted for a uniform signature; unused.)"""
+    and the predicted rotation. `logits` are (4B, 4) in `all_rotations` order; images in
+    `convention`. (`cfg` is accepted for a uniform signature; unused.)"""
     n = min(max_items, batch["image"].shape[0])
     rotated, labels = all_rotations(batch["image"][:n].cpu())
     pred = logits.detach()[: 4 * n].argmax(dim=1).cpu()
-    shown = denormalise(rotated).permute(0, 2, 3, 1).numpy()
+    shown = convention.denormalise(rotated).permute(0, 2, 3, 1).numpy()
     rows = [[shown[4 * i + k] for k in range(NUM_CLASSES)] for i in range(n)]
     captions = [
         [

@@ -65,14 +65,15 @@ def main(cfg: _PretextStage, run: Run, images: ImageFolder | None = None) -> dic
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     root = images.root
     paths, skipped = images.usable(cfg.on_bad_data, run.logger)
-    dataset = parts.dataset(paths, cfg.pretext, seed=cfg.seed)
+    convention = ARCHS[cfg.model.arch].convention
+    dataset = parts.dataset(paths, cfg.pretext, seed=cfg.seed, convention=convention)
     batch_size = cfg.pretext.batch_size
     iterations = cfg.train.iterations or parts.total_iterations(cfg.pretext, len(paths))
     per_epoch = max(1, math.ceil(len(paths) / batch_size))
     tc = dataclasses.replace(cfg.train, iterations=iterations)
     run.logger.info(
         f"{cfg.method}: {len(paths)} images from {root}; {iterations} iterations of "
-        f"{batch_size} ({per_epoch} per epoch)"
+        f"{batch_size} ({per_epoch} per epoch); {convention.name} input convention"
     )
     net = parts.model(cfg.model.arch, cfg.model.pool_free, cfg.pretext)  # type: ignore[call-arg]
     model = loop.prepare_model(net, env, tc)
@@ -97,13 +98,16 @@ def main(cfg: _PretextStage, run: Run, images: ImageFolder | None = None) -> dic
             logits, _ = parts.forward_batch(net, sample_batch, env.device)
         net.train()
         path = run.file(f"samples/iter_{iteration:07d}.png")
-        parts.sample_figure(sample_batch, logits.float(), path, cfg=cfg.pretext)
+        parts.sample_figure(
+            sample_batch, logits.float(), path, cfg=cfg.pretext, convention=convention
+        )
 
     result = loop.fit(
         run, env, tc, stage=f"pretrain/{cfg.method}", config=cfg, seed=cfg.seed, step=step,
         batches=loop.loader_batches(dataset, batch_size, cfg.seed, env, tc.workers),
         state={"model": model, "optimizer": optimizer}, precision=precision,
         hooks=[loop.Hook(tc.sample_every, on_sample)], desc=f"pretrain {cfg.method}",
+        input_convention=convention.name,
     )  # fmt: skip
     card = {
         "method": cfg.method, "mask": None, "iterations": result.iterations,
@@ -112,13 +116,15 @@ def main(cfg: _PretextStage, run: Run, images: ImageFolder | None = None) -> dic
         "pretrain_seconds": result.seconds, "seed": cfg.seed, "precision": result.precision,
         "departures": departures(cfg), "synthetic": is_synthetic(cfg.data),
         "settings": settings(cfg, device=env.device, precision=result.precision),
+        "input_convention": convention.as_dict(),
     }  # fmt: skip
     if run.is_main:
         write_native(run.file(NATIVE_FILE), net.encoder.state_dict(), card)
     first, last = result.first, result.last
     metrics = {
         "stage": "pretrain", "seed": cfg.seed, "command": run.command(), "method": cfg.method,
-        "mask": None, "arch": cfg.model.arch, "pretrain_key": card["pretrain_key"],
+        "mask": None, "arch": cfg.model.arch, "input_convention": convention.name,
+        "pretrain_key": card["pretrain_key"],
         "iterations": result.iterations, "train_seconds": result.seconds,
         "initial_loss": first.get("loss"), "final_loss": last.get("loss"),
         "initial_accuracy": first.get("accuracy"), "final_accuracy": last.get("accuracy"),

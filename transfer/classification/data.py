@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from benchmark.datasets.folder import load_rgb
 from benchmark.datasets.voc import classification_targets, parse_voc_xml, read_split
 from benchmark.errors import DatasetError
+from benchmark.input_convention import InputConvention
 
 from .config import AugmentConfig, EvalConfig
 from .presets import CROPS, center_crop, ten_random_crops
@@ -54,10 +55,19 @@ def _chw(crops: np.ndarray) -> torch.Tensor:
 
 
 class TrainCrops(Dataset):
-    """Item (image index, sample number) -> (crop (3, S, S) uint8, labels (20,), keep (20,))."""
+    """Item (image index, sample number) -> (crop (3, S, S) uint8, labels (20,), keep (20,)).
+    Crops pad with the mean pixel of the encoder's input `convention`."""
 
-    def __init__(self, images: VOCImages, augment: AugmentConfig, seed: int, stream: int = _TRAIN):
+    def __init__(
+        self,
+        images: VOCImages,
+        augment: AugmentConfig,
+        seed: int,
+        convention: InputConvention,
+        stream: int = _TRAIN,
+    ) -> None:
         self.images, self.augment, self.seed, self.stream = images, augment, seed, stream
+        self.pad = convention.mean_rgb8()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -67,7 +77,7 @@ class TrainCrops(Dataset):
         rng = np.random.default_rng([self.seed, self.stream, sample])
         a = self.augment
         image = load_rgb(self.images.paths[index])
-        crop = CROPS[a.mode](image, rng, a.crop, a.scale, a.mirror)
+        crop = CROPS[a.mode](image, rng, a.crop, a.scale, a.mirror, self.pad)
         labels = torch.from_numpy(self.images.labels[index])
         keep = torch.from_numpy(~self.images.difficult[index])
         return _chw(crop), labels, keep
@@ -75,10 +85,18 @@ class TrainCrops(Dataset):
 
 class EvalCrops(Dataset):
     """Item i -> (crops (K, 3, S, S) uint8, i): K random crops seeded by (seed, i), or the
-    centre crop."""
+    centre crop; padded with the mean pixel of the encoder's input `convention`."""
 
-    def __init__(self, images: VOCImages, augment: AugmentConfig, test: EvalConfig, seed: int):
+    def __init__(
+        self,
+        images: VOCImages,
+        augment: AugmentConfig,
+        test: EvalConfig,
+        seed: int,
+        convention: InputConvention,
+    ) -> None:
         self.images, self.augment, self.test, self.seed = images, augment, test, seed
+        self.pad = convention.mean_rgb8()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -87,18 +105,20 @@ class EvalCrops(Dataset):
         image = load_rgb(self.images.paths[index])
         a = self.augment
         if self.test.mode == "center":
-            crops = center_crop(image, a.crop)[None]
+            crops = center_crop(image, a.crop, self.pad)[None]
         else:
             rng = np.random.default_rng([self.seed, _TEST, index])
             crops = ten_random_crops(
-                image, rng, self.test.crops, a.crop, a.scale, a.mirror, a.mode
+                image, rng, self.test.crops, a.crop, a.scale, a.mirror, a.mode, self.pad
             )
         return _chw(crops), index
 
 
-def rescale_batch(images: VOCImages, augment: AugmentConfig, seed: int, count: int) -> torch.Tensor:
+def rescale_batch(
+    images: VOCImages, augment: AugmentConfig, seed: int, count: int, convention: InputConvention
+) -> torch.Tensor:
     """`count` training-style crops (count, 3, S, S) uint8 for the data-dependent init."""
     order = np.random.default_rng([seed, _RESCALE]).permutation(len(images))
-    dataset = TrainCrops(images, augment, seed, stream=_RESCALE)
+    dataset = TrainCrops(images, augment, seed, convention, stream=_RESCALE)
     items = [(int(order[j % len(images)]), j) for j in range(count)]
     return torch.stack([dataset[item][0] for item in items])

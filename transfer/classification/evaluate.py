@@ -10,15 +10,18 @@ from tqdm import tqdm
 
 from benchmark import distributed, loop
 from benchmark.distributed import DistEnv
+from benchmark.input_convention import InputConvention
 
 from .config import EvalConfig
 from .data import EvalCrops
-from .model import normalize
 
 
-def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> the encoder's normalised float input on `device`."""
-    return loop.to_device(normalize(images.to(device, non_blocking=True)), device, True)
+def to_input(
+    images: torch.Tensor, device: torch.device, convention: InputConvention
+) -> torch.Tensor:
+    """uint8 (B, 3, H, W) RGB -> the encoder's float input (its `convention`) on `device`."""
+    x = convention.normalise(images.to(device, non_blocking=True))
+    return loop.to_device(x, device, True)
 
 
 @torch.no_grad()
@@ -31,8 +34,10 @@ def evaluate(
     precision: loop.Precision | None = None,
 ) -> np.ndarray:
     """Scores (N, 20): per image, the mean over its crops of the logits (every rank gets
-    all rows). Images are shared out over processes, rank r taking i = r, r + world, ..."""
+    all rows), crops fed in the model's encoder's input convention. Images are shared out
+    over processes, rank r taking i = r, r + world, ..."""
     model.eval()
+    convention = loop.unwrap(model).encoder.convention
     autocast = precision.autocast if precision is not None else torch.no_grad
     mine = list(range(env.rank, len(dataset), env.world_size))
     loader = DataLoader(
@@ -45,7 +50,7 @@ def evaluate(
                              disable=None if env.is_main else True, leave=False):  # fmt: skip
         b, k = crops.shape[:2]
         with autocast():
-            logits = model(to_input(crops.flatten(0, 1), env.device))
+            logits = model(to_input(crops.flatten(0, 1), env.device, convention))
         rows.append(logits.float().view(b, k, -1).mean(1).cpu().numpy())
         indices.append(index.numpy())
     scores = np.concatenate(rows) if rows else np.zeros((0, 20))

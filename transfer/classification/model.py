@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.errors import ConfigError
-from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
+from pretrain.alexnet import AlexNetEncoder
 from pretrain.dropout import Dropout
 
 NUM_CLASSES = 20
@@ -33,7 +33,7 @@ def pool5_size(encoder: AlexNetEncoder, crop: int) -> int:
 
 
 class ClassificationNet(nn.Module):
-    """(B, 3, crop, crop) normalised images -> (B, 20) logits.
+    """(B, 3, crop, crop) images in the encoder's input convention -> (B, 20) logits.
 
     encoder (conv1..pool5) -> fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8.
     At the protocol's 227 crop fc6 sees 256 * 6 * 6 = 9216 features; a smaller crop (demo
@@ -72,13 +72,6 @@ def reinit_head_(model: ClassificationNet, std: float = 0.01, bias: float = 0.1)
     for layer in model.head():
         nn.init.normal_(layer.weight, 0.0, std)
         nn.init.constant_(layer.bias, bias)
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float (x / 255 - mean) / std, the input every stage feeds."""
-    mean = torch.tensor(PIXEL_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
 
 
 def sigmoid_cross_entropy(

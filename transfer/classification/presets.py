@@ -1,7 +1,10 @@
 """The protocol's image transforms: random-scale crop windows, mirror, the centre crop.
 
-Images stay uint8 HWC numpy arrays here; `model.normalize` turns a batch into the encoder's
-input on the device, so workers ship 4x fewer bytes. Every random choice comes from a
+Images stay uint8 HWC numpy arrays here; the encoder's input convention
+(`benchmark.input_convention`) turns a batch into its input on the device, so workers ship 4x
+fewer bytes. Where a crop pads, it pads with `pad`, the convention's mean pixel
+(`InputConvention.mean_rgb8`), which normalises to ~0 (exactly 0 for Caffe's): Caffe pads
+mean-subtracted data with zeros, i.e. with the mean. Every random choice comes from a
 `numpy.random.Generator` the caller seeds from (run seed, sample number), which makes a crop a
 pure function of its seed: workers, resumes and reruns see the same pixels.
 """
@@ -11,21 +14,16 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pretrain.alexnet import PIXEL_MEAN
 
-# Padding colour: the mean pixel, which `normalize` maps to ~0 (Caffe pads mean-subtracted
-# data with zeros, i.e. with the mean).
-MEAN_PIXEL = np.array([round(255 * m) for m in PIXEL_MEAN], dtype=np.uint8)
-
-
-def window(image: np.ndarray, x0: int, y0: int, size: int) -> np.ndarray:
-    """The `size` x `size` window at (x0, y0) of an (H, W, 3) image, mean-padded outside it.
+def window(image: np.ndarray, x0: int, y0: int, size: int, pad: np.ndarray) -> np.ndarray:
+    """The `size` x `size` window at (x0, y0) of an (H, W, 3) image, padded with the RGB
+    colour `pad` outside it.
 
     Offsets may be negative (the image is smaller than the window and sits inside it).
     """
     h, w = image.shape[:2]
     out = np.empty((size, size, 3), dtype=np.uint8)
-    out[:] = MEAN_PIXEL
+    out[:] = pad
     sx0, sy0 = max(x0, 0), max(y0, 0)
     sx1, sy1 = min(x0 + size, w), min(y0 + size, h)
     if sx1 > sx0 and sy1 > sy0:
@@ -46,9 +44,10 @@ def window_crop(
     crop: int,
     scale: tuple[float, float],
     mirror: bool,
+    pad: np.ndarray,
 ) -> np.ndarray:
     """One training (or ten-random test) crop as Krähenbühl et al.'s data layer draws it:
-    (crop, crop, 3) uint8.
+    (crop, crop, 3) uint8. It never pads (`pad` is accepted for CROPS' one signature).
 
     A square window of side s * crop original pixels, s uniform in [min(lo, hi'), hi'] with
     hi' = min(hi, H / crop, W / crop) so that it always fits in the image, at a uniformly
@@ -76,25 +75,27 @@ def random_crop(
     crop: int,
     scale: tuple[float, float],
     mirror: bool,
+    pad: np.ndarray,
 ) -> np.ndarray:
     """`augment.mode: rescale`, bench's earlier reading of "random scale [0.5, 2]": the whole
-    image rescaled by a factor uniform in `scale`, a random crop x crop window of it (mean-
-    padded where the image is smaller), mirrored with probability 1/2."""
+    image rescaled by a factor uniform in `scale`, a random crop x crop window of it (padded
+    with `pad` where the image is smaller), mirrored with probability 1/2."""
     s = float(rng.uniform(scale[0], scale[1]))
     w, h = image.size
     size = (max(1, round(w * s)), max(1, round(h * s)))
     arr = np.asarray(image.resize(size, Image.BILINEAR) if size != (w, h) else image)
-    out = window(arr, _offset(rng, size[0], crop), _offset(rng, size[1], crop), crop)
+    out = window(arr, _offset(rng, size[0], crop), _offset(rng, size[1], crop), crop, pad)
     if mirror and rng.random() < 0.5:
         out = out[:, ::-1]
     return np.ascontiguousarray(out)
 
 
-def center_crop(image: Image.Image, crop: int) -> np.ndarray:
-    """The single test crop: the image at its own scale, centre window, mean-padded."""
+def center_crop(image: Image.Image, crop: int, pad: np.ndarray) -> np.ndarray:
+    """The single test crop: the image at its own scale, centre window, padded with `pad`."""
     arr = np.asarray(image)
     h, w = arr.shape[:2]
-    return window(arr, (w - crop) // 2, (h - crop) // 2, crop)
+    return window(arr, (w - crop) // 2, (h - crop) // 2, crop, pad)
+
 
 
 CROPS = {"window": window_crop, "rescale": random_crop}
@@ -107,9 +108,10 @@ def ten_random_crops(
     crop: int,
     scale: tuple[float, float],
     mirror: bool,
-    mode: str = "window",
+    mode: str,
+    pad: np.ndarray,
 ) -> np.ndarray:
     """`crops` independent training-style crops of one image: (crops, crop, crop, 3) uint8
     (the reference tests with the training transform: train_cls.py L124)."""
     fn = CROPS[mode]
-    return np.stack([fn(image, rng, crop, scale, mirror) for _ in range(crops)])
+    return np.stack([fn(image, rng, crop, scale, mirror, pad) for _ in range(crops)])

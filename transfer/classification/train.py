@@ -18,6 +18,7 @@ from benchmark import loop
 from benchmark.datasets.resolve import resolve_data
 from benchmark.datasets.voc import VOC_CLASSES
 from benchmark.errors import ConfigError
+from benchmark.input_convention import InputConvention
 from benchmark.metrics import classification_ap
 from benchmark.runs import Run, atomic_write_text
 from transfer import common
@@ -102,8 +103,10 @@ def make_step(
     train: TrainConfig,
     precision: loop.Precision,
     device: torch.device,
+    convention: InputConvention,
 ):
-    """One SGD step on a batch (images uint8 (B,3,S,S), labels (B,20), keep (B,20))."""
+    """One SGD step on a batch (images uint8 (B,3,S,S), labels (B,20), keep (B,20)); the
+    images are fed in the encoder's input `convention`."""
 
     def step(batch: tuple[torch.Tensor, ...], iteration: int) -> dict[str, Any]:
         images, labels, keep = batch
@@ -111,7 +114,7 @@ def make_step(
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         with precision.autocast():
-            logits = model(loop.nhwc(to_input(images, device), train.channels_last))
+            logits = model(loop.nhwc(to_input(images, device, convention), train.channels_last))
         loss = sigmoid_cross_entropy(logits, labels.to(device), keep.to(device))
         optimizer.zero_grad(set_to_none=True)
         precision.backward(loss)
@@ -149,13 +152,16 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     test_images = VOCImages(voc, cfg.test_split, test_ids)
 
     encoder, card = load_encoder(cfg.weights, cfg.arch)
+    convention = encoder.convention
     model = ClassificationNet(
         encoder, crop=cfg.augment.crop, dropout=cfg.dropout, hidden=cfg.hidden
     ).to(env.device)
     rescaled = None
     if run.checkpoint is None and cfg.rescale:  # a resumed run has its rescaled weights
-        x = to_input(rescale_batch(train_images, cfg.augment, cfg.seed, cfg.rescale_images),
-                     env.device)  # fmt: skip
+        crops = rescale_batch(
+            train_images, cfg.augment, cfg.seed, cfg.rescale_images, convention
+        )
+        x = to_input(crops, env.device, convention)
         rescaled = rescale_for_transfer_(
             model, lambda: model(x), "encoder.", card["method"] != "random", cfg.seed
         )
@@ -168,18 +174,18 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     net = loop.prepare_model(model, env, t)
     optimizer = make_optimizer(model, t)
     precision = loop.Precision(t.precision, env.device)
-    dataset = TrainCrops(train_images, cfg.augment, cfg.seed)
+    dataset = TrainCrops(train_images, cfg.augment, cfg.seed, convention)
     result = loop.fit(
         run, env, t, stage=STAGE, config=cfg, seed=cfg.seed,
-        step=make_step(net, optimizer, t, precision, env.device),
+        step=make_step(net, optimizer, t, precision, env.device, convention),
         batches=loop.loader_batches(dataset, t.batch_size, cfg.seed, env, t.workers),
         state={"model": net, "optimizer": optimizer}, precision=precision,
-        desc="classification",
+        desc="classification", input_convention=convention.name,
     )  # fmt: skip
     check_frozen_unchanged(model, frozen)
 
     tick = time.perf_counter()
-    test_set = EvalCrops(test_images, cfg.augment, cfg.test, cfg.seed)
+    test_set = EvalCrops(test_images, cfg.augment, cfg.test, cfg.seed, convention)
     scores = evaluate(model, test_set, cfg.test, env, workers=t.workers, precision=precision)
     per_class, mean = classification_ap(
         scores, test_images.labels, test_images.difficult, method=cfg.ap

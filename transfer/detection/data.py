@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from benchmark.datasets.voc import VOC_CLASSES, VOCAnnotation, parse_voc_xml, read_split
-from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD
+from benchmark.input_convention import InputConvention
 from transfer.detection.sampling import RoiLabels, label_rois, sample_rois, target_stats
 
 
@@ -72,8 +72,15 @@ def image_scale(height: int, width: int, target: int, max_size: int) -> float:
     return scale
 
 
-def prepare_image(path: Path, scale: float, flip: bool) -> torch.Tensor:
-    """(3, H', W') float tensor fed as (x / 255 - mean) / std, like every stage of bench."""
+def prepare_image(
+    path: Path, scale: float, flip: bool, convention: InputConvention
+) -> torch.Tensor:
+    """(3, H', W') float tensor in the encoder's input `convention`, like every stage.
+
+    Fast R-CNN subtracts its own mean, (102.9801, 115.9465, 122.7717) BGR (config.py L119),
+    before resizing; the encoder's convention is used instead, Caffe's (104, 117, 123) for
+    CaffeNet (docs/reference-values.md section 8). Resizing is linear, so subtracting after
+    it gives the same pixels."""
     import cv2
 
     from benchmark.datasets.folder import load_rgb
@@ -88,8 +95,7 @@ def prepare_image(path: Path, scale: float, flip: bool) -> torch.Tensor:
             (max(1, round(w * scale)), max(1, round(h * scale))),
             interpolation=cv2.INTER_LINEAR,
         )
-    img = (img / 255.0 - np.array(PIXEL_MEAN, np.float32)) / np.array(PIXEL_STD, np.float32)
-    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+    return convention.normalise_hwc(img)
 
 
 def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
@@ -132,6 +138,7 @@ class TrainSet(Dataset):
         bbox_means: np.ndarray,
         bbox_stds: np.ndarray,
         seed: int,
+        convention: InputConvention,
     ) -> None:
         self.records = list(records)
         self.flips = (False, True) if flip else (False,)
@@ -141,6 +148,7 @@ class TrainSet(Dataset):
         self.use_difficult = use_difficult
         self.means, self.stds = bbox_means, bbox_stds
         self.seed = seed
+        self.convention = convention
 
     @property
     def num_entries(self) -> int:
@@ -165,7 +173,7 @@ class TrainSet(Dataset):
         targets = (rl.targets[idx] - self.means[labels]) / self.stds[labels]
         targets[labels == 0] = 0.0
         return {
-            "image": prepare_image(rec.path, scale, flip),
+            "image": prepare_image(rec.path, scale, flip, self.convention),
             "rois": torch.from_numpy(rl.boxes[idx] * scale).float(),
             "labels": torch.from_numpy(labels),
             "targets": torch.from_numpy(targets.astype(np.float32)),
@@ -198,7 +206,8 @@ def usable_for_training(
 
 
 def pad_images(images: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Zero-pad (after normalisation, as Fast R-CNN's im_list_to_blob) to one (B, 3, H, W)."""
+    """Zero-pad (after normalisation, as Fast R-CNN's im_list_to_blob: with the mean colour)
+    to one (B, 3, H, W)."""
     h = max(im.shape[1] for im in images)
     w = max(im.shape[2] for im in images)
     out = images[0].new_zeros((len(images), 3, h, w))
@@ -221,10 +230,18 @@ def collate_train(items: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.T
 
 
 class TestSet(Dataset):
-    """One unflipped image at the test scale with all of its proposals."""
+    """One unflipped image at the test scale, in the encoder's input `convention`, with all
+    of its proposals."""
 
-    def __init__(self, records: Sequence[DetRecord], scale: int, max_size: int) -> None:
+    def __init__(
+        self,
+        records: Sequence[DetRecord],
+        scale: int,
+        max_size: int,
+        convention: InputConvention,
+    ) -> None:
         self.records, self.scale, self.max_size = list(records), scale, max_size
+        self.convention = convention
 
     def __len__(self) -> int:
         return len(self.records)
@@ -235,7 +252,7 @@ class TestSet(Dataset):
         props = rec.proposals if rec.proposals is not None else np.zeros((0, 4), np.float32)
         return {
             "index": i,
-            "image": prepare_image(rec.path, scale, False),
+            "image": prepare_image(rec.path, scale, False, self.convention),
             "scale": scale,
             "proposals": props,
         }

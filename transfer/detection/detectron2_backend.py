@@ -76,15 +76,15 @@ from benchmark import distributed, loop
 from benchmark.datasets.voc import VOC_CLASSES
 from benchmark.errors import BenchError, ConfigError, printable
 from benchmark.runs import Run, atomic_write_text
-from pretrain.alexnet import ARCHS, CONV_INDICES, PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
+from pretrain.alexnet import ARCHS, CONV_INDICES, AlexNetEncoder
 from pretrain.dropout import Dropout
+from pretrain.export import framework_input
 from transfer import common
 from transfer.backbone import (
     check_frozen_unchanged,
     describe_transfer,
+    encoder_from_state,
     load_encoder,
-    load_state_checked,
-    resolve_arch,
     snapshot_frozen,
 )
 from transfer.detection.config import DetectionConfig, DetectionTrainConfig
@@ -336,10 +336,12 @@ def fast_rcnn_config(
     c.MODEL.PROPOSAL_GENERATOR.NAME = "PrecomputedProposals"
     c.MODEL.BACKBONE.NAME = backbone_name(arch, pool_free)
     c.MODEL.BACKBONE.FREEZE_AT = cfg.freeze_at
-    # The encoder takes RGB (x / 255 - mean) / std; detectron2 computes (x - MEAN) / STD.
-    c.INPUT.FORMAT = "RGB"
-    c.MODEL.PIXEL_MEAN = [255.0 * m for m in PIXEL_MEAN]
-    c.MODEL.PIXEL_STD = [255.0 * s for s in PIXEL_STD]
+    # The encoder's input convention in detectron2's keys: images read in INPUT.FORMAT, then
+    # (x - PIXEL_MEAN) / PIXEL_STD (Caffe's for CaffeNet: BGR, minus (104, 117, 123), std 1).
+    pixels = framework_input("detectron2", ARCHS[arch].convention)
+    c.INPUT.FORMAT = pixels["INPUT.FORMAT"]
+    c.MODEL.PIXEL_MEAN = pixels["MODEL.PIXEL_MEAN"]
+    c.MODEL.PIXEL_STD = pixels["MODEL.PIXEL_STD"]
     c.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
     c.MODEL.ROI_HEADS.IN_FEATURES = ["conv5"]
     c.MODEL.ROI_HEADS.NUM_CLASSES = len(VOC_CLASSES)
@@ -459,10 +461,7 @@ def load_weights(weights: str | None, arch: str) -> tuple[dict[str, torch.Tensor
                 "backbone.features.N.* (bench export --format detectron2)"
             )
         state = {k.removeprefix("backbone."): v for k, v in raw.items()}
-        card = resolve_arch(state, _pickle_card(path), path, default=arch)
-        card["source"] = str(path)
-        encoder = AlexNetEncoder(card["arch"], bool(card["pool_free"]))
-        load_state_checked(encoder, state, path)
+        encoder, card = encoder_from_state(state, _pickle_card(path), path, arch)
     else:
         encoder, card = load_encoder(weights, arch)
     tensors = {
@@ -774,7 +773,7 @@ def run_detectron2(cfg: DetectionConfig, run: Run, voc_root: Path) -> dict[str, 
         batches=loop.loader_batches(dataset, t.ims_per_batch, cfg.seed, env, t.workers,
                                     collate_fn=loop.list_collate),
         state={"model": net, "optimizer": optimizer}, precision=precision,
-        desc="fast r-cnn (detectron2)",
+        desc="fast r-cnn (detectron2)", input_convention=ARCHS[arch].convention.name,
     )  # fmt: skip
     check_frozen_unchanged(model, snapshot)
 

@@ -195,7 +195,9 @@ def detect(
     model.eval()
     mine = list(range(env.rank, len(records), env.world_size))
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(TestSet(records, cfg.test_scale, cfg.test_max_size), mine),
+        torch.utils.data.Subset(
+            TestSet(records, cfg.test_scale, cfg.test_max_size, model.convention), mine
+        ),
         batch_size=1,
         collate_fn=collate_one,
         num_workers=cfg.train.workers,

@@ -33,6 +33,7 @@ class FastRCNN(nn.Module):
     ) -> None:
         super().__init__()
         self.features = encoder.features[:12]  # up to relu5: conv5 features before pool5
+        self.convention = encoder.convention  # the input its images are fed in
         self.roi_pool = RoIPool((roi_size, roi_size), 1.0 / STRIDE)
         c5 = encoder.out_channels
         self.fc6 = nn.Linear(c5 * roi_size * roi_size, fc_dim)

@@ -179,6 +179,7 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path, env: DistEnv) -> 
         rois_per_image=t.rois_per_batch // t.ims_per_batch, fg_fraction=cfg.fg_fraction,
         fg_thresh=cfg.fg_thresh, bg_thresh_hi=cfg.bg_thresh_hi, bg_thresh_lo=cfg.bg_thresh_lo,
         use_difficult=cfg.train_difficult, bbox_means=means, bbox_stds=stds, seed=cfg.seed,
+        convention=encoder.convention,
     )  # fmt: skip
     if cfg.rescale and run.checkpoint is None:
         batch = init_batch(dataset, cfg)
@@ -206,6 +207,7 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path, env: DistEnv) -> 
         batches=loop.loader_batches(dataset, t.ims_per_batch, cfg.seed, env, t.workers,
                                     collate_fn=collate_train),
         state={"model": net, "optimizer": optimizer}, precision=precision, desc="fast r-cnn",
+        input_convention=encoder.convention.name,
     )  # fmt: skip
     for n, p in model.named_parameters():
         if n in frozen and not torch.equal(frozen[n], p.detach()):

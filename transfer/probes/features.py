@@ -19,9 +19,10 @@ Images (tools/extract_features.py with `DATA_TRANSFORMS: [scale, global_resize]`
 data/data_input.py `transform_image`, the same for the train and test split): shorter side
 resized to 256 (longer side floored), then the whole image resized to 227x227 (aspect ratio
 not kept, no crop; the test split's 227 centre crop of a 227 image is a no-op), both with
-cv2.resize's bilinear interpolation on float pixels. Then this project's normalisation
-(x / 255 - PIXEL_MEAN) / PIXEL_STD in RGB (the reference subtracts a BGR mean from 0-255
-pixels for its Caffe models; our encoders are trained with ours).
+cv2.resize's bilinear interpolation on float pixels. Then the encoder's input convention
+(`benchmark.input_convention`): for CaffeNet Caffe's, BGR 0-255 minus (104, 117, 123), as the
+reference feeds its Caffe models (it subtracts (103.53, 116.28, 123.675), data_input.py
+L34, L205-206; docs/reference-values.md section 8), torchvision's for its AlexNet.
 
 Cache: `<results root>/cache/features/<key>.npz`, written atomically, where the key hashes
 the encoder (its architecture as printed and every tensor's bytes, so any change of the
@@ -52,15 +53,16 @@ from benchmark.datasets.folder import load_rgb
 from benchmark.datasets.preflight import checked_voc_ids
 from benchmark.datasets.voc import VOC_CLASSES, classification_targets, parse_voc_xml
 from benchmark.errors import BenchError, ConfigError, DatasetError
+from benchmark.input_convention import InputConvention
 from benchmark.loop import nhwc
 from benchmark.runs import atomic_write_bytes, default_results_root, remove_stale_temporaries_of
-from pretrain.alexnet import CONV_INDICES, PIXEL_MEAN, PIXEL_STD, POOL_INDICES
+from pretrain.alexnet import CONV_INDICES, POOL_INDICES
 
 from .config import LAYERS
 
 log = logging.getLogger("bench")
 
-CACHE_VERSION = 1  # bump when the extraction or the file layout changes meaning
+CACHE_VERSION = 2  # bump when the extraction or the file layout changes meaning
 TARGET_DIM = 9216  # "about 9k": 256 x 6 x 6, pool5's size
 # layer: (map side at a 227 input for CaffeNet, avg-pool kernel, stride); None = no pooling.
 REFERENCE_POOLING: dict[str, tuple[int, int | None, int | None]] = {
@@ -153,34 +155,40 @@ def scale_shorter(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (new_w, new_h))
 
 
-def preprocess(path: Path, input_size: int, resize_shorter: int | None) -> np.ndarray:
+def preprocess(
+    path: Path, input_size: int, resize_shorter: int | None, convention: InputConvention
+) -> torch.Tensor:
     """(3, S, S) float32 encoder input of one image file (see the module docstring)."""
     image = np.asarray(load_rgb(path), dtype=np.float32)
     if resize_shorter:
         image = scale_shorter(image, resize_shorter)
     image = cv2.resize(image, (input_size, input_size))  # global_resize, INTER_LINEAR
-    mean = np.asarray(PIXEL_MEAN, dtype=np.float32)
-    std = np.asarray(PIXEL_STD, dtype=np.float32)
-    image = (image / np.float32(255.0) - mean) / std
-    return np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)
+    return convention.normalise_hwc(image).contiguous()
 
 
 class _Images(Dataset):
     """Item i -> (input (3, S, S), i, error message or "")."""
 
-    def __init__(self, paths: Sequence[Path], input_size: int, resize_shorter: int | None):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        input_size: int,
+        resize_shorter: int | None,
+        convention: InputConvention,
+    ) -> None:
         self.paths, self.input_size, self.resize_shorter = list(paths), input_size, resize_shorter
+        self.convention = convention
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         try:
-            x = preprocess(self.paths[i], self.input_size, self.resize_shorter)
+            x = preprocess(self.paths[i], self.input_size, self.resize_shorter, self.convention)
         except (DatasetError, cv2.error, ValueError) as exc:
             blank = torch.zeros(3, self.input_size, self.input_size)
             return blank, i, str(exc) or f"{self.paths[i]}: unreadable image"
-        return torch.from_numpy(x), i, ""
+        return x, i, ""
 
 
 def _worker_init(_: int) -> None:
@@ -377,6 +385,7 @@ def cache_key(
     images: SplitImages,
     input_size: int,
     resize_shorter: int | None,
+    convention: InputConvention,
 ) -> tuple[str, dict[str, Any]]:
     """(hex key, the JSON payload it hashes)."""
     payload = {
@@ -387,7 +396,7 @@ def cache_key(
         "num_images": len(images),
         "input_size": input_size,
         "resize_shorter": resize_shorter,
-        "normalisation": [list(PIXEL_MEAN), list(PIXEL_STD)],
+        "input_convention": convention.as_dict(),
     }
     text = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32], payload
@@ -522,8 +531,9 @@ def extract_features(
     """Pooled features of `layers` for every image of `images` (cached, see module doc).
 
     The encoder runs in eval mode under torch.inference_mode, `batch_size` images at a time
-    on `device`. An unreadable image is a DatasetError, or with on_bad_data="skip" it is left
-    out (`Features.keep` / `skipped` say which).
+    on `device`, fed in its input convention (`encoder.convention`). An unreadable image is
+    a DatasetError, or with on_bad_data="skip" it is left out (`Features.keep` / `skipped`
+    say which).
     """
     layers = check_layers(layers)
     if batch_size < 1:
@@ -533,8 +543,9 @@ def extract_features(
     encoder.eval()
     encoder.to(device)
     specs = layer_specs(encoder, layers, input_size)
+    convention: InputConvention = encoder.convention  # type: ignore[assignment]
     key, payload = cache_key(encoder_fingerprint(encoder), specs, images, input_size,
-                             resize_shorter)  # fmt: skip
+                             resize_shorter, convention)  # fmt: skip
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / f"{key}.npz"
     if use_cache:
@@ -554,7 +565,7 @@ def extract_features(
     ok = np.ones(n, dtype=bool)
     errors: list[str] = []
     loader = DataLoader(
-        _Images(images.paths, input_size, resize_shorter),
+        _Images(images.paths, input_size, resize_shorter, convention),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

@@ -37,8 +37,9 @@ from benchmark.datasets.voc import (
     read_split,
 )
 from benchmark.errors import DatasetError
+from benchmark.input_convention import InputConvention
 from benchmark.runs import Run
-from pretrain.alexnet import INPUT_SIZE, PIXEL_MEAN, PIXEL_STD
+from pretrain.alexnet import INPUT_SIZE
 from transfer import common
 
 log = logging.getLogger("bench")
@@ -189,12 +190,15 @@ def shrink(im: Image.Image, max_size: int | None) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def to_input(image: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (1, 3, H, W) float, (x / 255 - mean) / std like every stage."""
-    x = torch.from_numpy(np.array(image, copy=True)).to(device).permute(2, 0, 1)[None].float()
-    mean = torch.tensor(PIXEL_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD, device=device).view(1, 3, 1, 1)
-    return (x / 255.0 - mean) / std
+def to_input(
+    image: np.ndarray, device: torch.device, convention: InputConvention
+) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, H, W) float in the encoder's input `convention`, like
+    every stage. FCN subtracts (104.00699, 116.66877, 122.67892) BGR (voc_layers.py); the
+    encoder's convention is used instead, Caffe's (104, 117, 123) for CaffeNet
+    (docs/reference-values.md section 8)."""
+    x = torch.from_numpy(np.array(image, copy=True)).to(device).permute(2, 0, 1)[None]
+    return convention.normalise(x)
 
 
 def load_pair(sample: SegSample, max_size: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -257,10 +261,16 @@ def prepare_data(cfg: Any, run: Run) -> tuple[SegmentationData, list[str]]:
     return data, [*skip_ids, *skip_train, *skip_eval]
 
 
-def rescale_batch(samples: list, device: torch.device) -> torch.Tensor:
-    """Training images resized to the encoder's 227x227 input, normalised as every stage:
-    the batch the data-dependent init measures (magic_init warps images to the net's input)."""
+def rescale_batch(
+    samples: list, device: torch.device, convention: InputConvention
+) -> torch.Tensor:
+    """Training images resized to the encoder's 227x227 input, in its input `convention` as
+    every stage: the batch the data-dependent init measures (magic_init warps images to the
+    net's input)."""
     size = (INPUT_SIZE, INPUT_SIZE)
     return torch.cat(
-        [to_input(np.asarray(load_rgb(s.image_path).resize(size)), device) for s in samples]
+        [
+            to_input(np.asarray(load_rgb(s.image_path).resize(size)), device, convention)
+            for s in samples
+        ]
     )

@@ -18,6 +18,7 @@ from benchmark import distributed
 from benchmark.datasets.voc import IGNORE_INDEX, VOC_PALETTE, SegSample, id_problem
 from benchmark.distributed import DistEnv
 from benchmark.errors import DatasetError
+from benchmark.input_convention import InputConvention
 from benchmark.loop import Precision
 from benchmark.metrics import confusion_matrix, segmentation_scores
 from benchmark.runs import atomic_write_bytes
@@ -30,10 +31,15 @@ OVERLAY_DIR = "overlays"
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, image: np.ndarray, out_size: tuple[int, int], device: torch.device
+    model: nn.Module,
+    image: np.ndarray,
+    out_size: tuple[int, int],
+    device: torch.device,
+    convention: InputConvention,
 ) -> np.ndarray:
-    """Arg-max class map (H, W) uint8 at `out_size` (the label's resolution)."""
-    scores = model(to_input(image, device), out_size=out_size)
+    """Arg-max class map (H, W) uint8 at `out_size` (the label's resolution); the image fed
+    in the encoder's input `convention`."""
+    scores = model(to_input(image, device, convention), out_size=out_size)
     return scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 
@@ -44,10 +50,13 @@ def evaluate(
     env: DistEnv,
     keep: int = 0,
     precision: Precision | None = None,
+    *,
+    convention: InputConvention,
 ) -> tuple[np.ndarray, list[tuple[SegSample, np.ndarray, np.ndarray, np.ndarray]]]:
     """Accumulated (21, 21) confusion matrix over `samples`, and (sample, image, label,
-    prediction) of the first `keep` images for overlays. Images are shared out over
-    torchrun processes (rank r takes r, r + world, ...) and the matrices summed."""
+    prediction) of the first `keep` images for overlays; images fed in the encoder's input
+    `convention`. Images are shared out over torchrun processes (rank r takes r, r + world,
+    ...) and the matrices summed."""
     model.eval()
     hist = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
     kept = []
@@ -58,7 +67,7 @@ def evaluate(
         sample = samples[n]
         image, label = load_pair(sample, max_size)
         with autocast():
-            pred = predict(model, image, label.shape, env.device)
+            pred = predict(model, image, label.shape, env.device, convention)
         hist += confusion_matrix(pred, label, NUM_CLASSES, ignore_index=IGNORE_INDEX)
         if n < keep:
             kept.append((sample, image, label, pred))

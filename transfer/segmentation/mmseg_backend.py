@@ -3,10 +3,10 @@ bench's one loop (`benchmark.loop.fit`).
 
 What comes from mmseg / mmcv / mmengine: the segmentor (`EncoderDecoder`, built from a config
 made in code through mmseg's MODELS registry), its data preprocessor (`SegDataPreProcessor`:
-BGR to RGB, mean / std), the decode-head machinery (`BaseDecodeHead`: loss, resizing of the
-scores to the label, prediction), the loss (`CrossEntropyLoss` ignoring 255), the per-sample
-data pipeline (`LoadImageFromFile`, `RandomFlip`, `PackSegInputs`) and the evaluation metric
-(`IoUMetric`). What comes from us:
+the encoder's input convention, BGR to RGB where it takes RGB, mean / std), the decode-head
+machinery (`BaseDecodeHead`: loss, resizing of the scores to the label, prediction), the loss
+(`CrossEntropyLoss` ignoring 255), the per-sample data pipeline (`LoadImageFromFile`,
+`RandomFlip`, `PackSegInputs`) and the evaluation metric (`IoUMetric`). What comes from us:
 
 - the loop: `fit` owns the iteration budget, checkpoints (bench's weights-only layout, stage
   "transfer/segmentation/mmseg"), resume, the NaN guard, precision and logs. mmengine's
@@ -76,10 +76,12 @@ from benchmark import loop
 from benchmark.datasets.voc import IGNORE_INDEX, SegSample
 from benchmark.distributed import DistEnv, torchrun_world
 from benchmark.errors import BenchError, ConfigError, DatasetError, printable
+from benchmark.input_convention import CAFFE, InputConvention
 from benchmark.metrics import confusion_matrix
 from benchmark.runs import Run
-from pretrain.alexnet import PIXEL_MEAN, PIXEL_STD, AlexNetEncoder
+from pretrain.alexnet import ARCHS, AlexNetEncoder
 from pretrain.dropout import Dropout
+from pretrain.export import framework_input
 
 from .config import SegmentationConfig, SegmentationTrainConfig
 from .model import FCN_PAD, DenseConv2d, Grid, feature_grids, resample, smallest_pad
@@ -262,10 +264,9 @@ def model_config(cfg: SegmentationConfig, arch: str, pool_free: bool) -> dict[st
         _scope_="mmseg",  # nested parts (the data preprocessor) are looked up in mmseg too
         data_preprocessor=dict(
             type="SegDataPreProcessor",
-            # (x - 255 mean) / (255 std) = (x / 255 - mean) / std, every stage's input
-            mean=[255 * m for m in PIXEL_MEAN],
-            std=[255 * s for s in PIXEL_STD],
-            bgr_to_rgb=True,
+            # the encoder's input convention: images load BGR, are made RGB when the
+            # convention is, then (x - mean) / std (Caffe's for CaffeNet: BGR - (104, 117, 123))
+            **framework_input("mmseg", ARCHS[arch].convention),
             size_divisor=1,  # one image a pass: nothing is padded
             pad_val=0,
             seg_pad_val=IGNORE_INDEX,
@@ -410,7 +411,7 @@ def load_mmseg_encoder(weights: str | None, arch: str) -> tuple[AlexNetEncoder, 
     """(encoder, model card) for `--weights`: an mmseg export (checked as every weights file
     is: keys, shapes, finite values; its arch from the card or the tensors), or anything
     `transfer.backbone.load_encoder` reads."""
-    from transfer.backbone import load_encoder, load_state_checked, resolve_arch
+    from transfer.backbone import encoder_from_state, load_encoder
 
     if weights:
         path = Path(weights).expanduser()
@@ -423,11 +424,7 @@ def load_mmseg_encoder(weights: str | None, arch: str) -> tuple[AlexNetEncoder, 
                 inner = {k.removeprefix("backbone."): v for k, v in state.items()}
                 meta = obj.get("meta")
                 card = {"method": "unknown", **(meta if isinstance(meta, dict) else {})}
-                card = resolve_arch(inner, card, path, default=arch)
-                card["source"] = str(path)
-                encoder = AlexNetEncoder(card["arch"], bool(card["pool_free"]))
-                load_state_checked(encoder, inner, path)
-                return encoder, card
+                return encoder_from_state(inner, card, path, arch)
     return load_encoder(weights, arch)
 
 
@@ -450,15 +447,15 @@ def check_supported(cfg: SegmentationConfig) -> None:
 
 
 def rescale_(segmentor: nn.Module, samples: Sequence[SegSample], pretrained_encoder: bool,
-             seed: int = 0) -> list[dict]:  # fmt: skip
+             seed: int = 0, convention: InputConvention = CAFFE) -> list[dict]:  # fmt: skip
     """Krähenbühl et al.'s data-dependent init exactly as the native backend applies it
-    (transfer.rescale on training images resized to 227x227, normalised as every stage), on
-    the backbone, fc6, fc7 and conv_seg."""
+    (transfer.rescale on training images resized to 227x227, in the encoder's input
+    `convention`), on the backbone, fc6, fc7 and conv_seg."""
     from transfer.rescale import rescale_for_transfer_
 
     from .data import rescale_batch
 
-    x = rescale_batch(list(samples), next(segmentor.parameters()).device)
+    x = rescale_batch(list(samples), next(segmentor.parameters()).device, convention)
     return rescale_for_transfer_(
         segmentor, lambda: segmentor.decode_head(segmentor.backbone(x)), "backbone.",
         pretrained_encoder, seed,
@@ -641,8 +638,9 @@ def run_mmseg(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
         from transfer.rescale import format_report
 
         report = rescale_(
-            model, data.train[: cfg.rescale_images], card["method"] != "random", cfg.seed
-        )
+            model, data.train[: cfg.rescale_images], card["method"] != "random", cfg.seed,
+            ARCHS[arch].convention,
+        )  # fmt: skip
         run.logger.info("data-dependent init: " + format_report(report))
     describe_transfer(model, (), run.logger)
     net = loop.prepare_model(model, env, t, ddp=False)
@@ -670,6 +668,7 @@ def run_mmseg(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
         ),
         state={"model": net, "optimizer": optimizer}, precision=precision,
         hooks=[loop.Hook(cfg.eval_every, interim, at_end=False)], desc="segmentation (mmseg)",
+        input_convention=ARCHS[arch].convention.name,
     )  # fmt: skip
 
     tick = time.perf_counter()

@@ -25,6 +25,7 @@ from torch import nn
 from benchmark import loop
 from benchmark.datasets.voc import IGNORE_INDEX
 from benchmark.errors import ConfigError
+from benchmark.input_convention import InputConvention
 from benchmark.runs import Run
 from transfer import common
 from transfer.backbone import describe_transfer, load_encoder
@@ -81,7 +82,7 @@ def rescale_(model: FCN, samples: list, pretrained_encoder: bool, seed: int = 0)
     encoder, fc6, fc7 and score_fr. FCN-16s/8s's skip scores keep FCN's zero init (the
     reference's surgery): with them at zero the net is the chain magic_init's calibration
     assumes; re-drawn, the skip branches made it diverge (NaN within a few steps)."""
-    x = rescale_batch(samples, next(model.parameters()).device)
+    x = rescale_batch(samples, next(model.parameters()).device, model.encoder.convention)
     return rescale_for_transfer_(
         model, lambda: model(x), "encoder.", pretrained_encoder, seed, exclude=SKIP_SCORES
     )
@@ -121,11 +122,13 @@ def make_step(
     normalize: bool,
     precision: loop.Precision,
     device: torch.device,
+    convention: InputConvention,
 ):
     """One update: `iter_size` x `batch_size` images, one forward/backward each (they differ
     in size), gradients accumulated with weight 1/(iter_size x batch_size): Caffe's solver
     divides the accumulated gradient by iter_size. Under DDP the images are shared out and
-    gradients synchronised on the last pass only."""
+    gradients synchronised on the last pass only. Images are fed in the encoder's input
+    `convention`."""
     distributed = isinstance(model, nn.parallel.DistributedDataParallel)
 
     def step(batch: list[tuple[np.ndarray, np.ndarray]], iteration: int) -> dict[str, Any]:
@@ -136,7 +139,7 @@ def make_step(
             sync = not distributed or i == passes - 1
             ctx = contextlib.nullcontext() if sync else model.no_sync()
             with ctx:
-                x = loop.nhwc(to_input(image, device), t.channels_last)
+                x = loop.nhwc(to_input(image, device, convention), t.channels_last)
                 y = torch.from_numpy(label).long().to(device)[None]
                 with precision.autocast():
                     scores = model(x, out_size=tuple(label.shape))
@@ -177,7 +180,10 @@ def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     def interim(iteration: int) -> None:
         if iteration == t.iterations:
             return  # the final evaluation below covers the last iteration
-        hist, _ = evaluate(model, data.eval, cfg.max_size, env, precision=precision)
+        hist, _ = evaluate(
+            model, data.eval, cfg.max_size, env, precision=precision,
+            convention=encoder.convention,
+        )  # fmt: skip
         scores = scores_from_hist(hist, CLASSES)
         run.log_scalars(iteration, {k: scores[k] or 0.0 for k in ("mean_iu", "pixel_acc")},
                         prefix="val/")  # fmt: skip
@@ -187,19 +193,23 @@ def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     per_step = t.batch_size * t.iter_size
     result = loop.fit(
         run, env, t, stage=STAGE, config=cfg, seed=cfg.seed,
-        step=make_step(net, optimizer, t, cfg.normalize_loss, precision, env.device),
+        step=make_step(
+            net, optimizer, t, cfg.normalize_loss, precision, env.device, encoder.convention
+        ),
         batches=loop.loader_batches(
             SegTrainSet(data.train, cfg.max_size, cfg.mirror, cfg.seed), per_step, cfg.seed,
             env, t.workers, collate_fn=loop.list_collate,
         ),
         state={"model": net, "optimizer": optimizer}, precision=precision,
         hooks=[loop.Hook(cfg.eval_every, interim, at_end=False)], desc="segmentation",
+        input_convention=encoder.convention.name,
     )  # fmt: skip
 
     tick = time.perf_counter()
     hist, kept = evaluate(
-        model, data.eval, cfg.max_size, env, keep=cfg.save_overlays, precision=precision
-    )
+        model, data.eval, cfg.max_size, env, keep=cfg.save_overlays, precision=precision,
+        convention=encoder.convention,
+    )  # fmt: skip
     scores = scores_from_hist(hist, CLASSES)
     overlays = save_overlays(run.file(OVERLAY_DIR), kept) if run.is_main and kept else []
     metrics = {
