@@ -15,7 +15,8 @@ which):
   weights give the random baseline Caffe's activation scale; on [0, 1]-like inputs LRN is
   the identity and the random net's pool5 ~56x smaller.
 - `TORCHVISION`: torchvision's ImageNet statistics, RGB, (p / 255 - mean) / std, which its
-  AlexNet file was trained with.
+  AlexNet file was trained with (and the ResNets and ViTs of `encoders/`; `INCEPTION` is
+  timm's other one).
 
 A convention travels in model cards (`input_convention`: `as_dict()`), and weights made for
 one are moved to another by `fold_conv1`, exactly, as long as conv1 has no zero padding.
@@ -121,7 +122,10 @@ TORCHVISION = InputConvention(
     (255 * 0.485, 255 * 0.456, 255 * 0.406),
     (255 * 0.229, 255 * 0.224, 255 * 0.225),
 )
-CONVENTIONS: dict[str, InputConvention] = {c.name: c for c in (CAFFE, TORCHVISION)}
+# timm's IMAGENET_INCEPTION_MEAN/STD, (p / 255 - 0.5) / 0.5: its own supervised ViT weights
+# (augreg) expect these (`encoders/`).
+INCEPTION = InputConvention("inception", "RGB", (127.5, 127.5, 127.5), (127.5, 127.5, 127.5))
+CONVENTIONS: dict[str, InputConvention] = {c.name: c for c in (CAFFE, TORCHVISION, INCEPTION)}
 # What `bench import caffe` wrote into cards before the encoder took Caffe's input: its
 # weights were folded to take torchvision's convention.
 LEGACY_IMPORT_NOTE = "bench: RGB (x/255 - PIXEL_MEAN)/PIXEL_STD"

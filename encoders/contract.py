@@ -13,7 +13,8 @@ exposes:
 - `default_taps` / `knn_tap`: the layers the reference protocols read (Goyal et al.'s SVM
   layers, DINO's linear and k-NN features);
 - `head_input`: what `forward` returns and its shape (`HeadInput`);
-- `input_convention` and `input_size`: how images must be prepared (`InputConvention`);
+- `input_convention` and `input_size`: how images must be prepared (`InputConvention`, from
+  `benchmark.input_convention`, the one place that knows the conventions);
 - `config()`: the JSON-able constructor arguments, so a card can rebuild the network.
 
 This is a Protocol rather than a base class: AlexNet's encoder predates it and only needs
@@ -23,49 +24,20 @@ the attributes added, and a check (`check_encoder`) says whether a module keeps 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from math import prod
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from benchmark.errors import BenchError
+from benchmark.input_convention import INCEPTION, TORCHVISION, InputConvention
 
-
-@dataclass(frozen=True)
-class InputConvention:
-    """How 0-255 pixels become the network's input: x' = (x[channels] / scale - mean) / std.
-
-    The networks are trained on one convention; feeding another silently costs points,
-    so the convention travels in the model card beside the weights.
-    """
-
-    name: str  # "torchvision" (RGB, x / 255, ImageNet mean/std), "caffe" (BGR, 0-255, mean)
-    channels: str  # "RGB" or "BGR": order of the input planes
-    scale: float  # pixels are divided by this first (255.0, or 1.0 for Caffe)
-    mean: tuple[float, float, float]  # in the order of `channels`, after scaling
-    std: tuple[float, float, float]
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) RGB pixels in [0, 255] -> the network's input (float32)."""
-        x = images.float()
-        if self.channels == "BGR":
-            x = x.flip(1)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x / self.scale - mean) / std
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# torchvision's ImageNet statistics, as torchvision, timm (its `IMAGENET_DEFAULT_*`), MoCo,
-# DINO, SwAV, VISSL and MMPretrain all train their ResNets and ViTs with.
-TORCHVISION_INPUT = InputConvention(
-    "torchvision", "RGB", 255.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-)
-# timm's IMAGENET_INCEPTION_MEAN/STD: its own supervised ViT weights (augreg) expect these.
-INCEPTION_INPUT = InputConvention("inception", "RGB", 255.0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+# The conventions these families are trained with: torchvision's ImageNet statistics, as
+# torchvision, timm (its `IMAGENET_DEFAULT_*`), MoCo, DINO, SwAV, VISSL and MMPretrain all
+# train their ResNets and ViTs; timm's inception statistics for its own supervised ViTs.
+TORCHVISION_INPUT = TORCHVISION
+INCEPTION_INPUT = INCEPTION
 CONVENTIONS: dict[str, InputConvention] = {c.name: c for c in (TORCHVISION_INPUT, INCEPTION_INPUT)}
 
 

@@ -298,6 +298,32 @@ def test_real_voc_image(tmp_path, voc_image):
     assert json.loads((tmp_path / "e.card.json").read_text())["method"] == "imagenet"
 
 
+def test_random_baseline_on_a_real_voc_image_is_caffes_forward_pass(shared_data):
+    """The N(0, 0.01) baseline, fed a real VOC image by the probes' pipeline in its input
+    convention, gives the pool5 of Caffe's forward pass with the same weights on Caffe's input
+    (so its scale is Caffe's: tests/test_input_convention.py measures how far it moved)."""
+    import cv2
+
+    from benchmark.datasets.folder import load_rgb
+    from transfer.probes.features import preprocess, scale_shorter
+
+    jpgs = sorted((shared_data / "VOCdevkit" / "VOC2007" / "JPEGImages").glob("*.jpg"))[:2]
+    if not jpgs:
+        pytest.skip("no VOC2007 JPEGs in the shared data")
+    torch.manual_seed(0)
+    enc, _ = load_encoder(None)
+    state = {k: v.numpy() for k, v in enc.state_dict().items()}
+    weights = {name: [state[f"features.{i}.weight"], state[f"features.{i}.bias"]]
+               for (name, *_), i in zip(CONVS, (0, 3, 6, 8, 10))}  # fmt: skip
+    for path in jpgs:
+        rgb = scale_shorter(np.asarray(load_rgb(path), dtype=np.float32), 256)
+        rgb = cv2.resize(rgb, (227, 227))
+        with torch.no_grad():
+            got = enc.eval()(preprocess(path, 227, 256, enc.convention)[None]).double()
+        want = caffe_pool5(rgb, weights)
+        assert close(got, want), float((got - want).abs().max() / want.abs().max())
+
+
 def test_ceil_pooling_at_231_matches_caffe(tmp_path):
     # At 231 px conv1 gives 56 columns: Caffe pools them to 28 (floor rounding: 27).
     proto, model, weights = write_net(tmp_path, seed=1)

@@ -197,9 +197,10 @@ def test_contract_and_card_round_trip():
 def test_input_convention_normalises_as_torchvision():
     pixels = torch.tensor(np.arange(12, dtype=np.float32).reshape(1, 3, 2, 2) * 20)
     want = torchvision.transforms.functional.normalize(
-        pixels / 255, TORCHVISION_INPUT.mean, TORCHVISION_INPUT.std
+        pixels / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     )
-    assert torch.allclose(TORCHVISION_INPUT.normalize(pixels), want)
+    # float32 rounding: the convention computes (x - 255 m) / (255 s)
+    assert torch.allclose(TORCHVISION_INPUT.normalise(pixels), want, atol=1e-6)
 
 
 def test_missing_timm_is_a_one_line_error_naming_the_extra(monkeypatch):
@@ -257,7 +258,7 @@ def test_real_resnet50_and_vit_s16_end_to_end(tmp_path):
 
     from weights import import_checkpoint
 
-    x = TORCHVISION_INPUT.normalize(_images())
+    x = TORCHVISION_INPUT.normalise(_images())
     for arch, fmt in (("resnet50", "torchvision"), ("vit_small_patch16_224", "timm")):
         original = _random_encoder(arch)
         path = tmp_path / f"{arch}.safetensors"
