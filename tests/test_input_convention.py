@@ -302,3 +302,17 @@ def test_random_baseline_pool5_has_caffes_scale_on_real_voc_images(shared_data):
         old = encoder(torch.stack([preprocess(p, 227, 256, TORCHVISION) for p in paths])).mean()
     assert 0.05 < float(new) < 0.5, float(new)
     assert 40 < float(new / old) < 75, float(new / old)
+
+
+def test_framework_backends_are_configured_with_the_encoders_convention():
+    """mmseg loads images BGR and detectron2 reads them in INPUT.FORMAT: both are told the
+    encoder's convention in their own keys (built without either installed)."""
+    from transfer.segmentation.config import SegmentationConfig
+    from transfer.segmentation.mmseg_backend import model_config
+
+    pre = model_config(SegmentationConfig(), "caffenet", False)["data_preprocessor"]
+    assert (pre["mean"], pre["std"], pre["bgr_to_rgb"]) == ([104, 117, 123], [1, 1, 1], False)
+    pre = model_config(SegmentationConfig(), "torchvision", False)["data_preprocessor"]
+    assert pre["bgr_to_rgb"] is True
+    np.testing.assert_allclose(pre["mean"], 255 * TV_MEAN)
+    np.testing.assert_allclose(pre["std"], 255 * TV_STD)

@@ -342,7 +342,7 @@ def test_rescale_is_the_native_data_dependent_init(synth_root, tmp_path, monkeyp
     cfg = tiny(synth_root, pad=0)  # 227 px inputs unpadded: pool5 is fc6's 6x6
     samples = _data(cfg, tmp_path).train[:1]
     model, fcn = _pair(cfg)
-    ours = mmseg_backend.rescale_(model, samples, True, seed=3)
+    ours = mmseg_backend.rescale_(model, samples, True, seed=3, convention=fcn.encoder.convention)
     theirs = native_rescale_(fcn, samples, True, seed=3)
     assert len(ours) == len(theirs) and "conv_seg" in str(ours[-1]) + str(ours)
     head = model.decode_head

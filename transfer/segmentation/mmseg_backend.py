@@ -76,7 +76,7 @@ from benchmark import loop
 from benchmark.datasets.voc import IGNORE_INDEX, SegSample
 from benchmark.distributed import DistEnv, torchrun_world
 from benchmark.errors import BenchError, ConfigError, DatasetError, printable
-from benchmark.input_convention import CAFFE, InputConvention
+from benchmark.input_convention import InputConvention
 from benchmark.metrics import confusion_matrix
 from benchmark.runs import Run
 from pretrain.alexnet import ARCHS, AlexNetEncoder
@@ -447,7 +447,7 @@ def check_supported(cfg: SegmentationConfig) -> None:
 
 
 def rescale_(segmentor: nn.Module, samples: Sequence[SegSample], pretrained_encoder: bool,
-             seed: int = 0, convention: InputConvention = CAFFE) -> list[dict]:  # fmt: skip
+             seed: int = 0, *, convention: InputConvention) -> list[dict]:  # fmt: skip
     """Krähenbühl et al.'s data-dependent init exactly as the native backend applies it
     (transfer.rescale on training images resized to 227x227, in the encoder's input
     `convention`), on the backbone, fc6, fc7 and conv_seg."""
@@ -639,7 +639,7 @@ def run_mmseg(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
 
         report = rescale_(
             model, data.train[: cfg.rescale_images], card["method"] != "random", cfg.seed,
-            ARCHS[arch].convention,
+            convention=ARCHS[arch].convention,
         )  # fmt: skip
         run.logger.info("data-dependent init: " + format_report(report))
     describe_transfer(model, (), run.logger)
