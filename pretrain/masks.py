@@ -299,7 +299,8 @@ def _call(fn: Callable[..., np.ndarray], size: Size, rng: np.random.Generator, *
 def apply_mask(
     images: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor | float = 0.0
 ) -> torch.Tensor:
-    """Set dropped pixels to `fill` (the dataset mean, normalised: (3,) or scalar).
+    """Set dropped pixels to `fill` (the dataset mean in the encoder's input convention: (3,)
+    or scalar).
 
     images: (B, 3, H, W); mask: (B, 1, H, W) with 1 = dropped. Returns a new tensor.
     """
