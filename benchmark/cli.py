@@ -71,7 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["classification", "detection", "segmentation", "svm", "knn"],
         help="a fine-tuning protocol, or a frozen-feature probe (svm, knn)",
     )
-    p.add_argument("--weights", help="pretrain run folder or exported weights (default: random)")
+    p.add_argument(
+        "--weights",
+        help="pretrain run folder, exported or imported weights, or a ResNet-50 / ViT "
+        "checkpoint of another tool (svm, knn, classification; default: random)",
+    )
+    p.add_argument(
+        "--weights-format",
+        help="the checkpoint's layout when detection by its keys is not wanted "
+        "(`bench import --show-keys` lists them)",
+    )
     p.add_argument("--backend", help="native (default), detectron2 or mmseg")
     p.add_argument("--train-from", help="classification: all, pool5 or fc7")
     _add_run_options(p)
@@ -84,8 +93,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output file (default: inside the run folder)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
-    p = sub.add_parser("import", help="import released weights (Caffe models) as a bench encoder")
-    isub = p.add_subparsers(dest="import_format", required=True, metavar="FORMAT")
+    p = sub.add_parser(
+        "import",
+        help="import released weights (Caffe models, ResNet-50 / ViT checkpoints) as a bench "
+        "encoder",
+        description="`bench import --format F FILE --out OUT` (short for `bench import "
+        "checkpoint ...`) imports a ResNet-50 / ViT checkpoint; `bench import --show-keys "
+        "[FILE]` prints a format's key map; `bench import caffe ...` a Caffe model.",
+    )
+    isub = p.add_subparsers(dest="import_format", required=True, metavar="KIND")
+    q = isub.add_parser(
+        "checkpoint",
+        help="a ResNet-50 / ViT checkpoint (torchvision, timm, MoCo, DINO, SwAV, BYOL, SimCLR, "
+        "VISSL, MMPretrain, solo-learn, lightly, MAE, detectron2); the default KIND",
+    )
+    q.add_argument("file", nargs="?", type=Path, help="the checkpoint (read, never run)")
+    q.add_argument("--format", dest="checkpoint_format", help="its layout (default: detected)")
+    q.add_argument(
+        "--show-keys",
+        action="store_true",
+        help="print the key map (the file's, or the format's rules without FILE) and exit",
+    )
+    q.add_argument("--family", choices=["resnet", "vit"], help="insist on one encoder family")
+    q.add_argument("--branch", help="which network of a file holding several (DINO: teacher)")
+    q.add_argument("--num-heads", type=int, help="a ViT's attention heads, where unknown")
+    q.add_argument(
+        "--input-convention",
+        choices=["torchvision", "inception"],
+        help="the normalisation the network was trained with (default torchvision's)",
+    )
+    q.add_argument("--method", help="method name for reports (default: the file's stem)")
+    q.add_argument(
+        "--out", type=Path, help="output .safetensors file, or a folder (gets encoder.safetensors)"
+    )
+    q.add_argument("--force", action="store_true", help="overwrite an existing output")
     q = isub.add_parser("caffe", help="a Caffe prototxt + caffemodel (AlexNet/CaffeNet conv1-5)")
     q.add_argument("--prototxt", type=Path, required=True, help="the net's deploy/train prototxt")
     q.add_argument("--caffemodel", type=Path, required=True, help="the trained weights")
@@ -278,6 +319,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     from benchmark.stages import transfer_stage
 
     flags = {**COMMON_FLAGS, "weights": "weights", "backend": "backend"}
+    if args.weights_format is not None:
+        flags["weights_format"] = "weights_format"
     if args.train_from is not None:
         if args.task != "classification":
             raise BenchError("--train-from applies to --task classification only")
@@ -294,9 +337,36 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    if args.import_format == "checkpoint":
+        return _import_checkpoint(args)
     from benchmark.caffe import import_caffe
 
     path = import_caffe(args.prototxt, args.caffemodel, args.out, args.method, force=args.force)
+    print(f"wrote {printable(path)} (use it as --weights)")
+    return 0
+
+
+def _import_checkpoint(args: argparse.Namespace) -> int:
+    options = {"family": args.family, "branch": args.branch}
+    if args.show_keys:
+        if args.file is None:
+            from weights import FORMATS, describe_format, get_format
+
+            chosen = [get_format(args.checkpoint_format)] if args.checkpoint_format else FORMATS
+            print("\n\n".join(describe_format(f) for f in chosen))
+            return 0
+        from weights import show_keys
+
+        print(show_keys(args.file, fmt=args.checkpoint_format, **options))
+        return 0
+    if args.file is None or args.out is None:
+        raise BenchError("bench import: give the checkpoint FILE and --out (or --show-keys)")
+    from transfer.imported import import_to_native
+
+    path = import_to_native(
+        args.file, args.out, fmt=args.checkpoint_format, method=args.method, force=args.force,
+        num_heads=args.num_heads, input_convention=args.input_convention, **options,
+    )  # fmt: skip
     print(f"wrote {printable(path)} (use it as --weights)")
     return 0
 
@@ -447,7 +517,18 @@ def _error(message: str) -> int:
     return EXIT_USER_ERROR
 
 
+IMPORT_KINDS = ("caffe", "checkpoint", "-h", "--help")
+
+
+def _default_import_kind(argv: list[str]) -> list[str]:
+    """`bench import --format F FILE` means `bench import checkpoint --format F FILE`."""
+    if argv[:1] == ["import"] and (len(argv) == 1 or argv[1] not in IMPORT_KINDS):
+        return ["import", "checkpoint", *argv[1:]]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = _default_import_kind(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -88,13 +88,21 @@ def test_torchvision_state_dict_loads_and_matches_torchvision(tmp_path):
 
 
 def test_wrong_architecture_lists_missing_and_unexpected_keys(tmp_path):
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet.pth")
+    state = AlexNetEncoder("torchvision").state_dict()
+    del state["features.10.bias"]
+    state["features.11.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "alexnet.pth")
     with pytest.raises(BenchError) as err:
-        load_encoder(tmp_path / "resnet.pth")
+        load_encoder(tmp_path / "alexnet.pth")
     msg = str(err.value)
-    assert str(tmp_path / "resnet.pth") in msg and "\n" not in msg
-    assert "missing" in msg and "features.0.weight" in msg and "features.10.bias" in msg
-    assert "unexpected" in msg and "conv1.weight" in msg
+    assert str(tmp_path / "alexnet.pth") in msg and "\n" not in msg
+    assert "missing" in msg and "features.10.bias" in msg
+    assert "unexpected" in msg and "features.11.weight" in msg
+    # a network of no family bench knows: one line naming the file
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(BenchError, match="a ResNet of basic blocks") as err:
+        load_encoder(tmp_path / "resnet.pth")
+    assert str(tmp_path / "resnet.pth") in str(err.value) and "\n" not in str(err.value)
 
 
 def test_pool_free_tensors_in_a_pooled_card_are_unexpected(tmp_path):

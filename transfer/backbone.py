@@ -1,7 +1,8 @@
 """The one weight loader of every transfer task, and the guards around fine-tuning.
 
-`load_encoder` turns whatever the user passes as `--weights` into an `AlexNetEncoder` plus
-its model card:
+`load_encoder` turns whatever the user passes as `--weights` into an encoder plus its model
+card: an `AlexNetEncoder`, or a ResNet / ViT of the encoder contract (`encoders/`) for the
+tasks that take them (`families`):
 
 - nothing (None): the 'random Gaussian' baseline, N(0, 0.01) weights, zero biases;
 - a pretraining run folder: its `encoder.safetensors`;
@@ -10,7 +11,14 @@ its model card:
 - a torchvision AlexNet state dict (`.pth`/`.pt`, e.g. `alexnet-owt-7be5be79.pth`): the
   ImageNet-supervised row of Table 2; its `classifier.*` tensors are ignored;
 - a Caffe `.caffemodel` with its `.prototxt` beside it (same stem), converted in memory by
-  `benchmark.caffe` (`bench import caffe` writes the same conversion as a native file).
+  `benchmark.caffe` (`bench import caffe` writes the same conversion as a native file);
+- a ResNet-50 or ViT checkpoint as another tool wrote it (torchvision, timm, MoCo v1/v2/v3,
+  DINO, SwAV, BYOL/SimCLR conversions, VISSL, MMPretrain, solo-learn, lightly, MAE,
+  detectron2 `.pkl`): read without running its code and imported on the fly by `weights/`
+  (format detected from the file's keys, or named by `fmt`, `--weights-format`), exactly as
+  `bench import --format F FILE` imports it once into a native file;
+- a native ResNet / ViT file (`bench import` writes them): the card's `family` and `config`
+  rebuild the network, the tensors must match it exactly.
 
 The architecture (arch, pool_free) comes from the card, else from the tensors' shapes; files
 written before the encoder followed Caffe say "caffenet" for the ungrouped, LRN-free network
@@ -34,20 +42,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmark.errors import BenchError
-from benchmark.input_convention import saved_convention
+import encoders
+from benchmark.errors import BenchError, printable
+from benchmark.input_convention import InputConvention, saved_convention
 from pretrain.alexnet import ARCHS, AlexNetEncoder, refold_conv1
 
 ENCODER_FILE = "encoder.safetensors"
 TORCH_SUFFIXES = (".pth", ".pt", ".tar", ".bin")
+# Other suffixes the checkpoint importer reads (weights/files.py): Lightning's, VISSL's and
+# detectron2's pickles. A file with any other suffix is read when --weights-format names it.
+CHECKPOINT_SUFFIXES = (*TORCH_SUFFIXES, ".ckpt", ".torch", ".pkl", ".pickle")
 CAFFE_SUFFIX = ".caffemodel"
+ALEXNET = "alexnet"
+FAMILIES = (ALEXNET, "resnet", "vit")  # every encoder family a transfer task may take
+FAMILY_NAMES = {ALEXNET: "AlexNet", "resnet": "ResNet", "vit": "ViT"}
 # Keys of a torchvision AlexNet that are not part of the encoder and are dropped on import.
 IGNORED_TORCH_PREFIXES = ("classifier.",)
 log = logging.getLogger("bench")
 
 
 def random_card(arch: str = "caffenet", pool_free: bool = False) -> dict[str, Any]:
-    """Model card of the 'random Gaussian initialization' row (pretraining time < 1 minute)."""
+    """Model card of the 'random Gaussian initialization' row (pretraining time < 1 minute);
+    for a ResNet / ViT arch (`encoders.ARCHS`), its library's own random initialisation."""
     convention = ARCHS[arch].convention.as_dict() if arch in ARCHS else None
     return {
         "method": "random", "mask": None, "iterations": 0, "data": None, "config_hash": None,
@@ -56,23 +72,197 @@ def random_card(arch: str = "caffenet", pool_free: bool = False) -> dict[str, An
     }  # fmt: skip
 
 
+def family_of(encoder: Any) -> str:
+    """"alexnet", "resnet" or "vit": contract encoders say it, AlexNet's predates the key."""
+    return str(getattr(encoder, "family", ALEXNET))
+
+
+def convention_of(encoder: Any) -> InputConvention:
+    """The input convention an encoder takes (AlexNet's `convention`, the contract's
+    `input_convention`)."""
+    found = getattr(encoder, "input_convention", None) or getattr(encoder, "convention", None)
+    if not isinstance(found, InputConvention):
+        raise TypeError(f"{type(encoder).__name__} has no input convention")
+    return found
+
+
 def load_encoder(
-    weights: str | Path | None, arch: str = "caffenet", pool_free: bool = False
-) -> tuple[AlexNetEncoder, dict[str, Any]]:
+    weights: str | Path | None,
+    arch: str = "caffenet",
+    pool_free: bool = False,
+    *,
+    fmt: str | None = None,
+    families: tuple[str, ...] = (ALEXNET,),
+    input_size: int | None = None,
+    task: str = "this task",
+) -> tuple[Any, dict[str, Any]]:
     """Build the encoder described by `weights` and load it; returns (encoder, card).
 
-    `arch` and `pool_free` only choose the architecture of the random baseline and of files
-    whose card does not say. Raises BenchError naming the file when it is missing,
+    `arch` and `pool_free` only choose the architecture of the random baseline (an AlexNet
+    arch, or "resnet50" / "vit_small_patch16_224" / "vit_base_patch16_224") and of AlexNet
+    files whose card does not say. `fmt` names a foreign checkpoint's format (weights/
+    FORMATS; None detects it). `families`: the encoder families the caller can run
+    ("alexnet", "resnet", "vit"); another is a one-line error naming `task`. `input_size`:
+    a ResNet's taps are pooled for it (the reference windows at 224, adaptive elsewhere); a
+    ViT takes only its own. Raises BenchError naming the file when it is missing,
     unreadable, or its tensors do not match the encoder (missing / unexpected / shape).
     """
     if weights is None or str(weights) == "":
-        if arch not in ARCHS:
-            choices = ", ".join(sorted(ARCHS))
-            raise BenchError(f"arch: unknown encoder arch {arch!r} (choose from {choices})")
-        return AlexNetEncoder(arch, pool_free), random_card(arch, pool_free)  # type: ignore[arg-type]
-    path = resolve_weights_path(weights)
-    state, card = read_weights(path)
-    return encoder_from_state(state, card, path, arch)
+        if fmt:
+            raise BenchError(f"--weights-format {fmt}: no --weights file to read")
+        encoder, card = _random_encoder(arch, pool_free)
+        where = f"arch {arch}"
+    else:
+        path = resolve_weights_path(weights)
+        encoder, card = _load_file(path, arch, fmt)
+        where = printable(path)
+    family = family_of(encoder)
+    if family not in families:
+        takes = ", ".join(FAMILY_NAMES[f] for f in families)
+        raise BenchError(f"{where}: a {FAMILY_NAMES[family]} encoder ({encoder.arch}); {task} "
+                         f"takes {takes} encoders")  # fmt: skip
+    if input_size is not None:
+        encoder, card = at_input_size(encoder, card, input_size)
+    return encoder, card
+
+
+def _random_encoder(arch: str, pool_free: bool) -> tuple[Any, dict[str, Any]]:
+    if arch in encoders.ARCHS:
+        encoder = encoders.build(arch)
+        card = {**random_card(arch), **encoders.card_fields(encoder), "pool_free": None}
+        card["input_convention"] = card["input"]
+        return encoder, card
+    if arch not in ARCHS:
+        choices = ", ".join([*sorted(ARCHS), *encoders.ARCHS])
+        raise BenchError(f"arch: unknown encoder arch {arch!r} (choose from {choices})")
+    return AlexNetEncoder(arch, pool_free), random_card(arch, pool_free)  # type: ignore[arg-type]
+
+
+def at_input_size(encoder: Any, card: dict[str, Any], size: int) -> tuple[Any, dict[str, Any]]:
+    """The encoder for `size` x `size` inputs: AlexNet and a ResNet at its own size as they
+    are; a ResNet rebuilt with its taps pooled for `size` (same tensors); a ViT only at the
+    size of its position embedding (one-line error otherwise)."""
+    family = family_of(encoder)
+    if family == ALEXNET or size == encoder.input_size:
+        return encoder, card
+    if family == "vit":
+        side = encoder.input_size
+        raise BenchError(f"input_size: {size}, but the {encoder.arch} encoder takes {side} x "
+                         f"{side} images (its position embedding)")  # fmt: skip
+    if size < 32:
+        raise BenchError(f"input_size: {size} is too small for a ResNet (>= 32)")
+    resized = encoders.ResNetEncoder(encoder.layers, encoder.width_per_group, size)
+    resized.load_state_dict(encoder.state_dict())
+    resized.train(encoder.training)
+    card = {**card, **encoders.card_fields(resized)}
+    card["input_convention"] = card["input"]
+    return resized, card
+
+
+def _load_file(path: Path, default_arch: str, fmt: str | None) -> tuple[Any, dict[str, Any]]:
+    """The encoder of one weights file, whatever family and layout it holds."""
+    if fmt:
+        return import_foreign(path, fmt=fmt)
+    if path.suffix == CAFFE_SUFFIX:
+        state, card = read_caffe(path)
+        return encoder_from_state(state, card, path, default_arch)
+    if path.suffix == ".safetensors":
+        state, card = read_native(path)
+        if card.get("family") in encoders_families():
+            return contract_from_state(state, card, path)
+        if "features.0.weight" not in state:  # a foreign safetensors (timm, Hugging Face)
+            return import_foreign(path, tree=state)
+        return encoder_from_state(state, card, path, default_arch)
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+        raise BenchError(
+            f"{path}: unknown weights format '{path.suffix}' (expected .safetensors, "
+            f"{', '.join(CHECKPOINT_SUFFIXES)}, {CAFFE_SUFFIX} or a pretraining run folder; "
+            "or name the checkpoint's layout with --weights-format)"
+        )
+    from weights import read_checkpoint
+
+    tree = read_checkpoint(path)
+    alexnet = _alexnet_state(tree)
+    if alexnet is not None:
+        return encoder_from_state(alexnet, _imagenet_card(), path, default_arch)
+    return import_foreign(path, tree=tree)
+
+
+def encoders_families() -> tuple[str, ...]:
+    return tuple(f for f in FAMILIES if f != ALEXNET)
+
+
+def method_from_path(path: Path) -> str:
+    """A method name for reports from a checkpoint's file name: `moco_v2_800ep.pth.tar` ->
+    `moco_v2_800ep` (letters, digits, '_' and '-' only)."""
+    stem = Path(path).name.split(".")[0]
+    name = "".join(c if c.isalnum() or c in "_-" else "-" for c in stem).strip("-")
+    return name or "imported"
+
+
+def import_foreign(
+    path: Path,
+    *,
+    fmt: str | None = None,
+    tree: Any = None,
+    method: str | None = None,
+    **options: Any,
+) -> tuple[Any, dict[str, Any]]:
+    """A ResNet / ViT checkpoint of another tool -> (encoder, card), through `weights/`
+    (no code run from the file; only a head's keys may be missing or left over). `options`
+    are `weights.import_tree`'s (family, branch, num_heads, input_convention, input_size)."""
+    from weights import import_tree, read_checkpoint
+
+    if tree is None:
+        tree = read_checkpoint(path)
+    imported = import_tree(tree, path, fmt=fmt, **options)
+    card = dict(imported.card)
+    card.update({
+        "method": method or method_from_path(path), "mask": None, "iterations": None,
+        "data": None, "config_hash": None, "pool_free": None, "pretrain_seconds": None,
+        "imported": True, "input_convention": card["input"],
+        "input_convention_loaded": card["input"]["name"],
+    })  # fmt: skip
+    log.info("%s: %s format, %s encoder (%d tensors; dropped %d head, %d other keys)",
+             printable(path), card["format"], card["arch"], card["keys"]["encoder"],
+             card["keys"]["head"], card["keys"]["not_encoder"])  # fmt: skip
+    return imported.encoder, card
+
+
+def contract_from_state(
+    state: Mapping[str, torch.Tensor], card: Mapping[str, Any], path: Path
+) -> tuple[Any, dict[str, Any]]:
+    """A native ResNet / ViT file: the card's family and config rebuild the network, the
+    tensors must fill it exactly (load_state_checked)."""
+    encoder = encoders.from_card(card)
+    load_state_checked(encoder, state, path)
+    encoder.eval()
+    card = {**card, **encoders.card_fields(encoder), "source": str(path)}
+    card["input_convention"] = card["input"]
+    card.setdefault("input_convention_loaded", card["input"]["name"])
+    return encoder, card
+
+
+def _alexnet_state(tree: Any) -> dict[str, torch.Tensor] | None:
+    """The AlexNet state dict (`features.N.*`, `classifier.*` dropped) a torchvision-layout
+    file holds, or None when it holds another network."""
+    obj = tree
+    for wrapper in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping):
+        return None
+    state = {str(k).removeprefix("module."): v for k, v in obj.items()}
+    if "features.0.weight" not in state:
+        return None
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return None
+    return {k: v for k, v in state.items() if not k.startswith(IGNORED_TORCH_PREFIXES)}
+
+
+def _imagenet_card() -> dict[str, Any]:
+    return {"method": "imagenet", "mask": None, "iterations": None, "data": "imagenet",
+            "config_hash": None, "pretrain_seconds": None}  # fmt: skip
 
 
 def encoder_from_state(
@@ -130,7 +320,16 @@ def peek_card(weights: str | Path | None) -> dict[str, Any]:
             from benchmark.caffe import default_method
 
             return {"method": default_method(path), "imported": True}
-        return read_weights(path)[1]
+        if path.suffix == ".safetensors":
+            card = read_native(path)[1]
+            if card.get("method") == "unknown" and not card.get("family"):
+                card["method"] = method_from_path(path)  # a foreign safetensors file
+            return card
+        from weights import read_checkpoint
+
+        if _alexnet_state(read_checkpoint(path)) is not None:
+            return _imagenet_card()
+        return {"method": method_from_path(path), "imported": True}
     except (BenchError, OSError, ValueError):
         return {"method": Path(weights).stem}
 
@@ -151,7 +350,8 @@ def resolve_weights_path(weights: str | Path) -> Path:
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, card) of a native export or of a torchvision-layout torch file."""
+    """(state dict, card) of an AlexNet file: a native export, a torchvision-layout torch
+    file or a caffemodel (the other families go through `load_encoder`)."""
     if path.suffix == ".safetensors":
         return read_native(path)
     if path.suffix in TORCH_SUFFIXES:
@@ -190,10 +390,9 @@ def read_native(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def read_torchvision(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A torchvision AlexNet state dict (ImageNet-supervised); `classifier.*` is dropped."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise BenchError(f"{path}: unreadable torch file ({type(exc).__name__}: {exc})") from None
+    from weights import read_checkpoint
+
+    obj = read_checkpoint(path)
     for wrapper in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -201,9 +400,7 @@ def read_torchvision(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
         raise BenchError(f"{path}: not a state dict (a mapping of names to tensors)")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
     state = {k: v for k, v in state.items() if not k.startswith(IGNORED_TORCH_PREFIXES)}
-    card = {"method": "imagenet", "mask": None, "iterations": None, "data": "imagenet",
-            "config_hash": None, "pretrain_seconds": None}  # fmt: skip
-    return state, card
+    return state, _imagenet_card()
 
 
 def infer_arch(state: Mapping[str, torch.Tensor], path: Path) -> str | None:
@@ -295,6 +492,8 @@ def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], pat
 def _describe(module: nn.Module) -> str:
     if isinstance(module, AlexNetEncoder):
         return f"{module.arch} encoder (pool_free={module.pool_free})"
+    if hasattr(module, "family"):
+        return f"{module.arch} encoder"
     return type(module).__name__
 
 

@@ -14,10 +14,18 @@ from __future__ import annotations
 from .files import read_checkpoint
 from .formats import FORMATS, Format, get_format
 from .keymap import KeyMap, KeyRow, check_keys, describe_format, format_key_map, map_keys
-from .load import Imported, describe, encoder_spec, import_checkpoint, key_map, show_keys
+from .load import (
+    Imported,
+    describe,
+    encoder_spec,
+    import_checkpoint,
+    import_tree,
+    key_map,
+    show_keys,
+)
 
 __all__ = [
     "FORMATS", "Format", "Imported", "KeyMap", "KeyRow", "check_keys", "describe",
     "describe_format", "encoder_spec", "format_key_map", "get_format", "import_checkpoint",
-    "key_map", "map_keys", "read_checkpoint", "show_keys",
+    "import_tree", "key_map", "map_keys", "read_checkpoint", "show_keys",
 ]  # fmt: skip

@@ -66,7 +66,23 @@ def import_checkpoint(
 ) -> Imported:
     """The encoder a checkpoint holds, loaded and checked (module docstring); the arguments
     after `branch` are `encoder_spec`'s."""
-    km = key_map(path, family, fmt, branch)
+    return import_tree(read_checkpoint(Path(path)), path, family, fmt, branch, num_heads,
+                       input_convention, input_size)  # fmt: skip
+
+
+def import_tree(
+    tree: Any,
+    path: Path | str,
+    family: str | None = None,
+    fmt: str | None = None,
+    branch: str | None = None,
+    num_heads: int | None = None,
+    input_convention: str | None = None,
+    input_size: int = 224,
+) -> Imported:
+    """`import_checkpoint` of a file already read (`read_checkpoint`): a caller that looked
+    inside the file first (is it an AlexNet?) does not read it twice."""
+    km = map_keys(tree, path, family, fmt, branch)
     spec = encoder_spec(km, num_heads, input_convention, input_size)
     with torch.device("meta"):  # no random init: every tensor comes from the file
         encoder: Any = from_card(spec)
