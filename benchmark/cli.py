@@ -545,6 +545,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; continue with --resume", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # (never imported for --help and the like)
+            from benchmark import distributed
+
+            distributed.teardown()  # a torchrun process leaves its process group cleanly
 
 
 if __name__ == "__main__":

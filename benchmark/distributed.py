@@ -86,6 +86,7 @@ def setup(preference: str = "auto") -> DistEnv:
 
 
 def teardown() -> None:
+    """Leave the process group (torchrun): NCCL warns, and may hang at exit, otherwise."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

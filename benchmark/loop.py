@@ -419,6 +419,23 @@ class FitResult:
     precision: str = "fp32"
 
 
+def fit_fields(
+    result: FitResult | None, device: torch.device | str | None = None
+) -> dict[str, Any]:
+    """The fields every training stage's metrics.json gives its loop, in one shape and one
+    rounding (a stage that trains nothing, e.g. the random baseline, passes None)."""
+    fields: dict[str, Any] = {
+        "iterations": result.iterations if result else 0,
+        "train_seconds": round(result.seconds, 3) if result else None,
+        "precision": result.precision if result else None,
+        "initial_loss": result.first.get("loss") if result else None,
+        "final_loss": result.last.get("loss") if result else None,
+    }
+    if device is not None:
+        fields["device"] = str(device)
+    return fields
+
+
 def _scalars(values: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
     return {
         k: float(v.detach().float()) if isinstance(v, torch.Tensor) else float(v)

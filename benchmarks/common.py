@@ -19,23 +19,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_per_call(
-    fn: Callable[[], Any], device: torch.device, warmup: int = 2, repeats: int = 5
-) -> float:
-    """Median seconds per call of `fn` after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - tic)
-    times.sort()
-    return times[len(times) // 2]
-
-
 class MatmulRate:
     """The matmul rate measured beside a workload: `once()` times one square matmul (2 n^3
     FLOPs) and keeps it; `gflops` is the median so far. Why interleaved: on a shared or

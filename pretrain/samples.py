@@ -1,16 +1,28 @@
-"""PNG grids of inpainting samples: one row per kind of image, one column per example."""
+"""The sample figures of pretraining: a fixed batch drawn once, and PNG grids of it (one row
+per kind of image, one column per example)."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
 from benchmark.runs import atomic_write_bytes
+
+# sample numbers of the figure batch: keyed datasets draw masks and crops from (index,
+# sample), and these are far from any training sample: the figure shows the same draws always
+SAMPLE_KEY = 10**12
+
+
+def sample_batch(dataset: Any, count: int) -> Any:
+    """The figure batch: `count` items keyed (i, SAMPLE_KEY + i), collated as a loader would."""
+    items = [dataset[(i % len(dataset), SAMPLE_KEY + i)] for i in range(count)]
+    return torch.utils.data.default_collate(items)
 
 
 def save_grid(path: Path, rows: Sequence[torch.Tensor], padding: int = 2) -> Path:

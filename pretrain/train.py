@@ -18,15 +18,14 @@ from typing import Any
 import torch
 
 from benchmark import loop
-from benchmark.config import config_hash, identity_hash
-from benchmark.datasets.preflight import skipped_field
 from benchmark.datasets.resolve import resolve_data
 from benchmark.distributed import DistEnv
 from benchmark.errors import BenchError, ConfigError, printable
-from benchmark.protocol import departures, is_synthetic, settings
+from benchmark.protocol import is_synthetic
 from benchmark.runs import Run
 from pretrain.adversarial import Adversary, DCGANDiscriminator, discriminator_lr
 from pretrain.alexnet import ARCHS, AlexNetEncoder, gaussian_init_, pool5_size
+from pretrain.card import card_head, metrics_head
 from pretrain.config import PAPER_LR, PretrainConfig
 from pretrain.context_encoder import ContextEncoder
 from pretrain.data import PretrainImages, dataset_mean
@@ -34,11 +33,10 @@ from pretrain.export import NATIVE_FILE, write_native
 from pretrain.losses import RECONSTRUCTION_LOSSES, joint_loss
 from pretrain.masks import PER_BATCH, apply_mask, make_mask_fn
 from pretrain.preflight import PretrainData, pretrain_data
-from pretrain.samples import save_grid
+from pretrain.samples import sample_batch, save_grid
 from transfer.backbone import load_state_checked, read_torchvision
 
 SAMPLE_IMAGES = 8
-SAMPLE_KEY = 10**12  # sample numbers of the figure batch, far from any training sample
 STAGE = "pretrain"
 
 
@@ -142,23 +140,19 @@ def _mask_fn(
     return fn, cfg.mask, str(root) if root is not None else None
 
 
-def _card(cfg: PretrainConfig, **fields: Any) -> dict[str, Any]:
+def _card(
+    cfg: PretrainConfig, result: loop.FitResult | None = None, device: Any = None,
+    **fields: Any,
+) -> dict[str, Any]:  # fmt: skip
     """The model card of an encoder made by this stage (docs/design.md)."""
+    synthetic = cfg.method in ("context-encoder", "autoencoder") and is_synthetic(cfg.data)
     card = {
-        "method": cfg.method,
+        **card_head(cfg, result, device, synthetic=synthetic),
         "mask": None,
         "shapes": None,
-        "iterations": 0,
         "data": None,
-        "config_hash": config_hash(cfg),
-        "pretrain_key": identity_hash(cfg),
         "arch": cfg.model.arch,
         "pool_free": cfg.model.pool_free,
-        "pretrain_seconds": None,
-        "seed": cfg.seed,
-        "departures": departures(cfg),
-        "synthetic": cfg.method in ("context-encoder", "autoencoder") and is_synthetic(cfg.data),
-        "settings": settings(cfg),
     }
     card.update(fields)
     # what conv1 takes (the arch's convention; benchmark.input_convention)
@@ -171,32 +165,19 @@ def _finish(
     run: Run,
     encoder: torch.nn.Module,
     card: dict[str, Any],
-    losses: tuple[float | None, float | None] = (None, None),
-    precision: str | None = None,
+    result: loop.FitResult | None = None,
     skipped: Sequence[str] = (),
 ) -> dict[str, Any]:
     if run.is_main:
         write_native(run.file(NATIVE_FILE), encoder.state_dict(), card)
     metrics = {
-        "stage": "pretrain",
-        "seed": cfg.seed,
-        "command": run.command(),
-        "method": cfg.method,
+        **metrics_head(cfg, run, card, NATIVE_FILE, skipped),
         "mask": card["mask"],
         "shapes": card.get("shapes"),
         "arch": card["arch"],
         "input_convention": card["input_convention"]["name"],
-        "pretrain_key": card["pretrain_key"],
-        "iterations": card["iterations"],
+        **loop.fit_fields(result),
         "train_seconds": card["pretrain_seconds"],
-        "initial_loss": losses[0],
-        "final_loss": losses[1],
-        "precision": precision,
-        "departures": card["departures"],
-        "synthetic": card["synthetic"],
-        "settings": card["settings"],
-        "skipped": skipped_field(skipped),
-        "export": NATIVE_FILE,
     }
     run.write_metrics(metrics)
     return metrics
@@ -210,7 +191,7 @@ def random_init(
     encoder = AlexNetEncoder(cfg.model.arch, cfg.model.pool_free)  # type: ignore[arg-type]
     gaussian_init_(encoder)
     seconds = time.perf_counter() - tic
-    card = _card(cfg, pretrain_seconds=seconds, settings=settings(cfg, device=env.device))
+    card = _card(cfg, device=env.device, pretrain_seconds=seconds)
     return _finish(cfg, run, encoder, card)
 
 
@@ -228,8 +209,7 @@ def imagenet_import(
     state, _ = read_torchvision(path)
     encoder = AlexNetEncoder("torchvision", False)
     load_state_checked(encoder, state, path)
-    card = _card(cfg, data=str(cfg.weights), arch="torchvision",
-                 settings=settings(cfg, device=env.device))  # fmt: skip
+    card = _card(cfg, device=env.device, data=str(cfg.weights), arch="torchvision")
     run.logger.info(
         f"imported ImageNet AlexNet from {cfg.weights} ({time.perf_counter() - tic:.1f}s)"
     )
@@ -327,13 +307,12 @@ def train_inpainting(
         scale=convention.unit_scale().to(env.device),
     )  # fmt: skip
 
-    samples = [dataset[(i % len(dataset), SAMPLE_KEY + i)] for i in range(SAMPLE_IMAGES)]
-    sample_batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    figure_batch = sample_batch(dataset, SAMPLE_IMAGES)
 
     def on_sample(iteration: int) -> None:
         if not run.is_main:
             return
-        b = loop.to_device(sample_batch, env.device)
+        b = loop.to_device(figure_batch, env.device)
         image, mask = b["image"], b["mask"]
         inp = apply_mask(image, mask, fill) if masked else image
         net.eval()
@@ -354,14 +333,12 @@ def train_inpainting(
     )  # fmt: skip
     encoder = loop.unwrap(model).encoder
     card = _card(
-        cfg, mask=mask_name, shapes=shapes, iterations=result.iterations,
-        data=str(images_root), pretrain_seconds=result.seconds,
-        input_size=cfg.model.input_size, dataset_mean=mean, precision=result.precision,
-        settings=settings(cfg, device=env.device, precision=result.precision),
+        cfg, result, env.device, mask=mask_name, shapes=shapes, data=str(images_root),
+        input_size=cfg.model.input_size, dataset_mean=mean,
     )  # fmt: skip
     first, last = result.first.get("loss"), result.last.get("loss")
     run.logger.info(f"loss {first} -> {last} in {result.seconds:.0f}s ({result.precision})")
-    metrics = _finish(cfg, run, encoder.cpu(), card, (first, last), result.precision, skipped)
+    metrics = _finish(cfg, run, encoder.cpu(), card, result, skipped)
     return metrics
 
 

@@ -36,6 +36,14 @@ def _shared_data_dir() -> Path | None:
     return None
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test that reads the real samples (through `shared_data`, directly or through
+    another fixture) is marked `realdata`: `pytest -m realdata` runs just them."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.realdata)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real dataset samples (../shared/data); skips the test where they are absent."""

@@ -235,8 +235,3 @@ def _message_class(desc: Any) -> Any:
         from google.protobuf.message_factory import MessageFactory
 
         return MessageFactory(desc.file.pool).GetPrototype(desc)
-
-
-def net_parameter() -> Any:
-    """A new, empty NetParameter message."""
-    return messages()["NetParameter"]()

@@ -37,14 +37,12 @@ import torch
 from torch import nn
 
 from benchmark import loop
-from benchmark.config import config_hash, identity_hash
-from benchmark.datasets.preflight import skipped_field
 from benchmark.datasets.resolve import resolve_data
 from benchmark.distributed import DistEnv
 from benchmark.errors import ConfigError
-from benchmark.protocol import departures, is_synthetic, settings
 from benchmark.runs import Run
 from pretrain.adversarial import Adversary, DCGANDiscriminator
+from pretrain.card import card_head, metrics_head
 from pretrain.inpainting.config import G_LR_RATIO, InpaintingConfig, InpaintLossConfig
 from pretrain.inpainting.data import InpaintingImages, to_pixels
 from pretrain.inpainting.model import (
@@ -58,10 +56,9 @@ from pretrain.inpainting.weights import GENERATOR_FILE, write_generator
 from pretrain.losses import masked_l2
 from pretrain.masks import PER_BATCH, load_voc_shapes, make_mask_fn, random_region_mask
 from pretrain.preflight import PretrainData, pretrain_data
-from pretrain.samples import save_grid
+from pretrain.samples import sample_batch, save_grid
 
 SAMPLE_IMAGES = 8
-SAMPLE_KEY = 10**12  # sample numbers of the figure batch, far from any training sample
 STAGE = "pretrain/inpainting"
 
 
@@ -279,14 +276,13 @@ def main(cfg: InpaintingConfig, run: Run, data: PretrainData | None = None) -> d
     )  # fmt: skip
     generator = loop.unwrap(g)
 
-    samples = [dataset[(i % len(dataset), SAMPLE_KEY + i)] for i in range(SAMPLE_IMAGES)]
-    sample_batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+    figure_batch = sample_batch(dataset, SAMPLE_IMAGES)
 
     def on_sample(iteration: int) -> None:
         if not run.is_main:
             return
-        image = sample_batch["image"].to(env.device)
-        hole = sample_batch.get("hole")
+        image = figure_batch["image"].to(env.device)
+        hole = figure_batch.get("hole")
         hole = hole.bool() if hole is not None else geometry.hole_mask()
         hole = hole.to(env.device)
         context = mask_context(image, hole)
@@ -305,6 +301,7 @@ def main(cfg: InpaintingConfig, run: Run, data: PretrainData | None = None) -> d
         desc=f"inpainting {lc.kind}",
     )  # fmt: skip
     card = {
+        **card_head(cfg, result, env.device),
         "method": "inpainting",
         "loss": lc.kind,
         "mask": cfg.mask,
@@ -312,41 +309,19 @@ def main(cfg: InpaintingConfig, run: Run, data: PretrainData | None = None) -> d
         "overlap": geometry.overlap,
         "prediction_size": geometry.prediction.size,
         "bottleneck": cfg.bottleneck,
-        "iterations": result.iterations,
-        "data": cfg.data,
         "load_size": tc.load_size,
-        "config_hash": config_hash(cfg),
-        "pretrain_key": identity_hash(cfg),
-        "pretrain_seconds": result.seconds,
-        "precision": result.precision,
-        "departures": departures(cfg),
-        "synthetic": is_synthetic(cfg.data),
-        "settings": settings(cfg, device=env.device, precision=result.precision),
     }
     if run.is_main:
         write_generator(run.file(GENERATOR_FILE), generator, card)
     first, last = result.first.get("loss"), result.last.get("loss")
     run.logger.info(f"masked L2 {first} -> {last} in {result.seconds:.0f}s")
     metrics = {
-        "stage": "pretrain",
-        "seed": cfg.seed,
-        "command": run.command(),
-        "method": "inpainting",
+        **metrics_head(cfg, run, card, GENERATOR_FILE, skipped),
         "loss": lc.kind,
         "mask": cfg.mask,
         "hole": cfg.hole,
         "overlap": geometry.overlap,
-        "pretrain_key": card["pretrain_key"],
-        "iterations": result.iterations,
-        "train_seconds": result.seconds,
-        "initial_loss": first,
-        "final_loss": last,
-        "precision": result.precision,
-        "departures": card["departures"],
-        "synthetic": card["synthetic"],
-        "settings": card["settings"],
-        "skipped": skipped_field(skipped),
-        "export": GENERATOR_FILE,
+        **loop.fit_fields(result),
     }
     run.write_metrics(metrics)
     return metrics

@@ -17,19 +17,17 @@ from typing import Any
 import torch
 
 from benchmark import loop
-from benchmark.config import config_hash, identity_hash
-from benchmark.datasets.preflight import skipped_field
 from benchmark.errors import ConfigError
-from benchmark.protocol import departures, is_synthetic, settings
 from benchmark.runs import Run
 from pretrain.alexnet import ARCHS
+from pretrain.card import card_head, metrics_head
 from pretrain.export import NATIVE_FILE, write_native
 from pretrain.preflight import ImageFolder, image_folder
 from pretrain.pretext import PRETEXT_METHODS, set_learning_rate
 from pretrain.pretext.config import _PretextStage
+from pretrain.samples import sample_batch
 
 SAMPLE_ITEMS = 6
-SAMPLE_KEY = 10**12  # sample numbers of the figure batch, far from any training sample
 
 
 def default_name(cfg: _PretextStage) -> str:
@@ -87,19 +85,18 @@ def main(cfg: _PretextStage, run: Run, images: ImageFolder | None = None) -> dic
         set_learning_rate(optimizer, parts.learning_rate(cfg.pretext, iteration, per_epoch))
         return inner(batch, iteration)
 
-    items = [dataset[(i % len(dataset), SAMPLE_KEY + i)] for i in range(SAMPLE_ITEMS)]
-    sample_batch = torch.utils.data.default_collate(items)
+    figure_batch = sample_batch(dataset, SAMPLE_ITEMS)
 
     def on_sample(iteration: int) -> None:
         if not run.is_main:
             return
         net.eval()
         with torch.no_grad(), precision.autocast():
-            logits, _ = parts.forward_batch(net, sample_batch, env.device)
+            logits, _ = parts.forward_batch(net, figure_batch, env.device)
         net.train()
         path = run.file(f"samples/iter_{iteration:07d}.png")
         parts.sample_figure(
-            sample_batch, logits.float(), path, cfg=cfg.pretext, convention=convention
+            figure_batch, logits.float(), path, cfg=cfg.pretext, convention=convention
         )
 
     result = loop.fit(
@@ -110,27 +107,18 @@ def main(cfg: _PretextStage, run: Run, images: ImageFolder | None = None) -> dic
         input_convention=convention.name,
     )  # fmt: skip
     card = {
-        "method": cfg.method, "mask": None, "iterations": result.iterations,
-        "data": str(root), "config_hash": config_hash(cfg), "pretrain_key": identity_hash(cfg),
-        "arch": cfg.model.arch, "pool_free": cfg.model.pool_free,
-        "pretrain_seconds": result.seconds, "seed": cfg.seed, "precision": result.precision,
-        "departures": departures(cfg), "synthetic": is_synthetic(cfg.data),
-        "settings": settings(cfg, device=env.device, precision=result.precision),
+        **card_head(cfg, result, env.device),
+        "mask": None, "data": str(root), "arch": cfg.model.arch, "pool_free": cfg.model.pool_free,
         "input_convention": convention.as_dict(),
     }  # fmt: skip
     if run.is_main:
         write_native(run.file(NATIVE_FILE), net.encoder.state_dict(), card)
     first, last = result.first, result.last
     metrics = {
-        "stage": "pretrain", "seed": cfg.seed, "command": run.command(), "method": cfg.method,
+        **metrics_head(cfg, run, card, NATIVE_FILE, skipped),
         "mask": None, "arch": cfg.model.arch, "input_convention": convention.name,
-        "pretrain_key": card["pretrain_key"],
-        "iterations": result.iterations, "train_seconds": result.seconds,
-        "initial_loss": first.get("loss"), "final_loss": last.get("loss"),
+        **loop.fit_fields(result),
         "initial_accuracy": first.get("accuracy"), "final_accuracy": last.get("accuracy"),
-        "precision": result.precision, "departures": card["departures"],
-        "synthetic": card["synthetic"], "settings": card["settings"],
-        "skipped": skipped_field(skipped), "export": NATIVE_FILE,
     }  # fmt: skip
     run.write_metrics(metrics)
     return metrics

@@ -21,7 +21,7 @@ from benchmark.distributed import DistEnv
 from benchmark.errors import ConfigError
 from benchmark.runs import Run
 from transfer import common
-from transfer.backbone import describe_transfer, load_encoder
+from transfer.backbone import check_frozen_unchanged, describe_transfer, load_encoder
 from transfer.detection.config import (
     COCO_SCORE_THRESH,
     MAX_PER_SET,
@@ -193,7 +193,8 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path, env: DistEnv) -> 
             cfg.seed,
         )  # fmt: skip
         run.logger.info("data-dependent init: " + format_report(report))
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    frozen = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+              if not p.requires_grad}  # fmt: skip
     describe_transfer(model, (), run.logger)
     run.logger.info(f"fast r-cnn: {len(train_records)} train images, {len(test_records)} test")
     net = loop.prepare_model(model, env, t)
@@ -209,9 +210,7 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path, env: DistEnv) -> 
         state={"model": net, "optimizer": optimizer}, precision=precision, desc="fast r-cnn",
         input_convention=encoder.convention.name,
     )  # fmt: skip
-    for n, p in model.named_parameters():
-        if n in frozen and not torch.equal(frozen[n], p.detach()):
-            raise RuntimeError(f"frozen parameter {n} changed during training")
+    check_frozen_unchanged(model, frozen)
     fold_box_normalisation_(model)  # the test-time network predicts raw targets
     tick = time.perf_counter()
     detections = detect(model, test_records, cfg, env, precision=precision)
@@ -226,13 +225,8 @@ def run_native(cfg: DetectionConfig, run: Run, voc_root: Path, env: DistEnv) -> 
         "bbox_normalize": cfg.bbox_normalize,
         "rescale": cfg.rescale,
         "test_postprocess": cfg.test_postprocess,
-        "iterations": result.iterations,
-        "train_seconds": round(result.seconds, 2),
-        "test_seconds": round(time.perf_counter() - tick, 2),
-        "precision": result.precision,
-        "device": str(env.device),
-        "initial_loss": result.first.get("loss"),
-        "final_loss": result.last.get("loss"),
+        **loop.fit_fields(result, env.device),
+        "test_seconds": round(time.perf_counter() - tick, 3),
         "train_images": len(train_records),
         "test_images": len(test_records),
         "skipped": common.skipped_field(skipped),
