@@ -13,6 +13,7 @@ from torch import nn
 from benchmark.config import load_config
 from benchmark.distributed import DistEnv
 from benchmark.errors import BenchError, ConfigError
+from benchmark.input_convention import CAFFE
 from benchmark.loop import Precision
 from benchmark.protocol import departures
 from pretrain.adversarial import DCGANDiscriminator
@@ -202,11 +203,11 @@ def test_noise_holes_are_one_per_batch_random_regions_one_per_image(synth_root):
 def test_feature_learning_noise_masks_are_one_per_batch_too(synth_root):
     paths = sorted((synth_root / "unlabelled").iterdir())[:2]
     fn = make_mask_fn("noise-region", (64, 64), seed=0)
-    ds = PretrainImages(paths, 64, fn, seed=0, mask_batch=3)
+    ds = PretrainImages(paths, 64, CAFFE, fn, seed=0, mask_batch=3)
     masks = [ds[(k % 2, k)]["mask"] for k in (3, 4, 5, 6)]
     assert torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[2])
     assert not torch.equal(masks[2], masks[3])
     frac = masks[0].mean().item()
     assert 0.2 < frac < 0.3  # train_random.lua L324: area>20 and area<30 (percent)
-    per_image = PretrainImages(paths, 64, fn, seed=0)
+    per_image = PretrainImages(paths, 64, CAFFE, fn, seed=0)
     assert not np.array_equal(per_image[(0, 3)]["mask"], per_image[(1, 4)]["mask"])
