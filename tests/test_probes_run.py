@@ -33,8 +33,9 @@ def test_defaults_are_the_reference():
     assert cfg.costs[10] == 0.5**4 and cfg.costs[-1] == 0.5**19
     assert (cfg.folds, cfg.positive_weight, cfg.max_iter, cfg.tol) == (3, 2.0, 2000, 1e-4)
     assert cfg.low_shot_sizes == (1, 2, 4, 8, 16, 32, 64, 96) and cfg.low_shot_draws == 5
-    assert cfg.input_size == 227 and cfg.resize_shorter == 256
-    assert (KNNConfig().k, KNNConfig().temperature, KNNConfig().layer) == (20, 0.07, "pool5")
+    # the encoder decides: AlexNet 227, conv1-pool5 and pool5 for the k-NN (features.py)
+    assert cfg.input_size is None and cfg.layers is None and cfg.resize_shorter == 256
+    assert (KNNConfig().k, KNNConfig().temperature, KNNConfig().layer) == (20, 0.07, None)
     # the configs round-trip through the project's YAML typing
     assert from_dict(SVMConfig, to_dict(cfg)) == cfg
     assert from_dict(KNNConfig, to_dict(KNNConfig())) == KNNConfig()

@@ -47,12 +47,13 @@ def metrics_head(
     precision: str | None = None,
 ) -> dict[str, Any]:
     """The first keys of a transfer metrics.json: stage, task, seed, command, method, mask,
-    pretrain_seconds, weights, backend, arch, the input convention fed to the encoder and the
-    one its weights were made for (`input_convention_loaded`; they differ where conv1 was
-    folded on load), the weights' pretraining identity, how the run relates to the protocol
-    (`departures` from the protocol of record, of this run and of the encoder's pretraining;
-    `synthetic` data) and the settings it and the pretraining ran with (`settings`,
-    `pretrain_settings`: device, precision, threads, ...)."""
+    pretrain_seconds, weights, backend, the encoder family (alexnet, resnet, vit), arch, the
+    input convention fed to the encoder and the one its weights were made for
+    (`input_convention_loaded`; they differ where conv1 was folded on load), the weights'
+    pretraining identity, how the run relates to the protocol (`departures` from the
+    protocol of record, of this run and of the encoder's pretraining; `synthetic` data) and
+    the settings it and the pretraining ran with (`settings`, `pretrain_settings`: device,
+    precision, threads, ...)."""
     data = getattr(cfg, "data", None)
     fed = card.get("input_convention")
     return {
@@ -67,6 +68,7 @@ def metrics_head(
         "imported": bool(card.get("imported", False)),
         "weights": cfg.weights,
         "backend": backend,
+        "family": card.get("family") or "alexnet",
         "arch": arch,
         "input_convention": fed.get("name") if isinstance(fed, Mapping) else fed,
         "input_convention_loaded": card.get("input_convention_loaded"),

@@ -42,7 +42,9 @@ class AugmentConfig:
     mean-padded where the image is smaller (bench's earlier reading). Both mirror half."""
 
     mode: Literal["window", "rescale"] = "window"
-    crop: int = 227  # the deploy prototxt's input_dim (train_cls.py L62)
+    # None = the encoder's input size: AlexNet 227, the deploy prototxt's input_dim
+    # (train_cls.py L62); ResNet-50 and ViT 224
+    crop: int | None = None
     scale: tuple[float, float] = (0.5, 2.0)  # --min-scale / --max-scale (train_cls.py L31-32)
     mirror: bool = True
 
@@ -63,10 +65,13 @@ class ClassificationConfig:
     seed: int = 0
     data: str | None = None  # VOCdevkit or VOC2007 folder; None = embedded synthetic data
     device: str = "auto"
-    weights: str | None = None  # run folder, .safetensors, torchvision .pth; None = random
+    weights: str | None = None  # run folder, .safetensors, a ResNet/ViT checkpoint; None = random
+    weights_format: str | None = None  # a checkpoint's layout (weights/formats.py); None = detect
     arch: str = "caffenet"  # architecture of the random baseline (files carry their own)
     on_bad_data: Literal["error", "skip"] = "error"  # an image `bench data check` flags
-    train_from: TrainFrom = "all"  # all layers / fc6-fc8 (encoder frozen) / fc8 only
+    # all layers / fc6-fc8 (encoder frozen) / fc8 only; a ResNet or ViT has one new linear
+    # layer: all, or pool5 = the encoder frozen (fc7 is AlexNet's only)
+    train_from: TrainFrom = "all"
     # sklearn: scikit-learn's AP, as philkr/voc-classification computes it (train_cls.py
     # L151-157); voc07: the VOC2007 devkit's 11-point VOCevalcls.
     ap: Literal["sklearn", "voc07"] = "sklearn"
@@ -78,6 +83,7 @@ class ClassificationConfig:
     test_split: str = "test"
     dropout: float = 0.5
     hidden: int = 4096  # fc6/fc7 width; AlexNet's 4096, smaller only to make CPU demos fast
+    # (dropout and hidden shape AlexNet's fc6-fc7; a ResNet / ViT has one linear layer)
     train: TrainConfig = field(default_factory=TrainConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     test: EvalConfig = field(default_factory=EvalConfig)

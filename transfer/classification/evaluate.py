@@ -11,6 +11,7 @@ from tqdm import tqdm
 from benchmark import distributed, loop
 from benchmark.distributed import DistEnv
 from benchmark.input_convention import InputConvention
+from transfer.backbone import convention_of
 
 from .config import EvalConfig
 from .data import EvalCrops
@@ -37,7 +38,7 @@ def evaluate(
     all rows), crops fed in the model's encoder's input convention. Images are shared out
     over processes, rank r taking i = r, r + world, ..."""
     model.eval()
-    convention = loop.unwrap(model).encoder.convention
+    convention = convention_of(loop.unwrap(model).encoder)
     autocast = precision.autocast if precision is not None else torch.no_grad
     mine = list(range(env.rank, len(dataset), env.world_size))
     loader = DataLoader(

@@ -67,8 +67,42 @@ class ClassificationNet(nn.Module):
         return [self.fc6, self.fc7, self.fc8]
 
 
-def reinit_head_(model: ClassificationNet, std: float = 0.01, bias: float = 0.1) -> None:
-    """The protocol's fresh fc6-fc8: N(0, 0.01) weights, biases 0.1."""
+class EncoderClassifier(nn.Module):
+    """A ResNet / ViT of the encoder contract with one new linear layer on its head input
+    (`encoder.head_input`: the 2048-d average torchvision's fc reads, the [CLS] token timm's
+    head reads), in the place of their own classifiers: (B, 3, S, S) -> (B, 20) logits.
+
+    `frozen_encoder` (train_from "pool5": a linear classifier on fixed features) also keeps
+    the encoder's BatchNorm statistics fixed (eval mode), so that nothing of it moves.
+    """
+
+    def __init__(
+        self, encoder: nn.Module, num_classes: int = NUM_CLASSES, frozen_encoder: bool = False
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.frozen_encoder = frozen_encoder
+        self.fc = nn.Linear(encoder.head_input.dim, num_classes)  # type: ignore[union-attr]
+        reinit_head_(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.encoder(x).flatten(1))
+
+    def head(self) -> list[nn.Linear]:
+        return [self.fc]
+
+    def train(self, mode: bool = True) -> EncoderClassifier:
+        super().train(mode)
+        if self.frozen_encoder:
+            self.encoder.eval()
+        return self
+
+
+def reinit_head_(
+    model: ClassificationNet | EncoderClassifier, std: float = 0.01, bias: float = 0.1
+) -> None:
+    """The protocol's fresh fc6-fc8 (a ResNet's / ViT's one linear layer): N(0, 0.01)
+    weights, biases 0.1."""
     for layer in model.head():
         nn.init.normal_(layer.weight, 0.0, std)
         nn.init.constant_(layer.bias, bias)

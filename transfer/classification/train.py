@@ -7,6 +7,7 @@ and `metrics.json` last.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,12 @@ from benchmark.metrics import classification_ap
 from benchmark.runs import Run, atomic_write_text
 from transfer import common
 from transfer.backbone import (
+    ALEXNET,
+    FAMILIES,
     check_frozen_unchanged,
+    convention_of,
     describe_transfer,
+    family_of,
     freeze,
     load_encoder,
     snapshot_frozen,
@@ -34,7 +39,7 @@ from transfer.rescale import format_report, rescale_for_transfer_
 from .config import ClassificationConfig, TrainConfig
 from .data import EvalCrops, TrainCrops, VOCImages, rescale_batch
 from .evaluate import evaluate, to_input
-from .model import FROZEN_PREFIXES, ClassificationNet, sigmoid_cross_entropy
+from .model import FROZEN_PREFIXES, ClassificationNet, EncoderClassifier, sigmoid_cross_entropy
 
 SCORES_FILE = "scores.csv"
 STAGE = "transfer/classification"
@@ -68,7 +73,7 @@ def check(cfg: ClassificationConfig) -> None:
         raise ConfigError(f"train.momentum: must be in [0, 1), got {t.momentum}")
     if not 0 < a.scale[0] <= a.scale[1]:
         raise ConfigError(f"augment.scale: need 0 < min <= max, got {list(a.scale)}")
-    if a.crop < 1:
+    if a.crop is not None and a.crop < 1:
         raise ConfigError(f"augment.crop: must be >= 1, got {a.crop}")
     if cfg.hidden < 1 or not 0 <= cfg.dropout < 1:
         raise ConfigError("hidden must be >= 1 and dropout in [0, 1)")
@@ -76,6 +81,32 @@ def check(cfg: ClassificationConfig) -> None:
         raise ConfigError("test: crops and batch_size must be >= 1")
     if cfg.rescale and cfg.rescale_images < 2:
         raise ConfigError("rescale_images: need at least 2 images to measure a variance")
+
+
+def build_model(
+    cfg: ClassificationConfig, encoder: Any
+) -> tuple[ClassificationConfig, ClassificationNet | EncoderClassifier]:
+    """(cfg with its crop resolved, the network to fine-tune). AlexNet: fc6-fc8 on pool5 at
+    the configured crop (227 by default). A ResNet / ViT: one linear layer on its head input
+    at its input size (a ViT at no other: its position embedding); train_from "pool5"
+    freezes the encoder, "fc7" and rescale are AlexNet's only."""
+    contract = family_of(encoder) != ALEXNET
+    crop = cfg.augment.crop
+    if crop is None:
+        crop = encoder.input_size if contract else 227
+    cfg = dataclasses.replace(cfg, augment=dataclasses.replace(cfg.augment, crop=crop))
+    if not contract:
+        return cfg, ClassificationNet(encoder, crop=crop, dropout=cfg.dropout, hidden=cfg.hidden)
+    if cfg.train_from == "fc7":
+        raise ConfigError(f"train_from: fc7 is AlexNet's fc7; a {encoder.arch} has one new "
+                          "linear layer (all, or pool5 = the encoder frozen)")  # fmt: skip
+    if cfg.rescale:
+        raise ConfigError(f"rescale: Krähenbühl et al.'s rescaling is AlexNet's; not for a "
+                          f"{encoder.arch}")  # fmt: skip
+    if family_of(encoder) == "vit" and crop != encoder.input_size:
+        raise ConfigError(f"augment.crop: {crop}, but the {encoder.arch} encoder takes "
+                          f"{encoder.input_size} x {encoder.input_size} images")  # fmt: skip
+    return cfg, EncoderClassifier(encoder, frozen_encoder=cfg.train_from == "pool5")
 
 
 def lr_at(train: TrainConfig, iteration: int) -> float:
@@ -151,11 +182,11 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
     train_images = VOCImages(voc, cfg.train_split, train_ids)
     test_images = VOCImages(voc, cfg.test_split, test_ids)
 
-    encoder, card = load_encoder(cfg.weights, cfg.arch)
-    convention = encoder.convention
-    model = ClassificationNet(
-        encoder, crop=cfg.augment.crop, dropout=cfg.dropout, hidden=cfg.hidden
-    ).to(env.device)
+    encoder, card = load_encoder(cfg.weights, cfg.arch, fmt=cfg.weights_format,
+                                 families=FAMILIES, task="--task classification")  # fmt: skip
+    cfg, model = build_model(cfg, encoder)
+    model = model.to(env.device)
+    convention = convention_of(encoder)
     rescaled = None
     if run.checkpoint is None and cfg.rescale:  # a resumed run has its rescaled weights
         crops = rescale_batch(
@@ -198,6 +229,9 @@ def main(cfg: ClassificationConfig, run: Run) -> dict[str, Any]:
         "map": _ap_or_none(mean),
         "ap": cfg.ap,
         "augment": cfg.augment.mode,
+        "crop": cfg.augment.crop,
+        "head": "fc6-fc8" if isinstance(model, ClassificationNet) else
+                f"linear on {encoder.head_input.reads} ({encoder.head_input.dim})",
         "per_class": {c: _ap_or_none(v) for c, v in zip(VOC_CLASSES, per_class)},
         "test_crops": cfg.test_crops, "test_mode": cfg.test.mode,
         "train_from": cfg.train_from, "rescale": cfg.rescale,

@@ -15,8 +15,14 @@ OnBadData = Literal["error", "skip"]
 APKind = Literal["reference", "sklearn"]
 TrainDifficult = Literal["negative", "ignore"]
 
-# Every layer the SVM probe can read, in network order (features.py taps them).
+# Every layer the SVM probe can read in an AlexNet, in network order (features.py taps them).
 LAYERS: tuple[str, ...] = ("conv1", "conv2", "conv3", "conv4", "conv5", "pool5")
+# The taps of the encoder contract's families (encoders/resnet.py, encoders/vit.py): a
+# config naming a layer is checked against every family before the weights are read, and
+# against the loaded encoder's own taps after.
+RESNET_LAYERS: tuple[str, ...] = ("conv1", "res2", "res3", "res4", "res5", "res5avg")
+VIT_LAYERS: tuple[str, ...] = ("cls", "cls4", "cls+avg")
+ALL_LAYERS: tuple[str, ...] = tuple(dict.fromkeys(LAYERS + RESNET_LAYERS + VIT_LAYERS))
 
 # tools/svm/svm_helper.py `parse_cost_list`: the costs given on the command line (the
 # `--costs_list` of GETTING_STARTED.md's VOC07 commands) followed by 0.5**4 ... 0.5**19.
@@ -42,9 +48,12 @@ class SVMConfig:
     seed: int = 0  # random init of the encoder (weights: None), liblinear's seed, low-shot draws
     data: str | None = None  # VOCdevkit or VOC2007 folder; None = embedded synthetic data
     device: str = "auto"
-    weights: str | None = None  # run folder, .safetensors, torchvision .pth; None = random
+    weights: str | None = None  # run folder, .safetensors, a ResNet/ViT checkpoint; None = random
+    weights_format: str | None = None  # a checkpoint's layout (weights/formats.py); None = detect
     arch: str = "caffenet"  # architecture of the random baseline (files carry their own)
-    layers: tuple[str, ...] = LAYERS
+    # None = every layer the encoder offers: AlexNet conv1-conv5, pool5; ResNet conv1,
+    # res2-res5, res5avg; ViT cls, cls4, cls+avg
+    layers: tuple[str, ...] | None = None
     train_split: str = "trainval"
     test_split: str = "test"
     costs: tuple[float, ...] = REFERENCE_COSTS
@@ -69,8 +78,8 @@ class SVMConfig:
     n_jobs: int = 2  # liblinear: processes fitting (class, cost) problems at once; -1 = all
     batch_size: int = 64  # images per forward pass during feature extraction
     workers: int = 2  # image-loading processes during extraction (0 = in the main process)
-    input_size: int = 227
-    resize_shorter: int | None = 256  # TRAIN/TEST.SCALE before the global 227x227 resize
+    input_size: int | None = None  # None = the encoder's: AlexNet 227, ResNet-50 and ViT 224
+    resize_shorter: int | None = 256  # TRAIN/TEST.SCALE before the global resize
     cache_dir: str | None = None  # None = <results root>/cache/features
     on_bad_data: OnBadData = "error"
     keep_host_memory: bool = True  # as the loop's `train.keep_host_memory`
@@ -90,15 +99,16 @@ class KNNConfig:
     data: str | None = None
     device: str = "auto"
     weights: str | None = None
+    weights_format: str | None = None
     arch: str = "caffenet"
-    layer: str = "pool5"
+    layer: str | None = None  # None = the encoder's: AlexNet pool5, ResNet res5avg, ViT cls
     train_split: str = "trainval"
     test_split: str = "test"
     k: int = 20  # DINO reports 20-NN (and 200, Wu et al.'s choice)
     temperature: float = 0.07
     batch_size: int = 64
     workers: int = 2
-    input_size: int = 227
+    input_size: int | None = None  # None = the encoder's: AlexNet 227, ResNet-50 and ViT 224
     resize_shorter: int | None = 256
     cache_dir: str | None = None
     on_bad_data: OnBadData = "error"

@@ -24,6 +24,12 @@ cv2.resize's bilinear interpolation on float pixels. Then the encoder's input co
 reference feeds its Caffe models (it subtracts (103.53, 116.28, 123.675), data_input.py
 L34, L205-206; docs/reference-values.md section 8), torchvision's for its AlexNet.
 
+Encoders of the contract (`encoders/`: ResNet-50, ViT) name and pool their own layers
+(`encoder.taps`, read in one pass by `encoder.extract`): Goyal et al.'s ResNet-50 windows at
+224 (conv1, res2-res5 to about 9k values; res5avg, the 2048-d average), DINO's ViT features
+(cls, cls4, cls+avg). The images are prepared as above, at the encoder's `input_size`
+(Goyal et al.'s ResNet-50 configs resize globally to 224), in its `input_convention`.
+
 Cache: `<results root>/cache/features/<key>.npz`, written atomically, where the key hashes
 the encoder (its architecture as printed and every tensor's bytes, so any change of the
 weights or of the network invalidates it), the layers and their pooling, the image list
@@ -58,7 +64,7 @@ from benchmark.loop import nhwc
 from benchmark.runs import atomic_write_bytes, default_results_root, remove_stale_temporaries_of
 from pretrain.alexnet import CONV_INDICES, POOL_INDICES
 
-from .config import LAYERS
+from .config import ALL_LAYERS, LAYERS
 
 log = logging.getLogger("bench")
 
@@ -210,15 +216,42 @@ def tap_indices() -> dict[str, int]:
     return taps
 
 
-def check_layers(layers: Sequence[str], key: str = "layers") -> tuple[str, ...]:
-    unknown = [name for name in layers if name not in LAYERS]
+def check_layers(
+    layers: Sequence[str], key: str = "layers", known: Sequence[str] = LAYERS
+) -> tuple[str, ...]:
+    """`layers` in `known`'s order (AlexNet's by default; `ALL_LAYERS` before the encoder
+    is known); an unknown, missing or repeated name is a one-line error naming `key`."""
+    unknown = [name for name in layers if name not in known]
     if unknown or not layers:
         raise ConfigError(
-            f"{key}: unknown layer {unknown[0]!r}" if unknown else f"{key}: name at least one layer"
-        )
+            f"{key}: unknown layer {unknown[0]!r} (choose from {', '.join(known)})"
+            if unknown else f"{key}: name at least one layer"
+        )  # fmt: skip
     if len(set(layers)) != len(layers):
         raise ConfigError(f"{key}: a layer is listed twice ({', '.join(layers)})")
-    return tuple(sorted(layers, key=LAYERS.index))
+    return tuple(sorted(layers, key=list(known).index))
+
+
+def is_contract(encoder: nn.Module) -> bool:
+    """Whether `encoder` names its own taps (the encoder contract) rather than being an
+    AlexNet whose `features` the probes tap here."""
+    return hasattr(encoder, "taps") and hasattr(encoder, "extract")
+
+
+def encoder_layers(encoder: nn.Module) -> tuple[str, ...]:
+    """Every layer a probe can read in `encoder`, in network order."""
+    return tuple(encoder.taps) if is_contract(encoder) else LAYERS  # type: ignore[arg-type]
+
+
+def default_input_size(encoder: nn.Module) -> int:
+    """The input side the encoder's reference protocol feeds it: AlexNet 227 (Goyal et
+    al.'s CaffeNet configs), a contract encoder its own `input_size` (224)."""
+    return int(getattr(encoder, "input_size", 227)) if is_contract(encoder) else 227
+
+
+def check_known_layers(layers: Sequence[str], key: str = "layers") -> tuple[str, ...]:
+    """Before the encoder is loaded: every name must be some family's layer."""
+    return check_layers(layers, key, ALL_LAYERS)
 
 
 def _check_taps(features: nn.Sequential) -> None:
@@ -283,6 +316,44 @@ def pool_spec(layer: str, channels: int, size: int) -> PoolSpec:
         return PoolSpec(layer, channels, size, "avg", (size - kernel) // stride + 1, kernel, stride)
     grid = max(1, min(size, round(math.sqrt(TARGET_DIM / channels))))
     return PoolSpec(layer, channels, size, "none" if grid == size else "adaptive", grid)
+
+
+@dataclass(frozen=True)
+class TapSpec:
+    """A contract encoder's layer as the probes record it (PoolSpec's interface): the
+    encoder's `Tap` says what it reads, how it pools and the vector's size."""
+
+    layer: str
+    shape: tuple[int, ...]
+    pooling: str
+    dim: int
+    reads: str
+    source: str
+
+    def describe(self) -> str:
+        return f"{'x'.join(map(str, self.shape))} -> {self.pooling} -> {self.dim}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "pooling": self.describe(), "dim": self.dim,
+                "reads": self.reads, "source": self.source}  # fmt: skip
+
+
+def tap_specs(encoder: nn.Module, layers: Sequence[str]) -> dict[str, TapSpec]:
+    taps = encoder.taps  # type: ignore[attr-defined]
+    return {n: TapSpec(n, tuple(taps[n].shape), taps[n].pooling, taps[n].dim, taps[n].reads,
+                       taps[n].source) for n in layers}  # fmt: skip
+
+
+class EncoderTaps(nn.Module):
+    """A contract encoder's `extract` of the requested layers, as LayerTaps' forward."""
+
+    def __init__(self, encoder: nn.Module, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.layers = list(layers)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.encoder.extract(x, self.layers)  # type: ignore[operator]
 
 
 class LayerTaps(nn.Module):
@@ -381,7 +452,7 @@ def _image_list_digest(paths: Sequence[Path], ids: Sequence[str]) -> str:
 
 def cache_key(
     encoder_hash: str,
-    specs: dict[str, PoolSpec],
+    specs: dict[str, Any],
     images: SplitImages,
     input_size: int,
     resize_shorter: int | None,
@@ -425,7 +496,7 @@ class Features:
     ids: list[str]
     keep: np.ndarray
     arrays: dict[str, np.ndarray]
-    specs: dict[str, PoolSpec]
+    specs: dict[str, PoolSpec | TapSpec]
     key: str
     path: Path | None
     from_cache: bool
@@ -434,7 +505,7 @@ class Features:
 
 
 def _read_cache(
-    path: Path, key: str, layers: Sequence[str], specs: dict[str, PoolSpec], num_images: int
+    path: Path, key: str, layers: Sequence[str], specs: dict[str, Any], num_images: int
 ) -> dict[str, np.ndarray] | None:
     """The cached arrays when the file is this key's and every array has the kind and shape
     the extraction writes; None (extract again, with a warning when the file is damaged)."""
@@ -461,7 +532,7 @@ def _read_cache(
 
 
 def _cache_problem(
-    arrays: dict[str, np.ndarray], layers: Sequence[str], specs: dict[str, PoolSpec], n: int
+    arrays: dict[str, np.ndarray], layers: Sequence[str], specs: dict[str, Any], n: int
 ) -> str | None:
     """What makes a feature cache unusable (None when nothing): ids, keep and skipped must
     be 1-D, keep strictly increasing indices below the split's size, one feature row per
@@ -482,10 +553,10 @@ def _cache_problem(
 
 
 def _run(
-    taps: LayerTaps,
+    taps: nn.Module,
     loader: DataLoader,
     device: torch.device,
-    specs: dict[str, PoolSpec],
+    specs: dict[str, Any],
     arrays: dict[str, np.ndarray],
     ok: np.ndarray,
     errors: list[str],
@@ -531,19 +602,29 @@ def extract_features(
     """Pooled features of `layers` for every image of `images` (cached, see module doc).
 
     The encoder runs in eval mode under torch.inference_mode, `batch_size` images at a time
-    on `device`, fed in its input convention (`encoder.convention`). An unreadable image is
-    a DatasetError, or with on_bad_data="skip" it is left out (`Features.keep` / `skipped`
-    say which).
+    on `device`, fed in its input convention (`encoder.convention`, a contract encoder's
+    `input_convention`). An unreadable image is a DatasetError, or with on_bad_data="skip"
+    it is left out (`Features.keep` / `skipped` say which). A contract encoder reads its
+    own taps (`layers` among `encoder.taps`) at its own `input_size`.
     """
-    layers = check_layers(layers)
+    contract = is_contract(encoder)
+    layers = check_layers(layers, known=encoder_layers(encoder))
     if batch_size < 1:
         raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
+    if contract and input_size != encoder.input_size:
+        raise ConfigError(f"input_size: {input_size}, but the {encoder.arch} encoder's taps "
+                          f"are pooled for {encoder.input_size}")  # fmt: skip
     device = torch.device(device)
     was_training = encoder.training
     encoder.eval()
     encoder.to(device)
-    specs = layer_specs(encoder, layers, input_size)
-    convention: InputConvention = encoder.convention  # type: ignore[assignment]
+    specs: dict[str, Any]
+    if contract:
+        specs = tap_specs(encoder, layers)
+        convention: InputConvention = encoder.input_convention  # type: ignore[assignment]
+    else:
+        specs = layer_specs(encoder, layers, input_size)
+        convention = encoder.convention  # type: ignore[assignment]
     key, payload = cache_key(encoder_fingerprint(encoder), specs, images, input_size,
                              resize_shorter, convention)  # fmt: skip
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -559,7 +640,11 @@ def extract_features(
             return Features(ids, keep, cached, specs, key, path, True, 0.0, skipped)
 
     tick = time.perf_counter()
-    taps = LayerTaps(encoder.features, specs)  # type: ignore[arg-type]
+    taps: nn.Module
+    if contract:
+        taps = EncoderTaps(encoder, layers)
+    else:
+        taps = LayerTaps(encoder.features, specs)  # type: ignore[arg-type]
     n = len(images)
     arrays = {name: np.zeros((n, spec.dim), dtype=np.float32) for name, spec in specs.items()}
     ok = np.ones(n, dtype=bool)

@@ -23,10 +23,20 @@ from benchmark.errors import ConfigError
 from benchmark.metrics import classification_ap
 from benchmark.runs import Run, atomic_write_bytes
 from transfer import common
-from transfer.backbone import load_encoder
+from transfer.backbone import FAMILIES, load_encoder
 
-from .config import LAYERS, KNNConfig, SVMConfig
-from .features import Features, SplitImages, check_layers, extract_features, load_split
+from .config import KNNConfig, SVMConfig
+from .features import (
+    Features,
+    SplitImages,
+    check_known_layers,
+    check_layers,
+    default_input_size,
+    encoder_layers,
+    extract_features,
+    is_contract,
+    load_split,
+)
 from .knn import knn_scores
 from .svm import SVMParams, check_svm_settings, low_shot, train_svms
 
@@ -63,20 +73,31 @@ def _voc2007(data: str | None) -> Path:
 def _check_common(cfg: SVMConfig | KNNConfig) -> None:
     if cfg.batch_size < 1 or cfg.workers < 0:
         raise ConfigError("batch_size must be >= 1 and workers >= 0")
-    if cfg.input_size < 63:
-        raise ConfigError(f"input_size: {cfg.input_size} is too small for AlexNet (>= 63)")
+    if cfg.input_size is not None and cfg.input_size < 32:
+        raise ConfigError(f"input_size: {cfg.input_size} is too small for any encoder (>= 32)")
     if cfg.resize_shorter is not None and cfg.resize_shorter < 1:
         raise ConfigError("resize_shorter: must be a positive side or null")
 
 
+def _input_size(cfg: SVMConfig | KNNConfig, encoder: Any) -> int:
+    """The configured side, or the encoder's own (AlexNet 227, ResNet-50 / ViT 224)."""
+    size = cfg.input_size if cfg.input_size is not None else default_input_size(encoder)
+    if not is_contract(encoder) and size < 63:
+        raise ConfigError(f"input_size: {size} is too small for AlexNet (>= 63)")
+    return size
+
+
 def check_svm_config(cfg: SVMConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(layers, low-shot layers) in network order; ConfigError naming the key otherwise."""
+    """(layers, low-shot layers) in network order, each () where the encoder chooses (null:
+    every layer it offers); ConfigError naming the key otherwise. Names are checked against
+    every family's layers here, against the loaded encoder's by `svm_layers`."""
     _check_common(cfg)
-    layers = check_layers(cfg.layers)
+    layers = check_known_layers(cfg.layers) if cfg.layers is not None else ()
     shot_layers: tuple[str, ...] = ()
     if cfg.low_shot:
-        shot_layers = check_layers(cfg.low_shot_layers or layers, "low_shot_layers")
-        extra = [name for name in shot_layers if name not in layers]
+        if cfg.low_shot_layers is not None:
+            shot_layers = check_known_layers(cfg.low_shot_layers, "low_shot_layers")
+        extra = [name for name in shot_layers if layers and name not in layers]
         if extra:
             raise ConfigError(f"low_shot_layers: {extra[0]} is not in layers")
         if not cfg.low_shot_sizes or min(cfg.low_shot_sizes) < 1 or cfg.low_shot_draws < 1:
@@ -89,6 +110,24 @@ def check_svm_config(cfg: SVMConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return layers, shot_layers
 
 
+def svm_layers(cfg: SVMConfig, encoder: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(layers, low-shot layers) of the loaded encoder: null = every layer it offers; a
+    named layer it lacks is a one-line error (a ResNet has no pool5)."""
+    known = encoder_layers(encoder)
+    what = f"{getattr(encoder, 'arch', 'encoder')} layer"
+    try:
+        layers = check_layers(cfg.layers or known, "layers", known)
+        shot: tuple[str, ...] = ()
+        if cfg.low_shot:
+            shot = check_layers(cfg.low_shot_layers or layers, "low_shot_layers", known)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("unknown layer", f"no {what}")) from None
+    extra = [name for name in shot if name not in layers]
+    if extra:
+        raise ConfigError(f"low_shot_layers: {extra[0]} is not in layers")
+    return layers, shot
+
+
 def check_svm(cfg: SVMConfig) -> None:
     """The stage table's check: every setting no run can use is a one-line error."""
     check_svm_config(cfg)
@@ -99,20 +138,32 @@ def check_knn(cfg: KNNConfig) -> None:
     check_knn_config(cfg)
 
 
-def _extract(
-    cfg: SVMConfig | KNNConfig, run: Run, layers: tuple[str, ...], device: torch.device
-) -> tuple[Any, dict[str, Any], SplitImages, SplitImages, Features, Features]:
+def _load(cfg: SVMConfig | KNNConfig, task: str) -> tuple[Any, dict[str, Any], int]:
+    """(encoder, card, input side): any family; a ResNet's taps pooled for the side."""
     torch.manual_seed(cfg.seed)  # the random baseline's weights
-    encoder, card = load_encoder(cfg.weights, cfg.arch)
+    encoder, card = load_encoder(cfg.weights, cfg.arch, fmt=cfg.weights_format,
+                                 families=FAMILIES, input_size=cfg.input_size,
+                                 task=f"--task {task}")  # fmt: skip
+    return encoder, card, _input_size(cfg, encoder)
+
+
+def _extract(
+    cfg: SVMConfig | KNNConfig,
+    run: Run,
+    encoder: Any,
+    input_size: int,
+    layers: tuple[str, ...],
+    device: torch.device,
+) -> tuple[SplitImages, SplitImages, Features, Features]:
     voc = _voc2007(cfg.data)
     train = load_split(voc, cfg.train_split, cfg.on_bad_data, run.logger)
     test = load_split(voc, cfg.test_split, cfg.on_bad_data, run.logger)
-    kw = dict(device=device, input_size=cfg.input_size, resize_shorter=cfg.resize_shorter,
+    kw = dict(device=device, input_size=input_size, resize_shorter=cfg.resize_shorter,
               batch_size=cfg.batch_size, workers=cfg.workers, cache_dir=cfg.cache_dir,
               on_bad_data=cfg.on_bad_data, logger=run.logger)  # fmt: skip
     ftrain = extract_features(encoder, train, layers, **kw)  # type: ignore[arg-type]
     ftest = extract_features(encoder, test, layers, **kw)  # type: ignore[arg-type]
-    return encoder, card, train.subset(ftrain.keep), test.subset(ftest.keep), ftrain, ftest
+    return train.subset(ftrain.keep), test.subset(ftest.keep), ftrain, ftest
 
 
 def _cache_info(f: Features) -> dict[str, Any]:
@@ -136,9 +187,11 @@ def _setup(cfg: SVMConfig | KNNConfig) -> torch.device:
 def main_svm(cfg: SVMConfig, run: Run) -> dict[str, Any]:
     """Extract (or load) features, train and test the SVMs of every layer, the low-shot
     table, write metrics.json; returns the metrics."""
-    layers, shot_layers = check_svm_config(cfg)
+    check_svm_config(cfg)
     device = _setup(cfg)
-    encoder, card, train, test, ftrain, ftest = _extract(cfg, run, layers, device)
+    encoder, card, input_size = _load(cfg, "svm")
+    layers, shot_layers = svm_layers(cfg, encoder)
+    train, test, ftrain, ftest = _extract(cfg, run, encoder, input_size, layers, device)
     del encoder
     params = SVMParams(cfg.positive_weight, cfg.max_iter, cfg.tol, cfg.seed, cfg.svm_solver,
                        str(device))  # fmt: skip
@@ -209,7 +262,7 @@ def main_svm(cfg: SVMConfig, run: Run) -> dict[str, Any]:
         "low_shot_cost_selection": "test mAP averaged over draws (aggregate_low_shot_svm_stats.py)",
         "costs": list(cfg.costs), "folds": cfg.folds, "train_difficult": cfg.train_difficult,
         "train_images": len(train), "test_images": len(test),
-        "input_size": cfg.input_size, "device": str(device), "n_jobs": cfg.n_jobs,
+        "input_size": input_size, "device": str(device), "n_jobs": cfg.n_jobs,
         "solver": cfg.svm_solver,
         "feature_cache": {"train": _cache_info(ftrain), "test": _cache_info(ftest)},
         "extract_seconds": ftrain.seconds + ftest.seconds,
@@ -220,20 +273,37 @@ def main_svm(cfg: SVMConfig, run: Run) -> dict[str, Any]:
     return metrics
 
 
-def check_knn_config(cfg: KNNConfig) -> str:
+def check_knn_config(cfg: KNNConfig) -> str | None:
+    """The configured layer (None: the encoder's k-NN layer); a name no family has, or a bad
+    k or temperature, is a one-line error."""
     _check_common(cfg)
-    if cfg.layer not in LAYERS:
-        raise ConfigError(f"layer: unknown layer {cfg.layer!r} (choose from {', '.join(LAYERS)})")
+    if cfg.layer is not None:
+        check_known_layers([cfg.layer], "layer")
     if cfg.k < 1 or not cfg.temperature > 0:
         raise ConfigError(f"k must be >= 1 and temperature > 0, got {cfg.k}, {cfg.temperature}")
     return cfg.layer
 
 
+def knn_layer(cfg: KNNConfig, encoder: Any) -> str:
+    """The configured layer, else the encoder's own k-NN feature: AlexNet's pool5, a
+    ResNet's res5avg and a ViT's final [CLS] token (DINO's eval_knn features)."""
+    known = encoder_layers(encoder)
+    layer = cfg.layer or getattr(encoder, "knn_tap", "pool5")
+    if layer not in known:
+        raise ConfigError(f"layer: no {getattr(encoder, 'arch', 'encoder')} layer {layer!r} "
+                          f"(choose from {', '.join(known)})")  # fmt: skip
+    return layer
+
+
 def main_knn(cfg: KNNConfig, run: Run) -> dict[str, Any]:
-    """Weighted k-NN on one layer's features (pool5 by default); writes metrics.json."""
-    layer = check_knn_config(cfg)
+    """Weighted k-NN on one layer's features (the encoder's k-NN layer by default); writes
+    metrics.json."""
+    check_knn_config(cfg)
     device = _setup(cfg)
-    _, card, train, test, ftrain, ftest = _extract(cfg, run, (layer,), device)
+    encoder, card, input_size = _load(cfg, "knn")
+    layer = knn_layer(cfg, encoder)
+    train, test, ftrain, ftest = _extract(cfg, run, encoder, input_size, (layer,), device)
+    del encoder
     tick = time.perf_counter()
     scores = knn_scores(ftrain.arrays[layer], train.labels, ftest.arrays[layer], cfg.k,
                         cfg.temperature, device)  # fmt: skip
@@ -250,7 +320,7 @@ def main_knn(cfg: KNNConfig, run: Run) -> dict[str, Any]:
         "k": k, "temperature": cfg.temperature, "layer": layer,
         "feature": ftrain.specs[layer].as_dict(),
         "train_images": len(train), "test_images": len(test),
-        "input_size": cfg.input_size, "device": str(device),
+        "input_size": input_size, "device": str(device),
         "feature_cache": {"train": _cache_info(ftrain), "test": _cache_info(ftest)},
         "extract_seconds": ftrain.seconds + ftest.seconds,
         "knn_seconds": time.perf_counter() - tick, "scores": SCORES_FILE,
