@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, help="output file (default: inside the run folder)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument(
+        "--show-keys", action="store_true",
+        help="print each weight's name in the run and in the exported file; write nothing",
+    )  # fmt: skip
 
     p = sub.add_parser(
         "import",
@@ -329,8 +333,11 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pretrain.export import export
+    from pretrain.export import export, show_export_keys
 
+    if args.show_keys:
+        print(show_export_keys(args.run, args.format))
+        return 0
     path = export(args.run, args.format, args.out, force=args.force)
     print(f"wrote {path}")
     return 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -299,6 +300,23 @@ def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> 
 def keyed_seed(*key: int) -> int:
     """A 63-bit seed derived from integers (seed, stream, ...), the same on every machine."""
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, np.uint64)[0] >> 1)
+
+
+@contextlib.contextmanager
+def seeded_globals(seed: int) -> Iterator[None]:
+    """Python's, numpy's and torch's global generators seeded with `seed` inside, restored
+    after: for one sample of a framework whose transforms draw from the global generators
+    (detectron2's augmentations, mmcv's), so that a sample's draw depends on its key only."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 # ---------------------------------------------------------------- data

@@ -45,7 +45,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,17 +133,39 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def torch_load_safe(path: Path, what: str = "file") -> Any:
-    """`torch.load` that can never run code from the file (weights only, tensors on CPU)."""
+def torch_load_safe(path: Path, what: str = "file", allow: Sequence[type] = ()) -> Any:
+    """`torch.load` that can never run code from the file (weights only, tensors on CPU; the
+    classes in `allow` are trusted too, e.g. argparse.Namespace, which MoCo's and DINO's
+    checkpoints carry). Every failure is one line naming the file: a class the file needs is
+    named ("refused to load"), any other failure is "unreadable <what>" with torch's first
+    sentence."""
+    import pickle
+
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise BenchError(f"{printable(path)}: {what} not found") from None
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise BenchError(
+                f"{printable(path)}: unreadable {what}, refused to load: it needs the Python "
+                f"object '{found[1]}', which could run code (bench reads tensors and plain "
+                "containers only)"
+            ) from None
+        raise BenchError(f"{printable(path)}: unreadable {what} ({first_sentence(exc)})") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BenchError(f"{printable(path)}: unreadable {what} ({reason[:200]})") from None
+        raise BenchError(f"{printable(path)}: unreadable {what} ({first_sentence(exc)})") from None
+
+
+def first_sentence(exc: BaseException) -> str:
+    """The exception's type and first sentence (torch appends paragraphs of advice)."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0].split(". ")[0][:200] if lines else ""
+    return printable(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
 
 
 # What readers of metrics.json (the report, the suite, `resume`) take from it, by type; other

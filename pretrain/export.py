@@ -196,21 +196,39 @@ def export(run_dir: Path, fmt: Format, out: Path | None = None, *, force: bool =
         atomic_torch_save(out, dict(state))
     elif fmt == "detectron2":
         card["framework_input"] = framework_input(fmt, saved_convention(card, src))
-        model = {FRAMEWORK_PREFIX + k: v.numpy() for k, v in state.items()}
+        model = {theirs: state[ours].numpy() for ours, theirs in key_map(state, fmt)}
         blob = {"model": model, "__author__": "bench", "matching_heuristics": False}
         atomic_write_bytes(out, pickle.dumps(blob, protocol=pickle.HIGHEST_PROTOCOL))
     elif fmt == "mmseg":
         card["framework_input"] = framework_input(fmt, saved_convention(card, src))
-        sd = {FRAMEWORK_PREFIX + k: v for k, v in state.items()}
+        sd = {theirs: state[ours] for ours, theirs in key_map(state, fmt)}
         atomic_torch_save(out, {"state_dict": sd, "meta": card})
     atomic_write_json(card_path(out), {**card, "format": fmt})
     return out
 
 
 def key_map(state_dict: dict[str, torch.Tensor], fmt: Format) -> list[tuple[str, str]]:
-    """(our key, exported key) pairs, for printing what a conversion renames."""
+    """(our key, exported key) pairs: what `export` writes and `--show-keys` prints."""
     prefix = FRAMEWORK_PREFIX if fmt in ("detectron2", "mmseg") else ""
     return [(k, prefix + k) for k in state_dict]
+
+
+def show_export_keys(run_dir: Path, fmt: Format) -> str:
+    """What `bench export --format fmt` would write for the run's encoder, key by key and
+    with each tensor's shape (`bench export --show-keys`): nothing is written."""
+    if fmt not in DEFAULT_NAMES:
+        raise BenchError(f"--format: {fmt!r} is not one of {', '.join(DEFAULT_NAMES)}")
+    src = native_file(Path(run_dir))
+    state, card = load_native(src)
+    source = saved_convention(card, src)
+    lines = [f"{printable(src)} -> {fmt} ({len(state)} tensors)"]
+    if fmt == "torchvision" and source != TORCHVISION:
+        lines.append(f"conv1 refolded from the {source.name} input convention to torchvision's")
+    width = max((len(k) for k in state), default=0)
+    for ours, theirs in key_map(state, fmt):
+        shape = "x".join(str(d) for d in state[ours].shape)
+        lines.append(f"  {ours:<{width}}  ->  {theirs}  [{shape}]")
+    return "\n".join(lines)
 
 
 def to_convention(

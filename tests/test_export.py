@@ -161,3 +161,22 @@ def test_bad_inputs_are_one_line_errors(tmp_path, run_dir):
     junk.write_bytes(b"not a safetensors file")
     with pytest.raises(BenchError, match="junk.safetensors"):
         load_native(junk)
+
+
+@pytest.mark.parametrize("fmt", ["native", "torchvision", "detectron2", "mmseg"])
+def test_show_keys_prints_what_export_writes_and_writes_nothing(run_dir, fmt, capsys):
+    from benchmark import cli
+
+    path, _ = run_dir
+    before = sorted(p.name for p in path.iterdir())
+    assert cli.main(["export", str(path), "--format", fmt, "--show-keys"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in path.iterdir()) == before
+    state, _ = load_native(path)
+    rows = [line.split() for line in printed.splitlines()[1:] if "->" in line and "[" in line]
+    prefix = "backbone." if fmt in ("detectron2", "mmseg") else ""
+    assert {(r[0], r[2]) for r in rows} == {(k, prefix + k) for k in state}
+    w = state["features.0.weight"]
+    assert f"[{'x'.join(map(str, w.shape))}]" in printed
+    if fmt == "torchvision":  # the random encoder is CaffeNet's: conv1 refolds for torchvision
+        assert "refolded" in printed

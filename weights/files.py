@@ -15,8 +15,6 @@ refused (naming the object), a truncated or garbled one is "unreadable or trunca
 from __future__ import annotations
 
 import argparse
-import pickle
-import re
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +24,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from benchmark.errors import BenchError, printable
+from benchmark.runs import first_sentence, torch_load_safe
 from benchmark.safe_pickle import safe_load
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 SAFETENSORS_SUFFIX = ".safetensors"
 _ZIP_MAGIC = b"PK\x03\x04"
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 
 def read_checkpoint(path: Path) -> Any:
@@ -46,7 +44,7 @@ def read_checkpoint(path: Path) -> Any:
             return load_file(str(path))
         except (SafetensorError, OSError) as exc:
             raise BenchError(f"{printable(path)}: unreadable or truncated safetensors file "
-                             f"({_one_line(exc)})") from None  # fmt: skip
+                             f"({first_sentence(exc)})") from None  # fmt: skip
     if kind == "pickle":
         return _numpy_to_torch(safe_load(path))
     return _read_torch(path)
@@ -68,29 +66,7 @@ def _kind(path: Path) -> str:
 
 
 def _read_torch(path: Path) -> Any:
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = _GLOBAL.search(str(exc))
-        if found:
-            raise BenchError(
-                f"{printable(path)}: refused to load: it needs the Python object "
-                f"'{found[1]}', which could run code (bench reads tensors and plain "
-                "containers only)"
-            ) from None
-        raise BenchError(f"{printable(path)}: unreadable or truncated torch file "
-                         f"({_one_line(exc)})") from None  # fmt: skip
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise BenchError(f"{printable(path)}: unreadable or truncated torch file "
-                         f"({_one_line(exc)})") from None  # fmt: skip
-
-
-def _one_line(exc: BaseException) -> str:
-    """The exception's first sentence: torch appends paragraphs of advice to its messages."""
-    lines = str(exc).strip().splitlines()
-    first = lines[0].split(". ")[0] if lines else ""
-    return printable(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+    return torch_load_safe(path, "or truncated torch file", allow=[argparse.Namespace])
 
 
 def _numpy_to_torch(obj: Any) -> Any:

@@ -58,12 +58,10 @@ are null and the log says why.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -542,22 +540,6 @@ def dataset_dict(rec: DetRecord, use_difficult: bool) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Python's, numpy's and torch's global generators seeded for one sample, restored after
-    (detectron2's augmentations draw from np.random)."""
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.set_rng_state(saved[2])
-
-
 class KeyedMapper(Dataset):
     """Item (index, sample number) from the loop's IterationSampler -> detectron2's
     DatasetMapper output for dicts[index], every random choice seeded by (seed, sample)."""
@@ -570,7 +552,7 @@ class KeyedMapper(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         index, sample = item
-        with seeded(loop.keyed_seed(self.seed, SAMPLE_STREAM, sample)):
+        with loop.seeded_globals(loop.keyed_seed(self.seed, SAMPLE_STREAM, sample)):
             return self.mapper(self.dicts[index])  # DatasetMapper deep-copies the dict
 
 

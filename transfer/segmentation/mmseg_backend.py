@@ -58,7 +58,6 @@ with one line naming `make mmseg`, and the module imports without it.
 from __future__ import annotations
 
 import contextlib
-import random
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -78,7 +77,7 @@ from benchmark.distributed import DistEnv, torchrun_world
 from benchmark.errors import BenchError, ConfigError, DatasetError, printable
 from benchmark.input_convention import InputConvention
 from benchmark.metrics import confusion_matrix
-from benchmark.runs import Run
+from benchmark.runs import Run, torch_load_safe
 from pretrain.alexnet import ARCHS, AlexNetEncoder
 from pretrain.dropout import Dropout
 from pretrain.export import framework_input
@@ -334,22 +333,6 @@ def build_pipeline(steps: Sequence[dict[str, Any]]) -> Any:
 # ---------------------------------------------------------------- data
 
 
-@contextlib.contextmanager
-def keyed_generators(seed: int) -> Iterator[None]:
-    """python / numpy / torch global generators seeded with `seed` inside, restored after
-    (mmcv's transforms draw from the global ones)."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
-
-
 def sample_info(sample: SegSample, index: int) -> dict[str, Any]:
     """The dict a mmseg dataset hands its pipeline."""
     return dict(
@@ -378,23 +361,11 @@ class MMSegTrainSet(Dataset):
         index, sample = item
         if self._pipeline is None:
             self._pipeline = build_pipeline(self.steps)
-        with keyed_generators(loop.keyed_seed(self.seed, SAMPLE_STREAM, sample)):
+        with loop.seeded_globals(loop.keyed_seed(self.seed, SAMPLE_STREAM, sample)):
             return self._pipeline(sample_info(self.samples[index], index))
 
 
 # ---------------------------------------------------------------- weights
-
-
-def _torch_file(path: Path) -> Any:
-    """A torch file loaded weights-only (a file never runs code); a one-line error else."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        text = str(exc).strip()
-        reason = text.splitlines()[0][:200] if text else type(exc).__name__
-        raise BenchError(
-            f"{printable(path)}: unreadable torch file ({type(exc).__name__}: {reason})"
-        ) from None
 
 
 def mmseg_state(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -416,7 +387,7 @@ def load_mmseg_encoder(weights: str | None, arch: str) -> tuple[AlexNetEncoder, 
     if weights:
         path = Path(weights).expanduser()
         if path.is_file() and path.suffix in (".pth", ".pt"):
-            obj = _torch_file(path)
+            obj = torch_load_safe(path, "torch file")
             state = mmseg_state(obj)
             if state is not None:
                 if not all(isinstance(v, torch.Tensor) for v in state.values()):
