@@ -13,7 +13,7 @@ reference exactly and says which:
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from sklearn.metrics import average_precision_score
@@ -146,22 +146,33 @@ Detection = tuple[Hashable, float, Sequence[float]]
 GroundTruth = tuple[str, Sequence[float], bool]
 
 
+MatchRule = Literal["devkit", "py-faster-rcnn"]
+
+
 def _class_tp_fp(
     dets: Sequence[Detection],
     gt_of_class: Mapping[Hashable, tuple[np.ndarray, np.ndarray]],
     iou_threshold: float,
+    rule: MatchRule = "devkit",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(tp, fp) flags of one class's detections in score order, difficult matches dropped.
 
     The devkit's sequential loop, vectorised: each detection goes to its highest-IoU ground
     truth (matched or not, difficult or not); if that IoU reaches the threshold it is a TP
     the first time that box is taken in score order and an FP afterwards, and it is dropped
-    (neither) when the box is difficult. Below the threshold it is an FP.
+    (neither) when the box is difficult. Below the threshold it is an FP. Rule "devkit"
+    (VOCevaldet.m): a stable sort, ties in input order, and `ovmax >= threshold`; rule
+    "py-faster-rcnn" (its voc_eval.py, which detectron2's PascalVOCDetectionEvaluator runs,
+    facebookresearch/detectron2@02b5c4e:detectron2/evaluation/pascal_voc_evaluation.py
+    L245, L281): numpy's default argsort and `ovmax > threshold`.
     """
     if not dets:
         return np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
     scores = np.array([float(d[1]) for d in dets])
-    order = np.argsort(-scores, kind="stable")  # ties keep input order
+    if rule == "devkit":
+        order = np.argsort(-scores, kind="stable")  # ties keep input order
+    else:
+        order = np.argsort(-scores)  # voc_eval.py: np.argsort(-confidence), quicksort
     n = len(dets)
     ovmax = np.full(n, -np.inf)
     jmax = np.full(n, -1, dtype=np.int64)
@@ -183,7 +194,8 @@ def _class_tp_fp(
         jmax[idx] = j
         gt_index[idx] = image_ids[img]
         difficult_hit[idx] = gdiff[j]
-    matched = ovmax >= iou_threshold  # VOCevaldet.m: `ovmax >= minoverlap`
+    # VOCevaldet.m: `ovmax >= minoverlap`; voc_eval.py: `ovmax > ovthresh`
+    matched = ovmax >= iou_threshold if rule == "devkit" else ovmax > iou_threshold
     counted = ~(matched & difficult_hit)
     tp = np.zeros(n, dtype=bool)
     cand = np.flatnonzero(matched & ~difficult_hit)
@@ -201,8 +213,10 @@ def voc_detection_eval(
     classes: Sequence[str],
     iou_threshold: float = 0.5,
     use_07_metric: bool = True,
+    rule: MatchRule = "devkit",
 ) -> dict[str, float]:
-    """Per-class detection AP with the PASCAL VOC devkit's rules.
+    """Per-class detection AP with the PASCAL VOC devkit's rules (or, with rule
+    "py-faster-rcnn", its Python transcription's: see `_class_tp_fp`).
 
     detections: {class: [(image_id, score, (x1, y1, x2, y2)), ...]}.
     ground_truth: {image_id: [(class, (x1, y1, x2, y2), difficult), ...]}, every test image
@@ -240,7 +254,7 @@ def voc_detection_eval(
         if npos == 0:
             out[cls] = float("nan")
             continue
-        tp, fp = _class_tp_fp(list(detections.get(cls, ())), gt_of_class, iou_threshold)
+        tp, fp = _class_tp_fp(list(detections.get(cls, ())), gt_of_class, iou_threshold, rule)
         tp_c, fp_c = np.cumsum(tp), np.cumsum(fp)
         recall = tp_c / npos
         precision = tp_c / np.maximum(tp_c + fp_c, np.finfo(np.float64).eps)

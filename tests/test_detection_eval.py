@@ -213,3 +213,85 @@ def test_results_file_with_an_unknown_image_is_an_error(tmp_path):
     (tmp_path / "comp4_det_test_dog.txt").write_text("000001 0.5 1 2 3\n")
     with pytest.raises(BenchError, match="dog.txt: line 1 must be"):
         read_results_files(tmp_path)
+
+
+def py_faster_rcnn_voc_eval(lines, records, cls, ovthresh):
+    """py-faster-rcnn's voc_eval.py written out independently (the loop detectron2's
+    PascalVOCDetectionEvaluator runs): results-file lines read back as floats, numpy's
+    default argsort, strict `ovmax > ovthresh`, 11-point AP."""
+    recs = {}
+    npos = 0
+    for r in records:
+        rows = [(b + 1.0, bool(d)) for b, c, d in zip(r.gt_boxes, r.gt_classes, r.gt_difficult)
+                if VOC_CLASSES[c - 1] == cls]  # fmt: skip
+        recs[r.image_id] = {"bbox": np.array([b for b, _ in rows]).reshape(-1, 4),
+                            "difficult": np.array([d for _, d in rows], bool),
+                            "det": [False] * len(rows)}  # fmt: skip
+        npos += sum(not d for _, d in rows)
+    split = [x.strip().split(" ") for x in lines]
+    ids = [x[0] for x in split]
+    conf = np.array([float(x[1]) for x in split])
+    bb_all = np.array([[float(z) for z in x[2:]] for x in split]).reshape(-1, 4)
+    order = np.argsort(-conf)
+    bb_all, ids = bb_all[order, :], [ids[x] for x in order]
+    tp, fp = np.zeros(len(ids)), np.zeros(len(ids))
+    for d, img in enumerate(ids):
+        r, bb, ovmax = recs[img], bb_all[d], -np.inf
+        gt = r["bbox"]
+        if gt.size > 0:
+            iw = np.maximum(np.minimum(gt[:, 2], bb[2]) - np.maximum(gt[:, 0], bb[0]) + 1.0, 0.0)
+            ih = np.maximum(np.minimum(gt[:, 3], bb[3]) - np.maximum(gt[:, 1], bb[1]) + 1.0, 0.0)
+            inters = iw * ih
+            area_gt = (gt[:, 2] - gt[:, 0] + 1.0) * (gt[:, 3] - gt[:, 1] + 1.0)
+            uni = (bb[2] - bb[0] + 1.0) * (bb[3] - bb[1] + 1.0) + area_gt - inters
+            ov = inters / uni
+            ovmax, jmax = np.max(ov), np.argmax(ov)
+        if ovmax > ovthresh:
+            if not r["difficult"][jmax]:
+                if not r["det"][jmax]:
+                    tp[d], r["det"][jmax] = 1.0, True
+                else:
+                    fp[d] = 1.0
+        else:
+            fp[d] = 1.0
+    fp, tp = np.cumsum(fp), np.cumsum(tp)
+    rec_, prec = tp / float(npos), tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    return sum((np.max(prec[rec_ >= t]) if np.sum(rec_ >= t) else 0) / 11.0
+               for t in np.arange(0.0, 1.1, 0.1))  # fmt: skip
+
+
+def test_detectron2_voc_ap_matches_its_evaluator_loop(shared_data):
+    """AP / AP50 / AP75 as detectron2's PascalVOCDetectionEvaluator: results lines written as
+    it writes them (score %.3f, boxes %.1f), ten thresholds, 11-point AP per class."""
+    from transfer.detection.evaluate import detectron2_voc_ap
+
+    records = load_records(shared_data / "VOCdevkit" / "VOC2007", "train")[:150]
+    dets = jittered_detections(records, np.random.default_rng(3))
+    ours = detectron2_voc_ap(dets, records)
+    maps = {}
+    for t in range(50, 100, 5):
+        aps = []
+        for cls in VOC_CLASSES:
+            if not any(VOC_CLASSES[c - 1] == cls and not d for r in records
+                       for c, d in zip(r.gt_classes, r.gt_difficult)):  # fmt: skip
+                continue
+            lines = [f"{i} {s:.3f} {b[0]:.1f} {b[1]:.1f} {b[2]:.1f} {b[3]:.1f}"
+                     for i, s, b in dets[cls]]  # fmt: skip
+            aps.append(py_faster_rcnn_voc_eval(lines, records, cls, t / 100.0))
+        maps[t] = np.mean(aps)
+    assert ours["ap50"] == pytest.approx(maps[50], abs=1e-12)
+    assert ours["ap75"] == pytest.approx(maps[75], abs=1e-12)
+    assert ours["ap"] == pytest.approx(np.mean(list(maps.values())), abs=1e-12)
+    assert ours["ap75"] < ours["ap50"] and ours["ap"] < ours["ap50"]
+    # the devkit's AP50 differs only in ties and boxes at exactly 0.5 IoU
+    _, devkit = voc07_scores(dets, records)
+    assert devkit == pytest.approx(ours["ap50"], abs=0.02)
+
+
+def test_py_faster_rcnn_rule_is_strict_at_the_threshold():
+    from benchmark.metrics import voc_detection_eval
+
+    gt = {"a": [("cat", (1.0, 1.0, 10.0, 10.0), False)]}
+    half = {"cat": [("a", 0.9, (1.0, 1.0, 10.0, 5.0))]}  # IoU exactly 50 / 100
+    assert voc_detection_eval(half, gt, ["cat"])["cat"] == 1.0
+    assert voc_detection_eval(half, gt, ["cat"], rule="py-faster-rcnn")["cat"] == 0.0

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from benchmark.datasets.folder import IMAGE_EXTENSIONS
-from benchmark.datasets.synth import make_synthetic
+from benchmark.datasets.synth import GENERATOR_VERSION, is_complete, make_synthetic
 from benchmark.errors import DatasetError
 from benchmark.runs import default_results_root
 
@@ -43,12 +43,15 @@ def synthetic_root(results_root: Path | None = None) -> Path:
     """The default synthetic dataset's folder, generating it on first use."""
     base = Path(results_root) if results_root is not None else default_results_root()
     out = base / "data" / f"synthetic-n{DEFAULT_IMAGES}-s{DEFAULT_SEED}"
+    # bench's own cache written by an older generator is replaced, never reported as foreign
+    stale = is_complete(out) and not is_complete(out, {"generator_version": GENERATOR_VERSION})
     return make_synthetic(
         out,
         images=DEFAULT_IMAGES,
         seed=DEFAULT_SEED,
         min_size=DEFAULT_MIN_SIZE,
         max_size=DEFAULT_MAX_SIZE,
+        force=stale,
     )
 
 

@@ -12,7 +12,11 @@ Layout under OUT (the same as the real datasets, so the same readers are used):
                         and the 20 `<class>_<split>.txt` files (1 / -1 / 0 = difficult only)
     VOCdevkit/VOC2012/  JPEGImages, Annotations, SegmentationClass (palette PNG, 255 = void
                         band at object borders and difficult objects), SegmentationObject,
-                        ImageSets/Segmentation/{train,val,trainval}.txt
+                        ImageSets/Segmentation/{train,val,trainval}.txt,
+                        ImageSets/Main/{train,val,trainval}.txt and their class files,
+                        SegmentationClassAug (greyscale PNG of each SBD map) with
+                        ImageSets/Segmentation/{aug,trainaug}.txt, as mmsegmentation's
+                        tools/dataset_converters/voc_aug.py writes them
     SBD/dataset/        cls/*.mat (GTcls: Boundaries, Segmentation, CategoriesPresent),
                         img/*.jpg, train.txt, val.txt
     unlabelled/         *.jpg, an unlabelled pool for pretraining
@@ -21,6 +25,11 @@ Layout under OUT (the same as the real datasets, so the same readers are used):
 VOC2012 and SBD share their image ids like the real ones: SBD train adds scenes that have
 no VOC2012 segmentation and also covers some VOC2012 val images (the reason the FCN
 protocol validates on val minus SBD train); SBD val covers some VOC2012 train images.
+`aug.txt` is SBD train + val minus VOC2012 train and val, `trainaug.txt` VOC2012 train plus
+`aug.txt` (voc_aug.py's two lists: the "aug" training set of mmsegmentation's VOC configs).
+VOC2012's detection lists (ImageSets/Main) name the scenes of VOC2007 train / val under
+their 2012 ids, so a VOC07+12 detection run sees no VOC2007 test scene in training (the real
+VOC2012 holds no VOC2007 image either); each trainval scene is there twice, once per year.
 
 Determinism: each image draws from its own `numpy.random.Generator` seeded by
 (seed, stream, index); JPEGs use a fixed quality and carry no metadata; the .mat header's
@@ -45,7 +54,7 @@ from tqdm import tqdm
 from benchmark.datasets.voc import IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE
 from benchmark.errors import DatasetError, printable
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: VOC2012 ImageSets/Main, SegmentationClassAug, aug lists
 JPEG_QUALITY = 90
 MARKER = "synth.json"
 _STREAM_SCENE, _STREAM_UNLABELLED, _STREAM_SPLITS, _STREAM_NOISE = 1, 2, 3, 4
@@ -427,6 +436,23 @@ def _sbd_mat(sbd: np.ndarray) -> bytes:
     return bytes(data)
 
 
+def _grey_png(labels: np.ndarray) -> bytes:
+    """A greyscale class-index PNG, as voc_aug.py writes SBD maps into SegmentationClassAug."""
+    buf = io.BytesIO()
+    Image.fromarray(labels.astype(np.uint8), mode="L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def aug_lists(splits: dict[str, np.ndarray], ids: list[str]) -> dict[str, list[str]]:
+    """mmsegmentation's voc_aug.py lists: aug = SBD train + val minus VOC2012 train and val;
+    trainaug = VOC2012 train plus aug (sorted ids: voc_aug.py writes set differences)."""
+    sbd = set(splits["sbd/train"].tolist()) | set(splits["sbd/val"].tolist())
+    train, val = set(splits["12/train"].tolist()), set(splits["12/val"].tolist())
+    aug = sbd - train - val
+    return {"aug": sorted(ids[i] for i in aug),
+            "trainaug": sorted(ids[i] for i in (train | sbd) - val)}  # fmt: skip
+
+
 def _voc_xml(folder: str, filename: str, scene: Scene, segmented: bool) -> str:
     h, w = scene.image.shape[:2]
     parts = [
@@ -615,6 +641,7 @@ def _build(root: Path, params: dict) -> None:
         v07 / "JPEGImages", v07 / "Annotations", v07 / "ImageSets" / "Main",
         v12 / "JPEGImages", v12 / "Annotations", v12 / "SegmentationClass",
         v12 / "SegmentationObject", v12 / "ImageSets" / "Segmentation",
+        v12 / "ImageSets" / "Main", v12 / "SegmentationClassAug",
         sbd / "cls", sbd / "img",
     ]  # fmt: skip
     if params["unlabelled"]:
@@ -648,6 +675,7 @@ def _build(root: Path, params: dict) -> None:
             if i in sbd_set:
                 _write(sbd / "cls" / f"{id12[i]}.mat", _sbd_mat(sbd_map))
                 _write(sbd / "img" / f"{id12[i]}.jpg", jpg)
+                _write(v12 / "SegmentationClassAug" / f"{id12[i]}.png", _grey_png(sbd_map))
 
     def ids_of(key: str, ids: list[str]) -> list[str]:
         return [ids[i] for i in sorted(splits[key].tolist())]
@@ -658,9 +686,17 @@ def _build(root: Path, params: dict) -> None:
         _write(main / f"{split}.txt", "\n".join(ids) + "\n")
         for cls in VOC_CLASSES:
             _write(main / f"{cls}_{split}.txt", _class_file_lines(ids, objects07, cls))
+    objects12 = {id12[i]: objects07[id07[i]] for i in range(n)}
     for split in ("train", "val", "trainval"):
         ids = ids_of(f"12/{split}", id12)
         _write(v12 / "ImageSets" / "Segmentation" / f"{split}.txt", "\n".join(ids) + "\n")
+        ids = ids_of(f"07/{split}", id12)  # detection: VOC2007's trainval scenes, no test one
+        _write(v12 / "ImageSets" / "Main" / f"{split}.txt", "\n".join(ids) + "\n")
+        for cls in VOC_CLASSES:
+            _write(v12 / "ImageSets" / "Main" / f"{cls}_{split}.txt",
+                   _class_file_lines(ids, objects12, cls))  # fmt: skip
+    for name, ids in aug_lists(splits, id12).items():
+        _write(v12 / "ImageSets" / "Segmentation" / f"{name}.txt", "\n".join(ids) + "\n")
     for split in ("train", "val"):
         _write(sbd / f"{split}.txt", "\n".join(ids_of(f"sbd/{split}", id12)) + "\n")
 

@@ -1,5 +1,6 @@
-"""Scoring detections: VOC2007 11-point AP (devkit rules), COCO AP@[.5:.95] and the VOC
-results files that other tools read.
+"""Scoring detections: VOC2007 11-point AP (devkit rules), detectron2's VOC AP / AP75
+(mean of 11-point APs over IoU 0.50:0.95), COCO AP@[.5:.95] and the VOC results files that
+other tools read.
 
 Detections are held as {class: [(image_id, score, (x1, y1, x2, y2))]} in the devkit's
 1-based inclusive pixel coordinates (those of the XML files), the input of
@@ -51,6 +52,46 @@ def voc07_scores(
         raise BenchError(f"detections: {exc}") from None
     valid = [v for v in per_class.values() if not math.isnan(v)]
     return per_class, float(np.mean(valid)) if valid else float("nan")
+
+
+# detectron2's PascalVOCDetectionEvaluator: IoU thresholds 50, 55, ..., 95 (percent)
+D2_IOU_THRESHOLDS = tuple(range(50, 100, 5))
+
+
+def detectron2_voc_ap(
+    detections: Detections, records: Sequence[DetRecord], classes: Sequence[str] = VOC_CLASSES
+) -> dict[str, Any]:
+    """AP, AP50 and AP75 as detectron2's PascalVOCDetectionEvaluator computes them, the
+    numbers MoCo reports for VOC (facebookresearch/detectron2@02b5c4e:detectron2/evaluation/
+    pascal_voc_evaluation.py L94-114): for each IoU threshold t/100, t = 50, 55, ..., 95, the
+    mean over classes of the 11-point AP (its metric for year 2007) with py-faster-rcnn's
+    matching (`rule="py-faster-rcnn"`); AP is the mean of the ten. Detections are rounded
+    as its results files hold them (L64-68: score to 3 decimals, corners to 1).
+
+    Fractions in [0, 1] (detectron2 reports percent). A class without a non-difficult
+    object has no AP and is left out of each mean (detectron2's np.mean would be NaN).
+    """
+    rounded = {
+        cls: [(img, float(f"{score:.3f}"), tuple(float(f"{v:.1f}") for v in box))
+              for img, score, box in dets]
+        for cls, dets in detections.items()
+    }  # fmt: skip
+    gt = ground_truth(records)
+    maps: dict[int, float] = {}
+    for t in D2_IOU_THRESHOLDS:
+        try:
+            per_class = voc_detection_eval(rounded, gt, classes, t / 100.0, True,
+                                           rule="py-faster-rcnn")  # fmt: skip
+        except ValueError as exc:
+            raise BenchError(f"detections: {exc}") from None
+        valid = [v for v in per_class.values() if not math.isnan(v)]
+        maps[t] = float(np.mean(valid)) if valid else float("nan")
+    return {
+        "ap": float(np.mean(list(maps.values()))),
+        "ap50": maps[50],
+        "ap75": maps[75],
+        "per_threshold": {f"{t / 100:.2f}": v for t, v in maps.items()},
+    }
 
 
 def coco_ap(
