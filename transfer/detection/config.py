@@ -31,6 +31,69 @@ class DetectionTrainConfig(LoopConfig):
     checkpoint_every: int = 5000
 
 
+D2_MIN_SIZES = (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+
+
+@dataclass
+class FasterRCNNTrainConfig(LoopConfig):
+    """detectron2's solver as MoCo's VOC config sets it (pascal_voc_R_50_C4_24k.yaml,
+    Base-RCNN-C4-BN.yaml) over detectron2's defaults (config/defaults.py); sources in
+    benchmark/reference/protocol.yaml."""
+
+    iterations: int = 24000  # SOLVER.MAX_ITER
+    ims_per_batch: int = 16  # SOLVER.IMS_PER_BATCH (split over torchrun processes)
+    lr: float = 0.02  # SOLVER.BASE_LR
+    lr_steps: tuple[int, ...] = (18000, 22000)  # SOLVER.STEPS
+    gamma: float = 0.1
+    warmup_iters: int = 100  # SOLVER.WARMUP_ITERS (linear, WARMUP_FACTOR 1/1000)
+    warmup_factor: float = 0.001
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0  # SOLVER.WEIGHT_DECAY_NORM: none on BN scales and shifts
+    checkpoint_every: int = 5000  # SOLVER.CHECKPOINT_PERIOD
+
+
+@dataclass
+class FasterRCNNConfig:
+    """Faster R-CNN R50-C4 for ResNet encoders (MoCo's VOC detection protocol): RPN on res4,
+    RoIAlign 14x14, res5 (+ MoCo's extra BN) as the box head; `transfer.detection.faster_rcnn`."""
+
+    # "<year>:<split>" of the VOCdevkit given as `data`: VOC07+12 trainval, VOC07 test
+    train_sets: tuple[str, ...] = ("2007:trainval", "2012:trainval")
+    test_set: str = "2007:test"
+    min_size_train: tuple[int, ...] = D2_MIN_SIZES  # shorter side, one drawn per image
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    flip: bool = True  # INPUT.RANDOM_FLIP horizontal, p 0.5
+    train_difficult: bool = True  # detectron2's VOC loader keeps difficult objects
+    # "batch": every BN normalises with the statistics of the whole minibatch and learns
+    # (naiveSyncBN; SyncBatchNorm under torchrun); "frozen": detectron2's FrozenBN
+    norm: Literal["batch", "frozen"] = "batch"
+    extra_norm: bool = True  # MoCo's Res5ROIHeadsExtraNorm: BN after res5
+    freeze_at: int = 0  # BACKBONE.FREEZE_AT: stages kept fixed (0: none, 1: stem, 2: +res2 ...)
+    precise_bn_iters: int = 200  # TEST.PRECISE_BN (0: off)
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_iou_thresholds: tuple[float, float] = (0.3, 0.7)
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_pre_nms_topk_train: int = 12000
+    rpn_post_nms_topk_train: int = 2000
+    rpn_pre_nms_topk_test: int = 6000
+    rpn_post_nms_topk_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    roi_batch_size_per_image: int = 512
+    roi_positive_fraction: float = 0.25
+    roi_iou_threshold: float = 0.5
+    pooler_resolution: int = 14
+    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    score_thresh_test: float = 0.05
+    nms_thresh_test: float = 0.5
+    detections_per_image: int = 100
+    train: FasterRCNNTrainConfig = field(default_factory=FasterRCNNTrainConfig)
+
+
 @dataclass
 class DetectionConfig:
     name: str | None = None
@@ -97,3 +160,6 @@ class DetectionConfig:
     max_per_image: int = 100  # master: per class, before NMS (L255); coco: all classes, after
     max_per_set: int = MAX_PER_SET  # master only: 40 * num_images per class (L253)
     score_thresh: float = COCO_SCORE_THRESH  # coco only: test_net(thresh=0.05)
+    # The protocol of ResNet encoders (the keys above are AlexNet's Fast R-CNN): which one
+    # runs is the encoder's family (transfer.detection.train.main).
+    faster_rcnn: FasterRCNNConfig = field(default_factory=FasterRCNNConfig)

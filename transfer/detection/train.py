@@ -3,7 +3,9 @@
 `main` fine-tunes the pretrained encoder as Fast R-CNN's backbone on trainval with
 selective-search proposals and scores test with VOC2007 11-point AP (plus COCO AP).
 `backend: detectron2` runs the same protocol through detectron2 (`detectron2_backend.py`,
-which imports detectron2 only when it runs).
+which imports detectron2 only when it runs). A ResNet encoder runs MoCo's protocol instead,
+Faster R-CNN R50-C4 on VOC07+12 (`faster_rcnn_train.py`, settings under `faster_rcnn:`); a
+ViT encoder is refused (no reference protocol implemented).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from transfer.detection.data import (
 )
 from transfer.detection.detectron2_backend import check_supported, run_detectron2
 from transfer.detection.evaluate import coco_ap, score_fields, voc07_scores, write_results_files
+from transfer.detection.faster_rcnn_train import check_faster_rcnn, run_faster_rcnn
 from transfer.detection.inference import detect
 from transfer.detection.model import (
     FastRCNN,
@@ -43,6 +46,7 @@ from transfer.detection.model import (
     param_groups,
 )
 from transfer.detection.records import prepare_records
+from transfer.encoder_family import family_of
 from transfer.rescale import format_report, rescale_for_transfer_
 
 STAGE = "transfer/detection"
@@ -56,8 +60,23 @@ def default_name(cfg: DetectionConfig) -> str:
     return "-".join(parts) + f"-s{cfg.seed}"
 
 
+VIT_REFUSAL = (
+    "detection: no reference protocol for ViT encoders is implemented (bench runs MoCo's "
+    "Faster R-CNN R50-C4 for ResNet and Fast R-CNN for AlexNet encoders)"
+)
+
+
 def check(cfg: DetectionConfig) -> None:
     """Every setting no run can use is a one-line error before anything runs."""
+    family = family_of(cfg.weights, cfg.arch)
+    if family == "vit":
+        raise ConfigError(VIT_REFUSAL)
+    check_faster_rcnn(cfg.faster_rcnn)
+    if family == "resnet":
+        if cfg.backend == "detectron2":
+            raise ConfigError("backend: detectron2 runs Fast R-CNN for AlexNet encoders only; "
+                              "ResNet encoders run Faster R-CNN R50-C4 with backend: native")
+        return
     t = cfg.train
     loop.check_loop(t)
     if t.ims_per_batch < 1 or t.rois_per_batch < 1 or t.rois_per_batch % t.ims_per_batch:
@@ -153,6 +172,8 @@ def init_batch(dataset: TrainSet, cfg: DetectionConfig) -> dict[str, torch.Tenso
 def main(cfg: DetectionConfig, run: Run) -> dict[str, Any]:
     """Train Fast R-CNN on train_split, detect on test_split, write detections and metrics."""
     check(cfg)
+    if family_of(cfg.weights, cfg.arch) == "resnet":
+        return run_faster_rcnn(cfg, run, loop.setup(cfg.device, cfg.faster_rcnn.train))
     voc_root = Path(resolve_data(cfg.data, "voc2007"))
     if cfg.backend == "detectron2":
         return run_detectron2(cfg, run, voc_root)
