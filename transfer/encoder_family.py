@@ -3,19 +3,18 @@ ResNet encoder of a checkpoint, for the stages whose model depends on the family
 (detection: Fast R-CNN for AlexNet, Faster R-CNN R50-C4 for ResNet; segmentation: FCN on
 AlexNet, FCN on a dilated ResNet-50).
 
-AlexNet files (bench's runs and exports, torchvision AlexNet, Caffe) keep their loader
-(`transfer.backbone.load_encoder`); ResNet checkpoints of any format `weights` reads
-(torchvision, MoCo, DINO, SwAV, VISSL, MMSelfSup, detectron2 .pkl, ...) load through
-`weights.import_checkpoint`, with its key guard.
+The family is read before the encoder is built, so that a stage can choose its model (and
+refuse a family) before its run folder exists; the encoder itself is loaded by
+`transfer.backbone.load_encoder`, which reads every format bench imports.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from benchmark.errors import BenchError
-from encoders import ResNetEncoder, resnet50
+from encoders import ResNetEncoder
 from transfer.backbone import peek_card, resolve_weights_path
 
 Family = Literal["alexnet", "resnet", "vit"]
@@ -40,23 +39,11 @@ def family_of(weights: str | Path | None, arch: str) -> Family:
         return "alexnet"
 
 
-def load_resnet(weights: str | Path | None, arch: str = "resnet50") -> tuple[ResNetEncoder, dict]:
-    """(encoder, card) of a ResNet checkpoint, or torchvision's random init (arch resnet50)
-    for no weights. The card says what a metrics.json needs (method, arch, conventions)."""
-    if weights is None or str(weights) == "":
-        if arch != "resnet50":
-            raise BenchError(f"arch: {arch!r} has no random baseline here (resnet50)")
-        encoder = resnet50()
-        card: dict[str, Any] = {"method": "random", "arch": "resnet50", "family": "resnet",
-                                "iterations": 0, "pretrain_seconds": 0.0}  # fmt: skip
-    else:
-        from weights.load import import_checkpoint
+def load_resnet(weights: str | Path | None, arch: str, task: str) -> tuple[ResNetEncoder, dict]:
+    """(encoder, card) of a ResNet checkpoint (`transfer.backbone.load_encoder`, ResNets
+    only), or torchvision's random init for no weights and arch resnet50; in train mode."""
+    from transfer.backbone import load_encoder
 
-        path = resolve_weights_path(weights)
-        imported = import_checkpoint(path, family="resnet")
-        encoder = imported.encoder  # type: ignore[assignment]
-        card = {**imported.card, "method": path.stem.split(".")[0], "imported": True}
-    convention = encoder.input_convention.as_dict()
-    card.update(input_convention=convention, input_convention_loaded=convention["name"])
+    encoder, card = load_encoder(weights, arch, families=("resnet",), task=task)
     encoder.train()
     return encoder, card

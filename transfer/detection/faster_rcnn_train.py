@@ -260,7 +260,7 @@ def run_faster_rcnn(cfg: DetectionConfig, run: Run, env: DistEnv) -> dict[str, A
     """Train R50-C4 Faster R-CNN, detect the test set, write detections and metrics."""
     c, t = cfg.faster_rcnn, cfg.faster_rcnn.train
     torch.manual_seed(cfg.seed)
-    encoder, card = load_resnet(cfg.weights, cfg.arch if cfg.weights is None else "resnet50")
+    encoder, card = load_resnet(cfg.weights, cfg.arch, "Faster R-CNN R50-C4 detection")
     train_records, test_records, skipped = prepare(cfg, run)
     model = FasterRCNNC4(encoder, c).to(env.device)
     if env.world_size > 1 and c.norm == "batch":
