@@ -47,6 +47,10 @@ INPAINT_COLUMNS = {"mean_l1": "Mean L1 (%)", "mean_l2": "Mean L2 (%)", "psnr": "
 IGNORED_CONFIG_KEYS = RUNTIME_KEYS | {"seed", "weights", "num_workers", "resume", "force"}
 MISSING = "-"
 HTML_FILE = "index.html"
+ALEXNET = "alexnet"  # the family of Table 2 (runs written before metrics named a family)
+# The other encoder families, each with its own table: published rows of
+# reference/families.csv beside our runs of that family.
+FAMILY_TITLES = {"resnet": "ResNet-50", "vit": "ViT"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,13 +157,14 @@ def collect_runs(paths: Sequence[Path]) -> pd.DataFrame:
                     "data_kind": _data_kind(metrics, config),
                     "comparable": comparable(metrics),
                     "arch": metrics.get("arch") or linked.get("arch") or "",
+                    "family": metrics.get("family") or ALEXNET,
                     "config_key": json.dumps(kept, sort_keys=True, default=str),
                     "config": config,
                     "metrics": metrics,
                 }
             )
     columns = ["run", "stage", "task", "method", "mask", "seed", "pretrain_seconds",
-               "provenance", "data_kind", "comparable", "arch"]  # fmt: skip
+               "provenance", "data_kind", "comparable", "arch", "family"]  # fmt: skip
     df = pd.DataFrame(rows, columns=[*columns, "config_key", "config", "metrics"])
     return df.drop_duplicates(subset="run").reset_index(drop=True)
 
@@ -976,8 +981,115 @@ TABLE1_NOTE = (
 
 
 # ---------------------------------------------------------------------------------------------
+# A table per encoder family (ResNet-50, ViT; AlexNet's is Table 2)
+# ---------------------------------------------------------------------------------------------
+
+FAMILY_SHOTS = (1, 8, 96)  # low-shot columns: positives per class
+FAMILY_KEYS = ("svm", "knn", *TASKS)
+FAMILY_COLUMNS = [
+    "Pretraining", "Source", "Encoder", "SVM, best layer", *(f"Low-shot k={k}" for k in
+    FAMILY_SHOTS), "k-NN", *TASK_TITLE.values(), SETTINGS_COLUMN,
+]  # fmt: skip
+
+
+def _low_shot_cell(row: OurRow, k: int) -> str:
+    """Low-shot mAP at k positives on each run's best SVM layer (where it ran low-shot)."""
+    values, layers = [], set()
+    for m in row.results.get("svm", []):
+        table = m.get("low_shot") if isinstance(m.get("low_shot"), dict) else {}
+        layer = m.get("best_layer")
+        entry = (table.get(layer) or {}).get(str(k)) if layer else None
+        value = _number(entry.get("mean")) if isinstance(entry, dict) else math.nan
+        if not math.isnan(value):
+            values.append(value)
+            layers.add(str(layer))
+    if not values:
+        return MISSING
+    return f"{_cell(Stat(values), 100.0, 1)} ({'/'.join(sorted(layers))})"
+
+
+def family_table(df: pd.DataFrame, family: str, reference: pd.DataFrame) -> pd.DataFrame:
+    """One encoder family's table: the published rows of `reference` (families.csv) for the
+    family, with their source, then our runs of the family, one row per method (and
+    setting variant): the best SVM layer, low-shot at its best layer, the k-NN and the
+    fine-tuning tasks, percent. No 'ours - published' line: a published row is another
+    checkpoint (its own pretraining length and recipe) than the user's. A row on real data
+    that departs from the protocol of record is followed by its departures, as in Table 2."""
+    records: list[list[str]] = []
+    folders: list[list[str]] = []
+    published = reference[reference["family"] == family] if not reference.empty else reference
+    for _, ref in published.iterrows():
+        layer = f" ({ref['svm_layer']})" if ref["svm_layer"] else ""
+        svm = MISSING if math.isnan(ref["svm"]) else f"{ref['svm']:.1f}{layer}"
+        shots = [_paper_cell(ref[f"k{k}"], 1) for k in FAMILY_SHOTS]
+        records.append([ref["label"], "published", FAMILY_TITLES[family], svm, *shots, MISSING,
+                        *([MISSING] * len(TASKS)), MISSING])  # fmt: skip
+        folders.append([])
+    for row in _our_rows(df[df["family"] == family], "transfer"):
+        name = f"{row.label} (rescaled)" if row.rescaled else row.label
+        records.append(
+            [name, row.source, row.arch or MISSING, _best_layer_cell(row)]
+            + [_low_shot_cell(row, k) for k in FAMILY_SHOTS]
+            + [_cell(row.stat("knn", "map"), 100.0, 1)]
+            + [_cell(row.stat(t, TASK_METRIC[t]), 100.0, 1) for t in TASKS]
+            + [row.settings]
+        )
+        folders.append(row_runs(row, (PRETRAIN, *FAMILY_KEYS)))
+        if _off_protocol(row, FAMILY_KEYS):
+            source, cells = departures_line(row, FAMILY_KEYS)
+            svm, knn, *tasks = cells
+            records.append([name, source, MISSING, svm, *([MISSING] * len(FAMILY_SHOTS)), knn,
+                            *tasks, MISSING])  # fmt: skip
+            folders.append([])
+    return _with_runs(pd.DataFrame(records, columns=FAMILY_COLUMNS), folders)
+
+
+FAMILY_NOTE = (
+    "Percent mAP on VOC2007 test, the protocols of Table 2 and of the probes run on this "
+    "family's encoders (benchmark/reference/protocol.yaml names each value a reference "
+    "defines for it and each choice bench made). SVM: Goyal et al.'s linear SVMs per layer, "
+    "best layer in brackets; low-shot: k positives per class, at each run's best layer. "
+    "'published' rows are numbers read in a reference repository (source in "
+    "benchmark/reference/families.csv: MMSelfSup's own runs of the VOC07 SVM and low-shot "
+    "protocols on its 200-epoch ResNet-50 checkpoints), each for its own checkpoint: they "
+    "sit beside ours and are not subtracted from them. Rows on the embedded synthetic data "
+    "say so in 'Source'; a row on real data off the protocol of record is followed by its "
+    "departures. "
+    "'-' = no run / not reported."
+)
+VIT_NOTE = (
+    " No reference repository or paper read here reports VOC2007 numbers for a ViT under "
+    "these protocols (DINO's k-NN and linear numbers are ImageNet's): no published rows."
+)
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
+
+
+def _family_tables(
+    df: pd.DataFrame, reference_dir: Path, files: dict[str, str | bytes], page: list[HtmlTable]
+) -> str:
+    """The ResNet-50 and ViT tables of the families that have runs: `family_<name>.csv`,
+    `.tex`, all in `families.md`, and on the page; returns their Markdown."""
+    path = reference_dir / "families.csv"
+    numeric = ("svm", *(f"k{k}" for k in FAMILY_SHOTS))
+    reference = load_reference(path, numeric) if path.is_file() else pd.DataFrame()
+    parts = []
+    for family, title in FAMILY_TITLES.items():
+        if not (df["family"] == family).any():
+            continue
+        table = family_table(df, family, reference)
+        note = FAMILY_NOTE + (VIT_NOTE if family == "vit" else "")
+        title = f"{title} encoders: VOC2007 probes and transfer"
+        files[f"family_{family}.csv"] = to_csv(table)
+        files[f"family_{family}.tex"] = to_latex(table, "Pretraining")
+        parts.append(f"## {title}\n\n{to_markdown(table)}\n{note}\n")
+        page.append(HtmlTable(f"family_{family}", title, table, note))
+    if parts:
+        files["families.md"] = "\n".join(parts)
+    return "\n".join(parts)
 
 
 def overlay_files(df: pd.DataFrame, limit: int) -> dict[str, bytes]:
@@ -1033,6 +1145,8 @@ def main(
             "config.yaml)"
         )
     ref2 = load_reference(reference_dir / "table2.csv", TASKS)
+    families = df  # every family, for their own tables below
+    df = df[df["family"] == ALEXNET].reset_index(drop=True)  # Table 2 and its probes
     files: dict[str, str | bytes] = {}
     page: list[HtmlTable] = []  # the same tables, for index.html
     t2 = table2(df, ref2)
@@ -1070,6 +1184,9 @@ def main(
             "low_shot.png": chart,
         })  # fmt: skip
         page.append(HtmlTable("low_shot", title, shots, LOW_SHOT_NOTE, chart))
+    family_md = _family_tables(families, reference_dir, files, page)
+    if family_md:
+        md2 += "\n" + family_md
     for task in TASKS:
         pc = per_class_table(df, task)
         if pc.empty:
@@ -1093,9 +1210,9 @@ def main(
         )
         printed += "\n" + md1
         page.append(HtmlTable("table1", title, t1, TABLE1_NOTE))
-    files[HTML_FILE] = render_html(page, df, out_dir, inputs)
+    files[HTML_FILE] = render_html(page, families, out_dir, inputs)
     if overlays:
-        files.update(overlay_files(df, overlays))
+        files.update(overlay_files(families, overlays))
     remove_stale_report_temporaries(out_dir)
     for name in files:
         refuse_linked_folders(out_dir, out_dir / name)
