@@ -32,6 +32,45 @@ class SegmentationTrainConfig(LoopConfig):
 
 
 @dataclass
+class FCNResNetTrainConfig(LoopConfig):
+    """mmsegmentation's 20k schedule (schedule_20k.py) at its VOC12aug batch (4 GPUs x 4)."""
+
+    iterations: int = 20000
+    batch_size: int = 16  # crops per SGD step (split over torchrun processes)
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # on every parameter (no paramwise_cfg)
+    poly_power: float = 0.9  # PolyLR: (lr - min_lr) (1 - t / iterations)^power + min_lr
+    min_lr: float = 1e-4
+    checkpoint_every: int = 2000  # CheckpointHook interval
+    workers: int = 4
+
+
+@dataclass
+class FCNResNetConfig:
+    """FCN on a dilated ResNet (output stride 8) for ResNet encoders, as MMSelfSup's and
+    mmsegmentation's fcn_r50-d8 VOC12aug config runs it (`transfer.segmentation.fcn_resnet`)."""
+
+    # ImageSets/Segmentation lists of VOC2012 concatenated for training: `train` with
+    # SegmentationClass, `aug` (SBD minus VOC train and val) with SegmentationClassAug
+    train_lists: tuple[str, ...] = ("train", "aug")
+    split: str = "val"  # evaluation list (1449 images)
+    scale: tuple[int, int] = (2048, 512)  # RandomResize / test Resize (long, short) bound
+    ratio_range: tuple[float, float] = (0.5, 2.0)
+    crop_size: int = 512
+    cat_max_ratio: float = 0.75
+    flip: bool = True
+    photometric: bool = True  # PhotoMetricDistortion
+    channels: int = 512  # decode head width
+    aux_channels: int = 256
+    aux_weight: float = 0.4  # auxiliary FCN head on res4 (0: none)
+    dropout: float = 0.1
+    norm: Literal["batch", "frozen"] = "batch"  # SyncBN, norm_eval False
+    eval_images: int | None = None  # evaluate on the first N images of `split` (None: all)
+    train: FCNResNetTrainConfig = field(default_factory=FCNResNetTrainConfig)
+
+
+@dataclass
 class SegmentationConfig:
     name: str | None = None
     seed: int = 0
@@ -71,3 +110,6 @@ class SegmentationConfig:
     save_overlays: int = 0  # PNG overlays (image | truth | prediction) of the first K images
     eval_every: int = 0  # also evaluate during training every N iterations (0: only at end)
     train: SegmentationTrainConfig = field(default_factory=SegmentationTrainConfig)
+    # The protocol of ResNet encoders (the keys above are FCN-AlexNet's): which one runs is
+    # the encoder's family (transfer.segmentation.train.main).
+    fcn_resnet: FCNResNetConfig = field(default_factory=FCNResNetConfig)

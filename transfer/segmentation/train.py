@@ -2,7 +2,9 @@
 
 Writes into the run folder: `checkpoints/last.pt` (the loop's checkpoint), `overlays/*.png`
 when `save_overlays` > 0, and `metrics.json` last. `backend: mmseg` hands the same job to
-mmsegmentation (`mmseg_backend.py`, which imports mmseg only when it runs).
+mmsegmentation (`mmseg_backend.py`, which imports mmseg only when it runs). A ResNet
+encoder runs FCN on a dilated ResNet-50 instead, mmseg's fcn_r50-d8 VOC12aug protocol
+(`fcn_resnet_train.py`, settings under `fcn_resnet:`); a ViT encoder is refused.
 
 The solver follows FCN's released Caffe nets: weights learn at `lr` with weight decay,
 biases at 2x `lr` without decay; each update accumulates the gradients of `iter_size`
@@ -29,11 +31,13 @@ from benchmark.input_convention import InputConvention
 from benchmark.runs import Run
 from transfer import common
 from transfer.backbone import describe_transfer, load_encoder
+from transfer.encoder_family import family_of
 from transfer.rescale import format_report, rescale_for_transfer_
 
 from .config import SegmentationConfig, SegmentationTrainConfig
 from .data import CLASSES, SegTrainSet, prepare_data, rescale_batch, to_input
 from .evaluate import OVERLAY_DIR, evaluate, save_overlays, scores_from_hist
+from .fcn_resnet_train import check_fcn_resnet, run_fcn_resnet
 from .mmseg_backend import run_mmseg
 from .model import FCN
 
@@ -51,8 +55,23 @@ def default_name(cfg: SegmentationConfig) -> str:
     return "-".join(parts) + f"-s{cfg.seed}"
 
 
+VIT_REFUSAL = (
+    "segmentation: no reference protocol for ViT encoders is implemented (bench runs FCN on a "
+    "dilated ResNet-50 for ResNet and FCN-AlexNet for AlexNet encoders)"
+)
+
+
 def check(cfg: SegmentationConfig) -> None:
     """Every setting no run can use is a one-line error before anything runs."""
+    family = family_of(cfg.weights, cfg.arch)
+    if family == "vit":
+        raise ConfigError(VIT_REFUSAL)
+    check_fcn_resnet(cfg.fcn_resnet)
+    if family == "resnet":
+        if cfg.backend != "native":
+            raise ConfigError("backend: mmseg runs FCN-AlexNet only; ResNet encoders run FCN "
+                              "on a dilated ResNet with backend: native")  # fmt: skip
+        return
     t = cfg.train
     loop.check_loop(t)
     loop.positive("train.lr", t.lr)
@@ -157,6 +176,8 @@ def make_step(
 def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     """Train FCN, evaluate mean IU, write metrics.json; returns the metrics."""
     check(cfg)
+    if family_of(cfg.weights, cfg.arch) == "resnet":
+        return run_fcn_resnet(cfg, run)
     if cfg.backend == "mmseg":
         return run_mmseg(cfg, run)
     t = cfg.train
