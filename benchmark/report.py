@@ -986,10 +986,17 @@ TABLE1_NOTE = (
 
 FAMILY_SHOTS = (1, 8, 96)  # low-shot columns: positives per class
 FAMILY_KEYS = ("svm", "knn", *TASKS)
+# Detection: the devkit's AP50 and detectron2's VOC AP (IoU 0.50:0.95) and AP75, the three
+# numbers MoCo reports for its R50-C4 protocol; segmentation: mean IU.
+DETECTION_COLUMNS = {"map": "Detection AP50", "ap": "Detection AP", "ap75": "Detection AP75"}
+FAMILY_TASK_COLUMNS = [TASK_TITLE["classification"], *DETECTION_COLUMNS.values(),
+                       TASK_TITLE["segmentation"]]  # fmt: skip
 FAMILY_COLUMNS = [
     "Pretraining", "Source", "Encoder", "SVM, best layer", *(f"Low-shot k={k}" for k in
-    FAMILY_SHOTS), "k-NN", *TASK_TITLE.values(), SETTINGS_COLUMN,
+    FAMILY_SHOTS), "k-NN", *FAMILY_TASK_COLUMNS, SETTINGS_COLUMN,
 ]  # fmt: skip
+FAMILY_PUBLISHED = ("classification", "detection", "detection_ap", "detection_ap75",
+                    "segmentation")  # families.csv columns of the task cells, percent  # fmt: skip
 
 
 def _low_shot_cell(row: OurRow, k: int) -> str:
@@ -1008,6 +1015,14 @@ def _low_shot_cell(row: OurRow, k: int) -> str:
     return f"{_cell(Stat(values), 100.0, 1)} ({'/'.join(sorted(layers))})"
 
 
+def _published(ref: pd.Series, column: str) -> float:
+    """A published row's number in `column` (NaN where the file lacks it or it is empty)."""
+    value = ref.get(column, "")
+    if isinstance(value, float):
+        return value
+    return float(value) if str(value).strip() else math.nan
+
+
 def family_table(df: pd.DataFrame, family: str, reference: pd.DataFrame) -> pd.DataFrame:
     """One encoder family's table: the published rows of `reference` (families.csv) for the
     family, with their source, then our runs of the family, one row per method (and
@@ -1022,8 +1037,9 @@ def family_table(df: pd.DataFrame, family: str, reference: pd.DataFrame) -> pd.D
         layer = f" ({ref['svm_layer']})" if ref["svm_layer"] else ""
         svm = MISSING if math.isnan(ref["svm"]) else f"{ref['svm']:.1f}{layer}"
         shots = [_paper_cell(ref[f"k{k}"], 1) for k in FAMILY_SHOTS]
+        tasks = [_paper_cell(_published(ref, c), 1) for c in FAMILY_PUBLISHED]
         records.append([ref["label"], "published", FAMILY_TITLES[family], svm, *shots, MISSING,
-                        *([MISSING] * len(TASKS)), MISSING])  # fmt: skip
+                        *tasks, MISSING])  # fmt: skip
         folders.append([])
     for row in _our_rows(df[df["family"] == family], "transfer"):
         name = f"{row.label} (rescaled)" if row.rescaled else row.label
@@ -1031,15 +1047,17 @@ def family_table(df: pd.DataFrame, family: str, reference: pd.DataFrame) -> pd.D
             [name, row.source, row.arch or MISSING, _best_layer_cell(row)]
             + [_low_shot_cell(row, k) for k in FAMILY_SHOTS]
             + [_cell(row.stat("knn", "map"), 100.0, 1)]
-            + [_cell(row.stat(t, TASK_METRIC[t]), 100.0, 1) for t in TASKS]
+            + [_cell(row.stat("classification", "map"), 100.0, 1)]
+            + [_cell(row.stat("detection", k), 100.0, 1) for k in DETECTION_COLUMNS]
+            + [_cell(row.stat("segmentation", "mean_iu"), 100.0, 1)]
             + [row.settings]
         )
         folders.append(row_runs(row, (PRETRAIN, *FAMILY_KEYS)))
         if _off_protocol(row, FAMILY_KEYS):
             source, cells = departures_line(row, FAMILY_KEYS)
-            svm, knn, *tasks = cells
+            svm, knn, cls, det, seg = cells
             records.append([name, source, MISSING, svm, *([MISSING] * len(FAMILY_SHOTS)), knn,
-                            *tasks, MISSING])  # fmt: skip
+                            cls, det, MISSING, MISSING, seg, MISSING])  # fmt: skip
             folders.append([])
     return _with_runs(pd.DataFrame(records, columns=FAMILY_COLUMNS), folders)
 
@@ -1054,7 +1072,11 @@ FAMILY_NOTE = (
     "protocols on its 200-epoch ResNet-50 checkpoints), each for its own checkpoint: they "
     "sit beside ours and are not subtracted from them. Rows on the embedded synthetic data "
     "say so in 'Source'; a row on real data off the protocol of record is followed by its "
-    "departures. "
+    "departures. Detection: Faster R-CNN R50-C4 fine-tuned on VOC07+12 trainval, tested on "
+    "VOC07 test (MoCo's detectron2 protocol): AP50 by the devkit's 11-point rule, AP (IoU "
+    "0.50:0.95) and AP75 as detectron2's VOC evaluator; its published rows are MoCo's "
+    "(facebookresearch/moco detection/README.md). Segmentation: FCN on a dilated ResNet-50, "
+    "VOC2012 train + aug, mean IU on VOC2012 val (mmsegmentation's fcn_r50-d8 VOC12aug). "
     "'-' = no run / not reported."
 )
 VIT_NOTE = (
@@ -1074,7 +1096,7 @@ def _family_tables(
     """The ResNet-50 and ViT tables of the families that have runs: `family_<name>.csv`,
     `.tex`, all in `families.md`, and on the page; returns their Markdown."""
     path = reference_dir / "families.csv"
-    numeric = ("svm", *(f"k{k}" for k in FAMILY_SHOTS))
+    numeric = ("svm", *(f"k{k}" for k in FAMILY_SHOTS), *FAMILY_PUBLISHED)
     reference = load_reference(path, numeric) if path.is_file() else pd.DataFrame()
     parts = []
     for family, title in FAMILY_TITLES.items():

@@ -42,3 +42,21 @@ def test_resnet_table_has_published_rows_and_ours_with_departures(tmp_path):
     assert "## ResNet-50 encoders" in text and "ViT encoders" not in text
     assert (out / "family_resnet.csv").is_file() and "family_resnet" in (
         out / "index.html").read_text()  # fmt: skip
+
+
+def test_resnet_table_shows_detection_ap_columns_and_mocos_published_rows(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "det-r50", _resnet("detection", 0.80, ap=0.55, ap75=0.61))
+    make_run(root, "seg-r50", _resnet("segmentation", 0.0, mean_iu=0.66))
+    df = collect_runs([root])
+    numeric = ("svm", "k1", "k8", "k96", "detection", "detection_ap", "detection_ap75")
+    ref = load_reference(REFERENCE_DIR / "families.csv", numeric)
+    table = family_table(df, "resnet", ref)
+    moco = table[table["Pretraining"] == "MoCo v2 (MoCo 800 epochs)"].iloc[0]
+    assert (moco["Detection AP50"], moco["Detection AP"], moco["Detection AP75"]) == (
+        "82.5", "57.4", "64.0")  # fmt: skip
+    assert moco["SVM, best layer"] == "-" and moco["Segmentation"] == "-"
+    ours = table[table["Pretraining"] == "mocov2"].iloc[0]
+    assert (ours["Detection AP50"], ours["Detection AP"], ours["Detection AP75"]) == (
+        "80.0", "55.0", "61.0")  # fmt: skip
+    assert ours["Segmentation"] == "66.0"
