@@ -71,9 +71,12 @@ class SuiteConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     # method name -> overrides of its pretraining config (e.g. {train: {iterations: 300}})
     pretrain: dict[str, Any] = field(default_factory=dict)
-    # name -> a weights file or folder made elsewhere (e.g. `bench import caffe` of released
-    # weights): transferred like a pretraining method's encoder, with no pretraining step
-    weights: dict[str, str] = field(default_factory=dict)
+    # name -> a weights file or folder made elsewhere (`bench import caffe` of released
+    # weights, `bench import --format F` of a ResNet / ViT checkpoint, or such a checkpoint
+    # as it is): transferred like a pretraining method's encoder, with no pretraining step.
+    # A value is the path, or {path: P, format: F} to name a checkpoint's layout
+    # (`weights_format` of the tasks that read checkpoints: svm, knn, classification)
+    weights: dict[str, Any] = field(default_factory=dict)
     # task name -> overrides of its transfer config, applied for every pretraining method
     transfer: dict[str, Any] = field(default_factory=dict)
     inpainting: InpaintingSuite | None = None
@@ -134,11 +137,12 @@ def plan(suite: SuiteConfig, root: Path) -> list[Step]:
                 base = merge(to_dict(t_over or {}), {**common, "seed": seed, "name": name,
                                                      "weights": str(root / pre_name)})  # fmt: skip
                 steps.append(_make(transfer_stage(task), base, name, (pre_name,), "transfer", task))
-        for label, path in suite.weights.items():
+        for label, entry in suite.weights.items():
+            given = _weights_entry(label, entry)
             for task, t_over in suite.transfer.items():
                 name = f"{task}-{label}-s{seed}"
                 base = merge(to_dict(t_over or {}), {**common, "seed": seed, "name": name,
-                                                     "weights": str(path)})  # fmt: skip
+                                                     **given})  # fmt: skip
                 steps.append(_make(transfer_stage(task), base, name, (), "transfer", task))
         if suite.inpainting is not None:
             steps += _inpainting_steps(suite.inpainting, common, seed, root)
@@ -147,6 +151,18 @@ def plan(suite: SuiteConfig, root: Path) -> list[Step]:
         raise ConfigError("suite: two steps have the same run name")
     _check_resources(suite.resources, steps)
     return steps
+
+
+def _weights_entry(label: str, entry: Any) -> dict[str, str]:
+    """A `weights` value as transfer config keys: a path, or {path, format}."""
+    if isinstance(entry, (str, Path)):
+        return {"weights": str(entry)}
+    if isinstance(entry, dict) and set(entry) <= {"path", "format"} and "path" in entry:
+        out = {"weights": str(entry["path"])}
+        if entry.get("format"):
+            out["weights_format"] = str(entry["format"])
+        return out
+    raise ConfigError(f"weights.{label}: a path, or a mapping {{path: P, format: F}}")
 
 
 def _check_resources(resources: dict[str, Any], steps: list[Step]) -> None:

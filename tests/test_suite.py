@@ -138,6 +138,26 @@ def test_a_suite_can_transfer_imported_weights_as_a_method(tmp_path, synth_root)
     assert not any(s.name.startswith("pretrain-ce-released") for s in steps)
 
 
+def test_a_suite_lists_checkpoints_of_any_family_with_their_format(tmp_path, synth_root):
+    weights = {"mocov2": {"path": "ckpt/moco_v2_800ep.pth.tar", "format": "moco"},
+               "dino": "ckpt/dino_vits16.pth"}  # fmt: skip
+    path = _suite(tmp_path, synth_root, weights=weights,
+                  **{"transfer.svm": {"data": str(synth_root)}})  # fmt: skip
+    _, _, steps = load_suite(path, out=tmp_path / "out")
+    by_name = {s.name: s for s in steps}
+    assert by_name["svm-mocov2-s0"].cfg.weights_format == "moco"
+    assert by_name["classification-mocov2-s0"].cfg.weights == "ckpt/moco_v2_800ep.pth.tar"
+    assert by_name["svm-dino-s0"].cfg.weights_format is None
+    bad = _suite(tmp_path, synth_root, weights={"x": {"file": "a.pth"}})
+    with pytest.raises(ConfigError, match=r"weights.x: a path, or a mapping"):
+        load_suite(bad, out=tmp_path / "out")
+    # the example suite of imported checkpoints plans (every step checked)
+    example = Path(__file__).resolve().parents[1] / "configs" / "checkpoints.yaml"
+    _, _, steps = load_suite(example, out=tmp_path / "out2")
+    assert {s.name for s in steps} >= {"svm-mocov2-s0", "knn-mocov2-s0",
+                                       "classification-mocov2-s0"}  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["demo.yaml", "demo-full.yaml"])
 def test_the_demo_suites_plan_and_name_their_departures(name, tmp_path):
     """The main job and its one-seed full version load, pass every step's check, and every
