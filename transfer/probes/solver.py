@@ -1,4 +1,4 @@
-"""LinearSVC's problem, solved for many (class, cost, fold) at once with torch.
+"""LinearSVC's problem, solved for many (class, cost, fold) at once from the Gram matrix.
 
 The problem (scikit-learn's LinearSVC with loss='squared_hinge', penalty='l2', an intercept
 with intercept_scaling 1, i.e. liblinear's L2R_L2LOSS_SVC on features with a constant 1
@@ -7,242 +7,356 @@ appended, the intercept regularised like every weight):
     min_w  0.5 ||w||^2 + C * sum_i c_i * max(0, 1 - y_i <w, x_i>)^2
 
 with c_i the class weight of row i (2 for positives in Goyal et al.'s protocol). It is
-strongly convex, so it has one optimum; liblinear's dual coordinate descent approaches it to
-its tolerance, this module approaches the same point by Newton's method.
+strongly convex: one optimum, which liblinear's dual coordinate descent approaches to its
+tolerance and this module approaches by Newton's method.
 
-How. The optimum lies in the span of the training rows, so with X (n, d+1) = R^T Q^T (the
-QR factorisation of X^T) every row subset of X is solved in z = Q^T w coordinates, where the
-rows are G = R^T (n, n) and margins are G z. Householder QR is backward stable: G is X up to
-float32 rounding, with none of the squared conditioning of a Gram matrix. Every problem is a
-column of one batch: a weight per row (0 outside its training rows), its labels, its cost.
-Each Newton step solves H d = -g by conjugate gradients, H = I + 2C G^T D G (D: the weights of
-the rows inside the margin), every Hessian product being two matmuls (n, n) @ (n, P) for the
-whole batch; the preconditioner is H restricted exactly to the top `rank` right singular
-vectors of G (a dense block per problem) and the identity elsewhere. The step length is the
-exact minimiser along d of the piecewise quadratic objective. Problems leave the batch when
-converged; a path over increasing costs starts each cost from the previous solution.
+Representer form. The optimum is w = X^T beta (a combination of the training rows), so
+everything is computed from K = X X^T: margins o = K beta, ||w||^2 = beta^T o. A problem is a
+column: a weight per row (a_i = c_i on its training rows, 0 elsewhere: held-out rows get
+their margins for free), labels, a cost. Newton's method on the primal (Keerthi and DeCoste
+2005; Chapelle 2007): at beta, the training rows inside the margin, A = {i: y_i o_i < 1},
+define a quadratic whose minimiser beta' solves (K_AA + diag(1 / e_A)) beta'_A = y_A with
+e_i = 2 C c_i (zero off A); the step goes from beta towards beta' by the exact minimiser of
+the piecewise-quadratic objective along the line. Once A stops changing the step is exact:
+finite convergence, a handful of steps from the previous cost's solution.
 
-Stopping: ||grad f(z)|| <= tol * ||z||. f is 1-strongly convex, so then
-||z - z*|| <= ||grad f|| and f(z) - f* <= ||grad f||^2 / 2: the weights are within `tol`
-(relative) of the optimum and the objective within tol^2 / 2 of it, relative to ||z||^2.
-Everything runs in float32 (matmuls in full float32: TF32 is never enabled here).
+Each Newton system is solved by preconditioned conjugate gradients in float32, every problem
+of a batch in one matmul with K per iteration; the preconditioner is exact on K's top `rank`
+directions (a Nystrom factor F, K ~ F F^T + diag(K - F F^T), inverted by Woodbury per
+problem). The system's right-hand side is the gradient at float64 margins, so the float32
+solve only has to be roughly right: the iteration is an iterative refinement and converges to
+the float64 optimum for this K.
+
+Precision: K = X X^T is one float32 matmul (each entry within ~1e-6 of its float64 value:
+the problem solved differs from the float64 one by that much). Margins o = K beta are
+computed in float64 (beta's entries cancel: ||beta||_1 is about ||w||^2, so float32 margins
+would lose the digits that matter at large costs); the gradient g = X^T gamma, gamma = beta -
+e (y - o) on A, is small, and its norm ||g||^2 = gamma^T K gamma needs only float32.
+
+Stopping: ||grad f(w)|| <= tol * ||w||. f is 1-strongly convex, so then ||w - w*|| <= tol ||w||
+and f(w) - f* <= ||grad f||^2 / 2 (the duality gap is exactly that): the weights are within
+`tol` (relative) of the optimum, the objective within tol^2 / 2 relative to ||w||^2.
+
+Layout: every tensor of a batch is (G, P, m): G Gram blocks (cross-validation: one, all
+trainval rows; low-shot: one per drawn training set) of m rows, P problems per block; a
+product with K is v @ K (K is symmetric), reductions run over the contiguous last axis.
+Matmuls are full float32 and float64: TF32 is never enabled here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
+Tensor = torch.Tensor
+
+
+def gram_matrix(x: Tensor, y: Tensor | None = None) -> Tensor:
+    """x y^T (x x^T symmetrised when y is None) in float32: one matmul."""
+    if y is not None:
+        return x @ y.T
+    k = x @ x.T
+    return (k + k.T) * 0.5
+
+
+def nystrom(k: Tensor, rank: int, power: int = 2, seed: int = 0) -> Tensor:
+    """F (G, m, r) with F F^T <= K and K - F F^T small on K's top `rank` directions: the
+    Nystrom approximation on a subspace from randomised subspace iteration (Halko et al.
+    2011, Alg. 4.4), computed in float64."""
+    G, m, _ = k.shape
+    r = min(rank, m)
+    if r == 0:
+        return k.new_zeros(G, m, 0)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(m, r, generator=gen, dtype=k.dtype).to(k.device)
+    q = torch.linalg.qr(k @ omega).Q
+    for _ in range(power):
+        q = torch.linalg.qr(k @ q).Q
+    y = (k @ q).double()  # (G, m, r)
+    core = q.double().transpose(1, 2) @ y
+    core = (core + core.transpose(1, 2)) * 0.5
+    # F = Y (Q^T K Q)^+1/2 by its eigendecomposition: rank-deficient K (fewer independent
+    # rows than `rank`) drops the directions at rounding level
+    s, u = torch.linalg.eigh(core)
+    keep = s > s[:, -1:].clamp_min(1e-300) * 1e-10
+    f = y @ (u * torch.where(keep, s.clamp_min(1e-300).rsqrt(), 0.0)[:, None, :])
+    return f.to(k.dtype).contiguous()
+
 
 @dataclass
-class Basis:
-    """Rows G (n, r) of the data in orthonormal coordinates of their span, and the
-    preconditioner's subspace: V (r, k) top right singular vectors of G, B = G V (n, k)."""
+class Gram:
+    """Gram blocks of a batch: K (G, m, m) in float32 (inner solves) and float64 (margins),
+    and the preconditioner: F (G, m, r), resid = diag(K - F F^T) (G, m) >= 0."""
 
-    G: torch.Tensor
-    V: torch.Tensor
-    B: torch.Tensor
+    k32: Tensor
+    k64: Tensor
+    factor: Tensor
+    resid: Tensor
 
+    @staticmethod
+    def of(k32: Tensor, rank: int = 128) -> Gram:
+        """From float32 Gram blocks (G, m, m) (or one (m, m))."""
+        if k32.dim() == 2:
+            k32 = k32.unsqueeze(0)
+        f = nystrom(k32, rank)
+        resid = (k32.diagonal(dim1=1, dim2=2) - (f * f).sum(-1)).clamp_min(0)
+        return Gram(k32, k32.double(), f, resid)
 
-def top_subspace(G: torch.Tensor, rank: int, seed: int = 0, power: int = 2) -> torch.Tensor:
-    """V (r, k): G's top right singular vectors by randomised subspace iteration (Halko et
-    al. 2011, Alg. 4.4), k = min(rank, r)."""
-    r = G.shape[1]
-    k = min(rank, r)
-    if k == 0:
-        return G.new_zeros(r, 0)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(r, min(k + 16, r), generator=gen).to(G)
-    y = torch.linalg.qr(G @ omega).Q
-    for _ in range(power):
-        y = torch.linalg.qr(G.T @ y).Q
-        y = torch.linalg.qr(G @ y).Q
-    vh = torch.linalg.svd(y.T @ G, full_matrices=False).Vh  # (k+16, r)
-    return vh[:k].T.contiguous()
+    def rows(self, index: Tensor) -> Gram:
+        """Blocks of the rows `index` (G', m') of the single block: K[idx][:, idx] for each
+        row of `index`; the factor's rows go with them (K_SS - F_S F_S^T >= 0 still)."""
+        if self.k32.shape[0] != 1:
+            raise ValueError("rows() takes sub-blocks of a single block")
+        k = self.k32[0]
+        k32 = k[index[:, :, None], index[:, None, :]]
+        f = self.factor[0][index]
+        return Gram(k32, k32.double(), f, self.resid[0][index])
 
-
-def make_basis(G: torch.Tensor, rank: int = 64) -> Basis:
-    V = top_subspace(G, rank)
-    return Basis(G, V, G @ V)
-
-
-def qr_rows(X: torch.Tensor) -> torch.Tensor:
-    """R^T (n, n) of X^T = Q R: the rows of X (n, d), n <= d, in coordinates of their span."""
-    if X.shape[0] > X.shape[1]:
-        raise ValueError(f"qr_rows needs at most as many rows as columns, got {tuple(X.shape)}")
-    R = torch.linalg.qr(X.T, mode="r").R
-    return R.T.contiguous()
-
-
-def weights_of(R_t: torch.Tensor, X: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
-    """w (d, P) = Q z for G = R^T = qr_rows(X): Q = X^T R^-1, so w = X^T (R^-1 z)."""
-    beta = torch.linalg.solve_triangular(R_t.T, Z, upper=True)
-    return X.T @ beta
+    def take(self, groups: Tensor) -> Gram:
+        return Gram(self.k32[groups], self.k64[groups], self.factor[groups], self.resid[groups])
 
 
 @dataclass
 class SolveInfo:
-    newton: torch.Tensor  # (P,) Newton steps taken
-    converged: torch.Tensor  # (P,) bool: ||grad|| <= tol ||z|| reached
-    grad_norm: torch.Tensor  # (P,) last ||grad||
-    cg: int = 0  # conjugate-gradient iterations, summed over problems
+    newton: Tensor  # (G, P) Newton steps taken
+    converged: Tensor  # (G, P) bool: ||grad|| <= tol ||w|| reached
+    grad_norm: Tensor  # (G, P) last ||grad|| / ||w||
+    cg: int = 0  # conjugate-gradient iterations (batched matmuls)
+    direct: int = 0  # Newton systems solved by Cholesky factorisations of the active blocks
 
 
-def _line_search(
-    zd: torch.Tensor, dd: torch.Tensor, r: torch.Tensor, yq: torch.Tensor, a: torch.Tensor,
-    C: torch.Tensor, iters: int = 50,
-) -> torch.Tensor:  # fmt: skip
-    """Exact step t >= 0 minimising 0.5||z + t d||^2 + C sum a (r - t yq)_+^2 per column,
-    by Newton's method on its piecewise-linear, increasing derivative (from t = 1)."""
-    t = torch.ones_like(zd)
-    for _ in range(iters):
-        s = (r - t * yq).clamp_min(0) * (a > 0)
-        der = zd + t * dd - 2 * C * (a * yq * s).sum(0)
-        sec = dd + 2 * C * (a * yq * yq * (s > 0)).sum(0)
-        step = der / sec.clamp_min(torch.finfo(sec.dtype).tiny)
-        t = t - step
-        if bool((step.abs() <= 1e-6 * t.abs().clamp_min(1e-12)).all()):
+def line_search(
+    wd: Tensor, dd: Tensor, o: Tensor, q: Tensor, y: Tensor, a: Tensor, C: Tensor,
+    lower: float = 0.0,
+) -> Tensor:  # fmt: skip
+    """Exact t >= lower minimising 0.5 ||w + t u||^2 + C sum a (1 - y (o + t q))_+^2 per
+    column, given wd = w.u and dd = u.u (float64, (G, P)). The derivative
+    wd + t dd - sum 2 C a y q (1 - y o - t y q)_+ is piecewise linear and increasing; row i
+    enters or leaves the sum at t_i = (1 - y_i o_i) / (y_i q_i). With the t_i sorted, running
+    sums give the derivative at every t_i, and its root lies on the first piece where it
+    turns non-negative: one sort per column, no iteration."""
+    r0 = 1 - y * o
+    yq = y * q
+    ayq = 2 * C[..., None] * a * yq  # zero for rows outside the problem or with y q = 0
+    c0, c1 = ayq * r0, ayq * yq
+    rising = yq > 0  # in the sum for t < t_i (leave at t_i); yq < 0: enter at t_i
+    s0 = (c0 * rising).sum(-1)  # the sums at t -> -inf
+    s1 = (c1 * rising).sum(-1)
+    moving = ayq != 0
+    t_i = torch.where(moving, r0 / torch.where(moving, yq, 1.0), torch.inf)
+    t_i, order = torch.sort(t_i, dim=-1)
+    sign = torch.where(rising, -1.0, 1.0).to(c0)
+    d0 = (sign * c0).gather(-1, order).cumsum(-1) + s0[..., None]  # sums just after t_i
+    d1 = (sign * c1).gather(-1, order).cumsum(-1) + s1[..., None]
+    der = wd[..., None] + t_i * (dd[..., None] + d1) - d0  # derivative at t_i
+    der = torch.where(torch.isinf(t_i), torch.inf, der)
+    piece = (der < 0).sum(-1, keepdim=True)  # the root lies after this many t_i
+    before = (piece - 1).clamp_min(0)
+    first = piece == 0
+    S0 = torch.where(first, s0[..., None], d0.gather(-1, before)).squeeze(-1)
+    S1 = torch.where(first, s1[..., None], d1.gather(-1, before)).squeeze(-1)
+    slope = dd + S1
+    t = torch.where(slope > 0, (S0 - wd) / slope.clamp_min(1e-300), torch.zeros_like(wd))
+    return t.clamp_min(lower)
+
+
+def _bmm_live(k: Tensor, v: Tensor, live: Tensor) -> Tensor:
+    """v @ k (= K v per column, K symmetric), computing only the columns (G == 1) or blocks
+    of v that are live (G, P)."""
+    G = k.shape[0]
+    if bool(live.all()):
+        return v @ k
+    out = torch.zeros_like(v)
+    if G == 1:
+        cols = live[0].nonzero().squeeze(1)
+        out[:, cols] = v[:, cols] @ k
+    else:
+        groups = live.any(1).nonzero().squeeze(1)
+        out[groups] = v[groups] @ k[groups]
+    return out
+
+
+def _woodbury(factor: Tensor, dinv: Tensor, chunk: int = 16) -> Tensor:
+    """Cholesky factors (G, P, r, r) of I + F^T diag(dinv[:, :, p]) F for every column p, in
+    chunks of columns (a single einsum would build a (G, P, m, r) intermediate)."""
+    G, m, r = factor.shape
+    P = dinv.shape[1]
+    eye = torch.eye(r, dtype=factor.dtype, device=factor.device)
+    out = []
+    for i in range(0, P, chunk):
+        fd = factor.unsqueeze(1) * dinv[:, i : i + chunk, :, None]  # (G, p, m, r)
+        out.append(fd.transpose(-1, -2) @ factor.unsqueeze(1) + eye)
+    return torch.linalg.cholesky(torch.cat(out, 1))
+
+
+def _pcg(
+    gram: Gram, act: Tensor, inv_e: Tensor, rhs: Tensor, eta: float, max_cg: int
+) -> tuple[Tensor, int]:
+    """Solve (K_AA + diag(inv_e_A)) x = rhs on A (act) for every column in float32, by
+    conjugate gradients preconditioned with (F F^T + diag(resid))_AA + diag(inv_e_A), until
+    ||residual|| <= eta ||rhs||. Returns (x, iterations)."""
+    k32, factor = gram.k32, gram.factor
+    mask = act.float()
+    inv_e = inv_e.float()
+    dinv = mask / (gram.resid.unsqueeze(1) + inv_e).clamp_min(1e-30)
+    chol = _woodbury(factor, dinv) if factor.shape[2] else None
+
+    def precondition(v: Tensor) -> Tensor:
+        u = dinv * v
+        if chol is None:
+            return u
+        c = (u @ factor).unsqueeze(-1)  # (G, P, r, 1)
+        s = torch.cholesky_solve(c, chol).squeeze(-1)  # (G, P, r)
+        return u - dinv * (s @ factor.transpose(1, 2))
+
+    b = rhs.float() * mask
+    x = torch.zeros_like(b)
+    res = b.clone()
+    z = precondition(res)
+    p = z.clone()
+    rz = (res * z).sum(-1)
+    target = eta * b.norm(dim=-1)
+    live = res.norm(dim=-1) > target
+    it = 0
+    while it < max_cg and bool(live.any()):
+        it += 1
+        mp = _bmm_live(k32, p, live) * mask + inv_e * p
+        curv = (p * mp).sum(-1)
+        alpha = torch.where(live & (curv > 0), rz / curv.clamp_min(1e-30), torch.zeros_like(rz))
+        x += alpha[..., None] * p
+        res -= alpha[..., None] * mp
+        live &= res.norm(dim=-1) > target
+        if not bool(live.any()):
             break
-    return t.clamp_min(0)
+        z = precondition(res)
+        rz_new = (res * z).sum(-1)
+        beta = torch.where(live, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
+        p = torch.where(live[..., None], z + beta[..., None] * p, torch.zeros_like(p))
+        rz = torch.where(live, rz_new, torch.ones_like(rz))
+    return x.double(), it
 
 
-def _weighted_grams(B: torch.Tensor, a: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-    """(P, k, k) B^T diag(a[:, p]) B for every column p, `chunk` columns per batched matmul
-    (an einsum would build an (n, P, k, k) intermediate)."""
-    out = [(a[:, i : i + chunk].T.unsqueeze(2) * B).transpose(1, 2) @ B
-           for i in range(0, a.shape[1], chunk)]  # fmt: skip
-    return torch.cat(out)
+def _direct(
+    gram: Gram, act: Tensor, inv_e: Tensor, rhs: Tensor, memory: int = 2**28
+) -> Tensor:
+    """Solve (K_AA + diag(inv_e_A)) x = rhs on A (act) for every column by a Cholesky
+    factorisation of its active block, in float32; blocks padded to the largest |A| with
+    identity rows, in chunks of columns of at most `memory` bytes. Cheaper than conjugate
+    gradients when few rows are inside the margin (large costs): |A|^3 / 3 against
+    2 m^2 per iteration."""
+    G, P, m = act.shape
+    count = act.sum(-1)  # (G, P)
+    size = max(int(count.max()), 1)
+    # active rows first, in order; padding points at row 0 and is masked out
+    order = torch.sort((~act).to(torch.int8), dim=-1, stable=True).indices[..., :size]
+    pad = torch.arange(size, device=act.device) >= count[..., None]  # (G, P, size)
+    x = torch.zeros(G, P, m, dtype=torch.float64, device=act.device)
+    chunk = max(1, memory // (4 * size * size))
+    flat = order.reshape(G * P, size)
+    flat_pad = pad.reshape(G * P, size)
+    groups = torch.arange(G, device=act.device).repeat_interleave(P)
+    d = torch.where(pad, torch.ones_like(inv_e[..., :size]), inv_e.gather(-1, order))
+    b = torch.where(pad, 0.0, rhs.gather(-1, order)).reshape(G * P, size)
+    d = d.reshape(G * P, size)
+    out = torch.empty(G * P, size, dtype=torch.float64, device=act.device)
+    for i in range(0, G * P, chunk):
+        idx, pm, g = flat[i : i + chunk], flat_pad[i : i + chunk], groups[i : i + chunk]
+        kaa = gram.k32[g[:, None, None], idx[:, :, None], idx[:, None, :]]
+        kaa = kaa.masked_fill(pm[:, :, None] | pm[:, None, :], 0.0)
+        kaa.diagonal(dim1=1, dim2=2).add_(d[i : i + chunk].float())
+        lower, info = torch.linalg.cholesky_ex(kaa)
+        bad = info != 0
+        if bool(bad.any()):  # float32 rounding lost definiteness: those in float64
+            k64 = kaa[bad].double()
+            lower64 = torch.linalg.cholesky(k64)
+            sol = torch.cholesky_solve(b[i : i + chunk][bad, :, None], lower64).squeeze(-1)
+        sol32 = torch.cholesky_solve(b[i : i + chunk, :, None].float(), lower).squeeze(-1)
+        out[i : i + chunk] = sol32.double()
+        if bool(bad.any()):
+            out[i : i + chunk][bad] = sol
+    out = out.masked_fill(flat_pad, 0.0).reshape(G, P, size)
+    x.scatter_(-1, order, out)
+    return x * act
 
 
-def _precondition(V: torch.Tensor, chol: torch.Tensor | None, v: torch.Tensor) -> torch.Tensor:
-    """M^-1 v for M = V H_k V^T + (I - V V^T), H_k = chol chol^T per column."""
-    if chol is None:
-        return v
-    c = V.T @ v
-    s = torch.cholesky_solve(c.T.unsqueeze(-1), chol).squeeze(-1).T
-    return v + V @ (s - c)
+def margins(gram: Gram, beta: Tensor) -> Tensor:
+    """o = K beta (G, P, m) in float64."""
+    return beta @ gram.k64
+
+
+def objective(gram: Gram, a: Tensor, y: Tensor, C: Tensor, beta: Tensor) -> Tensor:
+    """(G, P) 0.5 ||w||^2 + C sum a (1 - y o)_+^2 in float64."""
+    o = margins(gram, beta)
+    return 0.5 * (beta * o).sum(-1) + C * (a * (1 - y * o).clamp_min(0) ** 2).sum(-1)
+
+
+def rescale(beta: Tensor, o: Tensor, a: Tensor, y: Tensor, C: Tensor) -> tuple[Tensor, Tensor]:
+    """(s beta, s o) with the scale s >= 0 minimising the objective at cost C along the ray
+    through beta: the warm start of a new cost from the previous cost's solution."""
+    wn = (beta * o).sum(-1)
+    t = line_search(wn, wn, o, o, y, a, C, lower=-1.0)
+    s = (1 + t)[..., None]
+    return beta * s, o * s
 
 
 def newton(
-    basis: Basis,
-    A: torch.Tensor,
-    Y: torch.Tensor,
-    C: torch.Tensor,
-    Z: torch.Tensor,
+    gram: Gram,
+    a: Tensor,
+    y: Tensor,
+    C: Tensor,
+    beta: Tensor | None = None,
+    o: Tensor | None = None,
     *,
     tol: float = 1e-4,
+    eta: float = 1e-5,
     max_newton: int = 60,
-    max_cg: int = 500,
-    eta: float = 0.1,
-) -> tuple[torch.Tensor, SolveInfo]:
-    """Solve P problems, column p: row weights A[:, p] (0 = row not used), labels Y[:, p] in
-    {-1, 1}, cost C[p], start Z[:, p]. Returns (Z, info)."""
-    G, V, B = basis.G, basis.V, basis.B
-    P = A.shape[1]
-    Z = Z.clone()
-    k = V.shape[1]
-    eye = torch.eye(k, dtype=G.dtype, device=G.device)
-    steps = torch.zeros(P, dtype=torch.int64)
-    converged = torch.zeros(P, dtype=torch.bool)
-    gnorm = torch.full((P,), float("inf"), dtype=Z.dtype)
-    todo = torch.arange(P, device=Z.device)
-    cg_total = 0
+    max_cg: int = 200,
+    direct_below: float = 24.0,
+) -> tuple[Tensor, Tensor, SolveInfo]:
+    """Solve every problem: row weights a (G, P, m) (0: row not in the problem), labels y in
+    {-1, 1}, costs C (G or 1, P), start beta with its margins o = K beta (zero when None).
+    All float64. Returns (beta, o, info); o is exact (float64) for the returned beta."""
+    G, P, m = a.shape
+    C = C.expand(G, P).to(a)
+    if beta is None:
+        beta, o = torch.zeros_like(a), torch.zeros_like(a)
+    elif o is None:
+        o = margins(gram, beta)
+    beta, o = beta.clone(), o.clone()
+    steps = torch.zeros(G, P, dtype=torch.int64, device=a.device)
+    done = torch.zeros(G, P, dtype=torch.bool, device=a.device)
+    gnorm = torch.full((G, P), float("inf"), dtype=a.dtype, device=a.device)
+    cg_total = direct = 0
     for _ in range(max_newton + 1):
-        if todo.numel() == 0:
+        act = ((1 - y * o) > 0) & (a > 0)
+        e = 2 * C[..., None] * a * act
+        gamma = beta - e * (y - o)  # w - 2C X_A^T c (y - o) = X^T gamma: the gradient
+        g_in = gamma * act
+        g_out = gamma - g_in  # beta on training rows outside the margin
+        kg = torch.cat([g_in, g_out], 1).float() @ gram.k32
+        kg_out = kg[:, P:].double()
+        gk = (gamma * (kg[:, :P].double() + kg_out)).sum(-1).clamp_min(0).sqrt()
+        wn = (beta * o).sum(-1).clamp_min(0).sqrt()
+        gnorm = torch.where(done, gnorm, gk / wn.clamp_min(1e-300))
+        done |= gk <= tol * wn
+        live = ~done & (steps < max_newton)
+        if not bool(live.any()):
             break
-        Zi, Ai, Yi, Ci = Z[:, todo], A[:, todo], Y[:, todo], C[todo]
-        M = G @ Zi
-        r = 1 - Yi * M
-        a = Ai * (r > 0)
-        grad = Zi - 2 * Ci * (G.T @ (a * Yi * r))
-        gn = grad.norm(dim=0)
-        gnorm[todo.cpu()] = gn.cpu()
-        done = gn <= tol * Zi.norm(dim=0)
-        converged[todo[done].cpu()] = True
-        keep = ~done
-        if int(steps[todo.cpu()].max()) >= max_newton:
-            break
-        if not bool(keep.any()):
-            break
-        todo, Zi, Yi, Ci, Ai, M, r, a, grad, gn = (
-            t[..., keep] for t in (todo, Zi, Yi, Ci, Ai, M, r, a, grad, gn)
-        )
-        steps[todo.cpu()] += 1
-        # block preconditioner on span(V): I + 2C B^T diag(a) B, identity elsewhere
-        chol = None
-        if k:
-            blocks = _weighted_grams(B, a) * (2 * Ci)[:, None, None] + eye
-            chol = torch.linalg.cholesky(blocks)
-        precondition = partial(_precondition, V, chol)
-        d = torch.zeros_like(grad)
-        q = torch.zeros_like(M)  # G d, kept for the line search
-        res = -grad
-        zv = precondition(res)
-        p = zv.clone()
-        rz = (res * zv).sum(0)
-        target = eta * gn
-        live = torch.ones_like(gn, dtype=torch.bool)
-        for _ in range(max_cg):
-            Gp = G @ p
-            Hp = p + 2 * Ci * (G.T @ (a * Gp))
-            cg_total += int(live.sum())
-            curv = (p * Hp).sum(0)
-            alpha = torch.where(live & (curv > 0), rz / curv, torch.zeros_like(rz))
-            d += alpha * p
-            q += alpha * Gp
-            res -= alpha * Hp
-            live &= res.norm(dim=0) > target
-            if not bool(live.any()):
-                break
-            zv = precondition(res)
-            rz_new = (res * zv).sum(0)
-            beta = torch.where(live, rz_new / rz, torch.zeros_like(rz))
-            p = torch.where(live, zv + beta * p, torch.zeros_like(p))  # finished: no step
-            rz = torch.where(live, rz_new, torch.ones_like(rz))
-        t = _line_search((Zi * d).sum(0), (d * d).sum(0), r, Yi * q, Ai, Ci)
-        Z[:, todo] = Zi + t * d
-    return Z, SolveInfo(steps, converged, gnorm, cg_total)
-
-
-def objective(
-    basis: Basis, A: torch.Tensor, Y: torch.Tensor, C: torch.Tensor, Z: torch.Tensor
-) -> torch.Tensor:
-    """(P,) 0.5 ||z||^2 + C sum a (1 - y g.z)_+^2 of every column."""
-    r = (1 - Y * (basis.G @ Z)).clamp_min(0)
-    return 0.5 * (Z * Z).sum(0) + C * (A * r * r).sum(0)
-
-
-def solve_path(
-    basis: Basis,
-    A: torch.Tensor,
-    Y: torch.Tensor,
-    costs: Sequence[float],
-    *,
-    tol: float = 1e-4,
-    max_newton: int = 60,
-):  # type: ignore[no-untyped-def]
-    """Yield (cost, Z (r, P), info) for each cost in increasing order; every problem of the
-    batch at that cost, each started from its solution at the previous cost scaled by
-    (C / C_prev)^g, g the growth of ||z|| over the last step (1 for the first), or not
-    scaled where that is lower in objective."""
-    P = A.shape[1]
-    Z = torch.zeros(basis.G.shape[1], P, dtype=basis.G.dtype, device=basis.G.device)
-    prev: tuple[float, torch.Tensor] | None = None
-    growth = torch.ones(P, dtype=basis.G.dtype, device=basis.G.device)
-    for cost in sorted(costs):
-        Cv = torch.full((P,), float(cost), dtype=basis.G.dtype, device=basis.G.device)
-        if prev is not None:
-            scaled = Z * (cost / prev[0]) ** growth
-            better = objective(basis, A, Y, Cv, scaled) < objective(basis, A, Y, Cv, Z)
-            Z = torch.where(better, scaled, Z)
-        Z, info = newton(basis, A, Y, Cv, Z, tol=tol, max_newton=max_newton)
-        norm = Z.norm(dim=0)
-        if prev is not None:
-            ratio = norm / prev[1].clamp_min(1e-30)
-            growth = ratio.clamp_min(1e-30).log() / torch.log(torch.tensor(cost / prev[0]))
-            growth = growth.clamp(0.0, 1.0).nan_to_num(1.0)
-        prev = (cost, norm)
-        yield cost, Z, info
+        steps += live.long()
+        inv_e = torch.where(act, 1 / e.clamp_min(1e-300), torch.zeros_like(e))
+        rhs = torch.where(act & live[..., None], -g_in * inv_e + kg_out, torch.zeros_like(e))
+        system = act & live[..., None]
+        size = int(system.sum(-1).max())
+        if size**3 <= direct_below * m * m:
+            delta = _direct(gram, system, inv_e, rhs)
+            direct += 1
+        else:
+            delta, it = _pcg(gram, system, inv_e, rhs, eta, max_cg)
+            cg_total += it
+        step = torch.where(live[..., None], delta - g_out, torch.zeros_like(delta))
+        q = _bmm_live(gram.k64, step, live)
+        t = line_search((step * o).sum(-1), (step * q).sum(-1), o, q, y, a, C)
+        beta += t[..., None] * step
+        o += t[..., None] * q
+    return beta, o, SolveInfo(steps, done, gnorm, cg_total, direct)

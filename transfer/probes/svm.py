@@ -45,6 +45,7 @@ import shutil
 import tempfile
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,41 @@ def sklearn_ap(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 AP_FUNCTIONS = {"reference": reference_ap, "sklearn": sklearn_ap}
+
+
+def ap_columns(labels: np.ndarray, scores: np.ndarray, kind: str = "reference") -> np.ndarray:
+    """(P,) APs of every column of scores (n, P) against one labels (n,), as `reference_ap`
+    or `sklearn_ap` compute them one at a time: each positive counts 1/npos times the
+    precision at the end of its run of tied scores (scikit-learn), or the precision
+    envelope's value there (the reference's interpolated area)."""
+    y = np.asarray(labels) > 0
+    s = np.asarray(scores, dtype=np.float64)
+    npos = int(y.sum())
+    if npos == 0:
+        return np.full(s.shape[1], np.nan)
+    order = np.argsort(-s, axis=0, kind="stable")
+    s = np.take_along_axis(s, order, 0)
+    ys = y[order]
+    tp = np.cumsum(ys, axis=0)
+    precision = tp / np.arange(1, len(s) + 1)[:, None]
+    last = np.ones_like(ys)
+    last[:-1] = s[1:] != s[:-1]  # the end of each run of tied scores
+    # every row takes the value at the end of its run: a reverse running max over the
+    # run ends (zero elsewhere), or for scikit-learn the run end's own precision
+    if kind == "reference":  # reverse running max over the run ends (zero elsewhere)
+        value = np.where(last, precision, 0.0)
+        value = np.maximum.accumulate(value[::-1], axis=0)[::-1]
+    else:
+        value = _run_end_values(precision, last)
+    return (ys * value).sum(0) / npos
+
+
+def _run_end_values(values: np.ndarray, last: np.ndarray) -> np.ndarray:
+    """values (n, P) replaced, row by row, by the value at the end of the row's run."""
+    n = len(values)
+    idx = np.where(last, np.arange(n)[:, None], n)
+    end = np.minimum.accumulate(idx[::-1], axis=0)[::-1]
+    return np.take_along_axis(values, end, 0)
 
 
 def class_aps(
@@ -313,7 +349,8 @@ def train_svms(
         problems[c] = (rows, y, splits)
     if params.solver == "torch":
         return _train_svms_torch(xtr, xte, problems, n_classes, costs, folds, params,
-                                 test_labels, test_difficult, skipped, tick)  # fmt: skip
+                                 test_labels, test_difficult, skipped, tick,
+                                 (train_features, test_features))  # fmt: skip
 
     cv_ap = np.full((n_classes, len(costs)), np.nan)
     scores = np.full((len(xte), n_classes), np.nan)
@@ -366,20 +403,42 @@ def _train_svms_torch(
     test_difficult: np.ndarray,
     skipped: dict[str, str],
     tick: float,
+    key: tuple[np.ndarray, np.ndarray],
 ) -> LayerResult:
-    import torch
-
     from .torch_svm import cross_validate
 
     cpu = time.process_time()
+    layer = _layer_gram(key, xtr, xte, params.device)
     cv_ap, chosen, scores, unconverged = cross_validate(
-        xtr, xte, problems, n_classes, costs, params.positive_weight, torch.device(params.device)
-    )
+        layer, problems, n_classes, costs, params.positive_weight,
+        lambda y, s: ap_columns(y, s, "sklearn"),
+    )  # fmt: skip
     per_class = {kind: class_aps(scores, test_labels, test_difficult, kind)
                  for kind in AP_FUNCTIONS}  # fmt: skip
-    fits = len(problems) * len(costs) * (folds + 1)  # every fold and the refit, every cost
+    fits = len(problems) * (len(costs) * folds + 1)  # every fold at every cost, one refit
     return LayerResult(per_class, chosen, cv_ap, scores, skipped, unconverged, fits,
                        time.perf_counter() - tick, time.process_time() - cpu)  # fmt: skip
+
+
+_LAYER: list[Any] = []  # [(weakrefs of the raw train and test arrays, device, LayerGram)]
+
+
+def _layer_gram(key: tuple[np.ndarray, np.ndarray], xtr: np.ndarray, xte: np.ndarray,
+                device: str) -> Any:  # fmt: skip
+    """torch_svm.LayerGram of a layer's features, kept for the next call on the same raw
+    arrays (cross-validation then low-shot of a layer: one Gram matrix, not two)."""
+    import torch
+
+    from .torch_svm import LayerGram
+
+    if _LAYER:
+        (rtr, rte), dev, layer = _LAYER[0]
+        if rtr() is key[0] and rte() is key[1] and dev == device:
+            return layer
+    _LAYER.clear()
+    layer = LayerGram(xtr, xte, torch.device(device))
+    _LAYER.append(((weakref.ref(key[0]), weakref.ref(key[1])), device, layer))
+    return layer
 
 
 # --------------------------------------------------------------------------- low shot
@@ -475,8 +534,7 @@ def _low_shot_task(
 
 
 def _low_shot_torch(
-    xtr: np.ndarray,
-    xte: np.ndarray,
+    layer: Any,
     samples: dict[tuple[int, int], np.ndarray],
     keys: list[tuple[int, int]],
     costs: Sequence[float],
@@ -486,23 +544,18 @@ def _low_shot_torch(
     kind: str,
 ) -> list[tuple[np.ndarray, int]]:
     """_low_shot_task's (AP (len(costs), C), unconverged) for every key, by torch_svm."""
-    import torch
+    from .torch_svm import low_shot_scores
 
-    from .torch_svm import LowShotGram, low_shot_scores
-
-    gram = LowShotGram(xtr, xte, torch.device(params.device))
-    fn = AP_FUNCTIONS[kind]
     results = []
     for kd in keys:
         sample = samples[kd]
-        scores, unconverged = low_shot_scores(gram, sample, costs, params.positive_weight)
+        scores, unconverged = low_shot_scores(layer, sample, costs, params.positive_weight)
         table = np.full((len(costs), sample.shape[1]), np.nan)
         for c, s in enumerate(scores):
             if s is None:
                 continue
             keep = ~test_difficult[:, c]
-            for j in range(len(costs)):
-                table[j, c] = fn(test_labels[keep, c], s[keep, j])
+            table[:, c] = ap_columns(test_labels[keep, c], s[keep], kind)
         results.append((table, unconverged))
     return results
 
@@ -553,7 +606,8 @@ def low_shot(
     out: dict[str, dict[str, Any]] = {}
     keys = sorted(samples, key=lambda kd: (-kd[0], kd[1]))  # big training sets first
     if params.solver == "torch":
-        results = _low_shot_torch(xtr, xte, samples, keys, costs, params, test_labels,
+        layer = _layer_gram((train_features, test_features), xtr, xte, params.device)
+        results = _low_shot_torch(layer, samples, keys, costs, params, test_labels,
                                   test_difficult, kind)  # fmt: skip
     else:
         with _Shared(n_jobs) as shared:

@@ -1,13 +1,15 @@
 """Goyal et al.'s SVM protocol on `solver.py`: every class, cost and fold of a layer at once.
 
-Cross-validation and refit: one QR basis of the layer's trainval rows serves every problem
-(a fold is a row subset); the batch holds, per class, one problem per fold and one on all of
-trainval, and walks the cost grid upwards, each cost warm-started from the previous one. The
-held-out margins of every fold come out of the same matmul as the training margins.
+Cross-validation: one Gram matrix K = X X^T of the layer's trainval rows (bias feature
+included) serves every problem; a fold is a column whose held-out rows have weight 0, so
+their margins come out of the same products as the training margins. The batch holds every
+(class, fold) and walks the cost grid upwards, each cost warm-started from the previous one.
+The refit on all of trainval runs once per class, at its chosen cost (as the reference does),
+started from its folds' solutions. Test scores are X_test (X^T beta), in float64.
 
-Low shot: each (draw, k, class) problem has its own 20k rows; its basis is the Cholesky
-factor of their Gram matrix (rows of L, L L^T = X_S X_S^T), all 26 costs solved together,
-the test scores read through the test-train Gram matrix of the layer.
+Low shot: a drawn training set of class c is a row subset S_c of trainval, so its Gram
+matrix is the block K[S_c, S_c] of the same K; every class and cost of a draw is solved in
+one batch of those blocks, and its test scores are K_test[:, S_c] beta.
 
 Imported lazily by `svm.py`, whose liblinear worker processes never load torch.
 """
@@ -18,12 +20,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score
 
-from .solver import make_basis, newton, qr_rows, solve_path, weights_of
+from .solver import Gram, gram_matrix, margins, newton, rescale
 
 PRECONDITIONER_RANK = 64
-TOL = 1e-4  # ||grad|| <= TOL ||z||: weights within 1e-4 (relative) of the optimum
+TOL = 1e-4  # ||grad|| <= TOL ||w||: weights within 1e-4 (relative) of the optimum
 
 
 def _augmented(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -33,95 +34,122 @@ def _augmented(x: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.cat([t, torch.ones(len(t), 1, dtype=t.dtype, device=device)], 1)
 
 
+class LayerGram:
+    """A layer's trainval Gram matrix (bias feature included) with its preconditioner, and
+    the float64 features for test scores. Built once per layer, shared by cross-validation
+    and low-shot."""
+
+    def __init__(self, xtr: np.ndarray, xte: np.ndarray, device: torch.device) -> None:
+        X = _augmented(xtr, device)
+        self.gram = Gram.of(gram_matrix(X), PRECONDITIONER_RANK)
+        del X
+        self.xtr, self.xte, self.device = xtr, xte, device
+        self._test: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.gram.k32.shape[-1]
+
+    def test_gram(self) -> torch.Tensor:
+        """K_test (N_test, n) = [X_test 1] [X 1]^T in float32 (low-shot scores)."""
+        if self._test is None:
+            self._test = gram_matrix(_augmented(self.xte, self.device),
+                                     _augmented(self.xtr, self.device))  # fmt: skip
+        return self._test
+
+    def test_scores(self, beta: torch.Tensor) -> np.ndarray:
+        """(N_test, P) scores of the solutions beta (P, n) on all trainval rows, through
+        w = X^T beta in float64 (beta's entries cancel; float32 would lose digits)."""
+        b = beta.double().cpu().numpy()
+        w = self.xtr.T @ b.T  # (d, P)
+        return np.asarray(self.xte, dtype=np.float64) @ w + b.sum(1)[None, :]
+
+
+def _columns(
+    n: int, problems: dict[int, tuple[np.ndarray, np.ndarray, list]], positive_weight: float,
+    refit: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:  # fmt: skip
+    """Row weights a and labels y (1, P, n) float64 of every (class, fold) (refit: every
+    class on all its rows, fold -1), and the (class, fold) of each column."""
+    A, Y, cols = [], [], []
+    for c, (rows, y, splits) in problems.items():
+        label = np.zeros(n)
+        label[rows] = y
+        weight = np.where(y > 0, positive_weight, 1.0)
+        parts = [(np.arange(len(rows)), -1)] if refit else [(t, f) for f, (t, _) in
+                                                             enumerate(splits)]  # fmt: skip
+        for train, f in parts:
+            a = np.zeros(n)
+            a[rows[train]] = weight[train]
+            A.append(a)
+            Y.append(label)
+            cols.append((c, f))
+    return torch.tensor(np.stack(A))[None], torch.tensor(np.stack(Y))[None], cols
+
+
 def cross_validate(
-    xtr: np.ndarray,
-    xte: np.ndarray,
+    layer: LayerGram,
     problems: dict[int, tuple[np.ndarray, np.ndarray, list]],
     n_classes: int,
     costs: Sequence[float],
     positive_weight: float,
-    device: torch.device,
+    ap_columns,
     tol: float = TOL,
 ) -> tuple[np.ndarray, list[float | None], np.ndarray, int]:
     """(cv_ap (C, J) in `costs` order, chosen cost per class, test scores (N_test, C),
-    problems stopped before convergence); NaN / None for classes not in `problems`."""
-    X = _augmented(xtr, device)
-    n = len(X)
-    G = qr_rows(X) if n <= X.shape[1] else X  # more rows than dims: the features themselves
-    basis = make_basis(G, PRECONDITIONER_RANK)
-    columns: list[tuple[int, int]] = []  # (class, fold); fold == -1: all of trainval
-    A = []
-    Y = []
-    for c, (rows, y, splits) in problems.items():
-        label = np.zeros(n, dtype=np.float32)
-        label[rows] = y
-        weight = np.where(y > 0, positive_weight, 1.0).astype(np.float32)
-        for f, (train, _) in enumerate(list(splits) + [(np.arange(len(rows)), None)]):
-            a = np.zeros(n, dtype=np.float32)
-            a[rows[train]] = weight[train]
-            A.append(a)
-            Y.append(label)
-            columns.append((c, f if f < len(splits) else -1))
-    At = torch.as_tensor(np.stack(A, 1), device=device)
-    Yt = torch.as_tensor(np.stack(Y, 1), device=device)
+    problems stopped before convergence); NaN / None for classes not in `problems`.
+    ap_columns(labels (n,), scores (n, P)) -> (P,) APs (scikit-learn's, as the reference's
+    cross_val_score)."""
+    gram, n = layer.gram, layer.n
     cv_ap = np.full((n_classes, len(costs)), np.nan)
-    refit: dict[float, torch.Tensor] = {}
-    unconverged = 0
-    index = {float(c): [j for j, v in enumerate(costs) if v == c] for c in costs}
-    for cost, Z, info in solve_path(basis, At, Yt, costs, tol=tol):
-        unconverged += int((~info.converged).sum())
-        margins = (G @ Z).cpu().numpy()
-        folds: dict[int, list[float]] = {}
-        for p, (c, f) in enumerate(columns):
-            if f < 0:
-                continue
-            rows, y, splits = problems[c]
-            held = splits[f][1]
-            folds.setdefault(c, []).append(
-                float(average_precision_score(y[held], margins[rows[held], p]))
-            )
-        for c, aps in folds.items():
-            for j in index[float(cost)]:
-                cv_ap[c, j] = float(np.mean(aps))
-        refit[float(cost)] = Z[:, [p for p, (_, f) in enumerate(columns) if f < 0]].clone()
     chosen: list[float | None] = [None] * n_classes
-    scores = np.full((len(xte), n_classes), np.nan)
-    finals = [c for c, f in columns if f < 0]
-    Xte = _augmented(xte, device)
-    for i, c in enumerate(finals):
+    scores = np.full((len(layer.xte), n_classes), np.nan)
+    if not problems:
+        return cv_ap, chosen, scores, 0
+    a, y, cols = _columns(n, problems, positive_weight, refit=False)
+    a, y = a.to(layer.device), y.to(layer.device)
+    P = a.shape[1]
+    unconverged = 0
+    path: dict[float, torch.Tensor] = {}  # cost -> fold solutions (P, n)
+    beta = o = None
+    for cost in sorted(set(float(c) for c in costs)):
+        C = torch.full((1, P), cost, dtype=torch.float64, device=layer.device)
+        if beta is not None:
+            beta, o = rescale(beta, o, a, y, C)
+        beta, o, info = newton(gram, a, y, C, beta, o, tol=tol)
+        unconverged += int((~info.converged).sum())
+        path[cost] = beta[0].clone()
+        held_out = o[0].cpu().numpy()
+        for c, (rows, yc, splits) in problems.items():
+            fold_aps = []
+            for p, (cc, f) in enumerate(cols):
+                if cc == c:
+                    held = rows[splits[f][1]]
+                    fold_aps.append(ap_columns(yc[splits[f][1]], held_out[p, held][:, None])[0])
+            mean = float(np.mean(fold_aps))
+            for j, v in enumerate(costs):
+                if float(v) == cost:
+                    cv_ap[c, j] = mean
+    for c in problems:
         chosen[c] = float(costs[int(np.argmax(cv_ap[c]))])
-        z = refit[chosen[c]][:, i : i + 1]
-        w = weights_of(G, X, z) if G is not X else z
-        scores[:, c] = (Xte @ w).squeeze(1).cpu().numpy()
+    # the refit: every class on all its rows at its chosen cost, from its folds' mean
+    a, y, rcols = _columns(n, problems, positive_weight, refit=True)
+    a, y = a.to(layer.device), y.to(layer.device)
+    C = torch.tensor([[chosen[c] for c, _ in rcols]], dtype=torch.float64, device=layer.device)
+    start = torch.stack([
+        sum(path[chosen[c]][p] for p, (cc, _) in enumerate(cols) if cc == c) for c, _ in rcols
+    ])[None]  # fmt: skip
+    start, o = rescale(start, margins(gram, start), a, y, C)
+    beta, _, info = newton(gram, a, y, C, start, o, tol=tol)
+    unconverged += int((~info.converged).sum())
+    s = layer.test_scores(beta[0])
+    for p, (c, _) in enumerate(rcols):
+        scores[:, c] = s[:, p]
     return cv_ap, chosen, scores, unconverged
 
 
-class LowShotGram:
-    """The layer's Gram matrices with the bias feature: train-train (n, n) and test-train."""
-
-    def __init__(self, xtr: np.ndarray, xte: np.ndarray, device: torch.device) -> None:
-        X = _augmented(xtr, device)
-        self.train = X @ X.T
-        self.test = _augmented(xte, device) @ X.T
-        self.device = device
-
-
-def _kernel_basis(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G, T) with G G^T = K (rows in coordinates of their span) and w = X_S^T T z: the
-    Cholesky factor (T = L^-T), or where K is singular (repeated rows) its eigenvectors
-    above rounding (G = U s^1/2, T = U s^-1/2)."""
-    L, info = torch.linalg.cholesky_ex(K)
-    if int(info) == 0:
-        eye = torch.eye(len(K), dtype=K.dtype, device=K.device)
-        return L, torch.linalg.solve_triangular(L.T, eye, upper=True)
-    s, U = torch.linalg.eigh(K)
-    keep = s > s.max() * len(K) * torch.finfo(K.dtype).eps
-    U, s = U[:, keep], s[keep]
-    return U * s.sqrt(), U / s.sqrt()
-
-
 def low_shot_scores(
-    gram: LowShotGram,
+    layer: LayerGram,
     sample: np.ndarray,
     costs: Sequence[float],
     positive_weight: float,
@@ -129,24 +157,28 @@ def low_shot_scores(
 ) -> tuple[list[np.ndarray | None], int]:
     """Test scores (N_test, J) of every class of one drawn training set (None where the
     class was not drawn), and the number of problems stopped before convergence."""
-    out: list[np.ndarray | None] = []
+    n_classes = sample.shape[1]
+    out: list[np.ndarray | None] = [None] * n_classes
     unconverged = 0
-    device = gram.device
-    Cv = torch.tensor([float(c) for c in costs], dtype=torch.float32, device=device)
-    for c in range(sample.shape[1]):
-        rows = np.flatnonzero(sample[:, c] != -1)
-        if not rows.size:
-            out.append(None)
-            continue
-        idx = torch.as_tensor(rows, device=device)
-        G, T = _kernel_basis(gram.train[idx][:, idx])
-        y = np.where(sample[rows, c] == 1, 1.0, -1.0).astype(np.float32)
-        weight = np.where(y > 0, positive_weight, 1.0).astype(np.float32)
-        J = len(costs)
-        A = torch.as_tensor(weight, device=device)[:, None].expand(-1, J).contiguous()
-        Y = torch.as_tensor(y, device=device)[:, None].expand(-1, J).contiguous()
-        basis = make_basis(G, min(PRECONDITIONER_RANK, G.shape[1] // 2))
-        Z, info = newton(basis, A, Y, Cv, torch.zeros(G.shape[1], J, device=device), tol=tol)
+    device = layer.device
+    by_size: dict[int, list[int]] = {}
+    for c in range(n_classes):
+        m = int((sample[:, c] != -1).sum())
+        if m:
+            by_size.setdefault(m, []).append(c)
+    test = layer.test_gram()
+    J = len(costs)
+    for classes in by_size.values():
+        index = torch.as_tensor(np.stack([np.flatnonzero(sample[:, c] != -1)
+                                          for c in classes]), device=device)  # fmt: skip
+        block = layer.gram.rows(index)
+        yv = np.stack([np.where(sample[np.flatnonzero(sample[:, c] != -1), c] == 1, 1.0, -1.0)
+                       for c in classes])  # fmt: skip
+        yt = torch.as_tensor(yv, device=device)[:, None, :].expand(-1, J, -1).contiguous()
+        at = torch.where(yt > 0, positive_weight, 1.0).to(yt)
+        C = torch.tensor([[float(c) for c in costs]], dtype=torch.float64, device=device)
+        beta, _, info = newton(block, at, yt, C.expand(len(classes), J), tol=tol)
         unconverged += int((~info.converged).sum())
-        out.append((gram.test[:, idx] @ (T @ Z)).cpu().numpy())
+        for g, c in enumerate(classes):
+            out[c] = (test[:, index[g]] @ beta[g].float().T).double().cpu().numpy()
     return out, unconverged
