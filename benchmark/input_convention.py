@@ -2,7 +2,7 @@
 
 A convention maps an RGB pixel p on 0-255 to the encoder's input: channels reordered to
 `channels`, then (p - mean) / std per channel (mean and std on the 0-255 scale, in the
-convention's channel order). Two are in use (`pretrain.alexnet.ARCHS` says which arch takes
+convention's channel order). Two are in use (`encoders.alexnet.ARCHS` says which arch takes
 which):
 
 - `CAFFE`: Caffe's, in which the paper's encoder was trained and released and its transfer

@@ -23,13 +23,13 @@ import torch
 from benchmark.datasets.resolve import resolve_data
 from benchmark.input_convention import InputConvention
 from benchmarks.common import markdown_table
-from pretrain.alexnet import ARCHS, CONV_INDICES
-from transfer.backbone import load_encoder
+from encoders.alexnet import ARCHS, CONV_INDICES
 from transfer.classification.config import AugmentConfig
 from transfer.classification.data import TrainCrops, VOCImages
 from transfer.classification.evaluate import to_input
 from transfer.classification.model import ClassificationNet
 from transfer.rescale import rescale_for_transfer_
+from weights.encoder import load_encoder
 
 LAYERS = {0: "conv1", 3: "conv2", 6: "conv3", 8: "conv4", 10: "conv5"}
 

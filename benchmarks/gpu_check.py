@@ -148,7 +148,7 @@ def stage_commands(out: Path, device: str, iterations: int) -> list[tuple[str, l
 def check_stage(label: str, argv: list[str], out: Path) -> dict[str, Any]:
     tic = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmark.cli", *argv], capture_output=True, text=True
+        [sys.executable, "-m", "bench.cli", *argv], capture_output=True, text=True
     )
     seconds = time.perf_counter() - tic
     row: dict[str, Any] = {"stage": label, "seconds": seconds}

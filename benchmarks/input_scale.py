@@ -27,7 +27,7 @@ import torch
 from benchmark.datasets.resolve import resolve_data
 from benchmark.input_convention import CAFFE, TORCHVISION, InputConvention
 from benchmarks.common import markdown_table
-from pretrain.alexnet import AlexNetEncoder
+from encoders.alexnet import AlexNetEncoder
 from pretrain.context_encoder import ContextEncoder
 from pretrain.data import PretrainImages
 from transfer.probes.features import preprocess

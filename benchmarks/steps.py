@@ -66,7 +66,7 @@ def context_encoder(
     masked: bool = True,
 ):
     """Section 3's feature learner at 227 px: Adam on the masked L2."""
-    from pretrain.alexnet import ARCHS
+    from encoders.alexnet import ARCHS
     from pretrain.context_encoder import ContextEncoder
     from pretrain.train import make_step
 
@@ -119,7 +119,7 @@ def inpainting(
 def classification(
     env: DistEnv, prec: Precision, batch: int, compile: bool = False, channels_last: bool = True
 ):
-    from pretrain.alexnet import AlexNetEncoder
+    from encoders.alexnet import AlexNetEncoder
     from transfer.classification.config import TrainConfig
     from transfer.classification.model import ClassificationNet
     from transfer.classification.train import make_optimizer, make_step
@@ -140,7 +140,7 @@ def detection(
     env: DistEnv, prec: Precision, batch: int, compile: bool = False, channels_last: bool = True
 ):
     """Fast R-CNN: 2 images of 600 x 800 with 64 RoIs each."""
-    from pretrain.alexnet import AlexNetEncoder
+    from encoders.alexnet import AlexNetEncoder
     from transfer.detection.config import DetectionTrainConfig
     from transfer.detection.model import FastRCNN, param_groups
     from transfer.detection.train import make_step
@@ -169,7 +169,7 @@ def segmentation(
     """FCN-32s: one 500 x 375 VOC-sized image per pass (an update accumulates 20 of them)."""
     import numpy as np
 
-    from pretrain.alexnet import AlexNetEncoder
+    from encoders.alexnet import AlexNetEncoder
     from transfer.segmentation.config import SegmentationTrainConfig
     from transfer.segmentation.model import FCN
     from transfer.segmentation.train import make_optimizer, make_step
@@ -193,7 +193,7 @@ def probe_features(
     env: DistEnv, prec: Precision, batch: int, compile: bool = False, channels_last: bool = True
 ):
     """The probes' feature extraction: the frozen encoder, forward only, at 227 px."""
-    from pretrain.alexnet import AlexNetEncoder
+    from encoders.alexnet import AlexNetEncoder
 
     enc = _maybe_compile(AlexNetEncoder("caffenet").to(env.device).eval(), compile)
     x = nhwc(torch.randn(batch, 3, 227, 227, device=env.device), channels_last)
@@ -338,7 +338,7 @@ def pipelines(workers: int, seconds: float = 10.0) -> list[dict[str, Any]]:
     from benchmark.datasets.folder import list_images
     from benchmark.datasets.resolve import resolve_data
     from benchmark.loop import list_collate, loader_batches
-    from pretrain.alexnet import ARCHS
+    from encoders.alexnet import ARCHS
     from pretrain.data import PretrainImages
     from pretrain.inpainting.data import InpaintingImages
     from pretrain.masks import load_voc_shapes, make_mask_fn

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.alexnet import AlexNetEncoder, Arch, pool5_size
+from encoders.alexnet import AlexNetEncoder, Arch, pool5_size
 from pretrain.dropout import Dropout
 
 DECODER_WIDTHS = (128, 64, 64, 32)  # the fifth up-convolution outputs the 3 colour channels

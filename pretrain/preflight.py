@@ -1,6 +1,6 @@
 """What a pretraining run reads, checked before its run folder exists.
 
-`benchmark.stages.run_stage` calls a stage's `preflight(cfg)` after the config check and
+`bench.stages.run_stage` calls a stage's `preflight(cfg)` after the config check and
 before it opens the run folder, so a run that cannot start (a missing or empty image folder,
 an image that does not decode under `on_bad_data: error`, no segmentation shapes for
 random-region masks) stops with a one-line error and leaves nothing behind. What the

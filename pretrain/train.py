@@ -23,18 +23,18 @@ from benchmark.distributed import DistEnv
 from benchmark.errors import BenchError, ConfigError, printable
 from benchmark.protocol import is_synthetic
 from benchmark.runs import Run
+from encoders.alexnet import ARCHS, AlexNetEncoder, gaussian_init_, pool5_size
 from pretrain.adversarial import Adversary, DCGANDiscriminator, discriminator_lr
-from pretrain.alexnet import ARCHS, AlexNetEncoder, gaussian_init_, pool5_size
 from pretrain.card import card_head, metrics_head
 from pretrain.config import PAPER_LR, PretrainConfig
 from pretrain.context_encoder import ContextEncoder
 from pretrain.data import PretrainImages, dataset_mean
-from pretrain.export import NATIVE_FILE, write_native
 from pretrain.losses import RECONSTRUCTION_LOSSES, joint_loss
 from pretrain.masks import PER_BATCH, apply_mask, make_mask_fn
 from pretrain.preflight import PretrainData, pretrain_data
 from pretrain.samples import sample_batch, save_grid
-from transfer.backbone import load_state_checked, read_torchvision
+from weights.encoder import load_state_checked, read_torchvision
+from weights.native import NATIVE_FILE, write_native
 
 SAMPLE_IMAGES = 8
 STAGE = "pretrain"
@@ -104,7 +104,7 @@ def shapes_source(cfg: PretrainConfig) -> Path | None:
 
 
 def preflight(cfg: PretrainConfig) -> PretrainData | None:
-    """What the run reads, checked before its run folder exists (`benchmark.stages`): the
+    """What the run reads, checked before its run folder exists (`bench.stages`): the
     image folder, every image decoded, and the random-region shapes; for method imagenet,
     that the weights file is there. None for methods that read nothing."""
     if cfg.method == "imagenet":

@@ -10,16 +10,10 @@ from torch import nn
 
 from benchmark.errors import BenchError
 from benchmark.input_convention import CAFFE
-from pretrain.alexnet import AlexNetEncoder
-from pretrain.export import write_native
-from transfer.backbone import (
-    check_frozen_unchanged,
-    describe_transfer,
-    freeze,
-    load_encoder,
-    peek_card,
-    snapshot_frozen,
-)
+from encoders.alexnet import AlexNetEncoder
+from transfer.backbone import check_frozen_unchanged, describe_transfer, freeze, snapshot_frozen
+from weights.encoder import load_encoder, peek_card
+from weights.native import write_native
 
 CARD = {
     "method": "context-encoder", "mask": "random-region", "iterations": 10, "data": "synth",

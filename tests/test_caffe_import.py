@@ -1,4 +1,4 @@
-"""benchmark.caffe: Caffe nets written here through the same schema import to the same pool5.
+"""weights.caffe: Caffe nets written here through the same schema import to the same pool5.
 
 The reference forward pass below is written independently of bench's encoder: float64,
 Caffe's input convention (BGR, 0-255, minus the mean), grouped convolutions done group by
@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmark.caffe import caffe_weights, import_caffe, read_caffemodel, read_prototxt
-from benchmark.caffe.schema import messages
 from benchmark.errors import BenchError
 from benchmark.input_convention import CAFFE, TORCHVISION, caffe_transform, fold_conv1
-from transfer.backbone import load_encoder, peek_card
+from weights.caffe import caffe_weights, import_caffe, read_caffemodel, read_prototxt
+from weights.caffe.schema import messages
+from weights.encoder import load_encoder, peek_card
 
 # name, type, kernel, stride, pad, group, outputs (CaffeNet's train_val names)
 CONVS = [
@@ -594,7 +594,7 @@ def test_an_imported_caffemodel_transfers_to_every_task_and_exports(tmp_path, sy
     detectron2 and mmseg, all from the imported file."""
     import json
 
-    from benchmark import cli
+    from bench import cli
     from benchmark.safe_pickle import safe_load
 
     (tmp_path / "src").mkdir()

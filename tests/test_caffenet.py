@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from benchmark.errors import BenchError
-from pretrain.alexnet import (
+from encoders.alexnet import (
     ARCHS,
     CONV_INDICES,
     POOL_INDICES,
@@ -21,8 +21,8 @@ from pretrain.alexnet import (
     layer_output_size,
     pool5_size,
 )
-from pretrain.export import write_native
-from transfer.backbone import infer_arch, load_encoder
+from weights.encoder import infer_arch, load_encoder
+from weights.native import write_native
 
 CARD = {
     "method": "context-encoder", "mask": "random-region", "iterations": 10, "data": "synth",

@@ -18,7 +18,7 @@ from benchmark.input_convention import CAFFE, TORCHVISION
 from benchmark.loop import IterationSampler, Precision
 from benchmark.metrics import classification_ap
 from benchmark.runs import open_run
-from transfer.backbone import check_frozen_unchanged, freeze, load_encoder, snapshot_frozen
+from transfer.backbone import check_frozen_unchanged, freeze, snapshot_frozen
 from transfer.classification import train as train_mod
 from transfer.classification.config import (
     AugmentConfig,
@@ -40,6 +40,7 @@ from transfer.classification.presets import (
     window_crop,
 )
 from transfer.classification.train import default_name, main, make_optimizer, make_step
+from weights.encoder import load_encoder
 
 CPU = DistEnv(0, 1, 0, torch.device("cpu"))
 MEAN_PIXEL = CAFFE.mean_rgb8()  # the default CaffeNet's padding colour: (123, 117, 104) RGB

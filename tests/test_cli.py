@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from benchmark.cli import main
+from bench.cli import main
 
 SUBCOMMANDS = [
     "pretrain", "transfer", "export", "import", "report", "env", "data", "run", "inpaint",
@@ -25,7 +25,7 @@ def test_help_lists_subcommands(capsys):
 
 def test_console_script_entry_point():
     out = subprocess.run(
-        [sys.executable, "-m", "benchmark.cli", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "bench.cli", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "transfer" in out.stdout
 
@@ -87,7 +87,7 @@ def test_disk_error_is_one_line(tmp_path, monkeypatch, capsys):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "w.pt"))
 
-    monkeypatch.setattr("pretrain.export.export", full)
+    monkeypatch.setattr("weights.native.export", full)
     assert main(["export", str(tmp_path), "--force"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("bench: error: ")

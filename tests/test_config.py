@@ -66,7 +66,7 @@ def test_round_trip_and_hash():
 
 
 def _training_stages():
-    from benchmark.stages import PRETRAIN_METHODS, TRANSFER_TASKS
+    from bench.stages import PRETRAIN_METHODS, TRANSFER_TASKS
 
     stages = {**PRETRAIN_METHODS, **TRANSFER_TASKS}
     return sorted({s.config_cls for s in stages.values()}, key=lambda c: c.__name__)

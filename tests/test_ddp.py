@@ -36,7 +36,7 @@ STAGES = {
 def torchrun(args: list[str], out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "BENCH_RESULTS": str(out), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(29500 + os.getpid() % 1000), "-m", "benchmark.cli", *args,
+           "--master_port", str(29500 + os.getpid() % 1000), "-m", "bench.cli", *args,
            "--out", str(out), "--device", "cpu"]  # fmt: skip
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 

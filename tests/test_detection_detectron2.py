@@ -180,9 +180,9 @@ def test_malformed_pickles_are_one_line_errors(tmp_path):
 
 def _export(tmp_path: Path, arch: str = "caffenet", pool_free: bool = False):
     """A finished pretraining run folder exported with `bench export --format detectron2`."""
-    from pretrain.alexnet import AlexNetEncoder
-    from pretrain.export import export, write_native
-    from transfer.backbone import random_card
+    from encoders.alexnet import AlexNetEncoder
+    from weights.encoder import random_card
+    from weights.native import export, write_native
 
     torch.manual_seed(1)
     encoder = AlexNetEncoder(arch, pool_free)  # type: ignore[arg-type]

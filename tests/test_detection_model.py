@@ -12,7 +12,7 @@ from PIL import Image
 
 from benchmark.input_convention import CAFFE
 from benchmark.loop import IterationSampler
-from pretrain.alexnet import AlexNetEncoder
+from encoders.alexnet import AlexNetEncoder
 from transfer.detection.config import DetectionConfig, DetectionTrainConfig
 from transfer.detection.data import (
     DetRecord,

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.stages import run_stage, transfer_stage
 from benchmark.config import from_dict
 from benchmark.datasets.voc import VOC_CLASSES
 from benchmark.errors import DatasetError
 from benchmark.runs import open_run
-from benchmark.stages import run_stage, transfer_stage
 from transfer.detection import train as train_mod
 from transfer.detection.config import DetectionConfig
 from transfer.detection.data import load_records

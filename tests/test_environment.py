@@ -9,8 +9,9 @@ import types
 import pytest
 import torch
 
-from benchmark import __version__, environment
-from benchmark.cli import main
+from bench import environment
+from bench.cli import main
+from benchmark import __version__
 
 CPUINFO = """processor\t: 0
 model name\t: Example CPU 9000

@@ -12,10 +12,10 @@ from benchmark.errors import BenchError
 from benchmark.input_convention import CAFFE, TORCHVISION
 from benchmark.runs import open_run
 from benchmark.safe_pickle import safe_load
-from pretrain.alexnet import AlexNetEncoder
+from encoders.alexnet import AlexNetEncoder
 from pretrain.config import ModelConfig, PretrainConfig
-from pretrain.export import CARD_KEYS, card_path, export, key_map, load_native
-from transfer.backbone import load_encoder, load_state_checked
+from weights.encoder import load_encoder, load_state_checked
+from weights.native import CARD_KEYS, card_path, export, key_map, load_native
 
 
 def pretrain_run(path, cfg):
@@ -165,7 +165,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, run_dir):
 
 @pytest.mark.parametrize("fmt", ["native", "torchvision", "detectron2", "mmseg"])
 def test_show_keys_prints_what_export_writes_and_writes_nothing(run_dir, fmt, capsys):
-    from benchmark import cli
+    from bench import cli
 
     path, _ = run_dir
     before = sorted(p.name for p in path.iterdir())

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark import cli
+from bench import cli
 from benchmark.errors import BenchError
 from benchmark.runs import atomic_write_text, check_run_name, open_run
 from benchmark.safe_pickle import safe_load, safe_loads
@@ -187,9 +187,9 @@ def test_a_hostile_pickle_never_runs(tmp_path):
 
 
 def test_weights_with_nan_are_a_one_line_error(tmp_path):
-    from pretrain.alexnet import AlexNetEncoder
-    from pretrain.export import write_native
-    from transfer.backbone import load_encoder
+    from encoders.alexnet import AlexNetEncoder
+    from weights.encoder import load_encoder
+    from weights.native import write_native
 
     state = AlexNetEncoder().state_dict()
     state["features.3.weight"][0, 0, 0, 0] = float("nan")

@@ -21,12 +21,12 @@ from benchmark.input_convention import (
     caffe_transform,
     saved_convention,
 )
-from pretrain.alexnet import ARCHS, AlexNetEncoder, refold_conv1
+from encoders.alexnet import ARCHS, AlexNetEncoder, refold_conv1
 from pretrain.context_encoder import ContextEncoder
 from pretrain.data import PretrainImages
-from pretrain.export import export, write_native
 from pretrain.losses import masked_l1, masked_l2
-from transfer.backbone import load_encoder
+from weights.encoder import load_encoder
+from weights.native import export, write_native
 
 TV_MEAN, TV_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 OTHERS = [

@@ -61,7 +61,7 @@ def bench(args: list[str], out: Path, fault: str | None = None) -> subprocess.Co
     if fault:
         env["BENCH_FAULT"] = fault
     return subprocess.run(
-        [sys.executable, "-m", "benchmark.cli", *args, "--out", str(out)],
+        [sys.executable, "-m", "bench.cli", *args, "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 

@@ -25,16 +25,16 @@ import pytest
 import submitit
 import yaml
 
-from benchmark import cli
-from benchmark.errors import BenchError, ConfigError
-from benchmark.launch import (
+from bench import cli
+from bench.launch import (
     SlurmBackend,
     StepState,
     View,
     launch,
     slurm_parameters,
 )
-from benchmark.suite import load_suite, step_resources, suite_lock
+from bench.suite import load_suite, step_resources, suite_lock
+from benchmark.errors import BenchError, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = {"iterations": 2, "batch_size": 4, "workers": 0, "threads": 1}
@@ -75,7 +75,7 @@ def _bench(args: list[str], out: Path, **popen) -> subprocess.Popen:
     env.pop("BENCH_FAULT", None)
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU jobs, whatever this machine has
     return subprocess.Popen(
-        [sys.executable, "-m", "benchmark.cli", *args, "--out", str(out)], cwd=REPO, env=env,
+        [sys.executable, "-m", "bench.cli", *args, "--out", str(out)], cwd=REPO, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
     )  # fmt: skip
 
@@ -164,7 +164,7 @@ def test_slurm_parameters_and_sbatch_script(tmp_path, synth_root, monkeypatch):
     pre = next(s for s in steps if s.name == "pretrain-context-encoder-s0")
     params = slurm_parameters(step_resources(suite, pre), pre.name)
     assert params == {"time": 1440, "gpus_per_node": 1, "cpus_per_task": 8, "partition": "gpu"}
-    from benchmark.launch import slurm_executor
+    from bench.launch import slurm_executor
 
     ex = slurm_executor(tmp_path / "jobs", {"job_name": "bench-tiny", **params})
     assert ex.parameters == {"job_name": "bench-tiny", **params}
@@ -429,9 +429,9 @@ def test_a_failed_step_blocks_only_its_dependents_and_the_fix_reruns_only_them(
 @pytest.mark.slow
 def test_a_step_given_two_gpus_runs_under_torchrun(tmp_path, synth_root, monkeypatch):
     """The job of a step with gpus_per_node 2 runs `torchrun --nproc_per_node 2 -m
-    benchmark.cli run SUITE --step NAME` (here on CPU: two gloo processes, one writer)."""
-    from benchmark.launch import StepJob
-    from benchmark.suite import run_step
+    bench.cli run SUITE --step NAME` (here on CPU: two gloo processes, one writer)."""
+    from bench.launch import StepJob
+    from bench.suite import run_step
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     path = _suite(tmp_path, synth_root, seeds=[0])

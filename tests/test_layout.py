@@ -114,7 +114,7 @@ def test_segmentation_step_feeds_its_layout(channels_last):
 
 def test_probe_features_are_extracted_from_nhwc_batches(monkeypatch):
     """The probes' forward gets NHWC batches and gives the features NCHW gives."""
-    from pretrain.alexnet import AlexNetEncoder
+    from encoders.alexnet import AlexNetEncoder
     from transfer.probes import features as F
 
     torch.manual_seed(0)

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from benchmark.cli import main as cli_main
+from bench.cli import main as cli_main
 from benchmark.errors import BenchError
 from encoders import ResNetEncoder
-from transfer.backbone import load_encoder, peek_card
+from weights.encoder import load_encoder, peek_card
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,6 +142,6 @@ def test_import_show_keys_and_cli_errors(moco, capsys):
 
 
 def test_bench_import_caffe_still_parses():
-    out = subprocess.run([sys.executable, "-m", "benchmark.cli", "import", "caffe", "--help"],
+    out = subprocess.run([sys.executable, "-m", "bench.cli", "import", "caffe", "--help"],
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert "--prototxt" in out.stdout

@@ -143,7 +143,7 @@ def test_hostile_weights_and_checkpoint_never_run_code(tmp_path: Path) -> None:
 
 def test_mmseg_export_is_checked_and_loaded_by_us(tmp_path: Path) -> None:
     """`bench export --format mmseg` files: arch from the card / tensors, keys, shapes."""
-    from pretrain.alexnet import AlexNetEncoder
+    from encoders.alexnet import AlexNetEncoder
 
     enc = AlexNetEncoder("torchvision")
     state = {f"backbone.{k}": v for k, v in enc.state_dict().items()}
@@ -226,7 +226,7 @@ def test_same_mean_iu_as_mmseg_iou_metric_on_same_predictions() -> None:
 
 def _pair(cfg: SegmentationConfig, arch: str = "caffenet"):
     """An mmseg segmentor and the native FCN-32s with the same (random) weights."""
-    from pretrain.alexnet import AlexNetEncoder
+    from encoders.alexnet import AlexNetEncoder
     from transfer.segmentation.model import FCN
 
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from skimage.feature import hog
 
-from pretrain.alexnet import AlexNetEncoder
+from encoders.alexnet import AlexNetEncoder
 from pretrain.inpainting.model import (
     ContextEncoderGenerator,
     HoleGeometry,

@@ -19,7 +19,7 @@ import pytest
 import torch
 from test_faults import Cfg, Payload  # a run config; a pickle that runs code when loaded
 
-from benchmark import cli
+from bench import cli
 from benchmark.checkpoint import make_checkpoint
 from benchmark.config import to_dict
 from benchmark.errors import BenchError
@@ -84,7 +84,7 @@ def pretrain(out: Path, name: str, *flags: str) -> tuple[str, ...]:
 
 @pytest.mark.parametrize("flag", [(), ("--force",), ("--resume",)])
 def test_a_suites_folder_is_never_cleared_by_a_run(tmp_path, flag):
-    from benchmark.suite import claim_suite_root
+    from bench.suite import claim_suite_root
 
     out = tmp_path / "results"
     suite = claim_suite_root(out / "runs" / "tiny")
@@ -168,7 +168,7 @@ def test_a_kill_while_marking_a_new_folder_leaves_it_to_bench(tmp_path):
 def test_a_suite_never_moves_into_a_run_or_a_users_folder(tmp_path, synth_root):
     import yaml
 
-    from benchmark.suite import run_suite
+    from bench.suite import run_suite
 
     out = tmp_path / "results"
     suite = tmp_path / "s.yaml"
@@ -380,7 +380,7 @@ def test_export_never_replaces_a_card_or_weights_without_force(tmp_path, pretrai
 def test_export_of_nan_weights_fails_in_one_line(tmp_path, pretrained):
     from safetensors.torch import load_file, save_file
 
-    from pretrain.export import NATIVE_FILE
+    from weights.native import NATIVE_FILE
 
     run = tmp_path / "run"
     import shutil
@@ -429,7 +429,7 @@ def _killed(args: list[str], fault: str, cwd: Path) -> None:
 
     env = {**os.environ, "BENCH_FAULT": f"write:{fault}",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "benchmark.cli", *map(str, args)], cwd=cwd,
+    done = subprocess.run([sys.executable, "-m", "bench.cli", *map(str, args)], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == -9, done.stderr
 
@@ -533,8 +533,8 @@ DEEP_JSON = "[" * 100_000 + "]" * 100_000
 def test_malformed_cards_are_one_line(tmp_path, pretrained, card, field):
     from safetensors.torch import load_file, save_file
 
-    from pretrain.export import NATIVE_FILE
-    from transfer.backbone import load_encoder
+    from weights.encoder import load_encoder
+    from weights.native import NATIVE_FILE
 
     state = load_file(str(pretrained / NATIVE_FILE))
     inside = tmp_path / "inside.safetensors"
@@ -555,8 +555,8 @@ def test_malformed_cards_are_one_line(tmp_path, pretrained, card, field):
 
 @pytest.mark.parametrize("dims", [[2**32, 2**32], [2**62, 4], [-1, 0], [1] * 40])
 def test_caffemodel_dimensions_that_overflow_are_one_line(tmp_path, dims):
-    from benchmark.caffe import read_caffemodel
-    from benchmark.caffe.schema import messages
+    from weights.caffe import read_caffemodel
+    from weights.caffe.schema import messages
 
     net = messages()["NetParameter"]()
     layer = net.layer.add()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pretrain.alexnet import AlexNetEncoder
+from encoders.alexnet import AlexNetEncoder
 from pretrain.data import SeededImages
 from pretrain.pretext import PRETEXT_METHODS
 from pretrain.pretext.jigsaw import (

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmark import cli
-from benchmark.stages import PRETRAIN_METHODS
-from pretrain.export import load_native
+from bench import cli
+from bench.stages import PRETRAIN_METHODS
+from weights.native import load_native
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # one thread each
 

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encoders.alexnet import AlexNetEncoder, PoolNorm, pool5_size
 from pretrain.adversarial import DCGANDiscriminator
-from pretrain.alexnet import AlexNetEncoder, PoolNorm, pool5_size
 from pretrain.context_encoder import Autoencoder, ChannelWiseFC, ContextEncoder, Decoder
 
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import pretrain.preflight as preflight
+from bench.stages import pretrain_stage, run_stage
 from benchmark.errors import BenchError, ConfigError, DatasetError
-from benchmark.stages import pretrain_stage, run_stage
 from pretrain.config import ModelConfig, PretrainConfig, TrainConfig
 from pretrain.inpainting.config import InpaintingConfig
 from pretrain.pretext.config import RotationStageConfig

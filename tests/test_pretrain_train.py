@@ -14,7 +14,7 @@ from benchmark.errors import BenchError, ConfigError
 from benchmark.loop import IterationSampler, LoopConfig, Precision, fit
 from benchmark.runs import open_run
 from pretrain.config import LossConfig, ModelConfig, PretrainConfig, TrainConfig
-from pretrain.export import load_native
+from weights.native import load_native
 
 SIZE = 67  # the smallest input AlexNet takes (pool5 is 1 x 1): seconds per test on CPU
 

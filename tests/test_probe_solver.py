@@ -181,8 +181,8 @@ def test_low_shot_matches_liblinear():
 def real_features(shared_data):
     """conv2 and pool5 of 240 real VOC images (the sample's first ids) through the seeded
     random CaffeNet at 99 px: 120 train, 120 test."""
-    from transfer.backbone import load_encoder
     from transfer.probes.features import extract_features, load_split
+    from weights.encoder import load_encoder
 
     images = load_split(Path(shared_data) / "VOCdevkit" / "VOC2007", "train")
     images = images.subset(np.arange(240))

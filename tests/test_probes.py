@@ -16,7 +16,6 @@ from sklearn.svm import LinearSVC
 from benchmark.datasets.voc import VOC_CLASSES, read_class_files
 from benchmark.errors import DatasetError
 from benchmark.metrics import classification_ap
-from transfer.backbone import load_encoder
 from transfer.probes.features import (
     LayerTaps,
     extract_features,
@@ -35,6 +34,7 @@ from transfer.probes.svm import (
     reference_ap,
     train_svms,
 )
+from weights.encoder import load_encoder
 
 # --------------------------------------------------------------------------- helpers
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 import yaml
 
+from bench.stages import INPAINT_EVAL, PRETRAIN_METHODS, TRANSFER_TASKS
+from bench.suite import load_suite
 from benchmark import protocol
 from benchmark.errors import BenchError
 from benchmark.protocol import (
@@ -22,8 +24,6 @@ from benchmark.protocol import (
     settings,
     stage_record,
 )
-from benchmark.stages import INPAINT_EVAL, PRETRAIN_METHODS, TRANSFER_TASKS
-from benchmark.suite import load_suite
 from pretrain.inpainting.config import InpaintingConfig
 from transfer.classification.config import ClassificationConfig
 from transfer.probes.config import SVMConfig
@@ -124,7 +124,7 @@ def test_locations_settings_runtime_and_experiment_keys_are_no_departures():
 def test_the_paper_suite_departs_in_nothing(tmp_path, capsys):
     """configs/paper.yaml only says where the data is: `--print-config` lists no departure
     for any step."""
-    from benchmark import cli
+    from bench import cli
 
     _, _, steps = load_suite(PAPER, out=tmp_path)
     assert {s.stage.config_cls for s in steps} >= {
@@ -141,7 +141,7 @@ def test_the_paper_suite_departs_in_nothing(tmp_path, capsys):
 
 
 def test_a_suite_with_one_protocol_value_changed_lists_exactly_that_one(tmp_path, capsys):
-    from benchmark import cli
+    from bench import cli
 
     argv = ["run", str(PAPER), "--print-config", "--out", str(tmp_path),
             "--set", "transfer.detection.train.lr=0.002"]  # fmt: skip
@@ -154,7 +154,7 @@ def test_a_suite_with_one_protocol_value_changed_lists_exactly_that_one(tmp_path
 
 
 def test_a_stage_command_prints_its_departures_with_its_config(capsys):
-    from benchmark import cli
+    from bench import cli
 
     argv = ["transfer", "--task", "segmentation", "--print-config"]
     assert cli.main([*argv, "--set", "train.iter_size=1", "--set", "train.workers=1"]) == 0

@@ -12,8 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from benchmark.errors import BenchError
-from benchmark.report import (
+from bench.report import (
     REFERENCE_DIR,
     collect_runs,
     format_duration,
@@ -26,6 +25,7 @@ from benchmark.report import (
     to_latex,
     to_markdown,
 )
+from benchmark.errors import BenchError
 from pretrain.inpainting.model import HoleGeometry
 
 CLASSES = ["aeroplane", "bicycle", "bird"]
@@ -223,7 +223,7 @@ def test_released_weights_rows_sit_beside_the_paper_number(tmp_path: Path) -> No
     assert row["Classification"] == "55.0" and row["Pretraining time"] == "-"
     diff = _row(t, "Context encoder (ours)", "ours - paper")
     assert diff["Classification"] == f"{55.0 - 56.5:+.1f}"
-    from benchmark.report import table2_extended
+    from bench.report import table2_extended
 
     x = table2_extended(collect_runs([tmp_path]), reference())
     assert "Encoder" in x.columns and "SVM, best layer" in x.columns

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from test_report import cfg, inpaint, make_run, transfer
 
-from benchmark.report import collect_runs, low_shot_curves, low_shot_table, main
+from bench.report import collect_runs, low_shot_curves, low_shot_table, main
 
 EVIL = '<script>alert("x")</script>'
 # tags and attributes the page may contain; anything else came from a file

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pretrain.alexnet import AlexNetEncoder, PoolNorm
+from encoders.alexnet import AlexNetEncoder, PoolNorm
 from transfer.segmentation.model import FCN, Grid, feature_grids, resample, smallest_pad
 
 torch.set_num_threads(1)

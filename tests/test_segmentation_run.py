@@ -66,7 +66,7 @@ def test_run_folder_metrics_checkpoint_and_overlays(synth_root: Path, tmp_path: 
 
 
 def test_pretrained_weights_are_recorded(synth_root: Path, tmp_path: Path) -> None:
-    from pretrain.alexnet import AlexNetEncoder
+    from encoders.alexnet import AlexNetEncoder
 
     weights = tmp_path / "alexnet_tv.pth"
     torch.save(AlexNetEncoder("torchvision").state_dict(), weights)

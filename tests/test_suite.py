@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.report import collect_runs, table2
+from bench.report import load_reference as load_ref
+from bench.suite import load_suite, run_suite
 from benchmark.errors import ConfigError
-from benchmark.report import collect_runs, table2
-from benchmark.report import load_reference as load_ref
-from benchmark.suite import load_suite, run_suite
 
 TINY = {
     "name": "tiny",

@@ -15,7 +15,7 @@ from benchmark.datasets.preflight import (  # noqa: F401 - the tasks call them a
 )
 from benchmark.protocol import departures, is_synthetic, settings
 from benchmark.runs import Run
-from transfer.backbone import peek_card
+from weights.encoder import peek_card
 
 
 class TransferConfig(Protocol):

@@ -1,7 +1,7 @@
 """`bench import --format F FILE`: a ResNet / ViT checkpoint of another tool, written once
 as a native encoder (safetensors + card) that `--weights` then reads without the importer.
 
-The conversion is `transfer.backbone.import_foreign`'s, the one `--weights FILE` runs on the
+The conversion is `weights.encoder.import_foreign`'s, the one `--weights FILE` runs on the
 fly, so a native file and the checkpoint it came from give the same features. The card
 records the family, architecture and its config (enough to rebuild the network), the input
 convention, the probe taps and the head input (`encoders.card_fields`), and where the
@@ -33,8 +33,8 @@ def import_to_native(
     `options`: `weights.import_tree`'s family, branch, num_heads, input_convention.
     """
     from benchmark.runs import remove_stale_temporaries_of
-    from pretrain.export import NATIVE_FILE, card_path, write_native
-    from transfer.backbone import import_foreign
+    from weights.encoder import import_foreign
+    from weights.native import NATIVE_FILE, card_path, write_native
 
     source, out = Path(source), Path(out)
     if out.is_dir() or not out.suffix:

@@ -9,7 +9,7 @@ Context features:
   only the blocks that do not touch the hole box, so the hole's content never counts;
 - `ce`: the context encoder's own 4000-d bottleneck of the hole-filled context;
 - `alexnet`: pool5 of a user-supplied supervised AlexNet (torchvision state dict, or any
-  weights `transfer.backbone.load_encoder` reads) on the hole-filled context resized to 227,
+  weights `weights.encoder.load_encoder` reads) on the hole-filled context resized to 227,
   fed in the encoder's input convention (Figure 8's comparison).
 
 Every feature is L2-normalised and neighbours are ranked by Euclidean distance (= cosine).
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from skimage.feature import hog
 
 from benchmark.datasets.folder import load_rgb
-from pretrain.alexnet import AlexNetEncoder
+from encoders.alexnet import AlexNetEncoder
 from pretrain.inpainting.data import resize_shorter, to_unit_range, train_crop
 from pretrain.inpainting.model import (
     IMAGE_SIZE,
@@ -109,7 +109,7 @@ def alexnet_features(
 
 def load_alexnet(path: str | Path) -> AlexNetEncoder:
     """A supervised torchvision AlexNet state dict (file) -> its conv1-pool5 encoder."""
-    from transfer.backbone import load_encoder
+    from weights.encoder import load_encoder
 
     encoder, _ = load_encoder(path, "torchvision")
     return encoder.eval()

@@ -101,7 +101,7 @@ def check(cfg: InpaintingConfig) -> None:
 
 def preflight(cfg: InpaintingConfig) -> PretrainData:
     """The run's images (decoded) and random-region shapes, read before its run folder
-    exists (`benchmark.stages`)."""
+    exists (`bench.stages`)."""
     shapes = resolve_data(cfg.shapes, "voc2012") if cfg.mask == "random-region" else None
     return pretrain_data(cfg.data, cfg.on_bad_data, shapes, cfg.seed)
 

@@ -85,7 +85,7 @@ def load_generator(
     """(generator in eval mode on CPU, card) from a run folder or generator file. The
     generator outputs the prediction box of `geometry` (default: the card's)."""
     path = generator_file(weights)
-    from pretrain.export import validate_card
+    from weights.native import validate_card
 
     try:
         state = load_file(str(path))

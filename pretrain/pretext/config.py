@@ -15,7 +15,7 @@ from pretrain.pretext.rotation import RotationConfig
 
 @dataclass
 class PretextModelConfig:
-    arch: str = "caffenet"  # the encoder every method shares (pretrain/alexnet.py)
+    arch: str = "caffenet"  # the encoder every method shares (encoders/alexnet.py)
     pool_free: bool = False
 
 

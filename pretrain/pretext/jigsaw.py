@@ -37,7 +37,7 @@ from torch import nn
 
 from benchmark.input_convention import CAFFE, InputConvention
 from benchmark.loop import Precision, sgd
-from pretrain.alexnet import CONV_INDICES, AlexNetEncoder, Arch
+from encoders.alexnet import CONV_INDICES, AlexNetEncoder, Arch
 from pretrain.data import SeededImages
 from pretrain.dropout import Dropout
 from pretrain.pretext.common import (

@@ -35,7 +35,7 @@ from torch import nn
 
 from benchmark.input_convention import CAFFE, InputConvention
 from benchmark.loop import Precision, sgd
-from pretrain.alexnet import AlexNetEncoder, Arch
+from encoders.alexnet import AlexNetEncoder, Arch
 from pretrain.data import SeededImages
 from pretrain.pretext.common import (
     caffe_xavier_,

@@ -19,13 +19,13 @@ import torch
 from benchmark import loop
 from benchmark.errors import ConfigError
 from benchmark.runs import Run
-from pretrain.alexnet import ARCHS
+from encoders.alexnet import ARCHS
 from pretrain.card import card_head, metrics_head
-from pretrain.export import NATIVE_FILE, write_native
 from pretrain.preflight import ImageFolder, image_folder
 from pretrain.pretext import PRETEXT_METHODS, set_learning_rate
 from pretrain.pretext.config import _PretextStage
 from pretrain.samples import sample_batch
+from weights.native import NATIVE_FILE, write_native
 
 SAMPLE_ITEMS = 6
 
@@ -49,7 +49,7 @@ def check(cfg: _PretextStage) -> None:
 
 
 def preflight(cfg: _PretextStage) -> ImageFolder:
-    """The run's images, listed and decoded before its run folder exists (`benchmark.stages`)."""
+    """The run's images, listed and decoded before its run folder exists (`bench.stages`)."""
     return image_folder(cfg.data, cfg.on_bad_data)
 
 

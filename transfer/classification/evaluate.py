@@ -11,7 +11,7 @@ from tqdm import tqdm
 from benchmark import distributed, loop
 from benchmark.distributed import DistEnv
 from benchmark.input_convention import InputConvention
-from transfer.backbone import convention_of
+from weights.encoder import convention_of
 
 from .config import EvalConfig
 from .data import EvalCrops

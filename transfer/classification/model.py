@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmark.errors import ConfigError
-from pretrain.alexnet import AlexNetEncoder
+from encoders.alexnet import AlexNetEncoder
 from pretrain.dropout import Dropout
 
 NUM_CLASSES = 20

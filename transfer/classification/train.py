@@ -23,18 +23,9 @@ from benchmark.input_convention import InputConvention
 from benchmark.metrics import classification_ap
 from benchmark.runs import Run, atomic_write_text
 from transfer import common
-from transfer.backbone import (
-    ALEXNET,
-    FAMILIES,
-    check_frozen_unchanged,
-    convention_of,
-    describe_transfer,
-    family_of,
-    freeze,
-    load_encoder,
-    snapshot_frozen,
-)
+from transfer.backbone import check_frozen_unchanged, describe_transfer, freeze, snapshot_frozen
 from transfer.rescale import format_report, rescale_for_transfer_
+from weights.encoder import ALEXNET, FAMILIES, convention_of, family_of, load_encoder
 
 from .config import ClassificationConfig, TrainConfig
 from .data import EvalCrops, TrainCrops, VOCImages, rescale_batch

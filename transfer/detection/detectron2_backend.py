@@ -25,7 +25,7 @@ metrics). What is ours:
   weights, bit for bit on CPU;
 - weights: never unpickled by detectron2. An exported `.pkl` is read by
   `benchmark.safe_pickle.safe_load` (containers and numpy arrays only), anything else by
-  `transfer.backbone.load_encoder`; both are checked as an encoder (every tensor, shape and
+  `weights.encoder.load_encoder`; both are checked as an encoder (every tensor, shape and
   value) and then loaded into the model, where only the new head's tensors may be missing;
 - the image lists (`transfer.common.checked_voc_ids`, `on_bad_data`), proposals
   (`attach_proposals`, selective search or files read safely) and the training-image filter
@@ -74,17 +74,10 @@ from benchmark import distributed, loop
 from benchmark.datasets.voc import VOC_CLASSES
 from benchmark.errors import BenchError, ConfigError, printable
 from benchmark.runs import Run, atomic_write_text
-from pretrain.alexnet import ARCHS, CONV_INDICES, AlexNetEncoder
+from encoders.alexnet import ARCHS, CONV_INDICES, AlexNetEncoder
 from pretrain.dropout import Dropout
-from pretrain.export import framework_input
 from transfer import common
-from transfer.backbone import (
-    check_frozen_unchanged,
-    describe_transfer,
-    encoder_from_state,
-    load_encoder,
-    snapshot_frozen,
-)
+from transfer.backbone import check_frozen_unchanged, describe_transfer, snapshot_frozen
 from transfer.detection.config import DetectionConfig, DetectionTrainConfig
 from transfer.detection.data import DetRecord
 from transfer.detection.evaluate import (
@@ -97,6 +90,8 @@ from transfer.detection.evaluate import (
 )
 from transfer.detection.model import param_groups
 from transfer.detection.records import prepare_records
+from weights.encoder import encoder_from_state, load_encoder
+from weights.native import framework_input
 
 STAGE = "transfer/detection/detectron2"
 INSTALL_HINT = (
@@ -432,7 +427,7 @@ def read_detectron2_pickle(path: Path) -> dict[str, torch.Tensor]:
 
 def _pickle_card(path: Path) -> dict[str, Any]:
     """The card beside an exported pickle (`<stem>.card.json`), else {"method": "unknown"}."""
-    from pretrain.export import card_path, read_card
+    from weights.native import card_path, read_card
 
     sidecar = card_path(path)
     card: dict[str, Any] = read_card(sidecar) if sidecar.is_file() else {}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import RoIPool
 
-from pretrain.alexnet import CONV_INDICES, AlexNetEncoder
+from encoders.alexnet import CONV_INDICES, AlexNetEncoder
 from pretrain.dropout import Dropout
 
 NUM_CLASSES = 21  # 20 VOC classes + background

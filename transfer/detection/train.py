@@ -23,7 +23,7 @@ from benchmark.distributed import DistEnv
 from benchmark.errors import ConfigError
 from benchmark.runs import Run
 from transfer import common
-from transfer.backbone import check_frozen_unchanged, describe_transfer, load_encoder
+from transfer.backbone import check_frozen_unchanged, describe_transfer
 from transfer.detection.config import (
     COCO_SCORE_THRESH,
     MAX_PER_SET,
@@ -48,6 +48,7 @@ from transfer.detection.model import (
 from transfer.detection.records import prepare_records
 from transfer.encoder_family import family_of
 from transfer.rescale import format_report, rescale_for_transfer_
+from weights.encoder import load_encoder
 
 STAGE = "transfer/detection"
 

@@ -62,7 +62,7 @@ from benchmark.errors import BenchError, ConfigError, DatasetError
 from benchmark.input_convention import InputConvention
 from benchmark.loop import nhwc
 from benchmark.runs import atomic_write_bytes, default_results_root, remove_stale_temporaries_of
-from pretrain.alexnet import CONV_INDICES, POOL_INDICES
+from encoders.alexnet import CONV_INDICES, POOL_INDICES
 
 from .config import ALL_LAYERS, LAYERS
 

@@ -23,7 +23,7 @@ from benchmark.errors import ConfigError
 from benchmark.metrics import classification_ap
 from benchmark.runs import Run, atomic_write_bytes
 from transfer import common
-from transfer.backbone import FAMILIES, load_encoder
+from weights.encoder import FAMILIES, load_encoder
 
 from .config import KNNConfig, SVMConfig
 from .features import (

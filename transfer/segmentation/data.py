@@ -39,7 +39,7 @@ from benchmark.datasets.voc import (
 from benchmark.errors import DatasetError
 from benchmark.input_convention import InputConvention
 from benchmark.runs import Run
-from pretrain.alexnet import INPUT_SIZE
+from encoders.alexnet import INPUT_SIZE
 from transfer import common
 
 log = logging.getLogger("bench")

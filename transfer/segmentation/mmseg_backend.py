@@ -14,7 +14,7 @@ machinery (`BaseDecodeHead`: loss, resizing of the scores to the label, predicti
   unpickled by torch's weights-only loader (a shared run folder cannot run code);
 - the encoder, registered as mmseg backbone `BenchAlexNet` (its `features` in torchvision
   layout, so `bench export --format mmseg` keys `backbone.features.N.*` match). Its weights
-  come from `transfer.backbone.load_encoder` (or an mmseg export read with
+  come from `weights.encoder.load_encoder` (or an mmseg export read with
   `torch.load(weights_only=True)`) and are copied in by us, not through init_cfg;
 - the head, `BenchFCNHead`: FCN-32s's fc6 (6x6 convolution, no padding), fc7 (1x1), each
   ReLU + dropout, and mmseg's 1x1 `conv_seg` score layer. mmseg's `FCNHead` cannot express
@@ -78,9 +78,9 @@ from benchmark.errors import BenchError, ConfigError, DatasetError, printable
 from benchmark.input_convention import InputConvention
 from benchmark.metrics import confusion_matrix
 from benchmark.runs import Run, torch_load_safe
-from pretrain.alexnet import ARCHS, AlexNetEncoder
+from encoders.alexnet import ARCHS, AlexNetEncoder
 from pretrain.dropout import Dropout
-from pretrain.export import framework_input
+from weights.native import framework_input
 
 from .config import SegmentationConfig, SegmentationTrainConfig
 from .model import FCN_PAD, DenseConv2d, Grid, feature_grids, resample, smallest_pad
@@ -381,8 +381,8 @@ def mmseg_state(obj: Any) -> dict[str, torch.Tensor] | None:
 def load_mmseg_encoder(weights: str | None, arch: str) -> tuple[AlexNetEncoder, dict[str, Any]]:
     """(encoder, model card) for `--weights`: an mmseg export (checked as every weights file
     is: keys, shapes, finite values; its arch from the card or the tensors), or anything
-    `transfer.backbone.load_encoder` reads."""
-    from transfer.backbone import encoder_from_state, load_encoder
+    `weights.encoder.load_encoder` reads."""
+    from weights.encoder import encoder_from_state, load_encoder
 
     if weights:
         path = Path(weights).expanduser()

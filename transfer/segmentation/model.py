@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pretrain.alexnet import AlexNetEncoder, features_output_size, layer_geometry
+from encoders.alexnet import AlexNetEncoder, features_output_size, layer_geometry
 from pretrain.dropout import Dropout
 
 Variant = Literal["fcn32s", "fcn16s", "fcn8s"]

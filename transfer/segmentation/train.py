@@ -30,9 +30,10 @@ from benchmark.errors import ConfigError
 from benchmark.input_convention import InputConvention
 from benchmark.runs import Run
 from transfer import common
-from transfer.backbone import describe_transfer, load_encoder
+from transfer.backbone import describe_transfer
 from transfer.encoder_family import family_of
 from transfer.rescale import format_report, rescale_for_transfer_
+from weights.encoder import load_encoder
 
 from .config import SegmentationConfig, SegmentationTrainConfig
 from .data import CLASSES, SegTrainSet, prepare_data, rescale_batch, to_input

@@ -46,7 +46,7 @@ from benchmark.runs import (
     remove_stale_temporaries_of,
 )
 from benchmark.validate import finite, get, parse_json
-from pretrain.alexnet import ARCHS, refold_conv1
+from encoders.alexnet import ARCHS, refold_conv1
 
 Format = Literal["native", "torchvision", "detectron2", "mmseg"]
 NATIVE_FILE = "encoder.safetensors"

@@ -263,9 +263,9 @@ def _peek(key: str, args: argparse.Namespace, overrides: list[str], default: str
 
 
 def _run_stage_command(args: argparse.Namespace, stage: Any, overrides: list[str]) -> int:
+    from bench.stages import run_stage
     from benchmark.config import dump_yaml, load_config
     from benchmark.runs import default_results_root
-    from benchmark.stages import run_stage
 
     if getattr(args, "iterations", None) is not None:
         import dataclasses
@@ -311,7 +311,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from benchmark.stages import pretrain_stage
+    from bench.stages import pretrain_stage
 
     flags = {**COMMON_FLAGS, "method": "method", "mask": "mask", "weights": "weights"}
     overrides = _stage_overrides(args, flags)
@@ -320,7 +320,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from benchmark.stages import transfer_stage
+    from bench.stages import transfer_stage
 
     flags = {**COMMON_FLAGS, "weights": "weights", "backend": "backend"}
     if args.weights_format is not None:
@@ -333,7 +333,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pretrain.export import export, show_export_keys
+    from weights.native import export, show_export_keys
 
     if args.show_keys:
         print(show_export_keys(args.run, args.format))
@@ -346,7 +346,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     if args.import_format == "checkpoint":
         return _import_checkpoint(args)
-    from benchmark.caffe import import_caffe
+    from weights.caffe import import_caffe
 
     path = import_caffe(args.prototxt, args.caffemodel, args.out, args.method, force=args.force)
     print(f"wrote {printable(path)} (use it as --weights)")
@@ -379,8 +379,8 @@ def _import_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from benchmark.report import HTML_FILE
-    from benchmark.report import main as report_main
+    from bench.report import HTML_FILE
+    from bench.report import main as report_main
     from benchmark.runs import default_results_root
 
     inputs = args.runs or [default_results_root() / "runs"]
@@ -391,7 +391,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    from benchmark.environment import main as env_main
+    from bench.environment import main as env_main
 
     print(env_main(as_json=args.json), end="")
     return 0
@@ -417,7 +417,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from benchmark.suite import print_plan, run_step, run_suite
+    from bench.suite import print_plan, run_step, run_suite
 
     if args.print_config:
         print(print_plan(args.suite, out=args.out, overrides=args.overrides), end="")
@@ -446,7 +446,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return _suite_interrupted()
         return 0
     try:
-        from benchmark.launch import launch
+        from bench.launch import launch
     except ImportError as exc:
         if getattr(exc, "name", "") != "submitit":
             raise
@@ -487,7 +487,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
         ):
             print(f"wrote {path}")
         return 0
-    from benchmark.stages import INPAINT_EVAL
+    from bench.stages import INPAINT_EVAL
 
     flags = {
         **COMMON_FLAGS,

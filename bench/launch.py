@@ -12,7 +12,7 @@ Who does what (no scheduler of our own):
   `submitit.SlurmExecutor`: one sbatch job per step, with the step's `resources` from the
   suite YAML; steps that become ready together with the same resources go as one job array
   (`executor.batch()`). A step with `gpus_per_node > 1` runs `torchrun --standalone
-  --nproc_per_node G -m benchmark.cli run SUITE --step NAME` inside its job.
+  --nproc_per_node G -m bench.cli run SUITE --step NAME` inside its job.
 - **Truth**: the run folders. A step whose folder holds its finished run is done, and no job
   is submitted for it; every job opens its folder with `resume` (as the sequential launcher
   does), so an interrupted step continues from its checkpoint; a folder that another process
@@ -20,7 +20,7 @@ Who does what (no scheduler of our own):
   and its dependents are blocked; independent steps go on. Rerunning the suite runs only what
   is missing.
 
-A launcher holds `<out>/runs/<suite>/.launcher.lock` (`benchmark.suite.suite_lock`), so a
+A launcher holds `<out>/runs/<suite>/.launcher.lock` (`bench.suite.suite_lock`), so a
 second launcher of the same suite stops at once. It keeps its bookkeeping in
 `<out>/runs/<suite>/.launcher/`: `jobs/` (submitit's pickles and each job's stdout/stderr)
 and `status.json` (every step's state, job id, times and error, rewritten as they change).
@@ -52,11 +52,8 @@ from typing import Any, TextIO
 import submitit
 from submitit.core.utils import DelayedSubmission
 
-from benchmark.config import to_dict
-from benchmark.errors import BenchError, printable
-from benchmark.runs import CONFIG_FILE, LOCK_FILE, METRICS_FILE, atomic_write_json
-from benchmark.stages import run_name
-from benchmark.suite import (
+from bench.stages import run_name
+from bench.suite import (
     Step,
     SuiteConfig,
     load_suite,
@@ -65,6 +62,9 @@ from benchmark.suite import (
     suite_lock,
     write_report,
 )
+from benchmark.config import to_dict
+from benchmark.errors import BenchError, printable
+from benchmark.runs import CONFIG_FILE, LOCK_FILE, METRICS_FILE, atomic_write_json
 
 try:
     import fcntl
@@ -117,7 +117,7 @@ class StepJob(submitit.helpers.Checkpointable):
         start = time.time()
         if self.gpus > 1 and self.distributed:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={self.gpus}", "-m", "benchmark.cli", "run", self.suite,
+                   f"--nproc_per_node={self.gpus}", "-m", "bench.cli", "run", self.suite,
                    "--step", self.step, "--out", self.out]  # fmt: skip
             cmd += ["--force"] if self.force else []
             print("[bench run] " + shlex.join(cmd), file=sys.stderr, flush=True)
@@ -129,7 +129,7 @@ class StepJob(submitit.helpers.Checkpointable):
                 raise BenchError(f"step {self.step}: torchrun exited with code {rc}")
             path = None  # rank 0 wrote the run folder; the launcher reads it
         else:
-            from benchmark.suite import run_step
+            from bench.suite import run_step
 
             path, _ = run_step(Path(self.suite), self.step, Path(self.out), force=self.force)
         return {"step": self.step, "run": path and str(path), "seconds": time.time() - start}

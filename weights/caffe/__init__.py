@@ -7,8 +7,8 @@ prototxt's input mean and scale are folded into conv1 and prototxt.py for the ar
 accepted.
 """
 
-from benchmark.caffe.caffemodel import read_caffemodel
-from benchmark.caffe.convert import (
+from weights.caffe.caffemodel import read_caffemodel
+from weights.caffe.convert import (
     CAFFEMODEL_SUFFIX,
     PROTOTXT_SUFFIX,
     CaffeWeights,
@@ -16,7 +16,7 @@ from benchmark.caffe.convert import (
     default_method,
     import_caffe,
 )
-from benchmark.caffe.prototxt import DEFAULT_MEAN_BGR, LayerSpec, NetSpec, read_prototxt
+from weights.caffe.prototxt import DEFAULT_MEAN_BGR, LayerSpec, NetSpec, read_prototxt
 
 __all__ = [
     "CAFFEMODEL_SUFFIX",

@@ -8,7 +8,7 @@ checkpoint; running the same suite twice redoes nothing. A step whose config cha
 ran is an error (use --force to redo everything).
 
 `bench run --launcher sequential` (the default) runs the steps here, one after another;
-`--launcher local|slurm` hands them to `benchmark.launch` (a dependency graph, submitit jobs).
+`--launcher local|slurm` hands them to `bench.launch` (a dependency graph, submitit jobs).
 Either way the suite folder is locked (`<out>/runs/<suite>/.launcher.lock`), so two launchers
 of one suite never run side by side, and `bench run SUITE --step NAME` runs one planned step
 (what a launcher's job calls). The suite folder carries bench's marker as a suite's folder
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.stages import INPAINT_EVAL, Stage, pretrain_stage, run_stage, transfer_stage
 from benchmark.config import dump_yaml, load_config, merge, to_dict
 from benchmark.errors import BenchError, ConfigError, printable
 from benchmark.runs import (
@@ -41,7 +42,6 @@ from benchmark.runs import (
     open_no_follow,
     refuse_links,
 )
-from benchmark.stages import INPAINT_EVAL, Stage, pretrain_stage, run_stage, transfer_stage
 
 try:  # POSIX advisory locks, as for run folders
     import fcntl
@@ -317,7 +317,7 @@ def prepare_root(suite: SuiteConfig, results: Path) -> Path:
 
 def write_report(suite: SuiteConfig, results: Path) -> tuple[Path, str]:
     """The suite's report from every finished run folder: (report folder, Markdown)."""
-    from benchmark.report import main as report_main
+    from bench.report import main as report_main
 
     root = results / "runs" / suite.name
     report_dir = results / "reports" / suite.name
@@ -346,7 +346,7 @@ def run_suite(
         if not suite.report:
             return f"suite {suite.name}: runs in {root}"
         report_dir, text = write_report(suite, results)
-    from benchmark.report import HTML_FILE
+    from bench.report import HTML_FILE
 
     return f"{text}\nreport files in {report_dir} (open {report_dir / HTML_FILE})\nruns in {root}"
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from benchmark.caffe.schema import messages
 from benchmark.errors import BenchError, printable
+from weights.caffe.schema import messages
 
 
 def read_caffemodel(

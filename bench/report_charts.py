@@ -1,6 +1,6 @@
 """The low-shot chart of a report: test mAP against positives per class, one line per encoder.
 
-Kept apart from `benchmark.report` (which builds the numbers) so that the report module stays
+Kept apart from `bench.report` (which builds the numbers) so that the report module stays
 about tables; this module only draws what it is given.
 """
 

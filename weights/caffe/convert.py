@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmark.caffe.caffemodel import fit_blob, read_caffemodel
-from benchmark.caffe.prototxt import NetSpec, read_prototxt
 from benchmark.errors import BenchError, printable
 from benchmark.input_convention import caffe_transform, fold_conv1
-from pretrain.alexnet import ARCHS, CONV_INDICES, pool5_size
+from encoders.alexnet import ARCHS, CONV_INDICES, pool5_size
+from weights.caffe.caffemodel import fit_blob, read_caffemodel
+from weights.caffe.prototxt import NetSpec, read_prototxt
 
 CAFFEMODEL_SUFFIX = ".caffemodel"
 PROTOTXT_SUFFIX = ".prototxt"
@@ -78,7 +78,7 @@ def import_caffe(
     layout, which is torch's (out, in) Linear layout on flattened pool5).
     """
     from benchmark.runs import remove_stale_temporaries_of
-    from pretrain.export import NATIVE_FILE, card_path, write_native
+    from weights.native import NATIVE_FILE, card_path, write_native
 
     out = Path(out)
     if out.is_dir() or not out.suffix:

@@ -3,7 +3,7 @@ for every row the runs it came from (config, departures, precision, device).
 
 The page is self-contained: its CSS is inline, its images are `data:` URIs, it has no script
 and fetches nothing, so it can be mailed or opened offline. The tables are the DataFrames the
-CSV and Markdown files are written from (`benchmark.report.main` hands them over), so the page
+CSV and Markdown files are written from (`bench.report.main` hands them over), so the page
 never shows other numbers than the files. Everything read from a file (run names, config
 values, metrics, notes) is escaped: a crafted run folder cannot inject markup.
 """

@@ -26,10 +26,10 @@ from typing import Any
 
 from google.protobuf import text_format
 
-from benchmark.caffe.schema import messages
 from benchmark.errors import BenchError, printable
 from benchmark.input_convention import CAFFE
-from pretrain.alexnet import ARCHS, CAFFE_LRN, LRNSpec
+from encoders.alexnet import ARCHS, CAFFE_LRN, LRNSpec
+from weights.caffe.schema import messages
 
 # Caffe's usual ImageNet mean per BGR channel, used when the prototxt names none.
 DEFAULT_MEAN_BGR = CAFFE.mean

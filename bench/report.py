@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import benchmark
+from bench.report_charts import LowShotCurve, low_shot_chart
+from bench.report_html import Table as HtmlTable
+from bench.report_html import render as render_html
 from benchmark.config import RUNTIME_KEYS, flatten, read_yaml
 from benchmark.errors import BenchError, printable
-from benchmark.report_charts import LowShotCurve, low_shot_chart
-from benchmark.report_html import Table as HtmlTable
-from benchmark.report_html import render as render_html
 from benchmark.runs import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -35,7 +36,7 @@ from benchmark.runs import (
 )
 
 # Package data, so an installed wheel finds them too (pyproject: tool.setuptools.package-data).
-REFERENCE_DIR = Path(__file__).resolve().parent / "reference"
+REFERENCE_DIR = Path(benchmark.__file__).resolve().parent / "reference"  # package data
 
 TASKS = ("classification", "detection", "segmentation")
 TASK_METRIC = {"classification": "map", "detection": "map", "segmentation": "mean_iu"}
@@ -78,7 +79,7 @@ def _weights_info(run_dir: Path, weights: Any) -> dict[str, Any]:
     Accepts a pretrain run folder or a native export with its `*.card.json` beside it; a path
     that no longer resolves just gives nothing (the transfer metrics stay authoritative).
     """
-    from pretrain.export import read_card
+    from weights.native import read_card
 
     if not weights:
         return {}
