@@ -137,7 +137,7 @@ def bench(args: list[str], out: Path, fault: str | None = None) -> subprocess.Co
     env.pop("BENCH_FAULT", None)
     if fault:
         env["BENCH_FAULT"] = fault
-    cmd = [sys.executable, "-m", "benchmark.cli", *args, "--out", str(out)]
+    cmd = [sys.executable, "-m", "bench.cli", *args, "--out", str(out)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 

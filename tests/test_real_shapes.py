@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from benchmark.cli import main
+from bench.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from test_report import make_run, transfer
 
-from benchmark.report import REFERENCE_DIR, collect_runs, family_table, load_reference, main
+from bench.report import REFERENCE_DIR, collect_runs, family_table, load_reference, main
 
 
 def _resnet(task: str, value: float, seed: int = 0, **extra) -> dict:

@@ -11,7 +11,7 @@ SUITE = Path(__file__).resolve().parents[1] / "configs" / "resnet50.yaml"
 
 
 def test_the_resnet50_suite_departs_in_nothing(tmp_path, capsys):
-    from benchmark import cli
+    from bench import cli
 
     assert cli.main(["run", str(SUITE), "--print-config", "--out", str(tmp_path)]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))

@@ -5,7 +5,7 @@ AlexNet, FCN on a dilated ResNet-50).
 
 The family is read before the encoder is built, so that a stage can choose its model (and
 refuse a family) before its run folder exists; the encoder itself is loaded by
-`transfer.backbone.load_encoder`, which reads every format bench imports.
+`weights.encoder.load_encoder`, which reads every format bench imports.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Literal
 
 from benchmark.errors import BenchError
 from encoders import ResNetEncoder
-from transfer.backbone import peek_card, resolve_weights_path
+from weights.encoder import peek_card, resolve_weights_path
 
 Family = Literal["alexnet", "resnet", "vit"]
 
@@ -40,9 +40,9 @@ def family_of(weights: str | Path | None, arch: str) -> Family:
 
 
 def load_resnet(weights: str | Path | None, arch: str, task: str) -> tuple[ResNetEncoder, dict]:
-    """(encoder, card) of a ResNet checkpoint (`transfer.backbone.load_encoder`, ResNets
+    """(encoder, card) of a ResNet checkpoint (`weights.encoder.load_encoder`, ResNets
     only), or torchvision's random init for no weights and arch resnet50; in train mode."""
-    from transfer.backbone import load_encoder
+    from weights.encoder import load_encoder
 
     encoder, card = load_encoder(weights, arch, families=("resnet",), task=task)
     encoder.train()
