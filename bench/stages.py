@@ -22,8 +22,9 @@ import pretrain.pretext.train as pretext
 import pretrain.train as pretraining
 import transfer.classification.train as classification
 import transfer.detection.train as detection
-import transfer.probes.train as probes
+import transfer.knn.train as knn
 import transfer.segmentation.train as segmentation
+import transfer.svm.train as svm
 from benchmark import distributed
 from benchmark.curves import write_curves
 from benchmark.errors import BenchError
@@ -33,8 +34,9 @@ from pretrain.inpainting.config import InpaintingConfig
 from pretrain.pretext.config import STAGE_CONFIGS as PRETEXT_CONFIGS
 from transfer.classification.config import ClassificationConfig
 from transfer.detection.config import DetectionConfig
-from transfer.probes.config import KNNConfig, SVMConfig
+from transfer.knn.config import KNNConfig
 from transfer.segmentation.config import SegmentationConfig
+from transfer.svm.config import SVMConfig
 
 
 @dataclass(frozen=True)
@@ -82,8 +84,8 @@ TRANSFER_TASKS: dict[str, Stage] = {
         SegmentationConfig, segmentation.main, segmentation.default_name, segmentation.check
     ),
     # frozen-feature probes (Goyal et al. 2019): linear SVMs per layer, weighted k-NN
-    "svm": Stage(SVMConfig, probes.main_svm, probes.default_name_svm, probes.check_svm, False),
-    "knn": Stage(KNNConfig, probes.main_knn, probes.default_name_knn, probes.check_knn, False),
+    "svm": Stage(SVMConfig, svm.main, svm.default_name, svm.check, False),
+    "knn": Stage(KNNConfig, knn.main, knn.default_name, knn.check, False),
 }
 
 INPAINT_EVAL = Stage(

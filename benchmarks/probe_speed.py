@@ -30,7 +30,6 @@ import torch
 
 from benchmark.distributed import pick_device
 from benchmarks.common import MatmulRate, markdown_table
-from transfer.probes.config import LOW_SHOT_DRAWS, LOW_SHOT_SIZES, REFERENCE_COSTS
 from transfer.probes.svm import (
     SVMParams,
     _fit,
@@ -40,6 +39,7 @@ from transfer.probes.svm import (
     normalize_features,
     train_svms,
 )
+from transfer.svm.config import LOW_SHOT_DRAWS, LOW_SHOT_SIZES, REFERENCE_COSTS
 
 # VOC2007 trainval images per class (aeroplane ... tvmonitor), about; used as frequencies.
 VOC07_TRAINVAL_COUNTS = (238, 243, 330, 181, 244, 186, 713, 337, 445, 141,

@@ -13,7 +13,7 @@ from benchmark.config import identity_hash
 from benchmark.loop import LoopConfig
 from benchmark.protocol import departures
 from transfer.classification.config import ClassificationConfig
-from transfer.probes.config import SVMConfig
+from transfer.svm.config import SVMConfig
 
 glibc = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"

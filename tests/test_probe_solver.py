@@ -18,9 +18,9 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
-from transfer.probes.config import REFERENCE_COSTS
 from transfer.probes.solver import Gram, gram_matrix, newton, rescale
 from transfer.probes.svm import SVMParams, low_shot, train_svms
+from transfer.svm.config import REFERENCE_COSTS
 
 LIB = SVMParams(solver="liblinear")
 TORCH = SVMParams(solver="torch")

@@ -19,9 +19,11 @@ from benchmark.runs import open_run
 from encoders import ResNetEncoder
 from transfer.classification.config import ClassificationConfig
 from transfer.classification.train import main as main_cls
-from transfer.probes.config import KNNConfig, SVMConfig
+from transfer.knn.config import KNNConfig
+from transfer.knn.train import main as main_knn
 from transfer.probes.features import preprocess
-from transfer.probes.train import main_knn, main_svm
+from transfer.svm.config import SVMConfig
+from transfer.svm.train import main as main_svm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,8 +11,12 @@ from benchmark.config import from_dict, to_dict
 from benchmark.datasets.voc import VOC_CLASSES
 from benchmark.errors import ConfigError, DatasetError
 from benchmark.runs import open_run
-from transfer.probes.config import REFERENCE_COSTS, KNNConfig, SVMConfig
-from transfer.probes.train import default_name_knn, default_name_svm, main_knn, main_svm
+from transfer.knn.config import KNNConfig
+from transfer.knn.train import default_name as default_name_knn
+from transfer.knn.train import main as main_knn
+from transfer.svm.config import REFERENCE_COSTS, SVMConfig
+from transfer.svm.train import default_name as default_name_svm
+from transfer.svm.train import main as main_svm
 
 
 def small_svm(synth_root, tmp_path, **over):

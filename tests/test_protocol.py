@@ -26,7 +26,7 @@ from benchmark.protocol import (
 )
 from pretrain.inpainting.config import InpaintingConfig
 from transfer.classification.config import ClassificationConfig
-from transfer.probes.config import SVMConfig
+from transfer.svm.config import SVMConfig
 
 STAGE_CLASSES = list(
     dict.fromkeys(

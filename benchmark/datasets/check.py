@@ -150,14 +150,24 @@ def _check_main(root: Path, annotations: dict[str, VOCAnnotation], report: Check
                 )
 
 
+# mmsegmentation's VOC "aug" layout (tools/dataset_converters/voc_aug.py): the lists with SBD
+# images take their masks from SegmentationClassAug, where a VOC train image's is there too
+AUG_SPLITS = ("aug", "trainaug")
+AUG_MASKS = "SegmentationClassAug"
+
+
 def _check_segmentation(root: Path, report: CheckReport) -> None:
     """Every image listed in ImageSets/Segmentation has a decodable image and a valid mask."""
     samples: dict[str, SegSample] = {}
     for split, ids in _split_files(root / "ImageSets" / "Segmentation", report).items():
         report.summary.append(f"{root.name} Segmentation/{split}: {len(ids)} images")
+        aug = split in AUG_SPLITS
         for i in ids:
             image = root / "JPEGImages" / f"{i}.jpg"
-            samples.setdefault(i, SegSample(i, image, root / "SegmentationClass" / f"{i}.png"))
+            mask = root / "SegmentationClass" / f"{i}.png"
+            if aug and ((root / AUG_MASKS / f"{i}.png").is_file() or not mask.is_file()):
+                mask = root / AUG_MASKS / f"{i}.png"
+            samples.setdefault(i, SegSample(i, image, mask))
     found = check_segmentation(list(samples.values()), desc=f"{printable(root.name)} masks")
     report.problems += [p.message for p in found]
 
