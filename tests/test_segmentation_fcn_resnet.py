@@ -105,10 +105,7 @@ def test_crops_are_a_function_of_the_sample(synth_root):
     assert not torch.equal(ds[(0, 6)][0], img)
 
 
-def test_mmseg_backend_and_vit_are_refused_in_one_line(tmp_path):
-    torch.save(tiny_encoder().state_dict(), tmp_path / "r.pth")
-    with pytest.raises(Exception, match="backend: mmseg runs FCN-AlexNet only"):
-        check(SegmentationConfig(weights=str(tmp_path / "r.pth"), backend="mmseg"))
+def test_vit_is_refused_in_one_line(tmp_path):
     pytest.importorskip("timm")
     from encoders import vit_module
 
@@ -151,3 +148,71 @@ def test_run_resumes_bit_identically(synth_root: Path, tmp_path: Path):
     wa, wb = (torch.load(runs / n / "checkpoints" / "last.pt", weights_only=True)["state"]["model"]
               for n in ("straight", "cut"))  # fmt: skip
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _mmseg_pair():
+    """A native FCNResNet and mmseg's fcn_r50-d8 on the same encoder, heads copied over."""
+    pytest.importorskip("mmseg")
+    from transfer.segmentation.mmseg_resnet import build
+
+    torch.manual_seed(0)
+    enc = ResNetEncoder((1, 1, 1, 1), 64)
+    c = from_dict(FCNResNetConfig, {"channels": 16, "aux_channels": 8, "crop_size": 64})
+    theirs = build(c, enc).eval()
+    ours = FCNResNet(enc, 16, 8).eval()
+    state = {}
+    for k, v in theirs.state_dict().items():
+        k = k.replace(".conv.", ".0.").replace(".bn.", ".1.")
+        state[k] = v
+    missing, unexpected = ours.load_state_dict(
+        {k: v for k, v in state.items() if not k.startswith("data_preprocessor")}, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return ours, theirs
+
+
+def test_mmseg_fcn_r50_d8_is_the_native_network():
+    """Same weights, same logits: mmseg's ResNet (dilations 1 1 2 4, contract_dilation) and
+    FCNHead / auxiliary head compute what the torchvision-built native model computes."""
+    ours, theirs = _mmseg_pair()
+    x = torch.randn(1, 3, 72, 88)
+    with torch.no_grad():
+        feats = theirs.extract_feat(x)
+        a = theirs.decode_head(feats)
+        aux = theirs.auxiliary_head.forward(feats)
+        ours.train(False)
+        res4, res5 = ours.features(x)
+        b = ours.decode_head(res5)
+    assert torch.allclose(feats[2], res4, atol=1e-5) and torch.allclose(feats[3], res5, atol=1e-5)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(aux, ours.auxiliary_head(res4), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_mmseg_backend_run_resumes_bit_identically(synth_root: Path, tmp_path: Path):
+    pytest.importorskip("mmseg")
+    torch.manual_seed(0)
+    torch.save(ResNetEncoder((1, 1, 1, 1), 64).state_dict(), tmp_path / "r50-1111.pth")
+    sets = {
+        "crop_size": 64, "scale": [128, 64], "channels": 16, "aux_channels": 8,
+        "train.iterations": 4, "train.batch_size": 2, "train.checkpoint_every": 2,
+        "train.log_every": 1, "train.workers": 0, "train.threads": 1,
+    }  # fmt: skip
+    weights = str(tmp_path / "r50-1111.pth")
+    args = ["transfer", "--task", "segmentation", "--backend", "mmseg", "--data",
+            str(synth_root), "--device", "cpu", "--weights", weights]  # fmt: skip
+    for k, v in sets.items():
+        args += ["--set", f"fcn_resnet.{k}={json.dumps(v)}"]
+    out = tmp_path / "results"
+    straight = bench([*args, "--name", "straight"], out)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = bench([*args, "--name", "cut"], out, fault="step:3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = bench([*args, "--name", "cut", "--resume"], out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    runs = out / "runs"
+    a, b = (json.loads((runs / n / "metrics.json").read_text()) for n in ("straight", "cut"))
+    skip = {"command", "train_seconds", "eval_seconds", "seconds"}
+    assert {k: v for k, v in a.items() if k not in skip} == {
+        k: v for k, v in b.items() if k not in skip}  # fmt: skip
+    assert a["backend"] == "mmseg" and a["family"] == "resnet"
+    assert a["mean_iu"] == pytest.approx(a["mmseg_iou_metric"]["mean_iu_exact"], abs=1e-9)

@@ -504,17 +504,19 @@ def evaluate(
     env: DistEnv,
     precision: loop.Precision | None = None,
     keep: int = 0,
+    steps: Sequence[dict[str, Any]] | None = None,
 ) -> Evaluation:
     """Whole-image predictions (mmseg's predict, scores resized to the label) of the model
     in eval mode, scored by mmseg's IoUMetric and by our confusion matrix on the same
-    predictions; (sample, network image RGB, label, prediction) of the first `keep`."""
+    predictions; (sample, network image RGB, label, prediction) of the first `keep`.
+    `steps`: the test pipeline (default FCN-AlexNet's, shrinking to `max_size`)."""
     register()
     from mmseg.evaluation import IoUMetric
 
     from .data import CLASSES
 
     model.eval()
-    pipeline = build_pipeline(pipeline_config(max_size, False, train=False))
+    pipeline = build_pipeline(steps or pipeline_config(max_size, False, train=False))
     metric = IoUMetric(ignore_index=IGNORE_INDEX, iou_metrics=["mIoU"], prefix="mmseg")
     metric.dataset_meta = {"classes": CLASSES}
     hist = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)

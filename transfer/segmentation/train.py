@@ -40,6 +40,7 @@ from .data import CLASSES, SegTrainSet, prepare_data, rescale_batch, to_input
 from .evaluate import OVERLAY_DIR, evaluate, save_overlays, scores_from_hist
 from .fcn_resnet_train import check_fcn_resnet, run_fcn_resnet
 from .mmseg_backend import run_mmseg
+from .mmseg_resnet import run_mmseg_resnet
 from .model import FCN
 
 BIAS_LR_MULT = 2.0
@@ -69,9 +70,6 @@ def check(cfg: SegmentationConfig) -> None:
         raise ConfigError(VIT_REFUSAL)
     check_fcn_resnet(cfg.fcn_resnet)
     if family == "resnet":
-        if cfg.backend != "native":
-            raise ConfigError("backend: mmseg runs FCN-AlexNet only; ResNet encoders run FCN "
-                              "on a dilated ResNet with backend: native")  # fmt: skip
         return
     t = cfg.train
     loop.check_loop(t)
@@ -178,6 +176,8 @@ def main(cfg: SegmentationConfig, run: Run) -> dict[str, Any]:
     """Train FCN, evaluate mean IU, write metrics.json; returns the metrics."""
     check(cfg)
     if family_of(cfg.weights, cfg.arch) == "resnet":
+        if cfg.backend == "mmseg":
+            return run_mmseg_resnet(cfg, run)
         return run_fcn_resnet(cfg, run)
     if cfg.backend == "mmseg":
         return run_mmseg(cfg, run)
