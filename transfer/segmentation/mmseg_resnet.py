@@ -12,7 +12,7 @@ are `fcn_resnet:`'s, the native backend's (`fcn_resnet_train.py`).
 
 Ours: the loop (checkpoints, resume, NaN guard; no mmengine checkpoint is written or read),
 the sample lists (`fcn_resnet_train.train_samples`: train + aug), the encoder's tensors
-copied into the backbone (`transfer.backbone.load_encoder`), poly lr as a function of the
+copied into the backbone (`weights.encoder.load_encoder`), poly lr as a function of the
 iteration, every random choice of a sample drawn from globals seeded by (seed, sample).
 mmseg's ResNet has no bottleneck width option: the encoder must have torchvision's widths
 (width_per_group 64; any depth). BN: plain BatchNorm in one process (SyncBN's statistic
@@ -33,9 +33,9 @@ from benchmark import loop
 from benchmark.datasets.voc import IGNORE_INDEX
 from benchmark.errors import BenchError, ConfigError
 from benchmark.runs import Run
-from pretrain.export import framework_input
 from transfer.segmentation.config import FCNResNetConfig, SegmentationConfig
 from transfer.segmentation.fcn_resnet import poly_lr
+from weights.native import framework_input
 
 from . import mmseg_backend as mb
 
