@@ -161,7 +161,7 @@ def test_a_suite_lists_checkpoints_of_any_family_with_their_format(tmp_path, syn
 @pytest.mark.parametrize("name", ["demo.yaml", "demo-full.yaml"])
 def test_the_demo_suites_plan_and_name_their_departures(name, tmp_path):
     """The main job and its one-seed full version load, pass every step's check, and every
-    step that changes a setting says so (the README's departure table)."""
+    step that changes a setting says so (docs/protocols.md's departure table)."""
     from benchmark.protocol import departures
 
     path = Path(__file__).resolve().parents[1] / "configs" / name
