@@ -36,6 +36,7 @@ from transfer.detection.data import (
     collate_train,
 )
 from transfer.detection.detectron2_backend import check_supported, run_detectron2
+from transfer.detection.detectron2_r50c4 import run_detectron2_r50c4
 from transfer.detection.evaluate import coco_ap, score_fields, voc07_scores, write_results_files
 from transfer.detection.faster_rcnn_train import check_faster_rcnn, run_faster_rcnn
 from transfer.detection.inference import detect
@@ -74,9 +75,6 @@ def check(cfg: DetectionConfig) -> None:
         raise ConfigError(VIT_REFUSAL)
     check_faster_rcnn(cfg.faster_rcnn)
     if family == "resnet":
-        if cfg.backend == "detectron2":
-            raise ConfigError("backend: detectron2 runs Fast R-CNN for AlexNet encoders only; "
-                              "ResNet encoders run Faster R-CNN R50-C4 with backend: native")
         return
     t = cfg.train
     loop.check_loop(t)
@@ -174,6 +172,8 @@ def main(cfg: DetectionConfig, run: Run) -> dict[str, Any]:
     """Train Fast R-CNN on train_split, detect on test_split, write detections and metrics."""
     check(cfg)
     if family_of(cfg.weights, cfg.arch) == "resnet":
+        if cfg.backend == "detectron2":
+            return run_detectron2_r50c4(cfg, run)
         return run_faster_rcnn(cfg, run, loop.setup(cfg.device, cfg.faster_rcnn.train))
     voc_root = Path(resolve_data(cfg.data, "voc2007"))
     if cfg.backend == "detectron2":
