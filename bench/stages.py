@@ -30,7 +30,7 @@ from benchmark.curves import write_curves
 from benchmark.errors import BenchError
 from benchmark.runs import METRICS_FILE, check_run_name, open_run
 from pretrain.config import PretrainConfig
-from pretrain.inpainting.config import InpaintingConfig
+from pretrain.inpainting.config import InpaintEvalConfig, InpaintingConfig
 from pretrain.pretext.config import STAGE_CONFIGS as PRETEXT_CONFIGS
 from transfer.classification.config import ClassificationConfig
 from transfer.detection.config import DetectionConfig
@@ -53,16 +53,17 @@ class Stage:
     preflight: Callable[[Any], Any] | None = None
 
 
-_PRETRAIN = Stage(
-    PretrainConfig, pretraining.main, pretraining.default_name, pretraining.check,
-    preflight=pretraining.preflight,
-)  # fmt: skip
+def _pretrain(main: Callable[..., dict[str, Any]]) -> Stage:
+    return Stage(PretrainConfig, main, pretraining.default_name, pretraining.check,
+                 preflight=pretraining.preflight)  # fmt: skip
 
+
+# the one dispatch on --method: each method's config class and main
 PRETRAIN_METHODS: dict[str, Stage] = {
-    "context-encoder": _PRETRAIN,
-    "autoencoder": _PRETRAIN,
-    "random": _PRETRAIN,
-    "imagenet": _PRETRAIN,
+    "context-encoder": _pretrain(pretraining.main_context_encoder),
+    "autoencoder": _pretrain(pretraining.main_context_encoder),
+    "random": _pretrain(pretraining.main_random),
+    "imagenet": _pretrain(pretraining.main_imagenet),
     "inpainting": Stage(
         InpaintingConfig, inpainting.main, inpainting.default_name, inpainting.check,
         preflight=inpainting.preflight,
@@ -89,7 +90,7 @@ TRANSFER_TASKS: dict[str, Stage] = {
 }
 
 INPAINT_EVAL = Stage(
-    inpaint_eval.InpaintEvalConfig,
+    InpaintEvalConfig,
     inpaint_eval.main,
     inpaint_eval.default_name,
     inpaint_eval.check,

@@ -343,23 +343,28 @@ def train_inpainting(
 
 
 Method = Callable[[PretrainConfig, Run, DistEnv, PretrainData | None], dict[str, Any]]
-METHODS: dict[str, Method] = {
-    "context-encoder": train_inpainting,
-    "autoencoder": train_inpainting,
-    "random": random_init,
-    "imagenet": imagenet_import,
-}
+StageMain = Callable[..., dict[str, Any]]
 
 
-def main(cfg: PretrainConfig, run: Run, data: PretrainData | None = None) -> dict[str, Any]:
-    """Run one pretraining method into `run`; returns (and writes) metrics.json. `data` is
-    what `preflight` read (run_stage calls it before the run folder exists); without it,
-    main reads it here."""
-    if cfg.method not in METHODS:
-        raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(METHODS)}")
-    check(cfg)
-    if data is None:
-        data = preflight(cfg)
-    env = loop.setup(cfg.device, cfg.train)
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    return METHODS[cfg.method](cfg, run, env, data)
+def _stage_main(method: Method, names: tuple[str, ...]) -> StageMain:
+    """The stage table's `main` of the methods `names` (the stage table is the one place
+    that dispatches on --method): check, read the data unless `preflight` already did
+    (run_stage calls it before the run folder exists), set up the device, run `method`;
+    returns (and writes) metrics.json."""
+
+    def main(cfg: PretrainConfig, run: Run, data: PretrainData | None = None) -> dict[str, Any]:
+        if cfg.method not in names:  # a caller that bypassed the stage table
+            raise ConfigError(f"method: {cfg.method!r} is not one of {', '.join(names)}")
+        check(cfg)
+        if data is None:
+            data = preflight(cfg)
+        env = loop.setup(cfg.device, cfg.train)
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process
+        return method(cfg, run, env, data)
+
+    return main
+
+
+main_context_encoder = _stage_main(train_inpainting, ("context-encoder", "autoencoder"))
+main_random = _stage_main(random_init, ("random",))
+main_imagenet = _stage_main(imagenet_import, ("imagenet",))

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import pretrain.train as train
+from bench.stages import pretrain_stage
 from benchmark.config import config_hash
 from benchmark.errors import BenchError
 from benchmark.input_convention import CAFFE, TORCHVISION
@@ -21,7 +21,7 @@ from weights.native import CARD_KEYS, card_path, export, key_map, load_native
 def pretrain_run(path, cfg):
     run = open_run(path, cfg)
     try:
-        train.main(cfg, run)
+        pretrain_stage(cfg.method).main(cfg, run)
     finally:
         run.close()
     return path

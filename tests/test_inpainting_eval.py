@@ -14,7 +14,8 @@ from PIL import Image
 import pretrain.inpainting.evaluate as inpaint_eval
 from benchmark.errors import ConfigError
 from benchmark.runs import open_run
-from pretrain.inpainting.evaluate import InpaintEvalConfig, main
+from pretrain.inpainting.config import InpaintEvalConfig
+from pretrain.inpainting.evaluate import main
 from pretrain.inpainting.figures import make_figures
 from pretrain.inpainting.model import FILL, ContextEncoderGenerator, HoleGeometry
 from pretrain.inpainting.weights import card_geometry, load_generator, write_generator

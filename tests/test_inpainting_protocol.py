@@ -18,8 +18,7 @@ from benchmark.loop import Precision
 from benchmark.protocol import departures
 from pretrain.adversarial import DCGANDiscriminator
 from pretrain.data import PretrainImages
-from pretrain.inpainting.config import InpaintingConfig
-from pretrain.inpainting.evaluate import InpaintEvalConfig
+from pretrain.inpainting.config import InpaintEvalConfig, InpaintingConfig
 from pretrain.inpainting.model import ContextEncoderGenerator, HoleGeometry
 from pretrain.inpainting.train import build_nets, check, training_images
 from pretrain.inpainting.weights import card_geometry

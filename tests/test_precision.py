@@ -33,7 +33,7 @@ def _stages(synth):
     loop = {"iterations": 3, "workers": 0, "log_every": 1}
     images, voc = str(synth / "unlabelled"), str(synth)
     return {
-        "pretrain": (pretraining.main, PretrainConfig, {
+        "pretrain": (pretraining.main_context_encoder, PretrainConfig, {
             "data": images, "mask": "central", "model": {"input_size": 67},
             "train": {**loop, "batch_size": 4, "sample_every": 0, "lr": 1e-3}}),
         "inpainting": (inpainting.main, InpaintingConfig, {

@@ -1,4 +1,4 @@
-"""`pretrain.train.main` end to end on tiny images, the loop's resume, and the methods."""
+"""The pretraining stage end to end on tiny images, the loop's resume, and the methods."""
 
 import itertools
 import json
@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import pretrain.train as train
+from bench.stages import pretrain_stage
 from benchmark.distributed import DistEnv
 from benchmark.errors import BenchError, ConfigError
 from benchmark.loop import IterationSampler, LoopConfig, Precision, fit
@@ -17,6 +18,11 @@ from pretrain.config import LossConfig, ModelConfig, PretrainConfig, TrainConfig
 from weights.native import load_native
 
 SIZE = 67  # the smallest input AlexNet takes (pool5 is 1 x 1): seconds per test on CPU
+
+
+def _pretrain(cfg, run):
+    """What `bench pretrain` runs: the stage table's main for the config's method."""
+    return pretrain_stage(cfg.method).main(cfg, run)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # every test here on one thread
@@ -58,7 +64,7 @@ def history(run_dir):
 
 def test_context_encoder_lowers_the_masked_loss_and_writes_the_run(images, tmp_path):
     cfg = tiny(images, mask="central")
-    metrics = train.main(cfg, open_run(tmp_path / "run", cfg))
+    metrics = _pretrain(cfg, open_run(tmp_path / "run", cfg))
     assert metrics["method"] == "context-encoder" and metrics["mask"] == "central"
     assert metrics["iterations"] == 30 and metrics["export"] == "encoder.safetensors"
     assert metrics["final_loss"] < 0.5 * metrics["initial_loss"]
@@ -82,7 +88,7 @@ def test_context_encoder_lowers_the_masked_loss_and_writes_the_run(images, tmp_p
 
 def test_autoencoder_lowers_its_reconstruction_loss(images, tmp_path):
     cfg = tiny(images, method="autoencoder")
-    metrics = train.main(cfg, open_run(tmp_path / "run", cfg))
+    metrics = _pretrain(cfg, open_run(tmp_path / "run", cfg))
     assert metrics["mask"] is None
     assert metrics["final_loss"] < 0.5 * metrics["initial_loss"]
 
@@ -95,7 +101,7 @@ def test_random_region_from_voc_shapes_and_the_hint_without_them(images, tmp_pat
     labels[35:45, 20:50] = 2
     Image.fromarray(labels, mode="P").save(voc / "SegmentationObject" / "a.png")
     cfg = tiny(images, shapes=str(voc), train={"iterations": 2, "sample_every": 0})
-    assert train.main(cfg, open_run(tmp_path / "a", cfg))["mask"] == "random-region"
+    assert _pretrain(cfg, open_run(tmp_path / "a", cfg))["mask"] == "random-region"
     metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert metrics["shapes"] == str(voc)
     assert load_native(tmp_path / "a")[1]["shapes"] == str(voc)
@@ -103,7 +109,7 @@ def test_random_region_from_voc_shapes_and_the_hint_without_them(images, tmp_pat
     # switch to the released code's noise masks
     cfg = tiny(images, train={"iterations": 2, "sample_every": 0})
     with pytest.raises(ConfigError) as err:
-        train.main(cfg, open_run(tmp_path / "b", cfg))
+        _pretrain(cfg, open_run(tmp_path / "b", cfg))
     assert "shapes=" in str(err.value) and "noise-region" in str(err.value)
     assert "\n" not in str(err.value)
     made = []  # the training sets the stage builds
@@ -115,7 +121,7 @@ def test_random_region_from_voc_shapes_and_the_hint_without_them(images, tmp_pat
 
     monkeypatch.setattr(train, "PretrainImages", Recorded)
     cfg = tiny(images, mask="noise-region", train={"iterations": 2, "sample_every": 0})
-    assert train.main(cfg, open_run(tmp_path / "c", cfg))["mask"] == "noise-region"
+    assert _pretrain(cfg, open_run(tmp_path / "c", cfg))["mask"] == "noise-region"
     # one noise mask per batch, as the released train_random.lua L330 (random-region: per image)
     assert [d.mask_batch for d in made] == [cfg.train.batch_size]
 
@@ -126,7 +132,7 @@ def test_resume_after_a_stop_gives_bit_identical_weights(images, tmp_path, monke
         mask="noise-region",
         train={"iterations": 8, "sample_every": 5, "checkpoint_every": 3},
     )
-    whole = train.main(cfg, open_run(tmp_path / "whole", cfg))
+    whole = _pretrain(cfg, open_run(tmp_path / "whole", cfg))
 
     real_save_grid, calls = train.save_grid, []
 
@@ -138,8 +144,8 @@ def test_resume_after_a_stop_gives_bit_identical_weights(images, tmp_path, monke
 
     monkeypatch.setattr(train, "save_grid", stop_once)
     with pytest.raises(KeyboardInterrupt):
-        train.main(cfg, open_run(tmp_path / "cut", cfg))
-    resumed = train.main(cfg, open_run(tmp_path / "cut", cfg, resume=True))
+        _pretrain(cfg, open_run(tmp_path / "cut", cfg))
+    resumed = _pretrain(cfg, open_run(tmp_path / "cut", cfg, resume=True))
 
     a = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)["state"]
     b = torch.load(tmp_path / "cut/checkpoints/last.pt", weights_only=True)["state"]
@@ -192,7 +198,7 @@ def test_non_finite_loss_stops_before_the_update(tmp_path):
 
 def test_random_method_writes_gaussian_weights(tmp_path):
     cfg = PretrainConfig(method="random")
-    metrics = train.main(cfg, open_run(tmp_path / "run", cfg))
+    metrics = _pretrain(cfg, open_run(tmp_path / "run", cfg))
     assert metrics["iterations"] == 0 and metrics["train_seconds"] < 30
     state, card = load_native(tmp_path / "run")
     w = state["features.3.weight"]
@@ -208,7 +214,7 @@ def test_imagenet_imports_a_torchvision_alexnet_file(tmp_path):
     cfg = PretrainConfig(
         method="imagenet", weights=str(path), model=ModelConfig(arch="torchvision")
     )
-    train.main(cfg, open_run(tmp_path / "run", cfg))
+    _pretrain(cfg, open_run(tmp_path / "run", cfg))
     state, card = load_native(tmp_path / "run")
     assert card["arch"] == "torchvision" and card["method"] == "imagenet"
     for key, value in state.items():
@@ -223,17 +229,17 @@ def test_imagenet_errors_name_the_problem(tmp_path):
     torch.save(sd, bad)
     cfg = PretrainConfig(method="imagenet", weights=str(bad), model=ModelConfig(arch="torchvision"))
     with pytest.raises(BenchError) as err:
-        train.main(cfg, open_run(tmp_path / "a", cfg))
+        _pretrain(cfg, open_run(tmp_path / "a", cfg))
     msg = str(err.value)
     assert "\n" not in msg and "features.10.weight" in msg and "features.99.weight" in msg
     cfg = PretrainConfig(
         method="imagenet", weights=str(tmp_path / "none.pth"), model=ModelConfig(arch="torchvision")
     )
     with pytest.raises(BenchError, match="none.pth: ImageNet weights file not found"):
-        train.main(cfg, open_run(tmp_path / "b", cfg))
+        _pretrain(cfg, open_run(tmp_path / "b", cfg))
     cfg = PretrainConfig(method="imagenet", weights=str(bad))
     with pytest.raises(ConfigError, match="model.arch"):
-        train.main(cfg, open_run(tmp_path / "c", cfg))
+        _pretrain(cfg, open_run(tmp_path / "c", cfg))
 
 
 def test_paper_learning_rates_and_names():
@@ -252,7 +258,7 @@ def test_joint_adversarial_option_trains_a_discriminator(images, tmp_path):
         loss=LossConfig(adversarial_weight=0.001),
         train={"iterations": 3, "log_every": 1, "sample_every": 0},
     )
-    train.main(cfg, open_run(tmp_path / "run", cfg))
+    _pretrain(cfg, open_run(tmp_path / "run", cfg))
     rows = [json.loads(line) for line in open(tmp_path / "run/scalars.jsonl")]
     assert all({"train/loss", "train/d_loss", "train/adv_loss"} <= set(r) for r in rows)
     state = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["state"]

@@ -111,3 +111,40 @@ class InpaintingConfig:
         (train.lua L213-221)."""
         tc = self.train
         return tc.lr * tc.g_lr_ratio if self.loss.kind == "joint" else tc.lr
+
+
+# the stage `bench inpaint evaluate` (pretrain/inpainting/evaluate.py): Table 1's metrics
+EVAL_CROPS = {
+    "resize": "shorter side resized to 128, centre 128x128 crop (the public evaluation)",
+    "centre": "centre 128x128 crop at native resolution",
+}
+
+
+@dataclass
+class InpaintEvalConfig:
+    # which of Table 1's rows a run is, not a departure from it (benchmark.protocol)
+    EXPERIMENT_KEYS: ClassVar[frozenset[str]] = frozenset({"baseline"})
+
+    name: str | None = None
+    seed: int = 0
+    # Held-out images. None: the synthetic VOC2007 images, which the default training pool
+    # (the synthetic unlabelled folder) does not contain.
+    data: str | None = None
+    device: str = "auto"
+    weights: str | None = None  # inpainting run folder or generator.safetensors
+    baseline: Literal["nn-hog", "nn-ce"] | None = None  # nn-ce also needs weights
+    train_data: str | None = None  # images the NN baselines search (None: synthetic pool)
+    max_images: int = 100  # Table 1 uses 100 held-out Paris StreetView images
+    # resize: the public evaluation's loading of the 227x227 Paris images (resize to 128,
+    # centre crop: BoyuanJiang/context_encoder_pytorch@01cbf96 test.py L52-55); centre: the
+    # centre 128x128 crop at native resolution.
+    eval_crop: Literal["resize", "centre"] = "resize"
+    # hole geometry (see pretrain.inpainting.config): None: the weights' card (a card without
+    # `hole`: "code"; the baselines without weights: "paper"); overlap None: the card's, or
+    # with `hole` given that hole's own (paper 7, code 4); an overlap mixing the geometries
+    # needs `hole` given too
+    hole: HoleMode | None = None
+    overlap: int | None = None
+    train_load_size: int = 0  # NN database: shorter side before the centre crop (0: native)
+    train_crops: int = 1  # NN database crops per training image (1: the centre crop only)
+    batch_size: int = 32

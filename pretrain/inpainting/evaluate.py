@@ -20,9 +20,8 @@ on 0-255), averaged over images; per-image values go to `per_image.csv`.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,54 +34,18 @@ from benchmark.errors import BenchError, ConfigError
 from benchmark.metrics import inpainting_errors, mean_inpainting_errors
 from benchmark.protocol import departures, is_synthetic, settings
 from benchmark.runs import Run, atomic_write_text
+from pretrain.inpainting.config import EVAL_CROPS, InpaintEvalConfig
 from pretrain.inpainting.data import load_eval_images
 from pretrain.inpainting.model import (
     HOLE_MODES,
     ContextEncoderGenerator,
     HoleGeometry,
-    HoleMode,
     mask_context,
 )
 from pretrain.inpainting.nearest import build_index, nn_inpaint, training_crops
 from pretrain.inpainting.weights import card_geometry, load_generator
 
 PER_IMAGE_FILE = "per_image.csv"
-EVAL_CROPS = {
-    "resize": "shorter side resized to 128, centre 128x128 crop (the public evaluation)",
-    "centre": "centre 128x128 crop at native resolution",
-}
-
-
-@dataclass
-class InpaintEvalConfig:
-    # which of Table 1's rows a run is, not a departure from it (benchmark.protocol)
-    EXPERIMENT_KEYS: ClassVar[frozenset[str]] = frozenset({"baseline"})
-
-    name: str | None = None
-    seed: int = 0
-    # Held-out images. None: the synthetic VOC2007 images, which the default training pool
-    # (the synthetic unlabelled folder) does not contain.
-    data: str | None = None
-    device: str = "auto"
-    weights: str | None = None  # inpainting run folder or generator.safetensors
-    baseline: Literal["nn-hog", "nn-ce"] | None = None  # nn-ce also needs weights
-    train_data: str | None = None  # images the NN baselines search (None: synthetic pool)
-    max_images: int = 100  # Table 1 uses 100 held-out Paris StreetView images
-    # resize: the public evaluation's loading of the 227x227 Paris images (resize to 128,
-    # centre crop: BoyuanJiang/context_encoder_pytorch@01cbf96 test.py L52-55); centre: the
-    # centre 128x128 crop at native resolution.
-    eval_crop: Literal["resize", "centre"] = "resize"
-    # hole geometry (see pretrain.inpainting.config): None: the weights' card (a card without
-    # `hole`: "code"; the baselines without weights: "paper"); overlap None: the card's, or
-    # with `hole` given that hole's own (paper 7, code 4); an overlap mixing the geometries
-    # needs `hole` given too
-    hole: HoleMode | None = None
-    overlap: int | None = None
-    train_load_size: int = 0  # NN database: shorter side before the centre crop (0: native)
-    train_crops: int = 1  # NN database crops per training image (1: the centre crop only)
-    batch_size: int = 32
-
-
 def default_name(cfg: InpaintEvalConfig) -> str:
     if cfg.baseline is not None:
         return f"inpaint-eval-{cfg.baseline}-s{cfg.seed}"
