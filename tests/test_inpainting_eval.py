@@ -18,7 +18,8 @@ from pretrain.inpainting.config import InpaintEvalConfig
 from pretrain.inpainting.evaluate import main
 from pretrain.inpainting.figures import make_figures
 from pretrain.inpainting.model import FILL, ContextEncoderGenerator, HoleGeometry
-from pretrain.inpainting.weights import card_geometry, load_generator, write_generator
+from pretrain.inpainting.weights import card_geometry, load_generator
+from weights.generator import write_generator
 
 
 def evaluate(path: Path, cfg: InpaintEvalConfig) -> dict:
@@ -40,7 +41,7 @@ def _weights(
     g = ContextEncoderGenerator(bottleneck, card_geometry(card).prediction.size)
     g(torch.rand(4, 3, 128, 128) * 2 - 1)  # move the BatchNorm running statistics
     folder.mkdir(parents=True)
-    write_generator(folder / "generator.safetensors", g, card)
+    write_generator(folder / "generator.safetensors", g.state_dict(), card)
     return folder
 
 
@@ -106,7 +107,7 @@ def test_generator_saved_with_a_first_conv_bias_loads_with_it(tmp_path):
     g = ContextEncoderGenerator(16, 64, conv1_bias=True).eval()
     torch.nn.init.uniform_(g.encoder.net[0].bias)
     card = {"method": "inpainting", "loss": "l2", "hole": "code", "overlap": 4}
-    write_generator(tmp_path / "generator.safetensors", g, card)
+    write_generator(tmp_path / "generator.safetensors", g.state_dict(), card)
     loaded, _ = load_generator(tmp_path)
     assert torch.equal(loaded.encoder.net[0].bias, g.encoder.net[0].bias)
     x = torch.rand(2, 3, 128, 128) * 2 - 1

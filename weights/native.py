@@ -111,16 +111,39 @@ def card_path(weights: Path) -> Path:
     return weights.with_name(weights.name.split(".")[0] + ".card.json")
 
 
-def write_native(path: Path, state_dict: dict[str, torch.Tensor], card: dict[str, Any]) -> Path:
-    """Save encoder weights + card (in the metadata and beside the file), atomically."""
-    missing = [k for k in CARD_KEYS if k not in card]
-    if missing:
-        raise ValueError(f"model card lacks {missing}")
+def write_safetensors(
+    path: Path, state_dict: dict[str, torch.Tensor], card: dict[str, Any]
+) -> Path:
+    """Tensors + card (in the safetensors metadata and as `<stem>.card.json` beside it),
+    each written atomically: the one writer of encoder and generator weights."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     data = save(tensors, metadata={"card": json.dumps(card, sort_keys=True, default=str)})
     atomic_write_bytes(Path(path), data)
     atomic_write_json(card_path(Path(path)), card)
     return Path(path)
+
+
+def read_safetensors(
+    path: Path, what: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(tensors, the card in the metadata, validated, or None) of a safetensors file; an
+    unreadable file is one line naming it and `what` it should have been."""
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise BenchError(f"{printable(path)}: unreadable {what} ({exc})") from None
+    card = validate_card(meta["card"], f"{path} metadata") if "card" in meta else None
+    return state, card
+
+
+def write_native(path: Path, state_dict: dict[str, torch.Tensor], card: dict[str, Any]) -> Path:
+    """Save encoder weights + card (in the metadata and beside the file), atomically."""
+    missing = [k for k in CARD_KEYS if k not in card]
+    if missing:
+        raise ValueError(f"model card lacks {missing}")
+    return write_safetensors(path, state_dict, card)
 
 
 def native_file(source: Path) -> Path:
@@ -141,15 +164,8 @@ def load_native(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state_dict with `features.N.*` keys, model card) from a native file or run folder;
     the card from the file's metadata, else from `<stem>.card.json` beside it, else {}."""
     path = native_file(path)
-    try:
-        state = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as exc:
-        raise BenchError(f"{path}: not a readable safetensors file ({exc})") from None
-    if "card" in meta:
-        card = validate_card(meta["card"], f"{path} metadata")
-    else:  # a file written without one: the card beside it, if any
+    state, card = read_safetensors(path, "safetensors file")
+    if card is None:  # a file written without one: the card beside it, if any
         card = read_card(card_path(path)) if card_path(path).is_file() else {}
     return state, card
 

@@ -52,11 +52,11 @@ from pretrain.inpainting.model import (
     HoleGeometry,
     mask_context,
 )
-from pretrain.inpainting.weights import GENERATOR_FILE, write_generator
 from pretrain.losses import masked_l2
 from pretrain.masks import PER_BATCH, load_voc_shapes, make_mask_fn, random_region_mask
 from pretrain.preflight import PretrainData, pretrain_data
 from pretrain.samples import sample_batch, save_grid
+from weights.generator import GENERATOR_FILE, write_generator
 
 SAMPLE_IMAGES = 8
 STAGE = "pretrain/inpainting"
@@ -312,7 +312,7 @@ def main(cfg: InpaintingConfig, run: Run, data: PretrainData | None = None) -> d
         "load_size": tc.load_size,
     }
     if run.is_main:
-        write_generator(run.file(GENERATOR_FILE), generator, card)
+        write_generator(run.file(GENERATOR_FILE), generator.state_dict(), card)
     first, last = result.first.get("loss"), result.last.get("loss")
     run.logger.info(f"masked L2 {first} -> {last} in {result.seconds:.0f}s")
     metrics = {

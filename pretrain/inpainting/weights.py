@@ -1,7 +1,6 @@
-"""The inpainting generator's weights file: `generator.safetensors` with its card.
+"""The inpainting generator from its weights file (read and written by `weights.generator`).
 
-Safetensors holds only tensors (and a JSON card in its metadata), so a shared generator file
-can never run code when it is loaded. The card records the hole geometry the generator was
+The card records the hole geometry the generator was
 trained with (`hole`, `overlap`); cards written before `hole` existed mean "code".
 Generators trained before bench dropped the first conv's bias (the released network has
 none) still load, with that bias.
@@ -9,44 +8,16 @@ none) still load, with that bias.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
-from torch import nn
-
 from benchmark.errors import BenchError, printable
-from benchmark.runs import atomic_write_bytes, atomic_write_json
 from pretrain.inpainting.model import HOLE_MODES, OVERLAPS, ContextEncoderGenerator, HoleGeometry
 from pretrain.losses import OVERLAP_PAPER
+from weights.generator import read_generator
 
-GENERATOR_FILE = "generator.safetensors"
 BOTTLENECK_KEY = "encoder.net.14.weight"  # (bottleneck, 512, 4, 4)
 CONV1_BIAS_KEY = "encoder.net.0.bias"
-
-
-def write_generator(path: Path, generator: nn.Module, card: dict[str, Any]) -> Path:
-    """Generator state dict (BatchNorm buffers included) + card, atomically."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    data = save(tensors, metadata={"card": json.dumps(card, sort_keys=True, default=str)})
-    atomic_write_bytes(Path(path), data)
-    atomic_write_json(Path(path).with_name("generator.card.json"), card)
-    return Path(path)
-
-
-def generator_file(weights: str | Path) -> Path:
-    """A run folder or a `generator.safetensors` file -> the file (checked)."""
-    path = Path(weights)
-    if path.is_dir():
-        path = path / GENERATOR_FILE
-    if not path.is_file():
-        raise BenchError(
-            f"{printable(path)}: inpainting generator weights not found (give an inpainting "
-            f"run folder or its {GENERATOR_FILE})"
-        )
-    return path
 
 
 def card_geometry(
@@ -84,16 +55,7 @@ def load_generator(
 ) -> tuple[ContextEncoderGenerator, dict[str, Any]]:
     """(generator in eval mode on CPU, card) from a run folder or generator file. The
     generator outputs the prediction box of `geometry` (default: the card's)."""
-    path = generator_file(weights)
-    from weights.native import validate_card
-
-    try:
-        state = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            text = (f.metadata() or {}).get("card", "{}")
-    except (SafetensorError, OSError) as exc:
-        raise BenchError(f"{printable(path)}: unreadable generator weights ({exc})") from None
-    card = validate_card(text, f"{path} metadata")
+    path, state, card = read_generator(weights)
     code = state.get(BOTTLENECK_KEY)
     if code is None:
         raise BenchError(f"{printable(path)}: not an inpainting generator (no {BOTTLENECK_KEY})")
