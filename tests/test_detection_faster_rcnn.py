@@ -179,3 +179,20 @@ def test_run_scores_as_the_devkit_and_resumes_bit_identically(synth_root, tmp_pa
     ref = [devkit_ap(dets[c], records, c) for c in VOC_CLASSES]
     assert a["map"] == pytest.approx(float(np.nanmean(ref)), abs=1e-4)
     assert a["map"] > 0 and 0 <= a["ap"] <= a["ap50"] and a["ap75"] <= a["ap50"]
+
+
+def test_settings_of_the_other_model_are_refused_not_ignored():
+    from benchmark.errors import ConfigError
+    from transfer.segmentation.config import SegmentationConfig
+    from transfer.segmentation.train import check as seg_check
+
+    r50 = from_dict(DetectionConfig, {"arch": "resnet50", "train": {"iterations": 5}})
+    with pytest.raises(ConfigError, match="train.iterations: applies to AlexNet encoders"):
+        check(r50)
+    check(from_dict(DetectionConfig, {"arch": "resnet50",
+                                      "faster_rcnn": {"train": {"iterations": 5}}}))  # fmt: skip
+    alexnet = from_dict(DetectionConfig, {"faster_rcnn": {"min_size_test": 600}})
+    with pytest.raises(ConfigError, match="faster_rcnn.min_size_test: applies to ResNet"):
+        check(alexnet)
+    with pytest.raises(ConfigError, match="variant: applies to AlexNet encoders"):
+        seg_check(from_dict(SegmentationConfig, {"arch": "resnet50", "variant": "fcn8s"}))

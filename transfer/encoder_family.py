@@ -11,7 +11,7 @@ refuse a family) before its run folder exists; the encoder itself is loaded by
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from benchmark.errors import BenchError
 from encoders import ResNetEncoder
@@ -47,3 +47,30 @@ def load_resnet(weights: str | Path | None, arch: str, task: str) -> tuple[ResNe
     encoder, card = load_encoder(weights, arch, families=("resnet",), task=task)
     encoder.train()
     return encoder, card
+
+
+def keys_for_other_family(cfg: Any, own: str, resnet: bool, shared: set[str]) -> list[str]:
+    """Keys changed from their defaults that the run's model never reads: AlexNet's keys
+    for a ResNet run (everything outside `own.*` and `shared`), `own.*` for an AlexNet run.
+    A setting silently left unused would report a run that did not happen as asked."""
+    from benchmark.config import flatten, to_dict
+
+    ours, default = flatten(to_dict(cfg)), flatten(to_dict(type(cfg)()))
+    changed = [k for k, v in ours.items() if default.get(k) != v]
+    if resnet:
+        return [k for k in changed if k.split(".")[0] not in shared | {own}]
+    return [k for k in changed if k.split(".")[0] == own]
+
+
+def refuse_other_family_keys(cfg: Any, own: str, resnet: bool, shared: set[str]) -> None:
+    """One-line ConfigError naming the first key the chosen model does not read."""
+    from benchmark.errors import ConfigError
+
+    unused = keys_for_other_family(cfg, own, resnet, shared)
+    if not unused:
+        return
+    if resnet:
+        raise ConfigError(f"{unused[0]}: applies to AlexNet encoders; a ResNet encoder runs "
+                          f"the settings under {own}: (e.g. {own}.train.iterations)")  # fmt: skip
+    raise ConfigError(f"{unused[0]}: applies to ResNet encoders; an AlexNet encoder runs the "
+                      "top-level settings")  # fmt: skip

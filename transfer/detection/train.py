@@ -47,7 +47,7 @@ from transfer.detection.model import (
     param_groups,
 )
 from transfer.detection.records import prepare_records
-from transfer.encoder_family import family_of
+from transfer.encoder_family import family_of, refuse_other_family_keys
 from transfer.rescale import format_report, rescale_for_transfer_
 from weights.encoder import load_encoder
 
@@ -62,6 +62,8 @@ def default_name(cfg: DetectionConfig) -> str:
     return "-".join(parts) + f"-s{cfg.seed}"
 
 
+# The keys both detection models read (the rest are Fast R-CNN's or under faster_rcnn:).
+SHARED_KEYS = {"name", "seed", "data", "device", "weights", "arch", "backend", "on_bad_data"}
 VIT_REFUSAL = (
     "detection: no reference protocol for ViT encoders is implemented (bench runs MoCo's "
     "Faster R-CNN R50-C4 for ResNet and Fast R-CNN for AlexNet encoders)"
@@ -74,6 +76,7 @@ def check(cfg: DetectionConfig) -> None:
     if family == "vit":
         raise ConfigError(VIT_REFUSAL)
     check_faster_rcnn(cfg.faster_rcnn)
+    refuse_other_family_keys(cfg, "faster_rcnn", family == "resnet", SHARED_KEYS)
     if family == "resnet":
         return
     t = cfg.train

@@ -31,7 +31,7 @@ from benchmark.input_convention import InputConvention
 from benchmark.runs import Run
 from transfer import common
 from transfer.backbone import describe_transfer
-from transfer.encoder_family import family_of
+from transfer.encoder_family import family_of, refuse_other_family_keys
 from transfer.rescale import format_report, rescale_for_transfer_
 from weights.encoder import load_encoder
 
@@ -57,6 +57,9 @@ def default_name(cfg: SegmentationConfig) -> str:
     return "-".join(parts) + f"-s{cfg.seed}"
 
 
+# The keys both segmentation models read (the rest are FCN-AlexNet's or under fcn_resnet:).
+SHARED_KEYS = {"name", "seed", "data", "sbd", "device", "weights", "arch", "backend",
+               "on_bad_data"}  # fmt: skip
 VIT_REFUSAL = (
     "segmentation: no reference protocol for ViT encoders is implemented (bench runs FCN on a "
     "dilated ResNet-50 for ResNet and FCN-AlexNet for AlexNet encoders)"
@@ -69,6 +72,7 @@ def check(cfg: SegmentationConfig) -> None:
     if family == "vit":
         raise ConfigError(VIT_REFUSAL)
     check_fcn_resnet(cfg.fcn_resnet)
+    refuse_other_family_keys(cfg, "fcn_resnet", family == "resnet", SHARED_KEYS)
     if family == "resnet":
         return
     t = cfg.train
