@@ -353,7 +353,7 @@ def pipelines(workers: int, seconds: float = 10.0) -> list[dict[str, Any]]:
     mask = make_mask_fn("random-region", (227, 227), shapes=shapes)
     seg = build_data(voc12, find_sbd(None, None, voc12, True), "train", "seg11valid")
     conv = ARCHS["caffenet"].convention
-    cls_set = TrainCrops(VOCImages(voc07, "trainval"), AugmentConfig(), 0, conv)
+    cls_set = TrainCrops(VOCImages(voc07, "trainval"), AugmentConfig(crop=227), 0, conv)  # CaffeNet
     sets = {
         "context-encoder": (PretrainImages(images, 227, conv, mask), 32, None),
         "inpainting": (InpaintingImages(images, 350), 64, None),
