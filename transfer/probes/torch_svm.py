@@ -20,10 +20,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from .solver import Gram, gram_matrix, margins, newton, rescale
 
 PRECONDITIONER_RANK = 64
+BATCH_BELOW = 0.01  # low-shot costs solved together from zero; larger ones along the path
 TOL = 1e-4  # ||grad|| <= TOL ||w||: weights within 1e-4 (relative) of the optimum
 
 
@@ -167,18 +169,48 @@ def low_shot_scores(
         if m:
             by_size.setdefault(m, []).append(c)
     test = layer.test_gram()
-    J = len(costs)
     for classes in by_size.values():
         index = torch.as_tensor(np.stack([np.flatnonzero(sample[:, c] != -1)
                                           for c in classes]), device=device)  # fmt: skip
         block = layer.gram.rows(index)
         yv = np.stack([np.where(sample[np.flatnonzero(sample[:, c] != -1), c] == 1, 1.0, -1.0)
                        for c in classes])  # fmt: skip
-        yt = torch.as_tensor(yv, device=device)[:, None, :].expand(-1, J, -1).contiguous()
+        yt = torch.as_tensor(yv, device=device)[:, None, :]
         at = torch.where(yt > 0, positive_weight, 1.0).to(yt)
-        C = torch.tensor([[float(c) for c in costs]], dtype=torch.float64, device=device)
-        beta, _, info = newton(block, at, yt, C.expand(len(classes), J), tol=tol)
-        unconverged += int((~info.converged).sum())
+        beta, count = _cost_path(block, at, yt, costs, tol)
+        unconverged += count
         for g, c in enumerate(classes):
             out[c] = (test[:, index[g]] @ beta[g].float().T).double().cpu().numpy()
     return out, unconverged
+
+
+def _cost_path(
+    block: Gram, a: Tensor, y: Tensor, costs: Sequence[float], tol: float
+) -> tuple[Tensor, int]:
+    """beta (G, J, m) of every block at every cost (in `costs` order) for one problem per
+    block (a, y: (G, 1, m)), and the number stopped before convergence. The costs up to
+    BATCH_BELOW are solved together from zero (every training row is inside the margin
+    there: one or two Newton steps), the larger ones one after another, each started from
+    the previous solution (a few steps each, where a cold start would take ten or more)."""
+    G, _, m = a.shape
+    order = sorted(set(float(c) for c in costs))
+    small = [c for c in order if c <= BATCH_BELOW]
+    found: dict[float, Tensor] = {}
+    unconverged = 0
+    beta = o = None
+    if small:
+        C = torch.tensor([small], dtype=torch.float64, device=a.device).expand(G, -1)
+        J = len(small)
+        beta, o, info = newton(block, a.expand(-1, J, -1), y.expand(-1, J, -1), C, tol=tol)
+        unconverged += int((~info.converged).sum())
+        for j, c in enumerate(small):
+            found[c] = beta[:, j]
+        beta, o = beta[:, -1:], o[:, -1:]
+    for c in order[len(small):]:
+        C = torch.full((G, 1), c, dtype=torch.float64, device=a.device)
+        if beta is not None:
+            beta, o = rescale(beta, o, a, y, C)
+        beta, o, info = newton(block, a, y, C, beta, o, tol=tol)
+        unconverged += int((~info.converged).sum())
+        found[c] = beta[:, 0]
+    return torch.stack([found[float(c)] for c in costs], 1), unconverged
