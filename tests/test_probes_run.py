@@ -103,3 +103,23 @@ def test_main_knn_writes_metrics(synth_root, tmp_path):
     assert (metrics["task"], metrics["k"], metrics["temperature"]) == ("knn", 5, 0.07)
     assert metrics["layer"] == "pool5" and 0.0 < metrics["map"] <= 1.0
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_feature_cache_lives_under_the_results_root(synth_root, tmp_path, monkeypatch):
+    """No cache_dir: the cache goes to <--out>/cache/features, whatever the current folder
+    (runs are <out>/runs/<name>, or <out>/runs/<suite>/<name> in a suite)."""
+    from transfer.probes.stage import feature_cache_dir
+
+    out = tmp_path / "out"
+    assert feature_cache_dir(out / "runs" / "a") == (out / "cache" / "features").resolve()
+    assert feature_cache_dir(out / "runs" / "s" / "a") == (out / "cache" / "features").resolve()
+    assert feature_cache_dir(tmp_path / "x" / "a") == (tmp_path / "x" / "cache" / "features")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    cfg = KNNConfig(data=str(synth_root / "VOCdevkit" / "VOC2007"), device="cpu", k=5,
+                    input_size=99, workers=0)  # fmt: skip
+    metrics = main_knn(cfg, open_run(out / "runs" / "knn", cfg))
+    cached = sorted((out / "cache" / "features").glob("*.npz"))
+    assert len(cached) == 2 and not any(cwd.iterdir())
+    assert metrics["feature_cache"]["train"]["path"] in {str(p.resolve()) for p in cached}

@@ -72,6 +72,17 @@ def load(cfg: Probe, task: str) -> tuple[Any, dict[str, Any], int]:
     return encoder, card, input_size_of(cfg, encoder)
 
 
+def feature_cache_dir(run_path: Path) -> Path:
+    """<results root>/cache/features of a run folder: the results root (`--out`) is the
+    folder holding `runs/` (<out>/runs/<run> or, in a suite, <out>/runs/<suite>/<run>);
+    a run folder outside any `runs/` keeps its cache beside it. Never the current folder."""
+    path = Path(run_path).resolve()
+    for parent in path.parents:
+        if parent.name == "runs":
+            return parent.parent / "cache" / "features"
+    return path.parent / "cache" / "features"
+
+
 def extract(
     cfg: Probe,
     run: Run,
@@ -83,8 +94,9 @@ def extract(
     voc = voc2007(cfg.data)
     train = load_split(voc, cfg.train_split, cfg.on_bad_data, run.logger)
     test = load_split(voc, cfg.test_split, cfg.on_bad_data, run.logger)
+    cache_dir = cfg.cache_dir or feature_cache_dir(run.path)
     kw = dict(device=device, input_size=input_size, resize_shorter=cfg.resize_shorter,
-              batch_size=cfg.batch_size, workers=cfg.workers, cache_dir=cfg.cache_dir,
+              batch_size=cfg.batch_size, workers=cfg.workers, cache_dir=cache_dir,
               on_bad_data=cfg.on_bad_data, logger=run.logger)  # fmt: skip
     ftrain = extract_features(encoder, train, layers, **kw)  # type: ignore[arg-type]
     ftest = extract_features(encoder, test, layers, **kw)  # type: ignore[arg-type]
