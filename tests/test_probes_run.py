@@ -123,3 +123,29 @@ def test_feature_cache_lives_under_the_results_root(synth_root, tmp_path, monkey
     cached = sorted((out / "cache" / "features").glob("*.npz"))
     assert len(cached) == 2 and not any(cwd.iterdir())
     assert metrics["feature_cache"]["train"]["path"] in {str(p.resolve()) for p in cached}
+
+
+def test_feature_cache_key_covers_every_input_of_a_feature(tmp_path):
+    """The key changes with the weights (their content hash), the layer, the input size and
+    resize, the input convention, and the image list; not with anything else."""
+    from types import SimpleNamespace
+
+    from benchmark.input_convention import CAFFE, TORCHVISION
+    from transfer.probes.features import cache_key, pool_spec
+
+    class Images(SimpleNamespace):
+        def __len__(self):
+            return len(self.ids)
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    images = Images(paths=[tmp_path / "a.jpg"], ids=["a"])
+    conv5 = {"conv5": pool_spec("conv5", 256, 13)}
+    base = dict(encoder_hash="w1", specs=conv5, images=images, input_size=227,
+                resize_shorter=256, convention=CAFFE)  # fmt: skip
+    key = cache_key(**base)[0]
+    assert cache_key(**base)[0] == key
+    for change in (dict(encoder_hash="w2"), dict(specs={"pool5": pool_spec("pool5", 256, 6)}),
+                   dict(input_size=99), dict(resize_shorter=None),
+                   dict(convention=TORCHVISION),
+                   dict(images=Images(paths=[tmp_path / "a.jpg"], ids=["b"]))):  # fmt: skip
+        assert cache_key(**{**base, **change})[0] != key, change
