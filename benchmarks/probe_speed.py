@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import resource
 import time
 import warnings
@@ -93,13 +94,19 @@ def liblinear_slice(
         cv = time.perf_counter() - tick
         tick = time.perf_counter()
         for k in sizes:
-            sample, _ = low_shot_sample(targets, k, 0)
+            sample, _ = low_shot_sample(targets, k, 0, on_bad_data="skip")
             keep = np.flatnonzero(sample[:, cls] != -1)
+            if not keep.size:  # too few positives for this k (skipped by torch too)
+                continue
             yk = np.where(sample[keep, cls] == 1, 1, -1)
             for cost in costs:
                 _fit(x[keep], yk, cost, params)
                 fits += 1
     return cv, time.perf_counter() - tick, fits
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def main() -> None:
@@ -132,7 +139,7 @@ def main() -> None:
     total = 0.0
     print(f"{n_train} train / {n_test} test images, {len(dims)} layers, {len(costs)} costs, "
           f"3 folds + refit; low-shot k {sizes} x {draws} draws; torch on {device}, "
-          f"{torch.get_num_threads()} threads", flush=True)  # fmt: skip
+          f"{torch.get_num_threads()} threads; load average {_load()}", flush=True)  # fmt: skip
     for i, (layer, dim) in enumerate(dims.items()):
         xtr = random_features(ytr, dim, args.seed + 10 * i)
         xte = random_features(yte, dim, args.seed + 10 * i + 1)
@@ -156,6 +163,8 @@ def main() -> None:
                      "low-shot s": t_shot, "mAP": res.mean("reference")})  # fmt: skip
         print(markdown_table(rows[-1:]), flush=True)
     rate.once()
+    print(f"load average at the end: {_load()} (other processes on the machine slow every "
+          "figure above)")
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("\ntorch solver, whole protocol:\n")
     print(markdown_table(rows))
