@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--n-jobs", type=int, default=2, help="LinearSVC processes assumed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-liblinear", action="store_true")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="time only the first N layers (the total then covers those)")
     args = parser.parse_args()
 
     if args.quick:
@@ -125,6 +127,8 @@ def main() -> None:
     else:
         n_train, n_test, dims = 5011, 4952, dict(LAYER_DIMS)
         sizes, draws = list(LOW_SHOT_SIZES), LOW_SHOT_DRAWS
+    if args.layers:
+        dims = dict(list(dims.items())[: args.layers])
     costs = list(REFERENCE_COSTS)
     device = pick_device(args.device)
     params = SVMParams(solver="torch", device=str(device))

@@ -117,6 +117,11 @@ class Gram:
         return Gram(self.k32[groups], self.k64[groups], self.factor[groups], self.resid[groups])
 
 
+# Newton systems of at most this many active rows are always factorised (small blocks: one
+# batched Cholesky costs less than the matmuls and the preconditioner of a few CG steps)
+DIRECT_SIZE = 256
+
+
 @dataclass
 class SolveInfo:
     newton: Tensor  # (G, P) Newton steps taken
@@ -348,7 +353,7 @@ def newton(
         rhs = torch.where(act & live[..., None], -g_in * inv_e + kg_out, torch.zeros_like(e))
         system = act & live[..., None]
         size = int(system.sum(-1).max())
-        if size**3 <= direct_below * m * m:
+        if size <= DIRECT_SIZE or size**3 <= direct_below * m * m:
             delta = _direct(gram, system, inv_e, rhs)
             direct += 1
         else:
