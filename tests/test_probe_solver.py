@@ -165,6 +165,12 @@ def test_low_shot_matches_liblinear():
     targets = ytr.astype(np.int8)
     kw = dict(sizes=[1, 4, 16], draws=2, costs=[1e-4, 0.01, 0.1, 1.0, 100.0], seed=0,
               negatives_per_positive=3)  # fmt: skip
+    compare_low_shot(xtr, targets, xte, yte, kw)
+
+
+def compare_low_shot(xtr, targets, xte, yte, kw):
+    """The low-shot summary (mean over draws at the best cost, each draw's mAP) of both
+    solvers within 0.1 AP points."""
     dte = np.zeros_like(yte, bool)
     ref = low_shot(xtr, targets, xte, yte, dte, params=LIB, **kw)
     ours = low_shot(xtr, targets, xte, yte, dte, params=TORCH, **kw)
@@ -224,3 +230,13 @@ def test_ap_columns_match_the_one_at_a_time_aps():
             expected = [fn(y, s[:, j]) for j in range(5)]
             np.testing.assert_allclose(ap_columns(y, s, kind), expected, atol=1e-12)
     assert np.isnan(ap_columns(np.zeros(4), np.ones((4, 2)))).all()
+
+
+@pytest.mark.parametrize("layer", ["conv2", "pool5"])
+def test_real_features_low_shot(real_features, layer):
+    arrays, labels = real_features
+    keep = [c for c in range(20) if labels[:120, c].sum() >= 2][:3]
+    x, y = arrays[layer], labels[:, keep]
+    kw = dict(sizes=[1, 2], draws=2, costs=[1e-4, 0.01, 0.1, 1.0, 100.0], seed=0,
+              negatives_per_positive=5)  # fmt: skip
+    compare_low_shot(x[:120], y[:120].astype(np.int8), x[120:], y[120:], kw)
