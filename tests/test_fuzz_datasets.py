@@ -226,13 +226,19 @@ CASES = [
 
 
 def _seg_samples(root: Path) -> list[SegSample]:
-    """Every VOC2012 segmentation pair the splits list, built without existence checks."""
+    """Every VOC2012 segmentation pair the splits list, built without existence checks; the
+    aug lists' masks from SegmentationClassAug where there is one (mmseg's layout, as
+    `bench data check` reads it)."""
     split_dir = root / "ImageSets" / "Segmentation"
-    ids = dict.fromkeys(i for f in sorted(split_dir.glob("*.txt")) for i in read_id_list(f))
-    return [
-        SegSample(i, root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png")
-        for i in ids
-    ]
+    samples: dict[str, SegSample] = {}
+    for f in sorted(split_dir.glob("*.txt")):
+        for i in read_id_list(f):
+            mask = root / "SegmentationClass" / f"{i}.png"
+            aug = root / "SegmentationClassAug" / f"{i}.png"
+            if f.stem in ("aug", "trainaug") and (aug.is_file() or not mask.is_file()):
+                mask = aug
+            samples.setdefault(i, SegSample(i, root / "JPEGImages" / f"{i}.jpg", mask))
+    return list(samples.values())
 
 
 def preflight(root: Path, kind: str) -> list[Problem]:
