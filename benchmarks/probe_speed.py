@@ -127,6 +127,7 @@ def main() -> None:
     else:
         n_train, n_test, dims = 5011, 4952, dict(LAYER_DIMS)
         sizes, draws = list(LOW_SHOT_SIZES), LOW_SHOT_DRAWS
+    full_dims = dict(dims)
     if args.layers:
         dims = dict(list(dims.items())[: args.layers])
     costs = list(REFERENCE_COSTS)
@@ -175,6 +176,9 @@ def main() -> None:
     print(f"\ntotal {total:.1f} s ({total / 60:.2f} min); fp32 matmul {rate.gflops:.0f} GFLOP/s "
           f"(median of {len(rate.rates)}, range {min(rate.rates):.0f}-{max(rate.rates):.0f}); "
           f"peak memory {peak_gb:.2f} GB (max RSS)")  # fmt: skip
+    if len(dims) < len(full_dims):
+        print(f"{len(full_dims)} layers at this rate (x {len(full_dims)} / {len(dims)}): "
+              f"{total * len(full_dims) / len(dims):.0f} s")  # fmt: skip
     if args.skip_liblinear or first is None:
         return
     cls = int(np.argsort(VOC07_TRAINVAL_COUNTS)[len(VOC07_TRAINVAL_COUNTS) // 2])  # median
