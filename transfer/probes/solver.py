@@ -339,9 +339,12 @@ def newton(
         gamma = beta - e * (y - o)  # w - 2C X_A^T c (y - o) = X^T gamma: the gradient
         g_in = gamma * act
         g_out = gamma - g_in  # beta on training rows outside the margin
-        kg = torch.cat([g_in, g_out], 1).float() @ gram.k32
-        kg_out = kg[:, P:].double()
-        gk = (gamma * (kg[:, :P].double() + kg_out)).sum(-1).clamp_min(0).sqrt()
+        if bool(g_out.any()):
+            kg = torch.cat([g_in, g_out], 1).float() @ gram.k32
+            kg_in, kg_out = kg[:, :P].double(), kg[:, P:].double()
+        else:  # every training row with a weight is inside the margin (small costs)
+            kg_in, kg_out = (g_in.float() @ gram.k32).double(), torch.zeros_like(g_in)
+        gk = (gamma * (kg_in + kg_out)).sum(-1).clamp_min(0).sqrt()
         wn = (beta * o).sum(-1).clamp_min(0).sqrt()
         gnorm = torch.where(done, gnorm, gk / wn.clamp_min(1e-300))
         done |= gk <= tol * wn
