@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmark.input_convention import TORCHVISION
 from benchmark.loop import Precision, nhwc, to_device
 
 CPU = torch.device("cpu")
@@ -68,7 +69,8 @@ def test_classification_step_feeds_its_layout(channels_last):
     from transfer.classification.train import make_step
 
     model = Recorder(lambda x: x.mean((2, 3)).repeat(1, 7)[:, :20])
-    step = make_step(model, _sgd(model), TrainConfig(channels_last=channels_last), FP32, CPU)
+    step = make_step(model, _sgd(model), TrainConfig(channels_last=channels_last), FP32, CPU,
+                     TORCHVISION)  # fmt: skip
     images = torch.randint(0, 256, (2, 3, 11, 11), dtype=torch.uint8)
     step((images, torch.ones(2, 20), torch.ones(2, 20, dtype=torch.bool)), 0)
     assert model.layouts == [channels_last]
@@ -106,7 +108,7 @@ def test_segmentation_step_feeds_its_layout(channels_last):
 
     model = Recorder(scores)
     t = SegmentationTrainConfig(iter_size=1, channels_last=channels_last)
-    step = make_step(model, _sgd(model), t, True, FP32, CPU)
+    step = make_step(model, _sgd(model), t, True, FP32, CPU, TORCHVISION)
     image = np.random.default_rng(0).integers(0, 256, (8, 10, 3), dtype=np.uint8)
     step([(image, np.ones((8, 10), dtype=np.uint8))], 0)
     assert model.layouts == [channels_last]
