@@ -35,7 +35,8 @@ TINY = dict(
     scales=(96,), max_size=160, test_scale=96, test_max_size=160, fc_dim=64, ss_min_box=8,
     ss_max_boxes=300,
 )  # fmt: skip
-TINY_TRAIN = dict(iterations=4, rois_per_batch=32, workers=0, log_every=2, precision="fp32")
+TINY_TRAIN = dict(iterations=4, rois_per_batch=32, workers=0, log_every=2, precision="fp32",
+                  threads=1)
 
 
 def tiny_config(data: Path, train: dict | None = None, **kw) -> DetectionConfig:

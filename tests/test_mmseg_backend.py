@@ -493,8 +493,7 @@ def test_kill_9_then_resume_is_bit_identical(synth_root, tmp_path) -> None:
     """A real SIGKILL right after step 3 (benchmark.faults; the checkpoint is at 2), in a
     process with one DataLoader worker, then resumed here: the straight run's weights and
     metrics. (A process import of torch + mmseg takes seconds: hence `slow`.)"""
-    torch.set_num_threads(1)
-    train = dict(iterations=4, checkpoint_every=2)
+    train = dict(iterations=4, checkpoint_every=2, threads=1)  # as the killed process's
     cfg = tiny(synth_root, train=train, mirror=True)
     run = open_run(tmp_path / "straight", cfg)
     reference = main(cfg, run)
