@@ -141,6 +141,20 @@ def bench(args: list[str], out: Path, fault: str | None = None) -> subprocess.Co
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
+def straight_killed_resumed(args: list[str], out: Path) -> tuple[dict, dict]:
+    """`bench` run straight, and run again killed with SIGKILL after step 3 then resumed:
+    the two metrics.json."""
+    straight = bench([*args, "--name", "straight"], out)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = bench([*args, "--name", "cut"], out, fault="step:3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = bench([*args, "--name", "cut", "--resume"], out)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    runs = out / "runs"
+    a, b = (json.loads((runs / n / "metrics.json").read_text()) for n in ("straight", "cut"))
+    return a, b
+
+
 @pytest.mark.slow
 def test_run_scores_as_the_devkit_and_resumes_bit_identically(synth_root, tmp_path):
     torch.save(tiny_encoder().state_dict(), tmp_path / "tiny-r50.pth")
@@ -154,15 +168,8 @@ def test_run_scores_as_the_devkit_and_resumes_bit_identically(synth_root, tmp_pa
     for s in sets:
         args += ["--set", s]
     out = tmp_path / "results"
-    straight = bench([*args, "--name", "straight"], out)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = bench([*args, "--name", "cut"], out, fault="step:3")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    resumed = bench([*args, "--name", "cut", "--resume"], out)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-
+    a, b = straight_killed_resumed(args, out)
     runs = out / "runs"
-    a, b = (json.loads((runs / n / "metrics.json").read_text()) for n in ("straight", "cut"))
     assert a["model"] == "faster-rcnn-r50-c4" and a["train_images"] == 24  # VOC07 + VOC12
     skip = {"command", "train_seconds", "test_seconds"}
     assert {k: v for k, v in a.items() if k not in skip} == {

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from test_detection_faster_rcnn import bench
+from test_detection_faster_rcnn import straight_killed_resumed
 
 from benchmark.config import from_dict
 from encoders.resnet import ResNetEncoder
@@ -128,15 +127,8 @@ def test_run_resumes_bit_identically(synth_root: Path, tmp_path: Path):
             "--weights", str(tmp_path / "tiny-r50.pth")]  # fmt: skip
     for k, v in sets.items():
         args += ["--set", f"fcn_resnet.{k}={json.dumps(v)}"]
-    out = tmp_path / "results"
-    straight = bench([*args, "--name", "straight"], out)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = bench([*args, "--name", "cut"], out, fault="step:3")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    resumed = bench([*args, "--name", "cut", "--resume"], out)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    runs = out / "runs"
-    a, b = (json.loads((runs / n / "metrics.json").read_text()) for n in ("straight", "cut"))
+    a, b = straight_killed_resumed(args, tmp_path / "results")
+    runs = tmp_path / "results" / "runs"
     skip = {"command", "train_seconds", "eval_seconds", "seconds"}
     assert {k: v for k, v in a.items() if k not in skip} == {
         k: v for k, v in b.items() if k not in skip}  # fmt: skip
@@ -202,15 +194,7 @@ def test_mmseg_backend_run_resumes_bit_identically(synth_root: Path, tmp_path: P
             str(synth_root), "--device", "cpu", "--weights", weights]  # fmt: skip
     for k, v in sets.items():
         args += ["--set", f"fcn_resnet.{k}={json.dumps(v)}"]
-    out = tmp_path / "results"
-    straight = bench([*args, "--name", "straight"], out)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = bench([*args, "--name", "cut"], out, fault="step:3")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    resumed = bench([*args, "--name", "cut", "--resume"], out)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    runs = out / "runs"
-    a, b = (json.loads((runs / n / "metrics.json").read_text()) for n in ("straight", "cut"))
+    a, b = straight_killed_resumed(args, tmp_path / "results")
     skip = {"command", "train_seconds", "eval_seconds", "seconds"}
     assert {k: v for k, v in a.items() if k not in skip} == {
         k: v for k, v in b.items() if k not in skip}  # fmt: skip
