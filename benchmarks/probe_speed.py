@@ -29,6 +29,7 @@ import warnings
 import numpy as np
 import torch
 
+from benchmark import host_memory
 from benchmark.distributed import pick_device
 from benchmarks.common import MatmulRate, markdown_table
 from transfer.probes.svm import (
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None,
                         help="time only the first N layers (the total then covers those)")
     args = parser.parse_args()
+    host_memory.keep_freed_memory()  # as the probe stage does (svm.keep_host_memory)
 
     if args.quick:
         n_train, n_test, dims = 1000, 1000, {"conv3": 2048, "pool5": 2048}

@@ -52,12 +52,22 @@ import torch
 Tensor = torch.Tensor
 
 
-def gram_matrix(x: Tensor, y: Tensor | None = None) -> Tensor:
-    """x y^T (x x^T symmetrised when y is None) in float32: one matmul."""
+def gram_matrix(x: Tensor, y: Tensor | None = None, block: int = 1024) -> Tensor:
+    """x y^T in float32; x x^T when y is None, exactly symmetric, from the blocks on and
+    above the diagonal (row bands of `block` rows against the rows from their own on: 60%
+    of a full product's flops at VOC2007's 5,011 rows), mirrored below."""
     if y is not None:
         return x @ y.T
-    k = x @ x.T
-    return (k + k.T) * 0.5
+    n = len(x)
+    k = x.new_empty(n, n)
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        band = x[i:j] @ x[i:].T  # (b, n - i): the diagonal block, then the rest of the rows
+        diag = band[:, : j - i]
+        band[:, : j - i] = (diag + diag.T) * 0.5
+        k[i:j, i:] = band
+        k[j:, i:j] = band[:, j - i :].T
+    return k
 
 
 def nystrom(k: Tensor, rank: int, power: int = 2, seed: int = 0) -> Tensor:
@@ -176,9 +186,9 @@ def _bmm_live(k: Tensor, v: Tensor, live: Tensor) -> Tensor:
     if G == 1:
         cols = live[0].nonzero().squeeze(1)
         out[:, cols] = v[:, cols] @ k
-    else:
-        groups = live.any(1).nonzero().squeeze(1)
-        out[groups] = v[groups] @ k[groups]
+    else:  # block by block: k[groups] would copy the live blocks first
+        for g in live.any(1).nonzero().squeeze(1).tolist():
+            out[g] = v[g] @ k[g]
     return out
 
 

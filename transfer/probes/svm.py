@@ -544,6 +544,7 @@ def _low_shot_torch(
     kind: str,
 ) -> list[tuple[np.ndarray, int]]:
     """_low_shot_task's (AP (len(costs), C), unconverged) for every key, by torch_svm."""
+    from .torch_svm import ap_columns as torch_ap_columns
     from .torch_svm import low_shot_scores
 
     results = []
@@ -555,7 +556,7 @@ def _low_shot_torch(
             if s is None:
                 continue
             keep = ~test_difficult[:, c]
-            table[:, c] = ap_columns(test_labels[keep, c], s[keep], kind)
+            table[:, c] = torch_ap_columns(test_labels[keep, c], s[keep], kind)
         results.append((table, unconverged))
     return results
 
