@@ -275,4 +275,3 @@ def ap_columns(labels: np.ndarray, scores: np.ndarray, kind: str = "reference") 
         end = idx.flip(1).cummin(1).values.flip(1)
         value = precision.gather(1, end)
     return ((ys * value).sum(1) / npos).numpy()
-
