@@ -386,6 +386,27 @@ def test_feature_cache_hit_and_invalidation(synth_root, tmp_path):
     assert not third.from_cache and calls and third.path != first.path
 
 
+def test_bf16_features_are_their_own_cache_entry_and_close_to_fp32(synth_root, tmp_path):
+    """precision bf16 runs the encoder under bf16 autocast: float32 features within bf16's
+    rounding of the fp32 ones, cached under their own key, and the precision is reported."""
+    voc = synth_root / "VOCdevkit" / "VOC2007"
+    images = load_split(voc, "test").subset(np.arange(6))
+    torch.manual_seed(2)
+    encoder, _ = load_encoder(None, "caffenet")
+    kw = dict(input_size=99, batch_size=3, cache_dir=tmp_path / "cache")
+    fp32 = extract_features(encoder, images, ["conv1", "pool5"], precision="fp32", **kw)
+    bf16 = extract_features(encoder, images, ["conv1", "pool5"], precision="bf16", **kw)
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    assert not bf16.from_cache and bf16.key != fp32.key
+    for name in ("conv1", "pool5"):
+        a, b = fp32.arrays[name], bf16.arrays[name]
+        assert b.dtype == np.float32 and not np.array_equal(a, b)
+        assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
+    again = extract_features(encoder, images, ["conv1", "pool5"], precision="bf16", **kw)
+    assert again.from_cache and again.precision == "bf16"
+    np.testing.assert_array_equal(again.arrays["pool5"], bf16.arrays["pool5"])
+
+
 def test_batching_does_not_change_features(synth_root, tmp_path):
     voc = synth_root / "VOCdevkit" / "VOC2007"
     images = load_split(voc, "test")

@@ -127,7 +127,8 @@ def test_feature_cache_lives_under_the_results_root(synth_root, tmp_path, monkey
 
 def test_feature_cache_key_covers_every_input_of_a_feature(tmp_path):
     """The key changes with the weights (their content hash), the layer, the input size and
-    resize, the input convention, and the image list; not with anything else."""
+    resize, the input convention, the precision of the forward pass and the image list; not
+    with anything else."""
     from types import SimpleNamespace
 
     from benchmark.input_convention import CAFFE, TORCHVISION
@@ -146,6 +147,6 @@ def test_feature_cache_key_covers_every_input_of_a_feature(tmp_path):
     assert cache_key(**base)[0] == key
     for change in (dict(encoder_hash="w2"), dict(specs={"pool5": pool_spec("pool5", 256, 6)}),
                    dict(input_size=99), dict(resize_shorter=None),
-                   dict(convention=TORCHVISION),
+                   dict(convention=TORCHVISION), dict(precision="bf16"),
                    dict(images=Images(paths=[tmp_path / "a.jpg"], ids=["b"]))):  # fmt: skip
         assert cache_key(**{**base, **change})[0] != key, change

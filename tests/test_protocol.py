@@ -174,6 +174,6 @@ def test_settings_record_how_a_run_executed(monkeypatch):
         "channels_last": False, "compile": False, "device": "cpu", "precision": "bf16",
         "threads": torch.get_num_threads(), "processes": 2,
     }  # fmt: skip
-    # without the resolved values, the config's own (an SVM has none: it has no loop)
-    assert settings(SVMConfig())["precision"] is None
+    # without the resolved values, the config's own (the SVM's extraction precision)
+    assert settings(SVMConfig())["precision"] == "auto"
     assert settings(SVMConfig())["device"] == "auto"

@@ -35,3 +35,6 @@ class KNNConfig:
     cache_dir: str | None = None
     on_bad_data: OnBadData = "error"
     keep_host_memory: bool = True
+    # the encoder's forward pass (features.py): auto = bf16 on a GPU or a CPU with native bf16
+    # matmuls, else fp32 (the reference's); recorded in the cache key and the run's settings
+    precision: str = "auto"

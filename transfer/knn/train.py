@@ -74,7 +74,8 @@ def main(cfg: KNNConfig, run: Run) -> dict[str, Any]:
         ids = np.asarray(test.ids, dtype=str)
         stage.write_npz(run.file(SCORES_FILE), {"ids": ids, layer: scores})
     metrics = {
-        **common.metrics_head("knn", "torch", cfg, run, card, card.get("arch"), device=device),
+        **common.metrics_head("knn", "torch", cfg, run, card, card.get("arch"), device=device,
+                              precision=ftrain.precision),
         "protocol": "weighted-knn (Wu et al. 2018, DINO eval_knn)",
         "map": stage.ap_or_none(mean),
         "per_class": stage.per_class_aps(per_class),

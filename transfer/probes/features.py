@@ -33,7 +33,14 @@ Encoders of the contract (`encoders/`: ResNet-50, ViT) name and pool their own l
 Cache: `<results root>/cache/features/<key>.npz`, written atomically, where the key hashes
 the encoder (its architecture as printed and every tensor's bytes, so any change of the
 weights or of the network invalidates it), the layers and their pooling, the image list
-(ids, absolute paths, sizes and modification times) and the preprocessing.
+(ids, absolute paths, sizes and modification times), the preprocessing (input size, resize,
+input convention) and the precision the encoder ran in.
+
+Precision: the forward pass runs in channels_last under autocast at the resolved precision
+(`benchmark.loop.resolve_precision`: `auto` is bf16 on a GPU or a CPU with native bf16
+matmuls, fp32 elsewhere); the features are stored in float32 either way. The reference
+extracted in fp32 (Caffe2); bf16 features differ from fp32 ones by bf16's rounding (about
+0.4% of a value), so the precision is part of the cache key and of the run's settings.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ from benchmark.datasets.preflight import checked_voc_ids
 from benchmark.datasets.voc import VOC_CLASSES, classification_targets, parse_voc_xml
 from benchmark.errors import BenchError, ConfigError, DatasetError
 from benchmark.input_convention import InputConvention
-from benchmark.loop import nhwc
+from benchmark.loop import Precision, nhwc
 from benchmark.runs import atomic_write_bytes, default_results_root, remove_stale_temporaries_of
 from encoders.alexnet import CONV_INDICES, POOL_INDICES
 
@@ -68,7 +75,7 @@ from .config import ALL_LAYERS, LAYERS
 
 log = logging.getLogger("bench")
 
-CACHE_VERSION = 2  # bump when the extraction or the file layout changes meaning
+CACHE_VERSION = 3  # bump when the extraction or the file layout changes meaning
 TARGET_DIM = 9216  # "about 9k": 256 x 6 x 6, pool5's size
 # layer: (map side at a 227 input for CaffeNet, avg-pool kernel, stride); None = no pooling.
 REFERENCE_POOLING: dict[str, tuple[int, int | None, int | None]] = {
@@ -457,6 +464,7 @@ def cache_key(
     input_size: int,
     resize_shorter: int | None,
     convention: InputConvention,
+    precision: str = "fp32",
 ) -> tuple[str, dict[str, Any]]:
     """(hex key, the JSON payload it hashes)."""
     payload = {
@@ -468,6 +476,7 @@ def cache_key(
         "input_size": input_size,
         "resize_shorter": resize_shorter,
         "input_convention": convention.as_dict(),
+        "precision": precision,
     }
     text = json.dumps(payload, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32], payload
@@ -502,6 +511,7 @@ class Features:
     from_cache: bool
     seconds: float = 0.0
     skipped: list[str] = field(default_factory=list)
+    precision: str = "fp32"  # the forward pass's, as resolved
 
 
 def _read_cache(
@@ -561,9 +571,10 @@ def _run(
     ok: np.ndarray,
     errors: list[str],
     on_bad_data: str,
+    precision: Precision,
 ) -> None:
     """Forward every batch of `loader`, filling `arrays` rows; unreadable images flagged."""
-    with torch.inference_mode():
+    with torch.inference_mode(), precision.autocast():
         for x, index, messages in loader:
             bad = [m for m in messages if m]
             if bad:
@@ -597,13 +608,15 @@ def extract_features(
     cache_dir: Path | str | None = None,
     use_cache: bool = True,
     on_bad_data: str = "error",
+    precision: str = "fp32",
     logger: logging.Logger = log,
 ) -> Features:
     """Pooled features of `layers` for every image of `images` (cached, see module doc).
 
     The encoder runs in eval mode under torch.inference_mode, `batch_size` images at a time
     on `device`, fed in its input convention (`encoder.convention`, a contract encoder's
-    `input_convention`). An unreadable image is a DatasetError, or with on_bad_data="skip"
+    `input_convention`), under autocast at `precision` (auto, fp32, bf16, fp16; see the module
+    docstring). An unreadable image is a DatasetError, or with on_bad_data="skip"
     it is left out (`Features.keep` / `skipped` say which). A contract encoder reads its
     own taps (`layers` among `encoder.taps`) at its own `input_size`.
     """
@@ -615,6 +628,7 @@ def extract_features(
         raise ConfigError(f"input_size: {input_size}, but the {encoder.arch} encoder's taps "
                           f"are pooled for {encoder.input_size}")  # fmt: skip
     device = torch.device(device)
+    amp = Precision(precision, device)
     was_training = encoder.training
     encoder.eval()
     encoder.to(device)
@@ -626,7 +640,7 @@ def extract_features(
         specs = layer_specs(encoder, layers, input_size)
         convention = encoder.convention  # type: ignore[assignment]
     key, payload = cache_key(encoder_fingerprint(encoder), specs, images, input_size,
-                             resize_shorter, convention)  # fmt: skip
+                             resize_shorter, convention, amp.name)  # fmt: skip
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / f"{key}.npz"
     if use_cache:
@@ -637,7 +651,7 @@ def extract_features(
             skipped = [str(s) for s in cached.pop("__skipped")]
             logger.info(f"features of {len(ids)} {images.split} images from cache {path}")
             encoder.train(was_training)
-            return Features(ids, keep, cached, specs, key, path, True, 0.0, skipped)
+            return Features(ids, keep, cached, specs, key, path, True, 0.0, skipped, amp.name)
 
     tick = time.perf_counter()
     taps: nn.Module
@@ -666,7 +680,7 @@ def extract_features(
     cv2_threads = cv2.getNumThreads()
     cv2.setNumThreads(0)
     try:
-        _run(taps, loader, device, specs, arrays, ok, errors, on_bad_data)
+        _run(taps, loader, device, specs, arrays, ok, errors, on_bad_data, amp)
     finally:
         cv2.setNumThreads(cv2_threads)
         encoder.train(was_training)
@@ -692,4 +706,4 @@ def extract_features(
         except OSError as exc:
             raise BenchError(f"{path}: cannot write the feature cache ({exc})") from None
     return Features(ids, keep, arrays, specs, key, path if use_cache else None, False, seconds,
-                    errors)  # fmt: skip
+                    errors, amp.name)  # fmt: skip

@@ -16,6 +16,7 @@ from benchmark import host_memory
 from benchmark.datasets.voc import VOC_CLASSES
 from benchmark.distributed import pick_device
 from benchmark.errors import ConfigError
+from benchmark.loop import resolve_precision
 from benchmark.runs import Run, atomic_write_bytes
 from weights.encoder import FAMILIES, load_encoder
 
@@ -53,6 +54,7 @@ def check_common(cfg: Probe) -> None:
         raise ConfigError(f"input_size: {cfg.input_size} is too small for any encoder (>= 32)")
     if cfg.resize_shorter is not None and cfg.resize_shorter < 1:
         raise ConfigError("resize_shorter: must be a positive side or null")
+    resolve_precision(cfg.precision, pick_device(cfg.device))  # a bad name, fp16 off CUDA
 
 
 def input_size_of(cfg: Probe, encoder: Any) -> int:
@@ -97,7 +99,7 @@ def extract(
     cache_dir = cfg.cache_dir or feature_cache_dir(run.path)
     kw = dict(device=device, input_size=input_size, resize_shorter=cfg.resize_shorter,
               batch_size=cfg.batch_size, workers=cfg.workers, cache_dir=cache_dir,
-              on_bad_data=cfg.on_bad_data, logger=run.logger)  # fmt: skip
+              on_bad_data=cfg.on_bad_data, precision=cfg.precision, logger=run.logger)  # fmt: skip
     ftrain = extract_features(encoder, train, layers, **kw)  # type: ignore[arg-type]
     ftest = extract_features(encoder, test, layers, **kw)  # type: ignore[arg-type]
     return train.subset(ftrain.keep), test.subset(ftest.keep), ftrain, ftest
@@ -105,7 +107,8 @@ def extract(
 
 def cache_info(f: Features) -> dict[str, Any]:
     return {"hit": f.from_cache, "path": str(f.path) if f.path else None, "key": f.key,
-            "seconds": f.seconds, "skipped_images": f.skipped}  # fmt: skip
+            "seconds": f.seconds, "skipped_images": f.skipped,
+            "precision": f.precision}  # fmt: skip
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

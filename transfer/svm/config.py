@@ -73,4 +73,7 @@ class SVMConfig:
     resize_shorter: int | None = 256  # TRAIN/TEST.SCALE before the global resize
     cache_dir: str | None = None  # None = <results root>/cache/features
     on_bad_data: OnBadData = "error"
-    keep_host_memory: bool = True  # as the loop's `train.keep_host_memory`
+    keep_host_memory: bool = True
+    # the encoder's forward pass (features.py): auto = bf16 on a GPU or a CPU with native bf16
+    # matmuls, else fp32 (the reference's); recorded in the cache key and the run's settings
+    precision: str = "auto"  # as the loop's `train.keep_host_memory`

@@ -145,7 +145,7 @@ def main(cfg: SVMConfig, run: Run) -> dict[str, Any]:
         stage.write_npz(run.file(SCORES_FILE), scores)
     metrics = {
         **common.metrics_head("svm", SOLVER_NAMES[cfg.svm_solver], cfg, run, card, card.get("arch"),
-                              device=device),
+                              device=device, precision=ftrain.precision),
         "protocol": "goyal2019-voc07-svm",
         "ap": cfg.ap,
         "map": per_layer[best]["map"] if best else None,
