@@ -116,6 +116,7 @@ def test_segmentation_step_feeds_its_layout(channels_last):
 
 def test_probe_features_are_extracted_from_nhwc_batches(monkeypatch):
     """The probes' forward gets NHWC batches and gives the features NCHW gives."""
+    from benchmark.loop import Precision
     from encoders.alexnet import AlexNetEncoder
     from transfer.probes import features as F
 
@@ -128,7 +129,7 @@ def test_probe_features_are_extracted_from_nhwc_batches(monkeypatch):
     x = torch.randn(2, 3, 99, 99)
     loader = [(x, torch.arange(2), ["", ""])]
     arrays = {n: np.zeros((2, s.dim), np.float32) for n, s in specs.items()}
-    F._run(taps, loader, CPU, specs, arrays, np.ones(2, bool), [], "error")
+    F._run(taps, loader, CPU, specs, arrays, np.ones(2, bool), [], "error", Precision("fp32", CPU))
     assert seen == [True]
     with torch.no_grad():
         plain = {n: v.numpy() for n, v in taps(x).items()}
