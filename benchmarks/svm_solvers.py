@@ -137,13 +137,12 @@ def main() -> None:
         seconds[name] = time.perf_counter() - tick
         print(f"{name}: {seconds[name]:.1f} s", flush=True)
         rate.once()
-    best = {key: min(objective(x[folds[key[0]]], y[folds[key[0]]], c[folds[key[0]]], w[key],
-                               key[1]) for w in found.values())
-            for key in found[next(iter(found))]}  # fmt: skip
+    values = {name: {(f, cost): objective(x[folds[f]], y[folds[f]], c[folds[f]], w, cost)
+                     for (f, cost), w in ws.items()} for name, ws in found.items()}  # fmt: skip
+    best = {key: min(v[key] for v in values.values()) for key in values[next(iter(values))]}
     rows = []
-    for name, ws in found.items():
-        excess = [objective(x[folds[f]], y[folds[f]], c[folds[f]], ws[(f, cost)], cost)
-                  / best[(f, cost)] - 1 for f, cost in best]  # fmt: skip
+    for name, v in values.items():
+        excess = [v[key] / best[key] - 1 for key in best]
         rows.append({"solver": name, "seconds": seconds[name],
                      "x torch's time": seconds[name] / seconds[next(iter(found))],
                      "median objective excess": float(np.median(excess)),

@@ -127,17 +127,21 @@ def sklearn_ap(labels: np.ndarray, scores: np.ndarray) -> float:
 AP_FUNCTIONS = {"reference": reference_ap, "sklearn": sklearn_ap}
 
 
-def ap_columns(labels: np.ndarray, scores: np.ndarray, kind: str = "reference") -> np.ndarray:
+def ap_columns(
+    labels: np.ndarray, scores: np.ndarray, kind: str = "reference", order: Any = None
+) -> np.ndarray:
     """(P,) APs of every column of scores (n, P) against one labels (n,), as `reference_ap`
     or `sklearn_ap` compute them one at a time: each positive counts 1/npos times the
     precision at the end of its run of tied scores (scikit-learn), or the precision
-    envelope's value there (the reference's interpolated area)."""
+    envelope's value there (the reference's interpolated area). `order(s)` may replace the
+    sort: it must return numpy's stable argsort of -s along axis 0 (torch_svm.descending
+    sorts on every thread)."""
     y = np.asarray(labels) > 0
     s = np.asarray(scores, dtype=np.float64)
     npos = int(y.sum())
     if npos == 0:
         return np.full(s.shape[1], np.nan)
-    order = np.argsort(-s, axis=0, kind="stable")
+    order = np.argsort(-s, axis=0, kind="stable") if order is None else order(s)
     s = np.take_along_axis(s, order, 0)
     ys = y[order]
     tp = np.cumsum(ys, axis=0)
@@ -544,8 +548,7 @@ def _low_shot_torch(
     kind: str,
 ) -> list[tuple[np.ndarray, int]]:
     """_low_shot_task's (AP (len(costs), C), unconverged) for every key, by torch_svm."""
-    from .torch_svm import ap_columns as torch_ap_columns
-    from .torch_svm import low_shot_scores
+    from .torch_svm import descending, low_shot_scores
 
     results = []
     for kd in keys:
@@ -556,7 +559,7 @@ def _low_shot_torch(
             if s is None:
                 continue
             keep = ~test_difficult[:, c]
-            table[:, c] = torch_ap_columns(test_labels[keep, c], s[keep], kind)
+            table[:, c] = ap_columns(test_labels[keep, c], s[keep], kind, descending)
         results.append((table, unconverged))
     return results
 
